@@ -1,0 +1,28 @@
+# shardlm: `make run` (demo) and `make test` (the whole suite) create .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CI and this machine install the CPU build of torch; users on GPUs get whatever
+# torch their platform provides through pyproject's open range.
+TORCH_PIN ?= torch==2.13.0
+TP ?= 2
+
+.PHONY: install run test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/shardlm demo --tp $(TP)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,175 @@
+"""The worker gang: placement group, one actor per device, rank layout, rendezvous.
+
+Rank layout: global rank = pp_rank * tp + tp_rank; bundle i of the placement
+group hosts global rank i; the actor is named ``<deployment>-worker-<pp>-<tp>``
+in the deployment's namespace, so ``ray list actors`` shows who is who.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import msgpack
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import EngineConfig
+from workers.comm import resolve_backend
+from workers.worker import Worker, WorkerSpec, decode_logits
+
+log = logging.getLogger("shardlm.worker_group")
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the requested workers."""
+
+
+@dataclass
+class RankInfo:
+    pp_rank: int
+    tp_rank: int
+    name: str
+    ip: str = ""
+    node_id: str = ""
+    pid: int = 0
+
+
+class WorkerGroup:
+    def __init__(self, config: EngineConfig, checkpoint: str | Path):
+        self.config = config
+        self.checkpoint = str(checkpoint)
+        self.pg = None
+        self.workers: list = []  # actor handles, index = global rank
+        self.ranks: list[RankInfo] = []
+        self.backend = ""
+        self.device = ""
+        self.load_stats: list[dict] = []
+
+    # ---- start -----------------------------------------------------------------------------
+    def start(self) -> "WorkerGroup":
+        par = self.config.parallel
+        self.device = self._pick_device()
+        bundles = [self._bundle()] * par.world_size
+        self.pg = placement_group(bundles, strategy=par.placement_strategy)
+        self._wait_for_placement(bundles)
+        self._spawn_actors()
+        self._rendezvous()
+        self.load_stats = self.call_all("load", self.checkpoint, self._dtype())
+        log.info("worker group %s ready: %s", self.config.deployment.name, self.describe())
+        return self
+
+    def _pick_device(self) -> str:
+        device = self.config.parallel.device
+        if device == "auto":
+            return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        return device
+
+    def _dtype(self) -> str:
+        dtype = self.config.model.dtype
+        return "float32" if dtype == "auto" and self.device == "cpu" else (
+            "bfloat16" if dtype == "auto" else dtype)
+
+    def _bundle(self) -> dict[str, float]:
+        if self.device == "cuda":
+            return {"GPU": 1}
+        return {"CPU": self.config.parallel.cpus_per_worker}
+
+    def _wait_for_placement(self, bundles: list[dict]) -> None:
+        timeout = self.config.parallel.placement_timeout_s
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
+        if ready:
+            return
+        needed = _sum_resources(bundles)
+        available = ray.available_resources()
+        total = ray.cluster_resources()
+        missing = {k: v - total.get(k, 0) for k, v in needed.items() if total.get(k, 0) < v}
+        remove_placement_group(self.pg)
+        self.pg = None
+        raise PlacementError(
+            f"could not place {len(bundles)} workers ({bundles[0]} each) within {timeout:.0f}s: "
+            f"they need {needed} in all; the cluster has {_fmt(total)} of which {_fmt(available)} "
+            f"is free" + (f"; missing: {missing}" if missing else
+                          " (enough in total, but not free or not packable as asked)"))
+
+    def _spawn_actors(self) -> None:
+        par, dep = self.config.parallel, self.config.deployment
+        actor_cls = ray.remote(Worker)
+        for rank in range(par.world_size):
+            pp_rank, tp_rank = divmod(rank, par.tensor_parallel_size)
+            spec = WorkerSpec(dep.name, pp_rank, tp_rank, par.tensor_parallel_size,
+                              par.pipeline_parallel_size, self.device, par.threads_per_worker)
+            options = dict(
+                name=spec.name, namespace=dep.namespace,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=rank))
+            options.update({"num_gpus": 1, "num_cpus": 0} if self.device == "cuda"
+                           else {"num_cpus": par.cpus_per_worker})
+            self.workers.append(actor_cls.options(**options).remote(asdict(spec)))
+            self.ranks.append(RankInfo(pp_rank, tp_rank, spec.name))
+        for info, addr in zip(self.ranks, self.call_all("address")):
+            info.ip, info.node_id, info.pid = addr["ip"], addr["node_id"], addr["pid"]
+
+    def _rendezvous(self) -> None:
+        """One TP group per pipeline stage, meeting at the node IP of its rank 0."""
+        par = self.config.parallel
+        tp = par.tensor_parallel_size
+        refs = []
+        for stage in range(par.pipeline_parallel_size):
+            members = list(range(stage * tp, (stage + 1) * tp))
+            leader = self.ranks[members[0]]
+            same_node = len({self.ranks[r].node_id for r in members}) == 1
+            backend = resolve_backend(par.backend, self.device, same_node)
+            port = ray.get(self.workers[members[0]].address.remote())["port"]
+            group_id = f"shardlm-{self.config.deployment.name}-tp{stage}-{uuid.uuid4().hex[:8]}"
+            refs += [self.workers[r].init_comm.remote(
+                backend, leader.ip, port, group_id, par.socket_ifname, 300.0, par.shm_slot_bytes)
+                for r in members]
+        self.backend = ",".join(sorted(set(ray.get(refs))))
+
+    # ---- calls -----------------------------------------------------------------------------
+    def call_all(self, method: str, *args, timeout: float | None = None) -> list:
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        return ray.get(refs, timeout=timeout)
+
+    def call_rank(self, rank: int, method: str, *args):
+        return ray.get(getattr(self.workers[rank], method).remote(*args))
+
+    def forward_logits(self, token_ids: list[list[int]]):
+        """Logits (tokens, vocab) at every position of whole sequences, from TP rank 0."""
+        results = self.call_all("forward_logits", msgpack.packb(token_ids))
+        return decode_logits(results[self._sampler_rank()])
+
+    def _sampler_rank(self) -> int:
+        par = self.config.parallel
+        return (par.pipeline_parallel_size - 1) * par.tensor_parallel_size
+
+    def describe(self) -> list[dict]:
+        return [asdict(r) | {"backend": self.backend, "device": self.device} for r in self.ranks]
+
+    # ---- stop ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:  # already dead: nothing to release
+                pass
+        self.workers, self.ranks = [], []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+def _sum_resources(bundles: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _fmt(resources: dict) -> dict:
+    return {k: round(v, 2) for k, v in resources.items() if k in ("CPU", "GPU")}

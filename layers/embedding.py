@@ -1,0 +1,68 @@
+"""Vocabulary-parallel embedding and LM head.
+
+Each rank owns a contiguous slice of the (padded) vocabulary
+(``layers.partition.padded_vocab_shard``). The embedding looks up the tokens in
+its slice, zeroes the rest and all-reduces; the LM head computes logits for its
+slice and rank ``dst`` of the group gathers the full row.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers.linear import make_param
+from layers.partition import padded_vocab_shard
+
+if TYPE_CHECKING:
+    from workers.comm import Communicator
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: "Communicator"):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.comm = comm
+        self.start, self.per_rank, self.real_rows = padded_vocab_shard(
+            vocab_size, comm.world_size, comm.rank)
+        self.weight = make_param((self.per_rank, hidden), dtype, self._load)
+
+    def _load(self, param: nn.Parameter, source, shard_id=None) -> None:
+        if self.real_rows:
+            param.data[:self.real_rows].copy_(source.read(0, self.start, self.real_rows))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: (tokens,) -> (tokens, hidden)
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.comm.all_reduce(out)
+
+
+class ParallelLMHead(nn.Module):
+    """Logits for this rank's vocabulary slice, gathered on ``dst``.
+
+    With tied embeddings the head shares the embedding's weight shard (same
+    vocabulary split) and loads nothing itself.
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: "Communicator",
+                 tied_to: VocabParallelEmbedding | None = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.comm = comm
+        if tied_to is not None:
+            self.weight = tied_to.weight
+        else:
+            embedding_like = VocabParallelEmbedding(vocab_size, hidden, dtype, comm)
+            self.weight = embedding_like.weight
+
+    def forward(self, hidden: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        # hidden: (rows, hidden) -> full logits (rows, vocab_size) on dst, None elsewhere
+        local = F.linear(hidden, self.weight)  # (rows, per_rank)
+        full = self.comm.gather(local, dst=dst, dim=-1)  # (rows, per_rank * tp) on dst
+        return None if full is None else full[:, :self.vocab_size]

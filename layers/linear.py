@@ -1,0 +1,130 @@
+"""Tensor-parallel linear layers (Megatron style).
+
+Each parameter carries a ``weight_loader(param, source, shard_id)`` that copies
+only this rank's slice out of a checkpoint tensor; ``source`` is a lazy slice
+reader (see ``workers.loader.TensorSource``): ``source.read(dim, start, size)``.
+Only RowParallelLinear talks to the communicator (one all-reduce).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers.partition import split_range
+
+if TYPE_CHECKING:
+    from workers.comm import Communicator
+
+
+def make_param(shape: tuple[int, ...], dtype: torch.dtype, loader: Callable) -> nn.Parameter:
+    param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+def load_rows(param: nn.Parameter, source, start: int, size: int, offset: int = 0) -> None:
+    """Copy rows [start, start+size) of the checkpoint tensor into param[offset:offset+size]."""
+    param.data[offset:offset + size].copy_(source.read(0, start, size))
+
+
+def load_whole(param: nn.Parameter, source, shard_id=None) -> None:
+    if tuple(source.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint tensor {source.name} has shape {tuple(source.shape)}, "
+                         f"expected {tuple(param.shape)}")
+    param.data.copy_(source.read(0, 0, source.shape[0]))
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W[rows owned].T: output features split over ranks, no communication.
+
+    ``shards`` lists (shard_id, start, size) blocks of output rows: one block for a
+    plain layer, several for fused layers (q/k/v, gate/up) stacked in that order.
+    """
+
+    def __init__(self, in_features: int, shards: list[tuple[str | None, int, int]],
+                 bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.offsets = {}
+        offset = 0
+        for shard_id, start, size in shards:
+            self.offsets[shard_id] = (offset, start, size)
+            offset += size
+        self.out_local = offset
+        self.weight = make_param((offset, in_features), dtype, self._load)
+        self.bias = make_param((offset,), dtype, self._load) if bias else None
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.shard_ids = list(self.offsets)  # the loader checks each one arrives
+
+    def _load(self, param: nn.Parameter, source, shard_id: str | None = None) -> None:
+        offset, start, size = self.offsets[shard_id]
+        load_rows(param, source, start, size, offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, in_features) -> (tokens, out_local)
+        return F.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def split(cls, in_features: int, out_features: int, tp_size: int, tp_rank: int,
+              bias: bool, dtype: torch.dtype) -> "ColumnParallelLinear":
+        start, size = split_range(out_features, tp_size, tp_rank)
+        return cls(in_features, [(None, start, size)], bias, dtype)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection for this rank's heads (see layers.partition.head_shard)."""
+
+    def __init__(self, hidden: int, head_dim: int, shard, bias: bool, dtype: torch.dtype):
+        blocks = [("q", shard.q_start * head_dim, shard.num_q * head_dim),
+                  ("k", shard.kv_start * head_dim, shard.num_kv * head_dim),
+                  ("v", shard.kv_start * head_dim, shard.num_kv * head_dim)]
+        super().__init__(hidden, blocks, bias, dtype)
+        self.q_size = shard.num_q * head_dim
+        self.kv_size = shard.num_kv * head_dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = super().forward(x)  # (tokens, q_size + 2 * kv_size)
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input, each split the same way."""
+
+    def __init__(self, in_features: int, names_and_sizes: list[tuple[str, int]], tp_size: int,
+                 tp_rank: int, bias: bool, dtype: torch.dtype):
+        blocks = [(name, *split_range(size, tp_size, tp_rank)) for name, size in names_and_sizes]
+        super().__init__(in_features, blocks, bias, dtype)
+        self.local_sizes = [size for _, _, size in blocks]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(x).split(self.local_sizes, dim=-1)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W[:, cols owned].T) + b: input features split over ranks."""
+
+    def __init__(self, in_start: int, in_size: int, out_features: int, bias: bool,
+                 dtype: torch.dtype, comm: "Communicator"):
+        super().__init__()
+        self.in_start, self.in_size = in_start, in_size
+        self.comm = comm
+        self.weight = make_param((out_features, in_size), dtype, self._load_weight)
+        self.bias = make_param((out_features,), dtype, load_whole) if bias else None
+
+    def _load_weight(self, param: nn.Parameter, source, shard_id=None) -> None:
+        param.data.copy_(source.read(1, self.in_start, self.in_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, in_size) -> (tokens, out_features), summed over ranks
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def split(cls, in_features: int, out_features: int, tp_rank: int, bias: bool,
+              dtype: torch.dtype, comm: "Communicator") -> "RowParallelLinear":
+        start, size = split_range(in_features, comm.world_size, tp_rank)
+        return cls(start, size, out_features, bias, dtype, comm)

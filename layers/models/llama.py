@@ -1,0 +1,184 @@
+"""The Llama family built from tensor-parallel layers.
+
+Covers Llama 2/3, Mistral, Qwen2 (bias on q/k/v) and SmolLM2 (tied embeddings),
+picked by the checkpoint's ``config.json`` ``architectures``. A model instance
+is one rank's piece: its TP share of every weight and, under pipeline
+parallelism, only the layers of its stage (the first stage owns the embedding,
+the last the final norm and LM head).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from layers.attention import Attention, AttnBatch
+from layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from layers.linear import QKVParallelLinear, RowParallelLinear
+from layers.mlp import SwiGLUMLP
+from layers.norm import RMSNorm
+from layers.partition import HeadShard, head_shard
+from layers.rotary import RopeSpec, RotaryEmbedding
+
+if TYPE_CHECKING:
+    from workers.comm import Communicator
+
+# architecture -> (bias on q/k/v, bias on o_proj): None means "read attention_bias"
+ARCHITECTURES = {
+    "LlamaForCausalLM": None,
+    "MistralForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (True, False),
+}
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "LlamaArgs":
+        arch = architecture_of(hf)
+        biases = ARCHITECTURES[arch] or (bool(hf.get("attention_bias", False)),) * 2
+        heads = hf["num_attention_heads"]
+        return cls(
+            architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope=RopeSpec.from_hf_config(hf),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=biases[0], o_bias=biases[1], mlp_bias=bool(hf.get("mlp_bias", False)),
+            max_position_embeddings=_context_len(hf))
+
+
+def architecture_of(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return arch
+    raise ValueError(f"architecture {archs!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+
+
+def _context_len(hf: dict) -> int:
+    """Usable context: max positions, capped by an active sliding window (attention over a
+    context no longer than the window is exactly full attention)."""
+    length = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window")
+    if window and hf.get("use_sliding_window", True):
+        length = min(length, window)
+    return length
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator"):
+        super().__init__()
+        hd = args.head_dim
+        self.num_q, self.num_kv, self.head_dim = shard.num_q, shard.num_kv, hd
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, hd, shard, args.qkv_bias, dtype)
+        self.rotary = RotaryEmbedding(hd, args.rope)
+        self.attn = Attention(shard.num_q, shard.num_kv, hd)
+        self.o_proj = RowParallelLinear(shard.q_start * hd, shard.num_q * hd, args.hidden_size,
+                                        args.o_bias, dtype, comm)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        # x: (tokens, hidden) -> (tokens, hidden)
+        q, k, v = self.qkv_proj(x)
+        q = q.view(-1, self.num_q, self.head_dim)  # (tokens, local_q, hd)
+        k = k.view(-1, self.num_kv, self.head_dim)  # (tokens, local_kv, hd)
+        v = v.view(-1, self.num_kv, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator"):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(args, shard, dtype, comm)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: LlamaArgs, comm: "Communicator", dtype: torch.dtype = torch.float32,
+                 layer_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.args = args
+        self.layer_range = layer_range or (0, args.num_layers)
+        first, end = self.layer_range
+        self.is_first, self.is_last = first == 0, end == args.num_layers
+        self.head_shard = head_shard(args.num_heads, args.num_kv_heads, comm.world_size, comm.rank)
+        if self.is_first:
+            self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, self.head_shard, dtype, comm)
+                                     for i in range(first, end)})
+        if self.is_last:
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+            tied = self.embed_tokens if args.tie_word_embeddings and self.is_first else None
+            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype, comm, tied)
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        # inputs: token ids (tokens,) on the first stage, else hidden states (tokens, hidden)
+        x = self.embed_tokens(inputs) if self.is_first else inputs  # (tokens, hidden)
+        for layer in self.layers.values():
+            x = layer(x, positions, batch)
+        return self.norm(x) if self.is_last else x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # hidden: (rows, hidden) -> (rows, vocab) on TP rank 0, None on the other ranks
+        return self.lm_head(hidden)
+
+    def checkpoint_targets(self, name: str) -> list[tuple[str, str | None]]:
+        """Which of this rank's parameters (name, shard id) a checkpoint tensor feeds."""
+        if name == "model.embed_tokens.weight":
+            targets = [("embed_tokens.weight", None)] if self.is_first else []
+            if self.is_last and self.args.tie_word_embeddings and not self.is_first:
+                targets.append(("lm_head.weight", None))
+            return targets
+        if name == "lm_head.weight":
+            return [] if self.args.tie_word_embeddings or not self.is_last else [(name, None)]
+        if name == "model.norm.weight":
+            return [("norm.weight", None)] if self.is_last else []
+        return self._layer_target(name)
+
+    def _layer_target(self, name: str) -> list[tuple[str, str | None]]:
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if not m or not self.layer_range[0] <= int(m.group(1)) < self.layer_range[1]:
+            return []
+        index, module, kind = m.groups()
+        fused = _FUSED.get(module)
+        if fused:
+            return [(f"layers.{index}.{fused[0]}.{kind}", fused[1])]
+        return [(f"layers.{index}.{module}.{kind}", None)]
+
+
+# checkpoint module -> (our fused module, shard id)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+    "mlp.gate_proj": ("mlp.gate_up_proj", "gate"),
+    "mlp.up_proj": ("mlp.gate_up_proj", "up"),
+}

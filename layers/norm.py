@@ -1,0 +1,21 @@
+"""RMSNorm, replicated on every rank."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layers.linear import load_whole, make_param
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = make_param((hidden,), dtype, load_whole)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, hidden); normalised in float32 like the reference implementation
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)

@@ -1,0 +1,85 @@
+"""Rotary position embedding (Llama's half-rotation layout), plain or scaled.
+
+Supported ``rope_type``: ``default``, ``linear`` and ``llama3`` (Llama 3.1's
+frequency-dependent scaling). Both checkpoint styles are read: the older
+``rope_theta`` + ``rope_scaling`` and the newer ``rope_parameters``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "RopeSpec":
+        params = dict(hf.get("rope_parameters") or {})
+        params.update(hf.get("rope_scaling") or {})
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
+                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        return cls(
+            theta=float(theta), rope_type=rope_type, factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params.get(
+                "original_max_position_embeddings", hf.get("max_position_embeddings", 8192))))
+
+
+def inverse_frequencies(spec: RopeSpec, head_dim: int) -> torch.Tensor:
+    # (head_dim // 2,)
+    inv = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if spec.rope_type == "linear":
+        return inv / spec.factor
+    if spec.rope_type == "llama3":
+        return _llama3_scale(inv, spec)
+    return inv
+
+
+def _llama3_scale(inv: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """Long wavelengths are divided by ``factor``, short ones kept, the band between blended."""
+    old_len = spec.original_max_position_embeddings
+    long_wavelen = old_len / spec.low_freq_factor
+    short_wavelen = old_len / spec.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > long_wavelen, inv / spec.factor, inv)
+    smooth = (old_len / wavelen - spec.low_freq_factor) / (spec.high_freq_factor - spec.low_freq_factor)
+    blended = (1 - smooth) * scaled / spec.factor + smooth * scaled
+    in_band = (wavelen >= short_wavelen) & (wavelen <= long_wavelen)
+    return torch.where(in_band, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, spec: RopeSpec):
+        super().__init__()
+        self.register_buffer("inv_freq", inverse_frequencies(spec, head_dim), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (tokens,); q: (tokens, q_heads, head_dim); k: (tokens, kv_heads, head_dim)
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (tokens, head_dim // 2)
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (tokens, 1, head_dim)
+        cos, sin = angles.cos(), angles.sin()
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

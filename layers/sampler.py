@@ -1,0 +1,150 @@
+"""The sampling kernel: logits -> one token per row, vectorised over the batch.
+
+Sampling is a pure function of (logits row, sampler params, seed, position):
+no ``torch.Generator`` state is involved, so a request draws the same token
+whatever else is in the batch, in whatever order, and after a replay.
+
+Random rows go through temperature scaling, then top-k, top-p (nucleus) and
+min-p filters, then Gumbel-max sampling. The Gumbel noise for vocabulary entry
+``v`` comes from a counter-based hash (splitmix64's finaliser, in torch int64
+arithmetic) of ``(seed, position, v)``. Greedy rows (temperature below
+``_GREEDY_EPS``, as in vLLM) take the argmax; ties go to the lowest token id.
+
+Logprobs are ``log_softmax`` of the raw logits, before temperature and
+filtering, which is what vLLM returns by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cluster.protocol import SamplerParams
+
+_GREEDY_EPS = 1e-5  # temperatures below this sample greedily (vLLM's threshold)
+
+
+def _signed(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    c &= (1 << 64) - 1
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MUL1 = _signed(0xBF58476D1CE4E5B9)
+_MUL2 = _signed(0x94D049BB133111EB)
+_UNIFORM_BITS = 23  # (k + 0.5) / 2**23 is exact in float32 and lies in (0, 1)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic)."""
+    z = (z ^ _shr(z, 30)) * _MUL1
+    z = (z ^ _shr(z, 27)) * _MUL2
+    return z ^ _shr(z, 31)
+
+
+def hash_noise_bits(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """64 pseudo-random bits per (row, vocab entry), as int64 of shape (rows, vocab).
+
+    ``seeds`` and ``positions`` are int64 of shape (rows,). Each entry depends
+    only on its own (seed, position, v).
+    """
+    row = mix64(mix64(seeds + _GOLDEN) + positions * _GOLDEN)  # (rows,)
+    v = torch.arange(1, vocab + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN  # (vocab,)
+    return mix64(row[:, None] + v[None, :])  # (rows, vocab)
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise, float32 of shape (rows, vocab)."""
+    k = _shr(hash_noise_bits(seeds, positions, vocab), 64 - _UNIFORM_BITS)
+    u = (k.to(torch.float32) + 0.5) * (2.0 ** -_UNIFORM_BITS)  # (rows, vocab) in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def filter_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                min_p: torch.Tensor) -> torch.Tensor:
+    """Which tokens survive top-k, top-p and min-p, as bool (rows, vocab).
+
+    ``x`` holds temperature-scaled logits (rows, vocab); the parameters are
+    per-row tensors (rows,), with ``top_k <= 0`` meaning off. Filters apply in
+    the order top-k, top-p (over the top-k survivors, renormalised), min-p
+    (relative to the best token, so renormalisation does not matter). Ranks
+    come from a stable descending sort, so ties keep the lower token id first
+    and top-k keeps exactly k tokens. The best token always survives.
+    """
+    rows, vocab = x.shape
+    sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (rows, vocab)
+    rank = torch.arange(vocab, device=x.device)[None, :]  # (1, vocab)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    keep = rank < k[:, None]  # (rows, vocab)
+    probs = torch.softmax(sorted_x.masked_fill(~keep, -math.inf), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # exclusive cumulative mass
+    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    ratio = torch.exp(sorted_x - sorted_x[:, :1])  # prob / best prob
+    keep &= ratio >= min_p[:, None]
+    keep[:, 0] = True
+    return torch.zeros_like(keep).scatter_(1, order, keep)
+
+
+def _sample_random(logits: torch.Tensor, params: list[SamplerParams],
+                   positions: list[int]) -> torch.Tensor:
+    """Token ids (rows,) for non-greedy rows of ``logits`` (rows, vocab)."""
+    dev = logits.device
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+    seeds = torch.tensor([_signed(p.seed) for p in params], dtype=torch.int64, device=dev)
+    pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+    x = logits / temp[:, None]  # (rows, vocab)
+    keep = filter_mask(x, top_k, top_p, min_p)
+    scores = x.masked_fill(~keep, -math.inf) + gumbel_noise(seeds, pos, logits.shape[1])
+    return torch.argmax(scores, dim=-1)
+
+
+SampleOut = tuple[int, "float | None", "list[tuple[int, float]] | None"]
+
+
+def sample(logits: torch.Tensor, params: list[SamplerParams],
+           positions: list[int]) -> list[SampleOut]:
+    """Sample one token per row.
+
+    ``logits``: (rows, vocab), any float dtype (computed in float32).
+    ``params[i]`` and ``positions[i]`` (the position the sampled token will
+    occupy) belong to row ``i``. Returns, per row, ``(token id, logprob,
+    top_logprobs)``: the logprob fields are None unless ``params[i].logprobs``
+    is set; ``top_logprobs`` lists ``(token id, logprob)`` best first.
+    """
+    rows, vocab = logits.shape
+    if len(params) != rows or len(positions) != rows:
+        raise ValueError(f"sample: {rows} logit rows but {len(params)} params and "
+                         f"{len(positions)} positions")
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1)  # greedy; first maximum = lowest id
+    rand = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_EPS]
+    if rand:
+        idx = torch.tensor(rand, device=logits.device)
+        tokens[idx] = _sample_random(logits.index_select(0, idx), [params[i] for i in rand],
+                                     [positions[i] for i in rand])
+    token_list = tokens.tolist()
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    chosen_lp: dict[int, float] = {}
+    top_lp: dict[int, list[tuple[int, float]]] = {}
+    if want:
+        idx = torch.tensor(want, device=logits.device)
+        lp = torch.log_softmax(logits.index_select(0, idx), dim=-1)  # (len(want), vocab)
+        chosen = lp.gather(1, tokens.index_select(0, idx)[:, None])[:, 0].tolist()
+        n_max = min(vocab, max(params[i].logprobs for i in want))
+        top_v, top_i = torch.topk(lp, n_max, dim=-1) if n_max else (lp[:, :0], lp[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(want):
+            n = min(params[i].logprobs, vocab)
+            chosen_lp[i] = chosen[j]
+            top_lp[i] = list(zip(top_i[j][:n], top_v[j][:n]))
+    return [(token_list[i], chosen_lp.get(i), top_lp.get(i)) for i in range(rows)]

@@ -1,0 +1,84 @@
+"""Each rank reads only its own slices of the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cluster.config import EngineConfig
+from cluster.worker_group import WorkerGroup
+from tests.checkpoints import hf_logits, write_tiny_checkpoint
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    """About 130 MB of fp32 weights, so resident memory differences are far above noise."""
+    return write_tiny_checkpoint(
+        "llama-gqa", tmp_path_factory.mktemp("big"), vocab_size=16000, hidden_size=512,
+        intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+
+
+def _load_figures(config, path) -> list[dict]:
+    group = WorkerGroup(config, path).start()
+    try:
+        return group.load_stats
+    finally:
+        group.shutdown()
+
+
+def test_resident_memory_grows_by_about_one_over_tp(ray_session, big_checkpoint):
+    size = sum(f.stat().st_size for f in big_checkpoint.glob("*.safetensors"))
+    base = EngineConfig().with_overrides(model=str(big_checkpoint), cpus_per_worker=0.5)
+    one = _load_figures(base.with_overrides(name="mem-tp1"), big_checkpoint)
+    two = _load_figures(base.with_overrides(name="mem-tp2", tensor_parallel_size=2), big_checkpoint)
+    growth_one = one[0]["rss_after"] - one[0]["rss_before"]
+    growth_two = [s["rss_after"] - s["rss_before"] for s in two]
+    print(f"checkpoint {size / MIB:.1f} MiB; RSS growth tp=1 {growth_one / MIB:.1f} MiB; "
+          f"tp=2 {[round(g / MIB, 1) for g in growth_two]} MiB")
+    assert growth_one > 0.8 * size  # the measurement sees the whole model at tp=1
+    for stats, growth in zip(two, growth_two):
+        assert growth < 0.65 * size, f"a tp=2 rank grew by {growth / MIB:.1f} MiB"
+        assert 0.4 * size < stats["bytes_read"] < 0.6 * size
+
+
+def test_sharded_checkpoint_with_index(ray_session, tmp_path):
+    path = write_tiny_checkpoint("qwen2-bias", tmp_path)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    expected = hf_logits(path, prompts)
+    tensors = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(path / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = EngineConfig().with_overrides(model=str(path), tensor_parallel_size=2,
+                                           cpus_per_worker=0.5, name="sharded")
+    group = WorkerGroup(config, path).start()
+    try:
+        got = group.forward_logits(prompts)
+    finally:
+        group.shutdown()
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from layers.models import build_model
+    from workers.comm import create_communicator, Rendezvous
+    from workers.loader import load_shard
+
+    path = write_tiny_checkpoint("llama-gqa", tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    comm = create_communicator("gloo", 0, 1, Rendezvous("127.0.0.1", 0, "unused"))
+    model = build_model(json.loads((path / "config.json").read_text()), comm, torch.float32)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.gate_up_proj\.weight\[up\]"):
+        load_shard(model, path)

@@ -1,0 +1,62 @@
+"""Config errors name the field and the value that was wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import ConfigError, EngineConfig, ParallelConfig
+
+
+@pytest.mark.parametrize("overrides,field,value", [
+    ({"tensor_parallel_size": 0}, "parallel.tensor_parallel_size", "0"),
+    ({"pipeline_parallel_size": -1}, "parallel.pipeline_parallel_size", "-1"),
+    ({"tensor_parallel_size": "2"}, "parallel.tensor_parallel_size", "'2'"),
+    ({"backend": "mpi"}, "parallel.backend", "'mpi'"),
+    ({"cpus_per_worker": 0}, "parallel.cpus_per_worker", "0"),
+    ({"block_size": 0}, "cache.block_size", "0"),
+    ({"kv_cache_memory_fraction": 1.5}, "cache.kv_cache_memory_fraction", "1.5"),
+    ({"max_num_seqs": 0}, "scheduler.max_num_seqs", "0"),
+    ({"dtype": "int3"}, "model.dtype", "'int3'"),
+    ({"name": "has space"}, "deployment.name", "'has space'"),
+])
+def test_bad_values_name_field_and_value(overrides, field, value):
+    with pytest.raises(ConfigError) as err:
+        EngineConfig().with_overrides(**overrides)
+    assert f"{field}={value}" in str(err.value)
+
+
+def test_unknown_field_and_section_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="tensor_paralel_size"):
+        EngineConfig().with_overrides(tensor_paralel_size=2)
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel:\n  tensor_parallel_size: 2\n  bakend: gloo\n")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['bakend'\] in section 'parallel'"):
+        EngineConfig.from_yaml(path)
+    path.write_text("paralel: {}\n")
+    with pytest.raises(ConfigError, match="paralel"):
+        EngineConfig.from_yaml(path)
+
+
+def test_yaml_maps_onto_dataclasses(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  model: /some/dir\nparallel:\n  tensor_parallel_size: 3\n"
+                    "cache:\n  block_size: 8\n")
+    config = EngineConfig.from_yaml(path)
+    assert config.model.model == "/some/dir"
+    assert config.parallel == ParallelConfig(tensor_parallel_size=3)
+    assert config.cache.block_size == 8
+    assert EngineConfig.from_dict(config.to_dict()) == config
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        EngineConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        EngineConfig.from_yaml(path)

@@ -1,0 +1,33 @@
+"""Rotary embedding against transformers' implementation, plain and Llama-3 scaled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layers.rotary import RopeSpec, RotaryEmbedding
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3, {"rope_type": "linear", "factor": 4.0}])
+def test_matches_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rope_theta=5e5, rope_scaling=scaling)
+    positions = torch.tensor([0, 1, 7, 63, 64, 500, 3000])
+    q, k = torch.randn(7, 4, 16), torch.randn(7, 2, 16)
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
+    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    spec = RopeSpec.from_hf_config(config.to_dict())
+    got_q, got_k = RotaryEmbedding(16, spec)(positions, q, k)
+    torch.testing.assert_close(got_q, ref_q[0].transpose(0, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_k, ref_k[0].transpose(0, 1), rtol=0, atol=1e-5)
+
+
+def test_unsupported_rope_type_is_named():
+    with pytest.raises(ValueError, match="'yarn'"):
+        RopeSpec.from_hf_config({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})

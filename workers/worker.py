@@ -1,0 +1,148 @@
+"""The worker: one Ray actor per device, holding one rank's shard of the model.
+
+The driver (``cluster.worker_group.WorkerGroup``) creates the actors, tells
+each its place in the rank layout, brokers the rendezvous and then drives
+them. Everything the worker returns is msgpack bytes or plain numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import psutil
+import torch
+
+from layers.attention import AttnBatch
+from layers.models import build_model
+from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
+from workers.loader import load_shard
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class WorkerSpec:
+    """A worker's place in the rank layout and how it runs (plain values, sent once)."""
+
+    deployment: str
+    pp_rank: int
+    tp_rank: int
+    tp_size: int
+    pp_size: int
+    device: str  # "cpu" or "cuda"
+    threads: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.deployment}-worker-{self.pp_rank}-{self.tp_rank}"
+
+
+class Worker:
+    """Ray actor body (wrapped with ``ray.remote`` by the worker group)."""
+
+    def __init__(self, spec: dict):
+        self.spec = WorkerSpec(**spec)
+        if self.spec.device == "cpu":
+            torch.set_num_threads(self.spec.threads)
+        self.device = torch.device("cuda", 0) if self.spec.device == "cuda" else torch.device("cpu")
+        self.tp_comm: Communicator | None = None
+        self.model = None
+        self.hf_config: dict | None = None
+
+    # ---- layout and rendezvous -------------------------------------------------------------
+    def address(self) -> dict:
+        """Where this worker runs: node IP and id, a free port on it, the process id."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        return {"ip": ip, "node_id": ray.get_runtime_context().get_node_id(),
+                "port": find_free_port(ip), "pid": os.getpid()}
+
+    def init_comm(self, backend: str, host: str, port: int, group_id: str,
+                  socket_ifname: str | None = None, timeout_s: float = 300.0,
+                  shm_slot_bytes: int | None = None) -> str:
+        set_socket_ifname(socket_ifname)
+        rdv = Rendezvous(host, port, group_id)
+        self.tp_comm = create_communicator(backend, self.spec.tp_rank, self.spec.tp_size, rdv,
+                                           self.device, timeout_s, shm_slot_bytes=shm_slot_bytes)
+        return self.tp_comm.backend
+
+    # ---- weights ---------------------------------------------------------------------------
+    def load(self, checkpoint: str, dtype: str = "float32") -> dict:
+        """Build this rank's piece of the model and fill it from the checkpoint."""
+        self.model = None  # drop a previous model before measuring
+        rss_before = rss_bytes()
+        started = time.perf_counter()
+        self.hf_config = json.loads((Path(checkpoint) / "config.json").read_text())
+        model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype])
+        stats = load_shard(model, checkpoint)
+        self.model = model.to(self.device).eval()
+        return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
+                "rss_before": rss_before, "rss_after": rss_bytes(),
+                "load_s": time.perf_counter() - started,
+                "loaded": sorted(name for name, _ in stats.loaded)}
+
+    # ---- forward ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_logits(self, request: bytes) -> bytes | None:
+        """Logits at every position of whole sequences (no KV cache).
+
+        request: msgpack list of token-id lists. TP rank 0 answers msgpack
+        ``{"shape": [tokens, vocab], "data": float32 bytes}``; other ranks None.
+        """
+        seqs = msgpack.unpackb(request)
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(self.device)
+        hidden = self.model(ids, positions, AttnBatch([len(s) for s in seqs], [0] * len(seqs)))
+        logits = self.model.compute_logits(hidden)  # (tokens, vocab) on TP rank 0
+        if logits is None:
+            return None
+        logits = logits.float().cpu().contiguous()
+        return msgpack.packb({"shape": list(logits.shape), "data": logits.numpy().tobytes()})
+
+    # ---- health ----------------------------------------------------------------------------
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "rss": rss_bytes()}
+
+    def close(self) -> None:
+        if self.tp_comm is not None:
+            self.tp_comm.close()
+            self.tp_comm = None
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def set_socket_ifname(override: str | None) -> None:
+    """Point Gloo and NCCL at the interface that carries this node's Ray IP.
+
+    Gloo otherwise resolves the host name, which can map to 127.0.0.1 and break
+    rendezvous across hosts (see DESIGN.md, "Across hosts").
+    """
+    import ray
+
+    if override:
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = override
+        return
+    name = interface_of(ray.util.get_node_ip_address())
+    if name:  # an operator's own setting wins
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+
+
+def interface_of(ip: str) -> str | None:
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
+
+
+def decode_logits(data: bytes) -> torch.Tensor:
+    msg = msgpack.unpackb(data)
+    return torch.frombuffer(bytearray(msg["data"]), dtype=torch.float32).view(*msg["shape"])
