@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+QUESTION ?= What is the capital of France? Answer in one sentence.
+
+# fetch the default model (once), start a local Ray cluster, answer a chat question at tp=$(TP)
 run: install
-	$(VENV)/bin/shardlm demo --tp $(TP)
+	$(VENV)/bin/shardlm fetch
+	$(VENV)/bin/shardlm generate --tp $(TP) --chat "$(QUESTION)"
 
 test: install
 	$(PY) -m pytest -q

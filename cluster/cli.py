@@ -15,6 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--quiet", action="store_true", help="no progress lines")
     demo = sub.add_parser("demo", help="a TP forward pass of a random tiny model on local Ray")
     demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
+    gen = sub.add_parser("generate", help="complete prompts (or answer them as chat messages)")
+    _engine_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -67,7 +76,50 @@ def _demo(args) -> int:
     return 0
 
 
-COMMANDS = {"fetch": _fetch, "demo": _demo}
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (default: built-in, = configs/smollm2-135m.yaml)")
+    parser.add_argument("--model", help="model name or local Hugging Face checkpoint directory")
+    parser.add_argument("--tp", type=int, help="tensor_parallel_size")
+    parser.add_argument("--pp", type=int, help="pipeline_parallel_size")
+
+
+def engine_config(args):
+    from cluster.config import EngineConfig
+
+    config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
+    overrides = {"model": args.model, "tensor_parallel_size": args.tp,
+                 "pipeline_parallel_size": args.pp}
+    return config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _generate(args) -> int:
+    import json
+
+    from cluster.llm import LLM
+    from cluster.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    llm = LLM(config=engine_config(args))
+    try:
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
+        else:
+            outputs = llm.generate(args.prompts, params)
+    finally:
+        llm.shutdown()
+    for prompt, out in zip(args.prompts, outputs):
+        completion = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": completion.text,
+                              "token_ids": completion.token_ids,
+                              "finish_reason": completion.finish_reason}))
+        else:
+            print(f"> {prompt}\n{completion.text}\n")
+    return 0
+
+
+COMMANDS = {"fetch": _fetch, "demo": _demo, "generate": _generate}
 
 if __name__ == "__main__":
     sys.exit(main())

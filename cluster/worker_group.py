@@ -18,6 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig
+from cluster.protocol import StepResult
 from workers.comm import resolve_backend
 from workers.worker import Worker, WorkerSpec, decode_logits
 
@@ -142,6 +143,30 @@ class WorkerGroup:
         """Logits (tokens, vocab) at every position of whole sequences, from TP rank 0."""
         results = self.call_all("forward_logits", msgpack.packb(token_ids))
         return decode_logits(results[self._sampler_rank()])
+
+    def init_cache(self) -> int:
+        """Size the KV cache (the minimum over ranks), allocate it everywhere; returns blocks."""
+        cache = self.config.cache
+        per_node = {}
+        for info in self.ranks:
+            per_node[info.node_id] = per_node.get(info.node_id, 0) + 1
+        # a memory fraction is shared by the workers of one node, which size their caches at once
+        fits = ray.get([w.cache_capacity.remote(
+            cache.block_size, cache.kv_cache_bytes,
+            cache.kv_cache_memory_fraction / per_node[info.node_id])
+            for w, info in zip(self.workers, self.ranks)])
+        num_blocks = min(fits)
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget holds no block of {cache.block_size} tokens "
+                             f"(cache.kv_cache_bytes={cache.kv_cache_bytes}); raise it")
+        self.call_all("allocate_cache", num_blocks, cache.block_size)
+        return num_blocks
+
+    def execute(self, plan: bytes) -> StepResult:
+        """Send the same plan bytes to every worker; the sampling rank's answer."""
+        ref = ray.put(plan)
+        results = ray.get([w.execute.remote(ref) for w in self.workers])
+        return StepResult.decode(results[self._sampler_rank()])
 
     def _sampler_rank(self) -> int:
         par = self.config.parallel

@@ -42,6 +42,7 @@ never leaves a segment behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -124,23 +125,30 @@ def _create_segment(path: str, layout: _Layout) -> mmap.mmap:
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, layout.total_bytes)
-        try:  # reserve now: a full /dev/shm fails here, not with SIGBUS later
-            os.posix_fallocate(fd, 0, layout.total_bytes)
-        except OSError as e:
-            if e.errno not in (95, 22):  # EOPNOTSUPP/EINVAL: no fallocate here; go on
-                os.unlink(tmp)
-                raise RuntimeError(
-                    f"cannot reserve {layout.total_bytes >> 20} MiB for shm segment {path} "
-                    f"({e}); enlarge /dev/shm or lower shm_slot_bytes") from e
+        _reserve(fd, layout.total_bytes, path)
         mm = mmap.mmap(fd, layout.total_bytes)
+        words = memoryview(mm)[: layout.header_bytes].cast("q")
+        for i, v in enumerate(layout.header_values()):
+            words[i] = v
+        words.release()
+        os.replace(tmp, path)
+        return mm
+    except BaseException:
+        os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
-    words = memoryview(mm)[: layout.header_bytes].cast("q")
-    for i, v in enumerate(layout.header_values()):
-        words[i] = v
-    words.release()
-    os.replace(tmp, path)
-    return mm
+
+
+def _reserve(fd: int, size: int, path: str) -> None:
+    """Allocate the pages now, so a full /dev/shm fails here rather than with
+    SIGBUS on first touch; skipped where the file system lacks fallocate."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise RuntimeError(f"cannot reserve {size >> 20} MiB for shm segment {path} ({e}); "
+                               "enlarge /dev/shm or lower shm_slot_bytes") from e
 
 
 def _attach_segment(path: str, layout: _Layout, rank: int, group_id: str,
@@ -298,8 +306,6 @@ class ShmCommunicator(Communicator):
 
         Returns the buffer index (0/1) the step used.
         """
-        if self._words is None:
-            raise RuntimeError(f"shm group {self.group_id!r}: communicator is closed")
         buf, self._step = self._step & 1, self._step + 1
         lay, words, target = self._lay, self._words, self._step
         words[lay.step_word(self.rank)] = target
@@ -320,8 +326,14 @@ class ShmCommunicator(Communicator):
 
     # ---- collectives -----------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._mm is None:
+            raise RuntimeError(f"shm group {self.group_id!r}: communicator is closed")
+
     def _check_cpu(self, t: torch.Tensor) -> None:
-        if t.device.type != "cpu":
+        """Every op with a tensor starts here: the group open, `t` on the CPU."""
+        self._check_open()
+        if not t.is_cpu:
             raise ValueError(f"shm communicator needs CPU tensors, got {t.device}")
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -331,14 +343,14 @@ class ShmCommunicator(Communicator):
         np_slots = self._np_slots(t.dtype)
         small = flat.numel() * t.dtype.itemsize <= NUMPY_MAX_BYTES
         if np_slots is not None and small:
-            self._all_reduce_chunks(flat.numpy(), np_slots, np.sum)
+            self._all_reduce_chunks(flat.numpy(), np_slots, np.add.reduce)
         else:
             self._all_reduce_chunks(flat, self._slots(t.dtype), torch.sum)
         return _copy_back(t, buf)
 
     def _all_reduce_chunks(self, flat, slots, sum_fn) -> None:
         """flat: (n,) tensor or ndarray, reduced in place; slots: (2, ws, slot_elems)
-        of the same kind; sum_fn: torch.sum or np.sum (same call signature here).
+        of the same kind; sum_fn: torch.sum or np.add.reduce (same call shape here).
         """
         for a, b in self._chunks(len(flat), slots.dtype):
             mine = flat[a:b]
@@ -386,6 +398,7 @@ class ShmCommunicator(Communicator):
         return _copy_back(t, buf)
 
     def barrier(self) -> None:
+        self._check_open()
         self._sync_step("barrier")
 
     # ---- point-to-point --------------------------------------------------------
@@ -441,6 +454,7 @@ class ShmCommunicator(Communicator):
         if self.rank == 0:
             self._unlink()
         self._views.clear()
+        self._np_views.clear()
         self._bytes = None
         self._words.release()
         self._buf.release()

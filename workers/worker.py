@@ -20,7 +20,10 @@ import torch
 from layers.attention import AttnBatch
 from layers.models import build_model
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
+from workers import kv_cache
 from workers.loader import load_shard
+from workers.model_runner import ModelRunner
+from cluster.protocol import StepPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,7 +55,9 @@ class Worker:
         self.device = torch.device("cuda", 0) if self.spec.device == "cuda" else torch.device("cpu")
         self.tp_comm: Communicator | None = None
         self.model = None
+        self.dtype = torch.float32
         self.hf_config: dict | None = None
+        self.runner: ModelRunner | None = None
 
     # ---- layout and rendezvous -------------------------------------------------------------
     def address(self) -> dict:
@@ -75,7 +80,8 @@ class Worker:
     # ---- weights ---------------------------------------------------------------------------
     def load(self, checkpoint: str, dtype: str = "float32") -> dict:
         """Build this rank's piece of the model and fill it from the checkpoint."""
-        self.model = None  # drop a previous model before measuring
+        self.model = self.runner = None  # drop a previous model before measuring
+        self.dtype = DTYPES[dtype]
         rss_before = rss_bytes()
         started = time.perf_counter()
         self.hf_config = json.loads((Path(checkpoint) / "config.json").read_text())
@@ -104,6 +110,23 @@ class Worker:
             return None
         logits = logits.float().cpu().contiguous()
         return msgpack.packb({"shape": list(logits.shape), "data": logits.numpy().tobytes()})
+
+    # ---- KV cache and steps -----------------------------------------------------------------
+    def cache_capacity(self, block_size: int, cache_bytes: int | None, fraction: float) -> int:
+        """Blocks this rank could hold (the driver allocates the minimum over all ranks)."""
+        return kv_cache.blocks_that_fit(self.model, block_size, self.dtype, self.device,
+                                        cache_bytes, fraction)
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> int:
+        kv_cache.release(self.model)
+        allocated = kv_cache.allocate(self.model, num_blocks, block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, block_size, self.device)
+        return allocated
+
+    def execute(self, plan: bytes) -> bytes | None:
+        """Run one step; the sampling rank answers StepResult bytes, the others None."""
+        result = self.runner.execute(StepPlan.decode(plan))
+        return None if result is None else result.encode()
 
     # ---- health ----------------------------------------------------------------------------
     def ping(self) -> dict:

@@ -60,3 +60,10 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         EngineConfig.from_yaml(path)
+
+
+def test_default_yaml_equals_builtin_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "configs" / "smollm2-135m.yaml"
+    assert EngineConfig.from_yaml(path) == EngineConfig()

@@ -1,0 +1,273 @@
+"""The engine: requests in, the scheduler and the worker gang stepping, tokens out.
+
+``add_request`` validates at admission (a bad request fails there with a clear
+error and disturbs nothing else); ``step`` runs one scheduler step on the
+workers and returns the text deltas it produced; ``abort`` drops a request and
+frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from cluster.block_manager import BlockManager
+from cluster.config import EngineConfig
+from cluster.model_store import resolve_model
+from cluster.outputs import CompletionOutput, Delta, Detokenizer, RequestOutput
+from cluster.protocol import SampledToken, StepPlan
+from cluster.ray_utils import connect_ray
+from cluster.sampling import SamplingParams
+from cluster.scheduler import Scheduler, SchedulerError
+from cluster.sequence import Sequence
+from cluster.worker_group import WorkerGroup
+from layers.models import LlamaArgs
+
+log = logging.getLogger("shardlm.engine")
+_U64 = (1 << 64) - 1
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as given (bad prompt or parameters)."""
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[Detokenizer]
+    outputs: list[CompletionOutput]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+    def snapshot(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             self.outputs, self.finished,
+                             max(s.num_cached_tokens for s in self.seqs))
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model(config.model.model)
+        self.hf_config = json.loads((self.model_dir / "config.json").read_text())
+        self.args = LlamaArgs.from_hf_config(self.hf_config)  # unsupported models fail here
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.eos_ids = _eos_ids(self.model_dir, self.hf_config, self.tokenizer)
+        connect_ray(config.deployment.ray_address)
+        self.group = WorkerGroup(config, self.model_dir).start()
+        self.num_blocks = self.group.init_cache()
+        self.max_model_len = self._max_model_len()
+        self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._by_seq: dict[int, tuple[Request, int]] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self.step_id = 0
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                      "mixed_steps": 0}  # mixed: prefill and decode work in one step
+
+    def _max_model_len(self) -> int:
+        length = min(self.config.model.max_model_len or self.args.max_position_embeddings,
+                     self.args.max_position_embeddings)
+        capacity = self.num_blocks * self.config.cache.block_size
+        if capacity < length:
+            log.warning("KV cache holds %d tokens, less than max_model_len %d: capping", capacity, length)
+        return min(length, capacity)
+
+    # ---- admission -------------------------------------------------------------------------
+    def add_request(self, prompt: str | None = None, params: SamplingParams | dict | None = None,
+                    prompt_token_ids: list[int] | None = None, request_id: str | None = None,
+                    priority: int = 0) -> str:
+        params = _sampling_params(params)
+        ids = self._prompt_ids(prompt, prompt_token_ids)
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seqs = [Sequence(next(self._seq_ids), list(ids), params,
+                         seed=(base_seed + i * 0x9E3779B97F4A7C15) & _U64, priority=priority)
+                for i in range(params.n)]
+        request = Request(request_id, prompt, list(ids), params, seqs,
+                          [Detokenizer(self.tokenizer, params.stop) for _ in seqs],
+                          [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None)
+                           for i in range(params.n)])
+        for i, seq in enumerate(seqs):
+            try:
+                self.scheduler.add(seq)
+            except SchedulerError as exc:
+                for earlier in seqs[:i]:
+                    self.scheduler.abort(earlier.seq_id)
+                raise RequestError(str(exc)) from exc
+            self._by_seq[seq.seq_id] = (request, i)
+        self.requests[request_id] = request
+        self.stats["prompt_tokens"] += len(ids)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise RequestError("give exactly one of prompt and prompt_token_ids")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
+            if not prompt:
+                raise RequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise RequestError("this checkpoint has no tokenizer: give prompt_token_ids")
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            ids = prompt_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise RequestError("prompt_token_ids must be a non-empty list of token ids")
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                   or not 0 <= t < self.args.vocab_size]
+            if bad:
+                raise RequestError(f"prompt_token_ids hold ids outside the vocabulary "
+                                   f"[0, {self.args.vocab_size}): {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context holds "
+                               f"{self.max_model_len} (max_model_len), including at least one "
+                               "generated token")
+        return list(ids)
+
+    # ---- stepping --------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Delta]:
+        """One scheduler step on the workers; the deltas it produced."""
+        try:
+            out = self.scheduler.schedule()
+        except SchedulerError as exc:  # one sequence can never fit: fail it, keep the rest
+            return self._fail_seq(exc.seq_id, str(exc))
+        if out.is_empty:
+            return []
+        self.step_id += 1
+        self.stats["steps"] += 1
+        self.stats["mixed_steps"] += bool(out.num_prefill_tokens and out.num_decode_tokens)
+        result = self.group.execute(StepPlan(self.step_id, out.chunks).encode())
+        self.scheduler.commit(out)
+        return [d for t in result.tokens if (d := self._on_token(t)) is not None]
+
+    def _on_token(self, sampled: SampledToken) -> Delta | None:
+        request, index = self._by_seq[sampled.seq_id]
+        seq, detok, output = request.seqs[index], request.detoks[index], request.outputs[index]
+        seq.append_token(sampled.token_id)
+        self.stats["generation_tokens"] += 1
+        request.first_token_time = request.first_token_time or time.monotonic()
+        step_logprobs = None
+        if output.logprobs is not None:
+            step_logprobs = [dict(sampled.top_logprobs or []) | {sampled.token_id: sampled.logprob}]
+            output.logprobs += step_logprobs
+        reason, stop_reason = self._stop_check(request, seq, detok, sampled.token_id)
+        if reason:
+            self._finish(request, index, reason, stop_reason)
+        output.token_ids = list(seq.output_token_ids)
+        delta = detok.release(final=reason is not None)
+        output.text += delta
+        return Delta(request.request_id, index, delta, [sampled.token_id], step_logprobs, reason)
+
+    def _stop_check(self, request: Request, seq: Sequence, detok: Detokenizer, token: int):
+        params = request.params
+        stop_string = detok.update(seq.output_token_ids)
+        if token in params.stop_token_ids:
+            return "stop", token
+        if token in self.eos_ids and not params.ignore_eos:
+            return "stop", None
+        if stop_string is not None:
+            return "stop", stop_string
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _finish(self, request: Request, index: int, reason: str, stop_reason=None) -> None:
+        seq, output = request.seqs[index], request.outputs[index]
+        self.scheduler.finish(seq, reason)
+        output.finish_reason, output.stop_reason = reason, stop_reason
+        del self._by_seq[seq.seq_id]
+
+    def _fail_seq(self, seq_id: int, why: str) -> list[Delta]:
+        request, index = self._by_seq[seq_id]
+        self.scheduler.abort(seq_id)
+        del self._by_seq[seq_id]
+        request.outputs[index].finish_reason = "abort"
+        request.outputs[index].error = why
+        log.error("request %s failed: %s", request.request_id, why)
+        return [Delta(request.request_id, index, "", [], None, "abort")]
+
+    # ---- results and aborts ----------------------------------------------------------------
+    def output(self, request_id: str) -> RequestOutput:
+        return self.requests[request_id].snapshot()
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        """The final output of a finished request, forgetting it."""
+        request = self.requests.pop(request_id)
+        return request.snapshot()
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq, output in zip(request.seqs, request.outputs):
+            if not output.finished:
+                self.scheduler.abort(seq.seq_id)
+                self._by_seq.pop(seq.seq_id, None)
+                output.finish_reason = "abort"
+        return True
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+def _sampling_params(params) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, dict):
+        try:
+            return SamplingParams.from_dict(params)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(str(exc)) from exc
+    raise RequestError(f"sampling_params must be SamplingParams or a dict, got {type(params).__name__}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _load_tokenizer(model_dir):
+    """The checkpoint's tokenizer, or None for a weights-only checkpoint (token ids only)."""
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer: only prompt_token_ids are accepted", model_dir)
+        return None
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _eos_ids(model_dir, hf_config: dict, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    sources = [hf_config.get("eos_token_id"), tokenizer and tokenizer.eos_token_id]
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
