@@ -90,7 +90,7 @@ class ParallelConfig:
 class CacheConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None  # per worker; None: use kv_cache_memory_fraction
-    kv_cache_memory_fraction: float = 0.1  # of a node's free memory, shared by its workers
+    kv_cache_memory_fraction: float = 0.1  # of free device memory (CPU: shared by a node's workers)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:

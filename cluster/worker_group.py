@@ -148,12 +148,11 @@ class WorkerGroup:
         """Size the KV cache (the minimum over ranks), allocate it everywhere; returns blocks."""
         cache = self.config.cache
         per_node = {}
-        for info in self.ranks:
-            per_node[info.node_id] = per_node.get(info.node_id, 0) + 1
-        # a memory fraction is shared by the workers of one node, which size their caches at once
+        for info in self.ranks:  # CPU workers of one node share its memory (GPUs have their own)
+            per_node[info.node_id] = per_node.get(info.node_id, 0) + (self.device == "cpu")
         fits = ray.get([w.cache_capacity.remote(
             cache.block_size, cache.kv_cache_bytes,
-            cache.kv_cache_memory_fraction / per_node[info.node_id])
+            cache.kv_cache_memory_fraction / max(1, per_node[info.node_id]))
             for w, info in zip(self.workers, self.ranks)])
         num_blocks = min(fits)
         if num_blocks < 1:

@@ -80,7 +80,8 @@ class ManifestError(ValueError):
 
 def schemas_dir(repo_root: str | Path) -> Path:
     """The CRD directory: ``$SHARDLM_K8S_SCHEMAS`` or ``<repo>/../shared/k8s-schemas``."""
-    path = Path(os.environ.get(SCHEMAS_ENV) or Path(repo_root).resolve().parent / "shared" / "k8s-schemas")
+    default = Path(repo_root).resolve().parent / "shared" / "k8s-schemas"
+    path = Path(os.environ.get(SCHEMAS_ENV) or default)
     missing = [name for name in CRD_FILES.values() if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -127,7 +128,8 @@ def check(value: Any, schema: dict[str, Any], path: str, errors: list[str]) -> N
     """Append to ``errors`` every way ``value`` breaks the structural ``schema``."""
     where = path or "<root>"
     if not _type_ok(value, schema):
-        errors.append(f"{where}: expected {_type_name(schema)}, got {type(value).__name__} {value!r}")
+        got = f"{type(value).__name__} {value!r}"
+        errors.append(f"{where}: expected {_type_name(schema)}, got {got}")
         return
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
@@ -203,7 +205,8 @@ def _check_array(value: list, schema: dict[str, Any], path: str, errors: list[st
             else:
                 ident = repr(item)
             if ident in seen:
-                errors.append(f"{path}[{index}]: duplicate entry {ident} in a list-type={list_type} list")
+                errors.append(f"{path}[{index}]: duplicate entry {ident} "
+                              f"in a list-type={list_type} list")
             seen.add(ident)
 
 

@@ -1,0 +1,154 @@
+"""The engine on random tiny checkpoints: greedy parity with transformers `generate`,
+continuous batching, preemption, prefix caching, seeded sampling, admission errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster import LLM, SamplingParams
+from cluster.engine import RequestError
+from tests.checkpoints import write_tiny_checkpoint
+
+# 8 prompts of different lengths (token ids; the tiny checkpoints have no tokenizer)
+PROMPTS = [[(7 * i + 3 * j) % 150 + 1 for j in range(n)]
+           for i, n in enumerate([3, 17, 5, 29, 1, 11, 40, 8])]
+GREEDY = SamplingParams(max_tokens=32, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("engine-tiny"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """transformers' greedy continuations, one prompt at a time."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    out = {}
+    for p in PROMPTS:
+        gen = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=32, do_sample=False, pad_token_id=0)
+        out[tuple(p)] = gen[0, len(p):].tolist()
+    return out
+
+
+def _llm(path, tp, name, **overrides) -> LLM:
+    return LLM(model=str(path), tensor_parallel_size=tp, cpus_per_worker=0.5, name=name,
+               block_size=4, kv_cache_bytes=overrides.pop("kv_cache_bytes", 1 << 22), **overrides)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def llm(request, ray_session, tiny):
+    engine = _llm(tiny, request.param, f"engine-tp{request.param}")
+    yield engine
+    engine.shutdown()
+
+
+def test_greedy_matches_transformers_generate(llm, reference):
+    outputs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    assert len(outputs) == len(PROMPTS)
+    distinct = set()
+    for prompt, out in zip(PROMPTS, outputs):
+        completion = out.outputs[0]
+        assert out.prompt_token_ids == prompt
+        assert completion.token_ids == reference[tuple(prompt)], f"prompt of {len(prompt)} tokens"
+        assert completion.finish_reason in ("stop", "length")
+        distinct.update(completion.token_ids)
+    assert len(distinct) > 20  # the random model's outputs vary, so the comparison means something
+
+
+def test_requests_join_the_running_batch(llm, reference):
+    engine = llm.engine
+    before = engine.stats["mixed_steps"]
+    first = [engine.add_request(prompt_token_ids=p, params=GREEDY) for p in PROMPTS[:3]]
+    for _ in range(4):  # the first requests are decoding now
+        engine.step()
+    later = [engine.add_request(prompt_token_ids=p, params=GREEDY) for p in PROMPTS[3:]]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats["mixed_steps"] > before  # a step carried both prefill and decode work
+    for request_id, prompt in zip(first + later, PROMPTS):
+        assert engine.pop_finished(request_id).outputs[0].token_ids == reference[tuple(prompt)]
+
+
+def test_seeded_sampling_is_independent_of_batch_and_tp(llm, tiny):
+    seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
+    alone = llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=seeded)[0]
+    mixed = [SamplingParams(max_tokens=10 + i, temperature=0.5 + 0.1 * i, seed=i) for i in range(7)]
+    batch = llm.generate(prompt_token_ids=PROMPTS, sampling_params=mixed[:1] + [seeded] + mixed[1:])
+    assert batch[1].outputs[0].token_ids == alone.outputs[0].token_ids
+    other = LLM(model=str(tiny), tensor_parallel_size=3 - llm.config.parallel.tensor_parallel_size,
+                cpus_per_worker=0.5, name="engine-other-tp", block_size=4, kv_cache_bytes=1 << 22)
+    try:
+        again = other.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=seeded)[0]
+    finally:
+        other.shutdown()
+    assert again.outputs[0].token_ids == alone.outputs[0].token_ids
+    unseeded = llm.generate(prompt_token_ids=[PROMPTS[1]] * 2, sampling_params=SamplingParams(
+        max_tokens=24, temperature=0.8))
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prompts": [""]}, "prompt is empty"),
+    ({"prompt_token_ids": [[5] * 300]}, "the prompt has 300 tokens"),
+    ({"prompt_token_ids": [[5, 999]]}, "outside the vocabulary"),
+    ({"prompt_token_ids": [[5]], "sampling_params": {"max_tokens": 0}}, "max_tokens"),
+    ({"prompt_token_ids": [[5]], "sampling_params": {"temperature": -0.5}}, "temperature"),
+    ({"prompt_token_ids": [[5]], "sampling_params": {"top_p": 0}}, "top_p"),
+    ({"prompt_token_ids": [[5]], "sampling_params": {"top_p": 1.5}}, "top_p"),
+    ({"prompt_token_ids": [[5]], "sampling_params": {"max_tokenz": 3}}, "max_tokenz"),
+])
+def test_bad_requests_fail_at_admission_and_disturb_nothing(llm, reference, kwargs, message):
+    engine = llm.engine
+    running = engine.add_request(prompt_token_ids=PROMPTS[0], params=GREEDY)
+    engine.step()
+    if isinstance(kwargs.get("sampling_params"), dict):
+        kwargs["sampling_params"] = kwargs["sampling_params"]  # a dict goes through from_dict
+    with pytest.raises((RequestError, ValueError, TypeError), match=message):
+        _generate_with_dict_params(llm, **kwargs)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pop_finished(running).outputs[0].token_ids == reference[tuple(PROMPTS[0])]
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def _generate_with_dict_params(llm, prompts=None, prompt_token_ids=None, sampling_params=None):
+    if isinstance(sampling_params, dict):
+        sampling_params = SamplingParams.from_dict(sampling_params)
+    return llm.generate(prompts, sampling_params, prompt_token_ids)
+
+
+def test_preemption_keeps_outputs(ray_session, tiny, reference):
+    # 24 blocks of 4 tokens cannot hold 8 sequences of up to 72 tokens: preemption must happen
+    small = _llm(tiny, 2, "engine-small-kv", kv_cache_bytes=None, kv_cache_memory_fraction=1.0,
+                 max_num_seqs=8)
+    try:
+        small.engine.scheduler.bm.__init__(24, 4, True)  # shrink the driver's view of the cache
+        outputs = small.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+        assert small.engine.scheduler.num_preemptions > 0
+        for prompt, out in zip(PROMPTS, outputs):
+            assert out.outputs[0].token_ids == reference[tuple(prompt)]
+        assert small.engine.block_manager.num_free_blocks == 24
+    finally:
+        small.shutdown()
+
+
+def test_prefix_cache_hits_and_keeps_outputs(llm, tiny):
+    import transformers
+
+    shared = list(range(10, 34))  # 24 tokens = 6 full blocks of 4
+    prompts = [shared + [40 + i, 50 + i] for i in range(4)]
+    bm = llm.engine.block_manager
+    hits_before = bm.prefix_cache_hits
+    first = llm.generate(prompt_token_ids=prompts[:1], sampling_params=GREEDY)
+    rest = llm.generate(prompt_token_ids=prompts[1:], sampling_params=GREEDY)
+    assert bm.prefix_cache_hits - hits_before >= 3 * 6  # every later prompt reused the 6 blocks
+    assert rest[0].num_cached_tokens == 24
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, first + rest):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+        assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()

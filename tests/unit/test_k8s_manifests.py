@@ -1,0 +1,302 @@
+"""k8s/ manifests against the KubeRay CRD schemas, their embedded configs, the Grafana dashboard.
+
+The CRDs are read from ``../shared/k8s-schemas`` beside the repository (or
+``$SHARDLM_K8S_SCHEMAS``); without them these tests fail, they never skip.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import warnings
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from cluster.config import EngineConfig
+from tests.k8s_schema import (SCHEMAS_ENV, ManifestError, load_documents, schemas_dir,
+                              validate_file, validate_object)
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+MANIFESTS = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob",
+             "rayservice.yaml": "RayService"}
+SERVE_IMPORT_PATH = "cluster.serve:app_builder"
+HEAD_PORTS = {6379, 8265, 10001, 8000, 8080}
+METRICS = {
+    "shardlm:num_requests_running", "shardlm:num_requests_waiting", "shardlm:kv_cache_usage_perc",
+    "shardlm:prompt_tokens_total", "shardlm:generation_tokens_total",
+    "shardlm:time_to_first_token_seconds", "shardlm:time_per_output_token_seconds",
+    "shardlm:e2e_request_latency_seconds", "shardlm:num_preemptions_total",
+    "shardlm:prefix_cache_hits_total", "shardlm:worker_restarts_total",
+}
+HISTOGRAMS = {"shardlm:time_to_first_token_seconds", "shardlm:time_per_output_token_seconds",
+              "shardlm:e2e_request_latency_seconds"}
+
+
+@pytest.fixture(scope="module")
+def schemas() -> Path:
+    try:
+        return schemas_dir(REPO)
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def _ray_object(name: str) -> dict:
+    (obj,) = [d for d in load_documents(K8S / name) if d["apiVersion"].startswith("ray.io/")]
+    return obj
+
+
+def _cluster_spec(obj: dict) -> dict:
+    """The RayCluster spec: the object's own, or the one a RayJob/RayService embeds."""
+    key = {"RayCluster": None, "RayJob": "rayClusterSpec",
+           "RayService": "rayClusterConfig"}[obj["kind"]]
+    return obj["spec"][key] if key else obj["spec"]
+
+
+def _pod_specs(cluster: dict):
+    yield "head", cluster["headGroupSpec"]["template"]["spec"]
+    for group in cluster["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]["spec"]
+
+
+def _resolve_config(path: str, pod: dict, config_maps: dict[str, dict]) -> str:
+    """The text a pod sees at ``path`` when that path lies in a mounted ConfigMap."""
+    target = PurePosixPath(path)
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for container in pod["containers"]:
+        for mount in container.get("volumeMounts", []):
+            mount_path = PurePosixPath(mount["mountPath"])
+            if mount_path in target.parents and "configMap" in volumes[mount["name"]]:
+                data = config_maps[volumes[mount["name"]]["configMap"]["name"]]["data"]
+                key = str(target.relative_to(mount_path))
+                assert key in data, f"{path}: no key {key!r} in the ConfigMap at {mount_path}"
+                return data[key]
+    raise AssertionError(f"{path} is not inside a ConfigMap mounted in the pod")
+
+
+def _config_maps(name: str) -> dict[str, dict]:
+    documents = load_documents(K8S / name)
+    return {d["metadata"]["name"]: d for d in documents if d["kind"] == "ConfigMap"}
+
+
+# ---- the schema and the validator ----------------------------------------------------------
+
+def test_missing_schema_directory_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(SCHEMAS_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=SCHEMAS_ENV) as info:
+        schemas_dir(REPO)
+    assert "ray.io_rayclusters.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_manifest_validates(name, schemas):
+    documents = validate_file(K8S / name, schemas)
+    ray_objects = [d for d in documents if d["apiVersion"] == "ray.io/v1"]
+    assert [d["kind"] for d in ray_objects] == [MANIFESTS[name]]
+    assert {d["kind"] for d in documents} <= {MANIFESTS[name], "ConfigMap"}
+
+
+def _edit(obj: dict, path: tuple, *, rename: str | None = None, value=None) -> dict:
+    obj = copy.deepcopy(obj)
+    parent = obj
+    for step in path[:-1]:
+        parent = parent[step]
+    if rename is not None:
+        parent[rename] = parent.pop(path[-1])
+    else:
+        parent[path[-1]] = value
+    return obj
+
+
+MISSPELT = [
+    ("raycluster.yaml", ("spec", "headGroupSpec", "rayStartParams"), "rayStartParam",
+     "spec.headGroupSpec.rayStartParam"),
+    ("raycluster.yaml", ("spec", "workerGroupSpecs", 0, "replicas"), "replicass",
+     "spec.workerGroupSpecs[0].replicass"),
+    ("rayjob.yaml", ("spec", "shutdownAfterJobFinishes"), "shutdownAfterJobFinished",
+     "spec.shutdownAfterJobFinished"),
+    ("rayservice.yaml", ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec",
+                         "containers", 0, "resources"), "resource",
+     "spec.rayClusterConfig.workerGroupSpecs[0].template.spec.containers[0].resource"),
+]
+
+
+@pytest.mark.parametrize("name,path,new_key,where", MISSPELT, ids=[c[2] for c in MISSPELT])
+def test_misspelt_field_fails_naming_its_path(name, path, new_key, where, schemas):
+    broken = _edit(_ray_object(name), path, rename=new_key)
+    errors = validate_object(broken, schemas)
+    assert any(e.startswith(f"{where}: unknown field") for e in errors), errors
+
+
+WRONG_TYPES = [
+    ("raycluster.yaml", ("spec", "workerGroupSpecs", 0, "replicas"), "two",
+     "spec.workerGroupSpecs[0].replicas: expected integer"),
+    ("raycluster.yaml", ("spec", "headGroupSpec", "rayStartParams", "num-gpus"), 0,
+     "spec.headGroupSpec.rayStartParams.num-gpus: expected string"),
+    ("rayjob.yaml", ("spec", "shutdownAfterJobFinishes"), "yes",
+     "spec.shutdownAfterJobFinishes: expected boolean"),
+    ("rayservice.yaml", ("spec", "rayClusterConfig", "headGroupSpec", "template", "spec",
+                         "containers", 0, "ports", 0, "containerPort"), "6379",
+     "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].ports[0].containerPort: "
+     "expected integer"),
+    ("raycluster.yaml", ("spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0,
+                         "resources", "limits", "nvidia.com/gpu"), [8],
+     "spec.workerGroupSpecs[0].template.spec.containers[0].resources.limits.nvidia.com/gpu: "
+     "expected integer or string"),
+    ("raycluster.yaml", ("spec", "autoscalerOptions"), {"upscalingMode": "Fast"},
+     "spec.autoscalerOptions.upscalingMode: 'Fast' is not one of"),
+]
+
+
+@pytest.mark.parametrize("name,path,value,message", WRONG_TYPES,
+                         ids=[str(c[1][-1]) for c in WRONG_TYPES])
+def test_wrong_type_fails_naming_its_path(name, path, value, message, schemas):
+    broken = _edit(_ray_object(name), path, value=value)
+    errors = validate_object(broken, schemas)
+    assert any(e.startswith(message) for e in errors), errors
+
+
+def test_defaults_apply_before_required_and_nulls_are_pruned(schemas):
+    cluster = _ray_object("raycluster.yaml")
+    group = cluster["spec"]["workerGroupSpecs"][0]
+    del group["minReplicas"], group["maxReplicas"]  # required, but defaulted by the server
+    group["template"]["metadata"] = None  # pruned by the server: not nullable
+    assert validate_object(cluster, schemas) == []
+    del group["groupName"]  # required, no default
+    assert "spec.workerGroupSpecs[0].groupName: required field is missing" in \
+        validate_object(cluster, schemas)
+
+
+def test_validate_file_raises_with_every_error(tmp_path, schemas):
+    cluster = _edit(_ray_object("raycluster.yaml"), ("spec", "workerGroupSpecs", 0, "replicas"),
+                    value="two")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    with pytest.raises(ManifestError, match=r"spec\.workerGroupSpecs\[0\]\.replicas"):
+        validate_file(path, schemas)
+
+
+# ---- what the manifests say ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_pods_have_the_ray_and_gpu_shape(name):
+    obj = _ray_object(name)
+    cluster = _cluster_spec(obj)
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    head_container = head["template"]["spec"]["containers"][0]
+    assert {p["containerPort"] for p in head_container["ports"]} >= HEAD_PORTS
+    for kind in ("requests", "limits"):
+        assert "nvidia.com/gpu" not in head_container["resources"].get(kind, {})
+    for group in cluster["workerGroupSpecs"]:
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        requested, limit = (int(resources[k]["nvidia.com/gpu"]) for k in ("requests", "limits"))
+        assert requested == limit > 0
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for _, pod in _pod_specs(cluster):
+        shm = [v["name"] for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        for container in pod["containers"]:
+            tag = container["image"].rpartition(":")[2]
+            assert cluster["rayVersion"] in tag, f"{container['image']}: not Ray {cluster['rayVersion']}"
+            assert any(m["mountPath"] == "/dev/shm" and m["name"] in shm
+                       for m in container["volumeMounts"]), f"{container['name']} lacks /dev/shm"
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_embedded_configs_match_configs_dir_and_fit_the_cluster(name):
+    cluster = _cluster_spec(_ray_object(name))
+    gpus_per_pod = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                        ["nvidia.com/gpu"]) for g in cluster["workerGroupSpecs"]]
+    total = sum(n * g["replicas"] for n, g in zip(gpus_per_pod, cluster["workerGroupSpecs"]))
+    config_maps = _config_maps(name)
+    assert config_maps, f"{name} ships no ConfigMap"
+    for config_map in config_maps.values():
+        for key, text in config_map["data"].items():
+            shipped = REPO / "configs" / key
+            assert shipped.is_file(), f"{name}: ConfigMap key {key} is not a file in configs/"
+            config = EngineConfig.from_dict(yaml.safe_load(text))
+            assert config == EngineConfig.from_yaml(shipped), f"{key} differs from configs/{key}"
+            par = config.parallel
+            assert par.device == "cuda" and config.model.dtype == "bfloat16"
+            assert par.world_size <= total, f"{key} needs {par.world_size} GPUs, has {total}"
+            assert par.tensor_parallel_size <= max(gpus_per_pod), f"{name}: a TP group spans pods"
+
+
+def test_rayservice_serve_config_names_the_shardlm_application():
+    with warnings.catch_warnings():  # pydantic deprecation noise from Ray Serve's models
+        warnings.simplefilter("ignore")
+        from ray.serve.schema import ServeDeploySchema
+
+    service = _ray_object("rayservice.yaml")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)  # Ray Serve's own schema
+    (app,) = serve_config["applications"]
+    assert app["name"] == "shardlm"
+    assert app["import_path"] == SERVE_IMPORT_PATH
+    assert app["route_prefix"] == "/"
+    assert "shardlm" in app["runtime_env"]["pip"]
+    config_maps = _config_maps("rayservice.yaml")
+    for pod_name, pod in _pod_specs(service["spec"]["rayClusterConfig"]):
+        text = _resolve_config(app["args"]["config"], pod, config_maps)
+        config = EngineConfig.from_dict(yaml.safe_load(text))
+        assert config.parallel.tensor_parallel_size == 8, pod_name
+        assert config.model.model.startswith("/models/")
+
+
+def test_rayjob_runs_shardlm_batch_with_its_config_on_the_head():
+    job = _ray_object("rayjob.yaml")
+    spec = job["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["shardlm", "batch"]
+    options = dict(zip(argv[2::2], argv[3::2]))
+    assert set(options) >= {"--input", "--output", "--config"}
+    assert spec["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert "shardlm" in runtime_env["pip"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]  # the entrypoint runs here
+    config = EngineConfig.from_dict(yaml.safe_load(
+        _resolve_config(options["--config"], head, _config_maps("rayjob.yaml"))))
+    assert config.parallel.world_size == 8
+    mounts = {m["mountPath"]: m for m in head["containers"][0]["volumeMounts"]}
+    for flag in ("--input", "--output"):
+        parents = PurePosixPath(options[flag]).parents
+        (mount,) = [m for path, m in mounts.items() if PurePosixPath(path) in parents]
+        assert flag == "--input" or not mount.get("readOnly", False), f"{flag}: read-only mount"
+
+
+# ---- the Grafana dashboard --------------------------------------------------------------
+
+def _panels(dashboard: dict):
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # panels folded into a row
+
+
+def test_grafana_dashboard_queries_exactly_the_exported_metrics():
+    dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = list(_panels(dashboard))
+    assert len({p["id"] for p in panels}) == len(panels)
+    queried: set[str] = set()
+    exprs = []
+    for panel in panels:
+        for target in panel.get("targets", []):
+            assert (target.get("datasource") or panel["datasource"])["uid"] == "${datasource}"
+            exprs.append(target["expr"])
+            for name in re.findall(r"shardlm:[A-Za-z0-9_:]+", target["expr"]):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                queried.add(base if base in HISTOGRAMS else name)
+    assert queried - METRICS == set(), "the dashboard queries metrics shardlm does not export"
+    assert METRICS - queried == set(), "exported metrics missing from the dashboard"
+    for histogram in HISTOGRAMS:
+        for q in ("0.5", "0.9", "0.99"):
+            assert any(f"histogram_quantile({q}," in e and f"{histogram}_bucket" in e
+                       for e in exprs), \
+                f"no p{q} panel for {histogram}"
