@@ -2,7 +2,7 @@
 
 from cluster.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "connect"]
 
 
 def __getattr__(name):  # heavy imports (Ray, transformers) only when asked for
@@ -14,4 +14,8 @@ def __getattr__(name):  # heavy imports (Ray, transformers) only when asked for
         from cluster.config import EngineConfig
 
         return EngineConfig
+    if name == "connect":
+        from cluster.client import connect
+
+        return connect
     raise AttributeError(name)

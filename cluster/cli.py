@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    chaos = sub.add_parser("chaos", help="fault injection: kill or hang a worker of a running engine")
+    chaos.add_argument("action", choices=["kill-worker", "hang-worker"])
+    chaos.add_argument("--worker", required=True, help="actor name, e.g. shardlm-worker-0-1")
+    chaos.add_argument("--namespace", default="shardlm")
+    chaos.add_argument("--seconds", type=float, default=3600.0, help="hang-worker: stall length")
+    chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -119,7 +125,22 @@ def _generate(args) -> int:
     return 0
 
 
-COMMANDS = {"fetch": _fetch, "demo": _demo, "generate": _generate}
+def _chaos(args) -> int:
+    import ray
+
+    from cluster import chaos
+
+    ray.init(address=args.address, log_to_driver=False)
+    if args.action == "kill-worker":
+        pid = chaos.kill_worker(args.worker, args.namespace)
+        print(f"sent SIGKILL to {args.worker} (pid {pid})")
+    else:
+        chaos.hang_worker(args.worker, args.namespace, args.seconds)
+        print(f"{args.worker} will stall {args.seconds:.0f}s in its next step")
+    return 0
+
+
+COMMANDS = {"fetch": _fetch, "demo": _demo, "generate": _generate, "chaos": _chaos}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 The YAML files in ``configs/`` map 1:1 onto :class:`EngineConfig`: one top-level
 key per section (``model``, ``parallel``, ``cache``, ``scheduler``,
-``deployment``), each holding that dataclass's fields.
+``deployment``, ``fault``), each holding that dataclass's fields.
 """
 
 from __future__ import annotations
@@ -126,12 +126,33 @@ class DeploymentConfig:
                 _fail("deployment", key, value, "must be a non-empty name without spaces")
 
 
+@dataclass
+class FaultConfig:
+    """Failure handling: how failures are detected and how hard recovery tries."""
+
+    step_timeout_s: float = 120.0  # a step slower than this counts as a hung worker
+    max_restarts: int = 10  # restarts allowed within restart_window_s before giving up
+    restart_window_s: float = 600.0
+    recovery_timeout_s: float = 300.0  # how long one recovery waits for capacity
+    restart_backoff_s: float = 1.0  # first wait between restart attempts (doubles, max 30 s)
+    max_queued_requests: int = 1024  # new requests held while recovering; more get 503
+
+    def __post_init__(self) -> None:
+        for key in ("step_timeout_s", "restart_window_s", "recovery_timeout_s", "restart_backoff_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                _fail("fault", key, value, "must be a positive number of seconds")
+        _check_int("fault", "max_restarts", self.max_restarts, 0)
+        _check_int("fault", "max_queued_requests", self.max_queued_requests, 0)
+
+
 SECTIONS = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "deployment": DeploymentConfig,
+    "fault": FaultConfig,
 }
 
 
@@ -142,6 +163,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":

@@ -24,7 +24,7 @@ from cluster.ray_utils import connect_ray
 from cluster.sampling import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerError
 from cluster.sequence import Sequence
-from cluster.worker_group import WorkerGroup
+from cluster.supervisor import EngineFailed, Supervisor
 from layers.models import LlamaArgs
 
 log = logging.getLogger("shardlm.engine")
@@ -33,6 +33,10 @@ _U64 = (1 << 64) - 1
 
 class RequestError(ValueError):
     """A request that cannot be served as given (bad prompt or parameters)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take requests (it gave up recovering from failures)."""
 
 
 @dataclass
@@ -66,8 +70,9 @@ class Engine:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.eos_ids = _eos_ids(self.model_dir, self.hf_config, self.tokenizer)
         connect_ray(config.deployment.ray_address)
-        self.group = WorkerGroup(config, self.model_dir).start()
-        self.num_blocks = self.group.init_cache()
+        self.supervisor = Supervisor(config, self.model_dir)
+        self.group, self.num_blocks = self.supervisor.start_group()
+        self.status, self.reason = "ready", None  # "recovering" / "failed" after failures
         self.max_model_len = self._max_model_len()
         self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
@@ -93,6 +98,8 @@ class Engine:
     def add_request(self, prompt: str | None = None, params: SamplingParams | dict | None = None,
                     prompt_token_ids: list[int] | None = None, request_id: str | None = None,
                     priority: int = 0) -> str:
+        if self.status == "failed":
+            raise EngineUnavailable(f"the engine is not serving: {self.reason}")
         params = _sampling_params(params)
         ids = self._prompt_ids(prompt, prompt_token_ids)
         request_id = request_id or f"req-{next(self._request_ids)}"
@@ -159,7 +166,12 @@ class Engine:
         self.step_id += 1
         self.stats["steps"] += 1
         self.stats["mixed_steps"] += bool(out.num_prefill_tokens and out.num_decode_tokens)
-        result = self.group.execute(StepPlan(self.step_id, out.chunks).encode())
+        started = time.monotonic()
+        try:
+            result = self.group.execute(StepPlan(self.step_id, out.chunks).encode(),
+                                        timeout=self.config.fault.step_timeout_s)
+        except Exception as exc:  # a dead or hung worker: the whole gang restarts
+            return self._recover(exc, started)
         self.scheduler.commit(out)
         return [d for t in result.tokens if (d := self._on_token(t)) is not None]
 
@@ -199,6 +211,30 @@ class Engine:
         self.scheduler.finish(seq, reason)
         output.finish_reason, output.stop_reason = reason, stop_reason
         del self._by_seq[seq.seq_id]
+
+    def _recover(self, error: BaseException, step_started: float) -> list[Delta]:
+        """Restart the gang and re-queue every unfinished sequence for replay; their
+        prompt + generated tokens are prefilled again and seeded sampling goes on where
+        it was, so callers see a pause. If recovery is impossible, fail them clearly."""
+        self.status, self.reason = "recovering", f"restarting workers after: {error}"[:500]
+        try:
+            self.group, num_blocks = self.supervisor.recover(self.group, error, step_started)
+        except EngineFailed as exc:
+            self.status, self.reason = "failed", str(exc)
+            log.error("%s", exc)
+            return self._fail_all(str(exc))
+        self.scheduler.preempt_all()
+        if num_blocks != self.num_blocks:  # every block is free now: size the manager anew
+            self.num_blocks = num_blocks
+            self.block_manager = BlockManager(num_blocks, self.config.cache.block_size,
+                                              self.config.cache.enable_prefix_caching)
+            self.scheduler.bm = self.block_manager
+        self.stats["restarts"] = self.stats.get("restarts", 0) + 1
+        self.status, self.reason = "ready", None
+        return []
+
+    def _fail_all(self, why: str) -> list[Delta]:
+        return [d for seq_id in list(self._by_seq) for d in self._fail_seq(seq_id, why)]
 
     def _fail_seq(self, seq_id: int, why: str) -> list[Delta]:
         request, index = self._by_seq[seq_id]

@@ -8,6 +8,7 @@ in the deployment's namespace, so ``ray list actors`` shows who is who.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ from workers.comm import resolve_backend
 from workers.worker import Worker, WorkerSpec, decode_logits
 
 log = logging.getLogger("shardlm.worker_group")
+
+
+class StepTimeout(RuntimeError):
+    """A step did not finish within its deadline (a worker hung)."""
 
 
 class PlacementError(RuntimeError):
@@ -49,19 +54,35 @@ class WorkerGroup:
         self.backend = ""
         self.device = ""
         self.load_stats: list[dict] = []
+        self.timings: dict[str, float] = {}
 
     # ---- start -----------------------------------------------------------------------------
-    def start(self) -> "WorkerGroup":
+    def start(self, deadline: float | None = None) -> "WorkerGroup":
+        """Place, spawn, rendezvous and load. ``deadline`` (monotonic) caps the placement wait."""
         par = self.config.parallel
         self.device = self._pick_device()
         bundles = [self._bundle()] * par.world_size
+        began = time.monotonic()
         self.pg = placement_group(bundles, strategy=par.placement_strategy)
-        self._wait_for_placement(bundles)
+        timeout = par.placement_timeout_s
+        if deadline is not None:
+            timeout = max(1.0, min(timeout, deadline - began))
+        self._wait_for_placement(bundles, timeout)
+        placed = time.monotonic()
         self._spawn_actors()
         self._rendezvous()
+        joined = time.monotonic()
         self.load_stats = self.call_all("load", self.checkpoint, self._dtype())
-        log.info("worker group %s ready: %s", self.config.deployment.name, self.describe())
+        self.timings = {"placement_s": placed - began, "spawn_s": joined - placed,
+                        "load_s": time.monotonic() - joined}
+        log.info("worker group %s ready: %s", self.config.deployment.name, self.summary())
         return self
+
+    def summary(self) -> str:
+        par = self.config.parallel
+        ranks = ", ".join(f"{r.name}@{r.ip} pid {r.pid}" for r in self.ranks)
+        return (f"{len(self.ranks)} workers (tp={par.tensor_parallel_size}, "
+                f"pp={par.pipeline_parallel_size}) on {self.device} over {self.backend}: {ranks}")
 
     def _pick_device(self) -> str:
         device = self.config.parallel.device
@@ -79,8 +100,7 @@ class WorkerGroup:
             return {"GPU": 1}
         return {"CPU": self.config.parallel.cpus_per_worker}
 
-    def _wait_for_placement(self, bundles: list[dict]) -> None:
-        timeout = self.config.parallel.placement_timeout_s
+    def _wait_for_placement(self, bundles: list[dict], timeout: float) -> None:
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
         if ready:
             return
@@ -161,11 +181,28 @@ class WorkerGroup:
         self.call_all("allocate_cache", num_blocks, cache.block_size)
         return num_blocks
 
-    def execute(self, plan: bytes) -> StepResult:
-        """Send the same plan bytes to every worker; the sampling rank's answer."""
+    def execute(self, plan: bytes, timeout: float | None = None) -> StepResult:
+        """Send the same plan bytes to every worker; the sampling rank's answer.
+
+        Raises a Ray error when a worker dies, ``ray.exceptions.GetTimeoutError``
+        past ``timeout`` (a worker hung, e.g. in a collective with a dead peer)."""
         ref = ray.put(plan)
-        results = ray.get([w.execute.remote(ref) for w in self.workers])
+        refs = [w.execute.remote(ref) for w in self.workers]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:  # a hung worker: the step never finishes by itself
+            names = [self.ranks[refs.index(p)].name for p in pending]
+            raise StepTimeout(f"the step exceeded fault.step_timeout_s={timeout:.0f}s; "
+                              f"still running on {', '.join(names)}")
+        results = ray.get(refs)
         return StepResult.decode(results[self._sampler_rank()])
+
+    def describe_failure(self, error: BaseException) -> str:
+        """Which worker failed where, as far as the error tells (for the log and /health)."""
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        for info in self.ranks:
+            if info.name in str(error) or (info.pid and f"pid={info.pid}" in str(error)):
+                return f"{info.name} (pid {info.pid} on {info.ip}): {type(error).__name__}: {text[:300]}"
+        return f"{type(error).__name__}: {text[:300]}"
 
     def _sampler_rank(self) -> int:
         par = self.config.parallel

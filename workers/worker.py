@@ -58,6 +58,7 @@ class Worker:
         self.dtype = torch.float32
         self.hf_config: dict | None = None
         self.runner: ModelRunner | None = None
+        self.hang_next_step_s = 0.0  # fault injection (cluster.chaos): stall inside a step
 
     # ---- layout and rendezvous -------------------------------------------------------------
     def address(self) -> dict:
@@ -125,12 +126,19 @@ class Worker:
 
     def execute(self, plan: bytes) -> bytes | None:
         """Run one step; the sampling rank answers StepResult bytes, the others None."""
+        if self.hang_next_step_s:  # injected hang: the peers wait in their first collective
+            time.sleep(self.hang_next_step_s)
+            self.hang_next_step_s = 0.0
         result = self.runner.execute(StepPlan.decode(plan))
         return None if result is None else result.encode()
 
     # ---- health ----------------------------------------------------------------------------
     def ping(self) -> dict:
         return {"pid": os.getpid(), "rss": rss_bytes()}
+
+    def chaos_hang(self, seconds: float) -> None:
+        """Fault injection: make the next step stall for ``seconds`` (see cluster.chaos)."""
+        self.hang_next_step_s = float(seconds)
 
     def close(self) -> None:
         if self.tp_comm is not None:

@@ -1,0 +1,237 @@
+"""The engine as a long-lived service: a detached, named Ray actor.
+
+One thread owns the Engine and runs its step loop; the actor's asyncio side
+takes requests from many callers at once (the Serve app, ``connect()``
+handles in other processes) and streams their deltas back as msgpack events:
+
+- ``{"type": "delta", "index", "text", "token_ids", "finish_reason", "logprobs"}``
+- ``{"type": "final", "request_id", "prompt_tokens", "completion_tokens", "cached_tokens", "outputs"}``
+- ``{"type": "error", "kind": "bad_request" | "unavailable" | "internal", "message", "param"}``
+
+Cancelling a caller's stream aborts its request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+
+import msgpack
+import ray
+
+from cluster.config import EngineConfig
+from cluster.engine import Engine, EngineUnavailable, RequestError
+from cluster.metrics import EngineMetrics
+from cluster.service_events import delta_event, final_event
+
+log = logging.getLogger("shardlm.service")
+
+
+class EngineService:
+    """Body of the detached actor; see :func:`get_or_start_service`."""
+
+    def __init__(self, config: dict):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        self.config = EngineConfig.from_dict(config)
+        self.engine: Engine | None = None
+        self.status, self.reason = "starting", "loading the model onto the workers"
+        self.metrics = EngineMetrics(self.config.model.model)
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._started = time.time()
+        self._thread = threading.Thread(target=self._main, name="shardlm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.engine = Engine(self.config)
+        except Exception as exc:  # the service stays up to say why
+            self.status, self.reason = "failed", f"engine start failed: {exc}"
+            log.error("%s\n%s", self.reason, traceback.format_exc())
+            return
+        self.status, self.reason = "ready", None
+        log.info("engine ready: %s at tp=%d", self.config.model.model,
+                 self.config.parallel.tensor_parallel_size)
+        while True:
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                self._step()
+            self.metrics.observe_engine(self.engine)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        deltas = self.engine.step()
+        now = time.monotonic()
+        for delta in deltas:
+            request = self.engine.requests.get(delta.request_id)
+            if request is None:
+                continue
+            self._observe_token(request, now)
+            top_n = request.params.logprobs
+            self._send(delta.request_id, delta_event(delta, self.engine.tokenizer, top_n))
+            if request.finished:
+                self._finish(request, now)
+
+    def _observe_token(self, request, now: float) -> None:
+        self.metrics.generation_tokens.inc()
+        last = getattr(request, "last_token_time", None)
+        if last is None:
+            self.metrics.ttft.observe(now - request.arrival_time)
+        else:
+            self.metrics.tpot.observe(now - last)
+        request.last_token_time = now
+
+    def _finish(self, request, now: float) -> None:
+        self.metrics.e2e.observe(now - request.arrival_time)
+        output = self.engine.pop_finished(request.request_id)
+        errors = [o.error for o in output.outputs if o.error]
+        if errors:  # the engine could not finish it (e.g. it gave up recovering)
+            event = {"type": "error", "kind": "unavailable", "message": errors[0], "param": None}
+        else:
+            event = final_event(output, self.engine.tokenizer, request.params.logprobs)
+        self._send(request.request_id, event, close=True)
+
+    def _send(self, request_id: str, event: dict, close: bool = False) -> None:
+        target = self._streams.pop(request_id, None) if close else self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, event)
+
+    # ---- the actor's API -------------------------------------------------------------------
+    async def generate(self, request: bytes):
+        """Stream one request's events (msgpack bytes); see the module docstring."""
+        refusal = self._refusal()
+        if refusal is not None:
+            yield msgpack.packb(refusal)
+            return
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        admitted = loop.create_future()
+        body = msgpack.unpackb(request)
+        self._commands.put(lambda: self._admit(body, loop, events, admitted))
+        request_id = await admitted
+        if isinstance(request_id, dict):  # an error event
+            yield msgpack.packb(request_id)
+            return
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event["type"] != "delta"
+                yield msgpack.packb(event)
+        finally:
+            if not finished:  # the caller went away: free its blocks
+                self._commands.put(lambda: self.engine.abort(request_id))
+
+    def _refusal(self) -> dict | None:
+        """An 'unavailable' error when the engine cannot take this request now."""
+        status, reason = self._status()
+        if status == "failed":
+            message = f"the engine is not serving: {reason}"
+        elif status != "ready" and self._commands.qsize() >= self.config.fault.max_queued_requests:
+            message = (f"the engine is {status} ({reason}) and {self._commands.qsize()} requests "
+                       f"are already queued (fault.max_queued_requests); retry later")
+        else:
+            return None
+        return {"type": "error", "kind": "unavailable", "message": message, "param": None}
+
+    def _status(self) -> tuple[str, str | None]:
+        if self.engine is None:
+            return self.status, self.reason
+        return self.engine.status, self.engine.reason
+
+    def _admit(self, body: dict, loop, events: asyncio.Queue, admitted: asyncio.Future) -> None:
+        try:
+            prompt, ids = body.get("prompt"), body.get("prompt_token_ids")
+            if body.get("messages") is not None:
+                prompt, ids = None, self._chat_ids(body["messages"])
+            request_id = self.engine.add_request(prompt, body.get("params") or {}, ids,
+                                                 body.get("request_id"), body.get("priority") or 0)
+            self._streams[request_id] = (loop, events)
+            self.metrics.prompt_tokens.inc(len(self.engine.requests[request_id].prompt_token_ids))
+            result = request_id
+        except (RequestError, TypeError, ValueError) as exc:
+            result = {"type": "error", "kind": "bad_request", "message": str(exc), "param": None}
+        except EngineUnavailable as exc:
+            result = {"type": "error", "kind": "unavailable", "message": str(exc), "param": None}
+        except Exception as exc:  # never leave a caller waiting
+            log.exception("admission failed")
+            result = {"type": "error", "kind": "internal", "message": str(exc), "param": None}
+        loop.call_soon_threadsafe(admitted.set_result, result)
+
+    def _chat_ids(self, messages) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise RequestError("this model has no tokenizer, so no chat template")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self.engine.abort(request_id))
+
+    def health(self) -> dict:
+        status, reason = self._status()
+        return {"status": status, "reason": reason}
+
+    def metrics_text(self) -> str:
+        return self.metrics.text()
+
+    def model_info(self) -> dict:
+        return {"id": self.config.model.model, "created": int(self._started),
+                "max_model_len": self.engine.max_model_len if self.engine else None}
+
+    def recovery(self) -> dict:
+        """Timings of the last recovery (detect/placement/spawn/load/total seconds)."""
+        return dict(self.engine.supervisor.last_recovery) if self.engine else {}
+
+    def stats(self) -> dict:
+        engine = self.engine
+        if engine is None:
+            return {"status": self.status}
+        sched, bm = engine.scheduler, engine.block_manager
+        return {"status": self.status, "num_running": len(sched.running),
+                "num_waiting": len(sched.waiting), "num_free_blocks": bm.num_free_blocks,
+                "num_blocks": engine.num_blocks, "num_preemptions": sched.num_preemptions,
+                "prefix_cache_hits": bm.prefix_cache_hits, **engine.stats}
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def get_or_start_service(config: EngineConfig):
+    """The engine actor named by the config's deployment, created (detached) if absent."""
+    dep = config.deployment
+    actor = ray.remote(EngineService).options(
+        name=dep.name, namespace=dep.namespace, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_concurrency=1000)
+    return actor.remote(config.to_dict())
+
+
+def stop_service(name: str = "shardlm", namespace: str = "shardlm") -> bool:
+    try:
+        actor = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(actor, no_restart=True)
+    return True

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one engine, named like the ones users already scrape from vLLM."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name, doc):
+            return Gauge(f"shardlm:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"shardlm:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"shardlm:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting for admission.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens admitted.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.preemptions = counter("num_preemptions", "Sequences preempted (recomputed later).")
+        self.prefix_hits = counter("prefix_cache_hits", "KV blocks served from the prefix cache.")
+        self.restarts = counter("worker_restarts", "Restarts of the worker gang after a failure.")
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "Time between output tokens.",
+                              TOKEN_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
+        self._seen = {"preemptions": 0, "prefix_hits": 0, "restarts": 0}
+
+    def observe_engine(self, engine) -> None:
+        """Refresh gauges and counters derived from the engine's own bookkeeping."""
+        sched, bm = engine.scheduler, engine.block_manager
+        self.running.set(len(sched.running))
+        self.waiting.set(len(sched.waiting))
+        self.kv_usage.set(bm.usage)
+        self._advance(self.preemptions, "preemptions", sched.num_preemptions)
+        self._advance(self.prefix_hits, "prefix_hits", bm.prefix_cache_hits)
+        self._advance(self.restarts, "restarts", engine.supervisor.restarts)
+
+    def _advance(self, counter, key: str, total: int) -> None:
+        if total > self._seen[key]:
+            counter.inc(total - self._seen[key])
+        self._seen[key] = total  # a smaller total: the engine's bookkeeping was rebuilt
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()

@@ -1,0 +1,306 @@
+"""OpenAI-compatible request and response models for :mod:`cluster.serve`.
+
+Requests are strict: a field of the wrong JSON type is an error (``"5"`` is not
+an integer, ``true`` is not a number), an unknown field is an error that names
+it, and every number has the range the engine can serve. OpenAI fields that
+shardlm does not implement are accepted only with their neutral value
+(``echo: false``, ``frequency_penalty: 0``, ``logit_bias: {}``, ...), so a client
+that sends the defaults works and one that relies on the feature is told. The
+sampling extensions ``top_k``, ``min_p``, ``stop_token_ids`` and ``ignore_eos``
+are the vLLM names.
+
+Responses are the shapes the OpenAI API returns, so the ``openai`` client parses them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_CHOICES = 64  # prompts x n in one request
+MAX_STOP = 16  # stop strings in one request
+MAX_LOGPROBS = 20  # top logprobs per token
+_I32 = (1 << 31) - 1
+
+Request = ConfigDict(extra="forbid", strict=True)
+TokenId = Annotated[int, Field(ge=0, le=_I32)]
+MaxTokens = Annotated[int, Field(ge=1, le=_I32)]
+Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 64) - 1)]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+def _real(default, **bounds) -> Any:
+    return Field(default, allow_inf_nan=False, **bounds)
+
+
+class StreamOptions(BaseModel):
+    model_config = Request
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields the completions and chat endpoints share."""
+
+    model_config = Request
+    model: str = Field(description="the served model's id (see /v1/models)")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt")
+    temperature: Optional[float] = _real(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
+    top_p: Optional[float] = _real(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1, le=_I32, description="extension; -1 or 0: off")
+    min_p: Optional[float] = _real(None, ge=0.0, le=1.0, description="extension")
+    seed: Optional[Seed] = None
+    stop: Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)], None] = None
+    stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=MAX_STOP)]] = Field(
+        None, description="extension")
+    ignore_eos: bool = Field(False, description="extension")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = Field(None, description="accepted and ignored")
+    frequency_penalty: Optional[float] = _real(None, description="only 0 is supported")
+    presence_penalty: Optional[float] = _real(None, description="only 0 is supported")
+    logit_bias: Optional[dict[str, int]] = Field(None, description="only {} is supported")
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 0.0):
+            raise ValueError("penalties are not supported; only 0 is accepted")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict | None) -> dict | None:
+        if v:
+            raise ValueError("logit_bias is not supported; only {} is accepted")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> dict:
+        """The engine's SamplingParams fields (see cluster.sampling)."""
+        params = {"n": self.n, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos,
+                  "logprobs": logprobs, "seed": self.seed, "stop": self.stop,
+                  "stop_token_ids": self.stop_token_ids}
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)
+        return params
+
+
+PromptList = Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+TokenList = Annotated[list[TokenId], Field(min_length=1)]
+TokenLists = Annotated[list[TokenList], Field(min_length=1, max_length=MAX_CHOICES)]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, PromptList, TokenList, TokenLists] = Field(
+        description="a string, a list of strings, token ids, or a list of token-id lists; "
+                    "each prompt gets n choices")
+    max_tokens: Optional[MaxTokens] = Field(16, description="default 16")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS,
+                                    description="logprobs of the sampled token and the top N")
+    echo: bool = Field(False, description="only false is supported")
+    suffix: Optional[str] = Field(None, description="not supported: null only")
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_CHOICES, description="must equal n")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo=true is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @model_validator(mode="after")
+    def _choices(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported unless it equals n")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}")
+        return self
+
+    def prompts(self) -> list[tuple[str | None, list[int] | None]]:
+        """One (text, token ids) pair per prompt, exactly one of them set."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [(p, None)]
+        if all(isinstance(x, str) for x in p):
+            return [(x, None) for x in p]
+        if all(isinstance(x, int) for x in p):
+            return [(None, list(p))]
+        return [(None, list(x)) for x in p]
+
+
+class TextPart(BaseModel):
+    model_config = Request
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = Request
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, Annotated[list[TextPart], Field(min_length=1)]]
+    name: Optional[str] = Field(None, description="accepted and ignored")
+
+    def as_template_message(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Optional[MaxTokens] = Field(None, description="deprecated name of "
+                                            "max_completion_tokens")
+    max_completion_tokens: Optional[MaxTokens] = Field(
+        None, description="default: up to the model's context length")
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def max_new_tokens(self, max_model_len: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or max_model_len
+
+
+# ---- responses -----------------------------------------------------------------------------
+FinishReason = Optional[Literal["stop", "length", "abort"]]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class CompletionResponse(BaseModel):
+    """Also each event of a stream (``finish_reason`` null until the last one)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "shardlm"
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["starting", "ready", "recovering", "failed", "unavailable"]
+    reason: Optional[str] = None
