@@ -1,0 +1,485 @@
+"""The OpenAI-compatible HTTP API: a Ray Serve application with a FastAPI ingress.
+
+Each replica is a thin HTTP front: it validates requests (:mod:`cluster.openai_protocol`),
+forwards them to the engine service (the detached actor of :mod:`cluster.engine_service`,
+created on first use) and turns its events into OpenAI responses
+(:mod:`cluster.openai_format`). Routes: ``POST /v1/completions``, ``POST
+/v1/chat/completions`` (both with ``stream: true`` as server-sent events), ``GET
+/v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``, and FastAPI's
+``/openapi.json`` and ``/docs``.
+
+- API keys (``api_key``/``api_keys`` or ``$SHARDLM_API_KEY``, comma-separated) guard
+  ``/v1/*`` with ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open
+  for probes and scrapers. Without keys the API is open, and the replica logs so.
+- Bodies over ``max_body_bytes`` (default 4 MiB: a full 128K-token context as text or as
+  token ids, with room to spare) get 413 before any route reads them.
+- Errors have OpenAI's shape ``{"error": {message, type, param, code}}``: 400 bad input,
+  401 key, 404 model, 413 body, 503 (with ``Retry-After``) while the engine starts or failed.
+- A streaming client that disconnects aborts its request; its KV blocks are freed.
+
+KubeRay's ``serveConfigV2`` names ``cluster.serve:app_builder``; ``shardlm serve`` calls
+:func:`deploy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import ray
+import yaml
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from cluster.config import SECTIONS, EngineConfig
+from cluster.openai_format import (ApiError, ChatStream, CompletionStream, Meta, chat_response,
+                                   completion_response, sse, validation_error)
+from cluster.openai_protocol import (ChatCompletionChunk, ChatCompletionRequest,
+                                     ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                                     ErrorResponse, Health, ModelCard, ModelList)
+
+log = logging.getLogger("shardlm.serve")
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+MAX_DRAIN_BYTES = 64 << 20  # read (and drop) at most this much of a refused body
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+READY_TTL_S = 2.0  # a replica trusts a "ready" answer this long before asking again
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: dict  # EngineConfig.to_dict()
+    served_model_name: str
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+# ---- HTTP guard: API keys and body size, before a route reads anything ---------------------
+class Guard:
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+        self.keys = [k.encode() for k in settings.api_keys]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if self.keys and scope["path"].startswith("/v1/") and not self._authorized(headers):
+            return await _send(send, ApiError(401, "a valid API key is required: send "
+                                              "'Authorization: Bearer <key>'", code="invalid_api_key"))
+        limit = self.settings.max_body_bytes
+        try:
+            declared = int(headers.get("content-length", b"0"))
+        except ValueError:
+            return await _send(send, ApiError(400, "Content-Length is not a number"))
+        if declared > limit:
+            await _drain(receive, declared)
+            return await _send(send, _too_large(limit))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                if more:
+                    await _drain(receive, MAX_DRAIN_BYTES)
+                return await _send(send, _too_large(limit))
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def receive_again():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, receive_again, send)
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, token = headers.get("authorization", b"").partition(b" ")
+        ok = False
+        for key in self.keys:  # compare with every key, in constant time each
+            ok |= hmac.compare_digest(token.strip(), key)
+        return ok and scheme.lower() == b"bearer"
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is over the server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+async def _drain(receive, at_most: int) -> None:
+    seen = 0
+    while seen < min(at_most, MAX_DRAIN_BYTES):
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def _send(send, error: ApiError) -> None:
+    response = error.response()
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    await send({"type": "http.response.start", "status": response.status_code,
+                "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+# ---- one engine-service request ------------------------------------------------------------
+class ServiceCall:
+    """The event stream of one request to the engine service."""
+
+    def __init__(self, service, request: dict, param: str):
+        self.service, self.request_id, self.param = service, request["request_id"], param
+        self.stream = service.generate.options(num_returns="streaming").remote(msgpack.packb(request))
+        self.done = False
+
+    async def next(self) -> dict:
+        try:
+            event = msgpack.unpackb(await (await self.stream.__anext__()))
+        except StopAsyncIteration:
+            self.done = True
+            raise ApiError(500, "the engine ended the request without a result", code="internal_error")
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            self.done = True
+            raise ApiError(503, f"the engine service is unavailable: {exc}", code="engine_unavailable")
+        except ray.exceptions.RayError as exc:
+            self.done = True
+            raise ApiError(500, f"the engine failed: {exc}", code="internal_error")
+        self.done = event["type"] != "delta"
+        if event["type"] == "error":
+            raise ApiError.from_event(event, self.param)
+        return event
+
+    def cancel(self) -> None:
+        """Abort the request if it is still running (frees its KV blocks)."""
+        if not self.done:
+            self.done = True
+            ray.cancel(self.stream)
+            self.service.abort.remote(self.request_id)
+
+
+async def _final(call: ServiceCall) -> dict:
+    while (event := await call.next())["type"] != "final":
+        pass
+    return event
+
+
+# ---- the deployment ------------------------------------------------------------------------
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress()
+class OpenAIServer:
+    def __init__(self, settings: Settings):
+        from cluster.engine_service import get_or_start_service
+
+        self.settings = settings
+        self.model = settings.served_model_name
+        self.service = get_or_start_service(EngineConfig.from_dict(settings.config))
+        self._ready_at = -1e9
+        self._info: dict | None = None
+        if not settings.api_keys:
+            log.warning("no API key configured: the API is open to anyone who can reach it")
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self)
+
+    # ---- engine state ----------------------------------------------------------------------
+    async def health(self) -> dict:
+        try:
+            return await asyncio.wait_for(self.service.health.remote(), 10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            return {"status": "unavailable", "reason": f"the engine service does not answer: {exc}"}
+
+    async def require_ready(self) -> None:
+        """Requests are queued while the engine recovers; refused while it starts or failed."""
+        if time.monotonic() - self._ready_at < READY_TTL_S:
+            return
+        health = await self.health()
+        if health["status"] == "ready":
+            self._ready_at = time.monotonic()
+        elif health["status"] != "recovering":
+            raise ApiError(503, f"the engine is {health['status']}: {health.get('reason')}",
+                           code=f"engine_{health['status']}")
+
+    async def model_info(self) -> dict:
+        if self._info is None:
+            try:
+                info = await asyncio.wait_for(self.service.model_info.remote(), 10)
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+                raise ApiError(503, f"the engine service does not answer: {exc}") from exc
+            if not info.get("max_model_len"):
+                return info
+            self._info = info
+        return self._info
+
+    def check_model(self, name: str) -> None:
+        if name != self.model:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{self.model!r}", "model", "model_not_found")
+
+    # ---- generation ------------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest):
+        self.check_model(body.model)
+        await self.require_ready()
+        meta = Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
+        params = body.sampling_params(body.max_tokens or 16, body.logprobs)
+        requests = [_request(f"{meta.id}-{i}", params, prompt=text, prompt_token_ids=ids)
+                    for i, (text, ids) in enumerate(body.prompts())]
+        if body.stream:
+            return await self.stream(requests, CompletionStream(meta, body.include_usage), "prompt")
+        finals = await self.collect(requests, "prompt")
+        return JSONResponse(completion_response(meta, finals).model_dump(mode="json"))
+
+    async def chat(self, body: ChatCompletionRequest):
+        self.check_model(body.model)
+        await self.require_ready()
+        info = await self.model_info()
+        meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
+        params = body.sampling_params(body.max_new_tokens(info.get("max_model_len") or 1),
+                                      body.engine_logprobs)
+        request = _request(meta.id, params, messages=[m.as_template_message() for m in body.messages])
+        if body.stream:
+            return await self.stream([request], ChatStream(meta, body.include_usage), "messages")
+        (final,) = await self.collect([request], "messages")
+        return JSONResponse(chat_response(meta, final).model_dump(mode="json"))
+
+    async def collect(self, requests: list[dict], param: str) -> list[dict]:
+        calls = [ServiceCall(self.service, r, param) for r in requests]
+        try:
+            return list(await asyncio.gather(*(_final(c) for c in calls)))
+        finally:
+            for call in calls:
+                call.cancel()
+
+    async def stream(self, requests: list[dict], fmt: CompletionStream, param: str):
+        """Wait for every request's admission (so that a bad one is an HTTP error, not a
+        broken stream), then stream all of them as server-sent events."""
+        calls = [ServiceCall(self.service, r, param) for r in requests]
+        events: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(_pump(i, c, events)) for i, c in enumerate(calls)]
+
+        def close() -> None:
+            for task in tasks:
+                task.cancel()
+            for call in calls:
+                call.cancel()
+
+        first: list[tuple[int, dict]] = []
+        try:
+            while len({i for i, _ in first}) < len(calls):
+                i, event, error = await events.get()
+                if error is not None:
+                    raise error
+                first.append((i, event))
+        except BaseException:
+            close()
+            raise
+
+        async def body():
+            try:
+                for chunk in fmt.start():
+                    yield chunk
+                pending, finals = list(first), 0
+                while finals < len(calls):
+                    if pending:
+                        i, event = pending.pop(0)
+                    else:
+                        i, event, error = await events.get()
+                        if error is not None:
+                            yield sse(error.body())
+                            break
+                    finals += event["type"] == "final"
+                    for chunk in fmt.on_event(i, event):
+                        yield chunk
+                else:
+                    for chunk in fmt.end():
+                        yield chunk
+                yield sse("[DONE]")
+            finally:  # also when the client went away: abort what still runs
+                close()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+
+async def _pump(index: int, call: ServiceCall, events: asyncio.Queue) -> None:
+    try:
+        while True:
+            event = await call.next()
+            events.put_nowait((index, event, None))
+            if event["type"] == "final":
+                return
+    except ApiError as exc:
+        events.put_nowait((index, None, exc))
+    except Exception as exc:  # noqa: BLE001 - reported to the client, never swallowed
+        log.exception("engine stream failed")
+        events.put_nowait((index, None, ApiError(500, f"internal error: {exc}", code="internal_error")))
+
+
+def _request(request_id: str, params: dict, prompt=None, prompt_token_ids=None, messages=None) -> dict:
+    return {"request_id": request_id, "prompt": prompt, "prompt_token_ids": prompt_token_ids,
+            "messages": messages, "params": params, "priority": 0}
+
+
+# ---- routes --------------------------------------------------------------------------------
+def _streamed(model) -> dict:
+    event = {"type": "string", "description": f"server-sent events: 'data: <{model.__name__} JSON>' "
+             "lines, ending with 'data: [DONE]'"}
+    return {200: {"content": {"text/event-stream": {"schema": event}}}, **_ERRORS}
+
+
+def build_app(server: OpenAIServer) -> FastAPI:
+    app = FastAPI(title="shardlm", version="0.1.0",
+                  description="OpenAI-compatible API of a tensor-parallel shardlm engine")
+    app.add_middleware(Guard, settings=server.settings)
+    keyed = [Security(HTTPBearer(auto_error=False))] if server.settings.api_keys else []
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":
+            message = "the body is not valid JSON (or not UTF-8)"
+        return ApiError(exc.status_code, message, code="http_error").response()
+
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=keyed,
+              responses=_streamed(CompletionResponse), summary="Complete prompts")
+    async def completions(body: CompletionRequest):
+        return await server.completions(body)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=keyed,
+              responses=_streamed(ChatCompletionChunk), summary="Answer a conversation")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await server.chat(body)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=keyed, responses=_ERRORS)
+    async def list_models():
+        return ModelList(data=[await _card(server)])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=keyed,
+             responses=_ERRORS)
+    async def get_model(model: str):
+        server.check_model(model)
+        return await _card(server)
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health():
+        state = await server.health()
+        if state["status"] == "ready":
+            return Health(**state)
+        return JSONResponse(Health(**state).model_dump(), status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 503: {"model": ErrorResponse}})
+    async def metrics():
+        try:
+            text = await asyncio.wait_for(server.service.metrics_text.remote(), 10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            raise ApiError(503, f"the engine service does not answer: {exc}") from exc
+        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
+
+    return app
+
+
+async def _card(server: OpenAIServer) -> ModelCard:
+    try:
+        info = await server.model_info()
+    except ApiError:
+        info = {}
+    return ModelCard(id=server.model, created=int(info.get("created") or time.time()),
+                     max_model_len=info.get("max_model_len"))
+
+
+# ---- building and deploying ----------------------------------------------------------------
+def build(config: EngineConfig, api_keys=None, served_model_name: str | None = None,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, num_replicas: int = 1) -> serve.Application:
+    """The Serve application for ``config``; keys from ``api_keys`` plus ``$SHARDLM_API_KEY``."""
+    keys = _keys(api_keys) + _keys(os.environ.get("SHARDLM_API_KEY"))
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes={max_body_bytes!r}: must be a positive integer")
+    settings = Settings(config.to_dict(), served_model_name or config.model.model,
+                        tuple(dict.fromkeys(keys)), max_body_bytes)
+    return OpenAIServer.options(num_replicas=num_replicas).bind(settings)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Serve's application builder. ``args``: ``config`` (YAML path), any EngineConfig field
+    as an override (``model``, ``tensor_parallel_size``, ...), ``api_key``/``api_keys``,
+    ``served_model_name``, ``max_body_bytes``, ``num_replicas``. Strings from ``serve run
+    ... key=value`` are parsed as YAML scalars for non-string fields."""
+    args = dict(args or {})
+    path = args.pop("config", None)
+    keys = _keys(args.pop("api_key", None)) + _keys(args.pop("api_keys", None))
+    served = args.pop("served_model_name", None)
+    max_body = _scalar(args.pop("max_body_bytes", DEFAULT_MAX_BODY_BYTES))
+    replicas = _scalar(args.pop("num_replicas", 1))
+    config = EngineConfig.from_yaml(path) if path else EngineConfig()
+    config = config.with_overrides(**{k: _coerce(k, v) for k, v in args.items()})
+    return build(config, keys, served, max_body, replicas)
+
+
+def deploy(config: EngineConfig | str | Path, host: str = "127.0.0.1", port: int = 8000,
+           api_keys=None, blocking: bool = False, **kwargs) -> str:
+    """Start Serve's proxy on ``host:port`` and run the API there; the base URL."""
+    from cluster.ray_utils import connect_ray
+
+    config = config if isinstance(config, EngineConfig) else EngineConfig.from_yaml(config)
+    connect_ray(config.deployment.ray_address)
+    serve.start(http_options={"host": host, "port": port})
+    url = f"http://{host}:{port}/v1"
+    log.info("OpenAI API for %s at %s (%s)", config.model.model, url,
+             "API keys required" if _keys(api_keys) or os.environ.get("SHARDLM_API_KEY")
+             else "open: no API key configured")
+    serve.run(build(config, api_keys, **kwargs), name=config.deployment.name, route_prefix="/",
+              blocking=blocking)
+    return url
+
+
+def shutdown(name: str = "shardlm", namespace: str = "shardlm") -> None:
+    """Stop Serve and the engine service ``name``."""
+    from cluster.engine_service import stop_service
+
+    serve.shutdown()
+    stop_service(name, namespace)
+
+
+def _keys(value) -> list[str]:
+    if not value:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(k).strip() for k in items if str(k).strip()]
+
+
+def _scalar(value):
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+def _coerce(name: str, value):
+    """``"2"`` -> 2 for an int field; strings stay strings for string fields."""
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            if f.name == name and isinstance(value, str) and not str(f.type).startswith("str"):
+                return yaml.safe_load(value)
+    return value

@@ -1,0 +1,352 @@
+"""The OpenAI-compatible API over real HTTP: the Ray Serve application of cluster.serve in
+front of the engine service (SmolLM2-135M-Instruct at tp=2), driven by the official `openai`
+client, raw HTTP for bad inputs, and schemathesis over the app's own /openapi.json.
+Greedy text is checked against `transformers.generate` on the same checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+import openai
+import pytest
+import requests
+import torch
+
+from cluster.config import EngineConfig
+from cluster.model_store import DEFAULT_MODEL, resolve_model
+from workers.comm import find_free_port
+
+pytestmark = pytest.mark.slow
+
+NAME = "openai-e2e"  # the engine service's actor name and namespace, and the Serve app name
+API_KEY = "sk-test-4c1d"
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@dataclass
+class Server:
+    base: str  # http://127.0.0.1:PORT
+    client: openai.OpenAI
+    engine: object  # the engine service actor handle
+
+    def post(self, path: str, body=None, key: str | None = API_KEY, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers.update(kwargs.pop("headers", {}))
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        return requests.post(self.base + path, data=body, headers=headers, timeout=120, **kwargs)
+
+    def stats(self) -> dict:
+        import ray
+
+        return ray.get(self.engine.stats.remote())
+
+    def metric(self, name: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(self.base + "/metrics", timeout=30).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name)
+
+    def wait_idle(self, timeout: float = 60.0) -> dict:
+        """Stats once nothing runs or waits and every KV block is free."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            idle = (stats["num_running"] == 0 and stats["num_waiting"] == 0
+                    and stats["num_free_blocks"] == stats["num_blocks"])
+            if idle or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session):
+    import ray
+
+    from cluster.serve import deploy, shutdown
+
+    port = find_free_port("127.0.0.1")
+    config = EngineConfig().with_overrides(tensor_parallel_size=2, cpus_per_worker=0.5,
+                                           kv_cache_bytes=64 << 20, name=NAME, namespace=NAME)
+    url = deploy(config, port=port, api_keys=[API_KEY])
+    base = url.removesuffix("/v1")
+    try:
+        deadline = time.monotonic() + 600
+        while requests.get(base + "/health", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the engine did not become ready"
+            time.sleep(1)
+        engine = ray.get_actor(NAME, namespace=NAME)
+        yield Server(base, openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0), engine)
+    finally:
+        shutdown(NAME, NAME)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    import transformers
+
+    model_dir = resolve_model(DEFAULT_MODEL)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def hf_greedy(hf, ids: list[int], max_new_tokens: int) -> str:
+    tokenizer, model = hf
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+# ---- happy paths with the official client ----------------------------------------------------
+def test_health_and_models(server):
+    assert requests.get(server.base + "/health", timeout=30).json()["status"] == "ready"
+    models = server.client.models.list().data
+    assert [m.id for m in models] == [DEFAULT_MODEL]
+    assert server.client.models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
+
+
+def test_greedy_completion_matches_transformers(server, hf):
+    out = server.client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=24,
+                                           temperature=0)
+    assert out.object == "text_completion" and out.model == DEFAULT_MODEL
+    ids = hf[0](PROMPT).input_ids
+    assert out.choices[0].text == hf_greedy(hf, ids, 24)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+    chunks = list(server.client.completions.create(
+        model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == out.choices[0].finish_reason
+
+
+def test_greedy_chat_matches_transformers(server, hf):
+    out = server.client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT,
+                                                max_completion_tokens=16, temperature=0)
+    tokenizer = hf[0]
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == hf_greedy(hf, ids, 16)
+    assert "Paris" in out.choices[0].message.content
+    assert out.usage.prompt_tokens == len(ids)
+
+    stream = server.client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=CHAT, max_completion_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        out.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_max_tokens_stop_and_several_prompts(server):
+    out = server.client.completions.create(model=DEFAULT_MODEL, prompt=[PROMPT, "1, 2, 3,"],
+                                           max_tokens=5, temperature=0, n=2,
+                                           extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert out.usage.completion_tokens == 4 * 5
+    assert out.choices[0].text == out.choices[1].text  # greedy: n copies agree
+
+    full = server.client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=24,
+                                            temperature=0).choices[0].text
+    stop = full.strip().split()[2]
+    cut = server.client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=24,
+                                           temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
+
+
+def test_seed_reproduces_sampled_text(server):
+    def sample(seed):
+        return server.client.completions.create(model=DEFAULT_MODEL, prompt="Once upon a time",
+                                                max_tokens=16, temperature=0.8, seed=seed).choices[0].text
+
+    assert sample(1234) == sample(1234)
+    chat = [server.client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=CHAT, max_tokens=12, temperature=0.8, seed=7).choices[0]
+        .message.content for _ in range(2)]
+    assert chat[0] == chat[1]
+
+
+def test_logprobs(server):
+    out = server.client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=6,
+                                           temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4 and logprob <= 0
+        assert logprob == pytest.approx(max(top.values()))  # greedy took the most likely token
+
+    chat = server.client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT, max_tokens=4,
+                                                 temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+
+
+def test_64_concurrent_streams_complete_and_free_every_block(server):
+    async def one(client, i):
+        stream = await client.completions.create(
+            model=DEFAULT_MODEL, prompt=f"Story number {i}:", max_tokens=8, temperature=0.7, seed=i,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, usage = "", None
+        async for chunk in stream:
+            text += "".join(c.text for c in chunk.choices)
+            usage = chunk.usage or usage
+        return text, usage
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=API_KEY,
+                                      max_retries=0, timeout=600) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(run_all())
+    assert len(results) == 64
+    assert all(usage.completion_tokens == 8 for _, usage in results)
+    stats = server.wait_idle()
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_disconnected_stream_is_aborted(server):
+    stream = server.client.completions.create(
+        model=DEFAULT_MODEL, prompt="Count slowly:", max_tokens=1500, temperature=0, stream=True,
+        extra_body={"ignore_eos": True})
+    for _, _chunk in zip(range(3), stream):
+        pass
+    assert server.stats()["num_running"] == 1
+    stream.response.close()
+    stats = server.wait_idle(timeout=30)
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_metrics_move_after_requests(server):
+    prompt_before = server.metric("shardlm:prompt_tokens_total")
+    gen_before = server.metric("shardlm:generation_tokens_total")
+    server.client.completions.create(model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=3,
+                                     extra_body={"ignore_eos": True})
+    assert server.metric("shardlm:prompt_tokens_total") > prompt_before
+    assert server.metric("shardlm:generation_tokens_total") >= gen_before + 3
+    response = requests.get(server.base + "/metrics", timeout=30)
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+# ---- bad inputs: OpenAI-shaped errors with the right status, and the server keeps serving -----
+def _error(response: requests.Response, status: int, param: str | None = "any") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param != "any":
+        assert error["param"] == param, error
+    return error
+
+
+def _body(**overrides) -> dict:
+    return {"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 2, **overrides}
+
+
+def test_bad_inputs_get_openai_errors(server):
+    _error(server.post("/v1/completions", '{"model": "x", "prompt": '), 400)
+    assert _error(server.post("/v1/completions", _body(max_tokens="ten")), 400, "max_tokens")
+    assert _error(server.post("/v1/completions", _body(prompt={"a": 1})), 400, "prompt")
+    assert "wat" in _error(server.post("/v1/completions", _body(wat=1)), 400, "wat")["message"]
+    assert _error(server.post("/v1/completions", _body(model="gpt-4")), 404,
+                  "model")["code"] == "model_not_found"
+    _error(server.post("/v1/completions", _body(max_tokens=-1)), 400, "max_tokens")
+    _error(server.post("/v1/completions", _body(temperature=5)), 400, "temperature")
+    _error(server.post("/v1/chat/completions", {"model": DEFAULT_MODEL, "messages": []}), 400,
+           "messages")
+    _error(server.post("/v1/completions", b'{"model": "\xff\xfe", "prompt": "a"}',
+                       headers={"Content-Type": "application/json"}), 400)
+    _error(server.post("/v1/completions", "[1, 2]"), 400)
+    _error(server.post("/v1/completions", b'{"model": "a", "prompt": "' + b"x" * (10 << 20) + b'"}'),
+           413)
+
+    max_len = server.client.models.list().data[0].model_extra["max_model_len"]
+    long = server.post("/v1/completions", _body(prompt=" hello" * (max_len + 10)))
+    assert _error(long, 400, "prompt")["code"] == "context_length_exceeded"
+    assert "the prompt has" in long.json()["error"]["message"]
+    long_stream = server.post("/v1/completions", _body(prompt=" hello" * (max_len + 10), stream=True))
+    _error(long_stream, 400, "prompt")
+
+    _error(server.post("/v1/completions", _body(), key=None), 401)
+    _error(server.post("/v1/completions", _body(), key="sk-wrong"), 401)
+    assert requests.get(server.base + "/v1/models", timeout=30).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+
+    ok = server.post("/v1/completions", _body())
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_openapi_describes_every_route(server):
+    spec = requests.get(server.base + "/openapi.json", timeout=30).json()
+    paths = spec["paths"]
+    for path, method in [("/v1/completions", "post"), ("/v1/chat/completions", "post"),
+                         ("/v1/models", "get"), ("/health", "get"), ("/metrics", "get")]:
+        assert method in paths[path], path
+    body = paths["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/CompletionRequest")
+    responses = paths["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "401", "404", "413", "503"} <= set(responses)
+    assert "text/event-stream" in responses["200"]["content"]
+
+
+def test_schemathesis_finds_no_server_errors(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(server.base + "/openapi.json")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    seen: dict[str, int] = {}
+
+    def small(case) -> None:  # keep generations short: this checks handling, not the model
+        body = case.body
+        if isinstance(body, dict):
+            for key in ("max_tokens", "max_completion_tokens"):
+                if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
+                    body[key] = max(-1, min(body[key], 2))
+            if "messages" in body and "max_tokens" not in body:
+                body.setdefault("max_completion_tokens", 2)
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST" or "{" in operation.path:  # something to break
+            modes.append(schemathesis.GenerationMode.NEGATIVE)
+        for mode in modes:
+            @settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                small(case)
+                response = case.call(base_url=server.base, headers=headers, timeout=120)
+                label = f"{case.method} {case.path} {response.status_code}"
+                seen[label] = seen.get(label, 0) + 1
+                assert response.status_code < 500, f"{label}: {response.text[:500]} for {case.body!r}"
+
+            check()
+    assert any(k.startswith("POST /v1/completions 200") for k in seen), seen
+    assert any(k.startswith("POST /v1/chat/completions 400") for k in seen), seen
+    ok = server.post("/v1/completions", _body())
+    assert ok.status_code == 200, ok.text
+    assert server.wait_idle()["num_free_blocks"] == server.stats()["num_blocks"]
