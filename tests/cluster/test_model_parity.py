@@ -7,7 +7,6 @@ KV heads (more ranks than KV heads)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cluster.config import EngineConfig
 from cluster.worker_group import WorkerGroup

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from cluster import model_store
-from cluster.model_store import DEFAULT_MODEL, resolve_model, shardlm_home, unpermute_rotary
+from cluster.gguf_convert import unpermute_rotary
+from cluster.model_store import DEFAULT_MODEL, resolve_model, shardlm_home
 
 pytestmark = pytest.mark.slow
 

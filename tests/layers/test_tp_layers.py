@@ -47,7 +47,7 @@ def _rank_main(rank, tp, backend, rdv, path, queue):
 
     from layers.attention import AttnBatch
     from layers.embedding import ParallelLMHead, VocabParallelEmbedding
-    from layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+    from layers.linear import ColumnParallelLinear, RowParallelLinear
     from layers.mlp import SwiGLUMLP
     from layers.models.llama import LlamaArgs, LlamaAttention
     from layers.rotary import RopeSpec
