@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    from cluster.bench import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="throughput and latency on a seeded workload"))
     chaos = sub.add_parser("chaos", help="fault injection: kill or hang a worker of a running engine")
     chaos.add_argument("action", choices=["kill-worker", "hang-worker"])
     chaos.add_argument("--worker", required=True, help="actor name, e.g. shardlm-worker-0-1")
@@ -140,7 +143,14 @@ def _chaos(args) -> int:
     return 0
 
 
-COMMANDS = {"fetch": _fetch, "demo": _demo, "generate": _generate, "chaos": _chaos}
+def _bench(args) -> int:
+    from cluster.bench import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS = {"fetch": _fetch, "demo": _demo, "generate": _generate, "chaos": _chaos,
+            "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

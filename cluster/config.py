@@ -58,6 +58,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_layer_split: list[int] | None = None  # layers per stage; None: as even as possible
+    pipeline_depth: int | None = None  # micro-batches in flight; None: pp (1: no micro-batching)
     backend: str = "auto"  # auto: nccl on GPUs; shm within a node, gloo across nodes on CPUs
     device: str = "auto"  # auto: cuda when Ray offers GPUs, else cpu
     cpus_per_worker: float = 1.0  # CPU share of each worker's placement-group bundle on CPUs
@@ -70,6 +72,14 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _check_int("parallel", "tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("parallel", "pipeline_parallel_size", self.pipeline_parallel_size, 1)
+        split = self.pipeline_layer_split
+        if split is not None and (not isinstance(split, list) or len(split) != self.pipeline_parallel_size
+                                  or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                         for n in split)):
+            _fail("parallel", "pipeline_layer_split", split,
+                  f"must list {self.pipeline_parallel_size} positive layer counts, one per stage")
+        if self.pipeline_depth is not None:
+            _check_int("parallel", "pipeline_depth", self.pipeline_depth, 1)
         _check_choice("parallel", "backend", self.backend, BACKENDS)
         _check_choice("parallel", "device", self.device, DEVICES)
         _check_choice("parallel", "placement_strategy", self.placement_strategy,

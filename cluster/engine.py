@@ -8,6 +8,7 @@ frees its KV blocks.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -83,6 +84,10 @@ class Engine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.step_id = 0
+        par = config.parallel
+        self.depth = par.pipeline_depth or par.pipeline_parallel_size  # steps in flight at once
+        self.in_flight: collections.deque = collections.deque()  # (plan, result refs, start)
+        self._deferred_aborts: set[int] = set()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                       "mixed_steps": 0}  # mixed: prefill and decode work in one step
 
@@ -153,27 +158,51 @@ class Engine:
 
     # ---- stepping --------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight)
 
     def step(self) -> list[Delta]:
-        """One scheduler step on the workers; the deltas it produced."""
+        """Advance by one step: launch steps until the pipeline is full (one at a time
+        without pipeline parallelism), then finish the oldest; the deltas it produced."""
+        deltas: list[Delta] = []
+        while len(self.in_flight) < self.depth and self._launch(deltas):
+            pass
+        if not self.in_flight:
+            return deltas
+        out, refs, started = self.in_flight.popleft()
         try:
-            out = self.scheduler.schedule()
+            result = self.group.collect(refs, timeout=self.config.fault.step_timeout_s)
+        except Exception as exc:  # a dead or hung worker: the whole gang restarts
+            return deltas + self._recover(exc, started)
+        self.scheduler.commit(out)
+        for token in result.tokens:
+            if token.seq_id in self._deferred_aborts:  # aborted while its step was in flight
+                self._deferred_aborts.discard(token.seq_id)
+                self.scheduler.abort(token.seq_id)
+                self._by_seq.pop(token.seq_id, None)
+            elif (delta := self._on_token(token)) is not None:
+                deltas.append(delta)
+        return deltas
+
+    def _launch(self, deltas: list[Delta]) -> bool:
+        """Plan and submit one step (a micro-batch under pipelining); False if nothing to run."""
+        busy = frozenset(s.seq_id for out, _, _ in self.in_flight for s in out.seqs)
+        limit = None
+        if self.depth > 1:  # split the batch so that every stage has work
+            pending = len(self.scheduler.running) + len(self.scheduler.waiting)
+            limit = max(1, -(-pending // self.depth))
+        try:
+            out = self.scheduler.schedule(busy, limit)
         except SchedulerError as exc:  # one sequence can never fit: fail it, keep the rest
-            return self._fail_seq(exc.seq_id, str(exc))
+            deltas += self._fail_seq(exc.seq_id, str(exc))
+            return True
         if out.is_empty:
-            return []
+            return False
         self.step_id += 1
         self.stats["steps"] += 1
         self.stats["mixed_steps"] += bool(out.num_prefill_tokens and out.num_decode_tokens)
-        started = time.monotonic()
-        try:
-            result = self.group.execute(StepPlan(self.step_id, out.chunks).encode(),
-                                        timeout=self.config.fault.step_timeout_s)
-        except Exception as exc:  # a dead or hung worker: the whole gang restarts
-            return self._recover(exc, started)
-        self.scheduler.commit(out)
-        return [d for t in result.tokens if (d := self._on_token(t)) is not None]
+        refs = self.group.submit(StepPlan(self.step_id, out.chunks).encode())
+        self.in_flight.append((out, refs, time.monotonic()))
+        return True
 
     def _on_token(self, sampled: SampledToken) -> Delta | None:
         request, index = self._by_seq[sampled.seq_id]
@@ -217,6 +246,11 @@ class Engine:
         prompt + generated tokens are prefilled again and seeded sampling goes on where
         it was, so callers see a pause. If recovery is impossible, fail them clearly."""
         self.status, self.reason = "recovering", f"restarting workers after: {error}"[:500]
+        self.in_flight.clear()  # nothing of those steps was committed: replay redoes it
+        for seq_id in self._deferred_aborts:  # aborted callers are not replayed
+            self.scheduler.abort(seq_id)
+            self._by_seq.pop(seq_id, None)
+        self._deferred_aborts.clear()
         try:
             self.group, num_blocks = self.supervisor.recover(self.group, error, step_started)
         except EngineFailed as exc:
@@ -258,11 +292,15 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
+        busy = {s.seq_id for out, _, _ in self.in_flight for s in out.seqs}
         for seq, output in zip(request.seqs, request.outputs):
             if not output.finished:
+                output.finish_reason = "abort"
+                if seq.seq_id in busy:  # its blocks are freed once that step is back
+                    self._deferred_aborts.add(seq.seq_id)
+                    continue
                 self.scheduler.abort(seq.seq_id)
                 self._by_seq.pop(seq.seq_id, None)
-                output.finish_reason = "abort"
         return True
 
     def shutdown(self) -> None:

@@ -216,3 +216,76 @@ class ChatStream(CompletionStream):
         for choice in chunk["choices"]:  # OpenAI leaves unset delta fields out
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
         return sse(chunk)
+
+
+# ---- HTTP guard: API keys and body size, before a route reads anything ---------------------
+class Guard:
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+        self.keys = [k.encode() for k in settings.api_keys]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if self.keys and scope["path"].startswith("/v1/") and not self._authorized(headers):
+            return await _send(send, ApiError(401, "a valid API key is required: send "
+                                              "'Authorization: Bearer <key>'", code="invalid_api_key"))
+        limit = self.settings.max_body_bytes
+        try:
+            declared = int(headers.get("content-length", b"0"))
+        except ValueError:
+            return await _send(send, ApiError(400, "Content-Length is not a number"))
+        if declared > limit:
+            await _drain(receive, declared)
+            return await _send(send, _too_large(limit))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                if more:
+                    await _drain(receive, MAX_DRAIN_BYTES)
+                return await _send(send, _too_large(limit))
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def receive_again():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, receive_again, send)
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, token = headers.get("authorization", b"").partition(b" ")
+        ok = False
+        for key in self.keys:  # compare with every key, in constant time each
+            ok |= hmac.compare_digest(token.strip(), key)
+        return ok and scheme.lower() == b"bearer"
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is over the server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+async def _drain(receive, at_most: int) -> None:
+    seen = 0
+    while seen < min(at_most, MAX_DRAIN_BYTES):
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def _send(send, error: ApiError) -> None:
+    response = error.response()
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    await send({"type": "http.response.start", "status": response.status_code,
+                "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})

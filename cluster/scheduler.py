@@ -168,16 +168,21 @@ class Scheduler:
         else:
             out.num_decode_tokens += n
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, busy: frozenset,
+                          limit: int) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.seqs) < limit:
             seq = self.running[i]
+            if seq.seq_id in busy:  # its previous chunk is still in flight (pipelining)
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 raise RuntimeError(f"sequence {seq.seq_id} sampled a token that was neither "
                                    "appended nor finished")
             while not self.bm.ensure_slots(seq, seq.num_computed_tokens + n):
-                victim = self.running[-1]  # lowest priority, latest arrival, not yet planned
+                # lowest priority, latest arrival, not yet planned, not in flight
+                victim = [s for s in self.running[i:] if s.seq_id not in busy][-1]
                 if victim is seq and len(self.running) == 1:  # it alone cannot fit
                     need = self.bm.blocks_needed(seq.num_computed_tokens + n)
                     raise SchedulerError(
@@ -194,8 +199,9 @@ class Scheduler:
                 i += 1
         return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, limit: int) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and len(out.seqs) < limit):
             seq = self.waiting[0]
             self._check_fits(seq)  # outputs may have grown it since add()
             cached = self.bm.allocate_prefix(seq)
@@ -214,12 +220,15 @@ class Scheduler:
             self._emit(out, seq, n)
             budget -= n
 
-    def schedule(self) -> SchedulerOutput:
-        """Plan the next step (see the module docstring)."""
+    def schedule(self, busy: frozenset = frozenset(), limit: int | None = None) -> SchedulerOutput:
+        """Plan the next step (see the module docstring). Sequences whose ids are in
+        ``busy`` have a step in flight (pipeline parallelism) and are left alone; ``limit``
+        caps the sequences in this plan (a micro-batch)."""
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        limit = limit or self.max_num_seqs
+        budget = self._schedule_running(out, self.max_num_batched_tokens, busy, limit)
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out, budget, limit)
         return out
 
     def commit(self, out: SchedulerOutput) -> None:

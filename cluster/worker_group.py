@@ -7,19 +7,22 @@ in the deployment's namespace, so ``ray list actors`` shows who is who.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import msgpack
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (placement_group, placement_group_table,
+                                     remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig
 from cluster.protocol import StepResult
+from layers.partition import split_sizes
 from workers.comm import resolve_backend
 from workers.worker import Worker, WorkerSpec, decode_logits
 
@@ -39,9 +42,25 @@ class RankInfo:
     pp_rank: int
     tp_rank: int
     name: str
+    layers: list[int] = field(default_factory=list)  # [first, end) of this stage's layers
     ip: str = ""
     node_id: str = ""
     pid: int = 0
+    tp_backend: str = ""
+    pp_backend: str = ""
+
+
+def stage_layer_ranges(num_layers: int, stages: int, split: list[int] | None = None
+                       ) -> list[tuple[int, int]]:
+    """Contiguous layer ranges per pipeline stage: ``split`` counts, or as even as possible."""
+    if stages > num_layers:
+        raise ValueError(f"pipeline_parallel_size={stages} exceeds the model's {num_layers} layers")
+    counts = split or split_sizes(num_layers, stages)
+    if sum(counts) != num_layers:
+        raise ValueError(f"parallel.pipeline_layer_split={split!r} covers {sum(counts)} layers; "
+                         f"the model has {num_layers}")
+    starts = [sum(counts[:i]) for i in range(stages)]
+    return [(start, start + n) for start, n in zip(starts, counts)]
 
 
 class WorkerGroup:
@@ -80,7 +99,8 @@ class WorkerGroup:
 
     def summary(self) -> str:
         par = self.config.parallel
-        ranks = ", ".join(f"{r.name}@{r.ip} pid {r.pid}" for r in self.ranks)
+        ranks = ", ".join(f"{r.name}@{r.ip} pid {r.pid} layers {r.layers[0]}-{r.layers[1] - 1}"
+                          for r in self.ranks)
         return (f"{len(self.ranks)} workers (tp={par.tensor_parallel_size}, "
                 f"pp={par.pipeline_parallel_size}) on {self.device} over {self.backend}: {ranks}")
 
@@ -119,37 +139,59 @@ class WorkerGroup:
     def _spawn_actors(self) -> None:
         par, dep = self.config.parallel, self.config.deployment
         actor_cls = ray.remote(Worker)
+        ranges = stage_layer_ranges(self._num_layers(), par.pipeline_parallel_size,
+                                    par.pipeline_layer_split)
+        bundles = self._bundle_order()
         for rank in range(par.world_size):
             pp_rank, tp_rank = divmod(rank, par.tensor_parallel_size)
             spec = WorkerSpec(dep.name, pp_rank, tp_rank, par.tensor_parallel_size,
-                              par.pipeline_parallel_size, self.device, par.threads_per_worker)
+                              par.pipeline_parallel_size, self.device, par.threads_per_worker,
+                              ranges[pp_rank])
             options = dict(
                 name=spec.name, namespace=dep.namespace,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=rank))
+                    self.pg, placement_group_bundle_index=bundles[rank]))
             options.update({"num_gpus": 1, "num_cpus": 0} if self.device == "cuda"
                            else {"num_cpus": par.cpus_per_worker})
             self.workers.append(actor_cls.options(**options).remote(asdict(spec)))
-            self.ranks.append(RankInfo(pp_rank, tp_rank, spec.name))
+            self.ranks.append(RankInfo(pp_rank, tp_rank, spec.name, layers=list(ranges[pp_rank])))
         for info, addr in zip(self.ranks, self.call_all("address")):
             info.ip, info.node_id, info.pid = addr["ip"], addr["node_id"], addr["pid"]
 
+    def _num_layers(self) -> int:
+        config = json.loads((Path(self.checkpoint) / "config.json").read_text())
+        return config["num_hidden_layers"]
+
+    def _bundle_order(self) -> list[int]:
+        """Bundle index for each global rank: bundles grouped by node, so the TP ranks of a
+        stage (consecutive global ranks) share a node wherever the placement allows."""
+        table = placement_group_table(self.pg)
+        node_of = table.get("bundles_to_node_id") or {}
+        return sorted(range(self.config.parallel.world_size),
+                      key=lambda b: (str(node_of.get(b, "")), b))
+
     def _rendezvous(self) -> None:
-        """One TP group per pipeline stage, meeting at the node IP of its rank 0."""
+        """One TP group per stage and one pipeline group per TP rank (rank r of every stage),
+        each meeting at the node IP of its first member."""
         par = self.config.parallel
-        tp = par.tensor_parallel_size
+        tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+        groups = [("tp", list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+        if pp > 1:
+            groups += [("pp", list(range(r, tp * pp, tp))) for r in range(tp)]
         refs = []
-        for stage in range(par.pipeline_parallel_size):
-            members = list(range(stage * tp, (stage + 1) * tp))
+        for index, (kind, members) in enumerate(groups):
             leader = self.ranks[members[0]]
             same_node = len({self.ranks[r].node_id for r in members}) == 1
             backend = resolve_backend(par.backend, self.device, same_node)
             port = ray.get(self.workers[members[0]].address.remote())["port"]
-            group_id = f"shardlm-{self.config.deployment.name}-tp{stage}-{uuid.uuid4().hex[:8]}"
+            group_id = f"shardlm-{self.config.deployment.name}-{kind}{index}-{uuid.uuid4().hex[:8]}"
             refs += [self.workers[r].init_comm.remote(
-                backend, leader.ip, port, group_id, par.socket_ifname, 300.0, par.shm_slot_bytes)
-                for r in members]
-        self.backend = ",".join(sorted(set(ray.get(refs))))
+                kind, backend, leader.ip, port, group_id, par.socket_ifname, 300.0,
+                par.shm_slot_bytes) for r in members]
+            for r in members:
+                setattr(self.ranks[r], f"{kind}_backend", backend)
+        ray.get(refs)
+        self.backend = ",".join(sorted({r.tp_backend for r in self.ranks}))
 
     # ---- calls -----------------------------------------------------------------------------
     def call_all(self, method: str, *args, timeout: float | None = None) -> list:
@@ -182,12 +224,20 @@ class WorkerGroup:
         return num_blocks
 
     def execute(self, plan: bytes, timeout: float | None = None) -> StepResult:
-        """Send the same plan bytes to every worker; the sampling rank's answer.
+        """Send the same plan bytes to every worker; the sampling rank's answer."""
+        return self.collect(self.submit(plan), timeout)
 
-        Raises a Ray error when a worker dies, ``ray.exceptions.GetTimeoutError``
-        past ``timeout`` (a worker hung, e.g. in a collective with a dead peer)."""
+    def submit(self, plan: bytes) -> list:
+        """Start a step on every worker (the same plan bytes); returns its result refs.
+        Several steps may be in flight: each worker runs its steps in submission order."""
         ref = ray.put(plan)
-        refs = [w.execute.remote(ref) for w in self.workers]
+        return [w.execute.remote(ref) for w in self.workers]
+
+    def collect(self, refs: list, timeout: float | None = None) -> StepResult:
+        """The sampling rank's StepResult of a submitted step.
+
+        Raises a Ray error when a worker died, StepTimeout past ``timeout`` (a worker
+        hung, e.g. in a collective with a dead peer)."""
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         if pending:  # a hung worker: the step never finishes by itself
             names = [self.ranks[refs.index(p)].name for p in pending]
@@ -213,6 +263,8 @@ class WorkerGroup:
 
     # ---- stop ------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        """Close communicators (best effort: some workers may be dead), then kill the actors."""
+        ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=5)
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)

@@ -42,17 +42,39 @@ def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBa
     return PreparedBatch(tensor(ids), tensor(positions), attn, tensor(rows), chunks)
 
 
+def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
+              attn: AttnBatch) -> torch.Tensor | None:
+    """This pipeline stage's layers: receive hidden states from the previous stage (unless
+    first), run, hand them to the next stage (unless last). Returns the last stage's
+    final hidden states (tokens, hidden), None on the other stages."""
+    if model.is_first:
+        inputs = input_ids
+    else:  # (tokens, hidden) from rank r of the previous stage
+        inputs = torch.empty(input_ids.shape[0], model.args.hidden_size,
+                             dtype=model.dtype, device=input_ids.device)
+        pp_comm.recv(inputs, src=pp_comm.rank - 1)
+    hidden = model(inputs, positions, attn)
+    if model.is_last:
+        return hidden
+    pp_comm.send(hidden.contiguous(), dst=pp_comm.rank + 1)
+    return None
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
+                 pp_comm=None):
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.pp_comm = pp_comm
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Every rank runs the plan; TP rank 0 returns the sampled tokens, others None."""
         batch = prepare(plan, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn)  # (tokens, hidden)
+        hidden = run_stage(self.model, self.pp_comm, batch.input_ids, batch.positions, batch.attn)
+        if hidden is None:  # an earlier pipeline stage: the last one samples
+            return None
         if not batch.sample_chunks:  # same plan on every rank, so all skip together
             return StepResult(plan.step_id, [])
         logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))

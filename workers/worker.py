@@ -22,7 +22,7 @@ from layers.models import build_model
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
 from workers import kv_cache
 from workers.loader import load_shard
-from workers.model_runner import ModelRunner
+from workers.model_runner import ModelRunner, run_stage
 from cluster.protocol import StepPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,6 +39,7 @@ class WorkerSpec:
     pp_size: int
     device: str  # "cpu" or "cuda"
     threads: int = 1
+    layer_range: tuple[int, int] | None = None  # this stage's layers [first, end); None: all
 
     @property
     def name(self) -> str:
@@ -54,6 +55,7 @@ class Worker:
             torch.set_num_threads(self.spec.threads)
         self.device = torch.device("cuda", 0) if self.spec.device == "cuda" else torch.device("cpu")
         self.tp_comm: Communicator | None = None
+        self.pp_comm: Communicator | None = None  # rank r of every stage (pipeline hand-off)
         self.model = None
         self.dtype = torch.float32
         self.hf_config: dict | None = None
@@ -69,14 +71,18 @@ class Worker:
         return {"ip": ip, "node_id": ray.get_runtime_context().get_node_id(),
                 "port": find_free_port(ip), "pid": os.getpid()}
 
-    def init_comm(self, backend: str, host: str, port: int, group_id: str,
+    def init_comm(self, kind: str, backend: str, host: str, port: int, group_id: str,
                   socket_ifname: str | None = None, timeout_s: float = 300.0,
                   shm_slot_bytes: int | None = None) -> str:
+        """Join this worker's tensor-parallel (``kind="tp"``) or pipeline (``"pp"``) group."""
         set_socket_ifname(socket_ifname)
         rdv = Rendezvous(host, port, group_id)
-        self.tp_comm = create_communicator(backend, self.spec.tp_rank, self.spec.tp_size, rdv,
-                                           self.device, timeout_s, shm_slot_bytes=shm_slot_bytes)
-        return self.tp_comm.backend
+        rank, size = ((self.spec.tp_rank, self.spec.tp_size) if kind == "tp"
+                      else (self.spec.pp_rank, self.spec.pp_size))
+        comm = create_communicator(backend, rank, size, rdv, self.device, timeout_s,
+                                   shm_slot_bytes=shm_slot_bytes)
+        setattr(self, f"{kind}_comm", comm)
+        return comm.backend
 
     # ---- weights ---------------------------------------------------------------------------
     def load(self, checkpoint: str, dtype: str = "float32") -> dict:
@@ -86,7 +92,8 @@ class Worker:
         rss_before = rss_bytes()
         started = time.perf_counter()
         self.hf_config = json.loads((Path(checkpoint) / "config.json").read_text())
-        model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype])
+        layer_range = tuple(self.spec.layer_range) if self.spec.layer_range else None
+        model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype], layer_range)
         stats = load_shard(model, checkpoint)
         self.model = model.to(self.device).eval()
         return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
@@ -105,7 +112,10 @@ class Worker:
         seqs = msgpack.unpackb(request)
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(self.device)
-        hidden = self.model(ids, positions, AttnBatch([len(s) for s in seqs], [0] * len(seqs)))
+        batch = AttnBatch([len(s) for s in seqs], [0] * len(seqs))
+        hidden = run_stage(self.model, self.pp_comm, ids, positions, batch)
+        if hidden is None:  # not the last stage: handed on to the next one
+            return None
         logits = self.model.compute_logits(hidden)  # (tokens, vocab) on TP rank 0
         if logits is None:
             return None
@@ -121,7 +131,7 @@ class Worker:
     def allocate_cache(self, num_blocks: int, block_size: int) -> int:
         kv_cache.release(self.model)
         allocated = kv_cache.allocate(self.model, num_blocks, block_size, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, block_size, self.device)
+        self.runner = ModelRunner(self.model, block_size, self.device, self.pp_comm)
         return allocated
 
     def execute(self, plan: bytes) -> bytes | None:
@@ -141,9 +151,11 @@ class Worker:
         self.hang_next_step_s = float(seconds)
 
     def close(self) -> None:
-        if self.tp_comm is not None:
-            self.tp_comm.close()
-            self.tp_comm = None
+        for kind in ("tp", "pp"):
+            comm = getattr(self, f"{kind}_comm")
+            if comm is not None:
+                comm.close()
+                setattr(self, f"{kind}_comm", None)
 
 
 def rss_bytes() -> int:

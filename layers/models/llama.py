@@ -126,6 +126,7 @@ class LlamaForCausalLM(nn.Module):
                  layer_range: tuple[int, int] | None = None):
         super().__init__()
         self.args = args
+        self.dtype = dtype
         self.layer_range = layer_range or (0, args.num_layers)
         first, end = self.layer_range
         self.is_first, self.is_last = first == 0, end == args.num_layers

@@ -1,0 +1,442 @@
+"""``shardlm bench``: a fixed, seeded workload, measured side by side in one run.
+
+Workload: ``num_requests`` prompts whose lengths are drawn uniformly from
+``[prompt_len_min, prompt_len_max]`` and whose tokens are ids drawn uniformly from the
+model's vocabulary (``random.Random(seed)``; no tokenizer needed, and no two prompts share
+a prefix, so prefix caching gains nothing). Every request asks for ``output_len`` tokens,
+greedy, with ``ignore_eos``, so it yields exactly that many.
+
+Offline mode drives ``cluster.LLM``'s engine in this process: at concurrency C the first C
+requests are submitted at once and each finished request is replaced by the next (a closed
+loop; the default C is ``num_requests``: everything at once). Each step's deltas are
+timestamped when ``step()`` returns: TTFT = first token - arrival (just before
+``add_request``), TPOT = (finish - first token) / (tokens - 1). Driver overhead is the share
+of ``step()`` wall time spent outside ``group.execute`` (scheduling, plan encoding, result
+handling), timed by wrapping the group's dispatch methods and ``schedule`` for the run.
+Worker memory: the peak of the RSS each worker reports (``ping``), sampled about once a
+second between steps (a few ms each, inside the wall time), and each worker's VmHWM (lifetime peak, weight loading included) from
+``/proc`` where the worker runs on this node. KV usage peak: the block manager's usage right
+after each step's scheduling. The prefix cache is reset before every measured run.
+
+Probes (per tp, after one warm-up request): prefill of one prompt of the workload's longest
+length in one step (best of 2), against the measured matmul FLOP/s (2 x block parameters x
+prompt tokens + 2 x LM-head parameters; attention scores not counted); decode at batch 1
+(median step, 16-token prompt) against memory read bandwidth (block + LM-head weight bytes
+per token; KV reads not counted); the decode step time at batch 32 (32 sequences of 16
+prompt tokens decoding together, median step), to compare tp sizes. Ceilings and the
+transformers baseline: see ``cluster.bench_baseline``; both use the engine's total thread
+count (workers x ``threads_per_worker``). The table and the plot: ``cluster.bench_baseline``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+PROBE_PROMPT = 16  # prompt tokens of the decode probes
+
+
+@dataclass
+class BenchOptions:
+    model: str | None = None
+    config: str | None = None
+    tp: list[int] = field(default_factory=lambda: [1])
+    num_requests: int = 64
+    prompt_len: tuple[int, int] = (32, 512)
+    output_len: int = 128
+    seed: int = 0
+    max_num_seqs: int | None = None
+    concurrency: list[int] | None = None  # None: all requests at once
+    baseline: str | None = None  # "transformers"
+    baseline_batch_size: int = 16
+    probes: bool = True
+    ray_address: str | None = None
+    overrides: dict = field(default_factory=dict)  # further config fields by name
+    quiet: bool = False
+
+
+def progress(opts: BenchOptions, message: str) -> None:
+    if not opts.quiet:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def make_prompts(opts: BenchOptions, vocab_size: int) -> list[list[int]]:
+    rng = random.Random(opts.seed)
+    lo, hi = opts.prompt_len
+    return [[rng.randrange(vocab_size) for _ in range(rng.randint(lo, hi))]
+            for _ in range(opts.num_requests)]
+
+
+def percentiles(values: list[float]) -> dict | None:
+    import numpy as np
+
+    if not values:
+        return None
+    p50, p90, p99 = np.percentile(np.asarray(values, dtype=float), [50, 90, 99]).tolist()
+    return {"p50": p50, "p90": p90, "p99": p99, "mean": float(np.mean(values))}
+
+
+# ---- driving the engine -----------------------------------------------------------------
+class StepTimer:
+    """Timing instrumentation for a run, removed on exit: wraps the worker group's dispatch
+    methods (``execute``, and ``submit``/``collect`` where the engine pipelines steps; only
+    the outermost call counts) and ``scheduler.schedule``, which notes each step's prefill
+    and decode tokens and the KV usage. Re-wraps a group that recovery replaced."""
+
+    GROUP_METHODS = ("execute", "submit", "collect")
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.execute_s = 0.0  # time inside the group's dispatch methods
+        self.prefill = self.decode = 0  # tokens scheduled since the last reset()
+        self.kv_peak = 0.0
+        self._depth = 0
+
+    def __enter__(self) -> StepTimer:
+        inner = self.engine.scheduler.schedule
+
+        def schedule(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            self.kv_peak = max(self.kv_peak, self.engine.block_manager.usage)
+            self.prefill += out.num_prefill_tokens
+            self.decode += out.num_decode_tokens
+            return out
+
+        self.engine.scheduler.schedule = schedule
+        return self
+
+    def reset(self) -> None:
+        self.prefill = self.decode = 0
+        group = self.engine.group
+        for name in self.GROUP_METHODS:
+            if hasattr(group, name) and name not in vars(group):
+                setattr(group, name, self._timed(getattr(group, name)))
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            self._depth += 1
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if not self._depth:
+                    self.execute_s += time.perf_counter() - started
+        return timed
+
+    def __exit__(self, *exc) -> None:
+        vars(self.engine.scheduler).pop("schedule", None)
+        for name in self.GROUP_METHODS:
+            vars(self.engine.group).pop(name, None)
+
+
+def worker_memory(engine, peaks: dict) -> None:
+    """Fold each worker's current RSS (its ``ping``) into ``peaks`` (name -> bytes)."""
+    for info, pong in zip(engine.group.ranks, engine.group.call_all("ping", timeout=60)):
+        peaks[info.name] = max(peaks.get(info.name, 0), pong["rss"])
+
+
+def worker_vmhwm(engine) -> dict:
+    """Lifetime peak RSS (VmHWM) of the workers running on this node, from /proc."""
+    import ray
+
+    here, peaks = ray.util.get_node_ip_address(), {}
+    for info in engine.group.ranks:
+        try:
+            if info.ip == here:
+                lines = Path(f"/proc/{info.pid}/status").read_text().splitlines()
+                kb = next(int(l.split()[1]) for l in lines if l.startswith("VmHWM:"))
+                peaks[info.name] = kb * 1024
+        except (OSError, StopIteration, ValueError):
+            pass
+    return peaks
+
+
+def drive(engine, prompts: list[list[int]], output_len: int, concurrency: int,
+          opts: BenchOptions, label: str = "", sample_memory: bool = False) -> dict:
+    """Run ``prompts`` through the engine (closed loop at ``concurrency``); raw timings."""
+    from cluster.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    n = len(prompts)
+    arrival, first, finish = [0.0] * n, [None] * n, [0.0] * n
+    num_tokens, tokens, steps, ids, rss = [0] * n, [None] * n, [], {}, {}
+    engine.block_manager.reset_prefix_cache()
+    preempted_before = engine.scheduler.num_preemptions
+    submitted = done = 0
+    with StepTimer(engine) as timer:
+        try:
+            started = last_sample = last_note = time.perf_counter()
+            while done < n:
+                while submitted < n and submitted - done < concurrency:
+                    arrival[submitted] = time.perf_counter()
+                    ids[engine.add_request(prompt_token_ids=prompts[submitted], params=params)] = submitted
+                    submitted += 1
+                timer.reset()
+                inside, step_began = timer.execute_s, time.perf_counter()
+                deltas = engine.step()
+                now = time.perf_counter()
+                steps.append((now - step_began, timer.execute_s - inside, timer.prefill,
+                              timer.decode))
+                for d in deltas:
+                    i = ids[d.request_id]
+                    if d.finish_reason == "abort":
+                        raise RuntimeError(f"request {i} was aborted: the figures would be wrong")
+                    if d.token_ids and first[i] is None:
+                        first[i] = now
+                    num_tokens[i] += len(d.token_ids)
+                    if d.finish_reason:
+                        finish[i], done = now, done + 1
+                        tokens[i] = engine.pop_finished(d.request_id).outputs[0].token_ids
+                        del ids[d.request_id]
+                if sample_memory and now - last_sample >= 1.0:
+                    worker_memory(engine, rss)
+                    last_sample = time.perf_counter()
+                if label and now - last_note >= 10.0:
+                    progress(opts, f"{label}: {done}/{n} requests done, {sum(num_tokens)} tokens, "
+                                   f"{now - started:.0f} s")
+                    last_note = now
+            wall = time.perf_counter() - started
+        finally:
+            for request_id in ids:
+                engine.abort(request_id)
+    if sample_memory:
+        worker_memory(engine, rss)
+    return {"start": started, "wall_s": wall, "arrival": arrival, "first": first,
+            "finish": finish, "num_tokens": num_tokens, "tokens": tokens, "steps": steps,
+            "kv_usage_peak": timer.kv_peak, "worker_peak_rss_bytes": rss,
+            "preemptions": engine.scheduler.num_preemptions - preempted_before}
+
+
+def summarize(run: dict, prompts: list[list[int]], concurrency: int) -> dict:
+    """The figures of one run (engine or baseline) from its raw timings."""
+    n, out_tokens, wall = len(prompts), sum(run["num_tokens"]), run["wall_s"]
+    ttft = [f - a for f, a in zip(run["first"], run["arrival"])]
+    tpot = [(e - f) / (k - 1) for f, e, k in zip(run["first"], run["finish"], run["num_tokens"])
+            if k > 1]
+    point = {"concurrency": concurrency, "requests": n, "wall_s": wall,
+             "prompt_tokens": sum(map(len, prompts)), "output_tokens": out_tokens,
+             "output_tokens_per_s": out_tokens / wall, "requests_per_s": n / wall,
+             "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+             "latency_s": percentiles([e - a for e, a in zip(run["finish"], run["arrival"])])}
+    if "steps" in run:
+        step_s = sum(s[0] for s in run["steps"])
+        point |= {"steps": len(run["steps"]), "step_s": percentiles([s[0] for s in run["steps"]]),
+                  "driver_overhead_fraction": 1.0 - sum(s[1] for s in run["steps"]) / step_s,
+                  "kv_usage_peak": run["kv_usage_peak"], "preemptions": run["preemptions"],
+                  "worker_peak_rss_bytes": run["worker_peak_rss_bytes"]}
+    if "batch_size" in run:
+        point["batch_size"] = run["batch_size"]
+    return point
+
+
+# ---- per-tp runs and probes ---------------------------------------------------------------
+def _median_step(trace: dict, prefill: int, decode: int) -> float | None:
+    times = sorted(s[0] for s in trace["steps"] if s[2] == prefill and s[3] == decode)
+    return times[len(times) // 2] if times else None
+
+
+def probes(engine, opts: BenchOptions, vocab_size: int) -> dict:
+    rng = random.Random(opts.seed + 1)
+    ids = lambda k: [rng.randrange(vocab_size) for _ in range(k)]
+    cap = min(opts.prompt_len[1], engine.config.scheduler.max_num_batched_tokens,
+              engine.max_model_len - 2)
+    prefill = [_median_step(drive(engine, [ids(cap)], 1, 1, opts), cap, 0) for _ in range(2)]
+    b1 = drive(engine, [ids(PROBE_PROMPT)], 33, 1, opts)
+    batch = min(32, engine.config.scheduler.max_num_seqs)
+    b32 = drive(engine, [ids(PROBE_PROMPT) for _ in range(batch)], 9, batch, opts)
+    return {"prefill_tokens": cap, "prefill_s": min(t for t in prefill if t is not None),
+            "decode_b1_step_s": _median_step(b1, 0, 1), "decode_batch": batch,
+            "decode_batch_step_s": _median_step(b32, 0, batch)}
+
+
+def run_engine(opts: BenchOptions, tp: int, prompts_for) -> dict:
+    """Start the engine at ``tp``, warm it up, probe it, run the sweep, shut it down."""
+    from cluster.llm import LLM
+
+    overrides = dict(opts.overrides, name=f"bench-{os.getpid()}-tp{tp}")
+    if opts.max_num_seqs:
+        overrides["max_num_seqs"] = opts.max_num_seqs
+    progress(opts, f"starting the engine at tp={tp}")
+    llm = LLM(model=opts.model, tensor_parallel_size=tp, config=opts.config, **overrides)
+    engine = llm.engine
+    try:
+        par, vocab = engine.config.parallel, engine.args.vocab_size
+        if opts.prompt_len[1] + opts.output_len > engine.max_model_len:
+            raise ValueError(f"prompts of up to {opts.prompt_len[1]} tokens + {opts.output_len} output "
+                             f"tokens exceed the context ({engine.max_model_len} tokens)")
+        prompts = prompts_for(vocab)
+        drive(engine, [prompts[0][:PROBE_PROMPT]], 4, 1, opts)  # warm-up
+        result = {"engine": "shardlm", "tp": tp, "device": engine.group.device,
+                  "backend": engine.group.backend, "dtype": engine.group._dtype(),
+                  "threads": par.world_size * par.threads_per_worker,
+                  "num_kv_blocks": engine.num_blocks, "model": engine.config.model.model,
+                  "model_dir": str(engine.model_dir),
+                  "hf_config": engine.hf_config, "points": [], "tokens": {}}
+        if opts.probes:
+            progress(opts, f"tp={tp}: probes (prefill, decode at batch 1 and 32)")
+            result["probe"] = probes(engine, opts, vocab)
+        for c in opts.concurrency or [len(prompts)]:
+            label = f"shardlm tp={tp} concurrency={c}"
+            progress(opts, f"{label}: {len(prompts)} requests")
+            trace = drive(engine, prompts, opts.output_len, c, opts, label, sample_memory=True)
+            point = summarize(trace, prompts, c) | {"worker_vmhwm_bytes": worker_vmhwm(engine)}
+            result["points"].append(point)
+            result["tokens"][c] = trace["tokens"]
+            progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
+        return result
+    finally:
+        llm.shutdown()
+
+
+def run_baseline(opts: BenchOptions, model_dir: str, dtype: str, device: str, threads: int,
+                 prompts: list[list[int]], engine_tokens: dict) -> dict:
+    from cluster.bench_baseline import TransformersBaseline
+
+    progress(opts, f"transformers baseline: loading {model_dir}")
+    base = TransformersBaseline(model_dir, dtype, device)
+    base.warm_up(threads)
+    result = {"engine": "transformers", "threads": threads, "device": device, "dtype": dtype,
+              "points": []}
+    for c in opts.concurrency or [len(prompts)]:
+        label = f"transformers threads={threads} concurrency={c}"
+        progress(opts, f"{label}: {len(prompts)} requests")
+        trace = base.run(prompts, opts.output_len, opts.baseline_batch_size, c, threads,
+                         lambda m, label=label: progress(opts, f"{label}: {m}"))
+        point = summarize(trace, prompts, c)
+        mine = engine_tokens.get(c)
+        if mine:
+            point["identical_to_shardlm"] = sum(a == b for a, b in zip(mine, trace["tokens"]))
+        result["points"].append(point)
+        progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
+    return result
+
+
+# ---- the whole benchmark --------------------------------------------------------------------
+def _connect(opts: BenchOptions) -> bool:
+    """Join the given cluster, else start a private local Ray; True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def run(opts: BenchOptions) -> dict:
+    """Run the benchmark; returns every figure (what ``--json`` writes)."""
+    import ray
+
+    from cluster.bench_baseline import machine_ceilings, roofline, weight_counts
+
+    started_ray = _connect(opts)
+    load_start = os.getloadavg()
+    prompts_cache: dict[int, list] = {}
+    prompts_for = lambda v: prompts_cache.setdefault(v, make_prompts(opts, v))
+    try:
+        runs = [run_engine(opts, tp, prompts_for) for tp in opts.tp]
+        (vocab, prompts), = prompts_cache.items()
+        threads = sorted({r["threads"] for r in runs})
+        device = runs[0]["device"]
+        progress(opts, f"machine ceilings at {threads} thread(s)")
+        ceilings = {str(t): machine_ceilings(t, device) for t in threads}
+        counts = weight_counts(Path(runs[0]["model_dir"]), runs[0]["hf_config"])
+        for r in runs:
+            if "probe" in r:
+                dtype_bytes = {"float32": 4}.get(r["dtype"], 2)
+                r["roofline"] = roofline(r.pop("probe"), counts, dtype_bytes, ceilings[str(r["threads"])])
+        baselines = []
+        if opts.baseline == "transformers":
+            for t in threads:
+                mine = next(r["tokens"] for r in runs if r["threads"] == t)
+                baselines.append(run_baseline(opts, runs[0]["model_dir"], runs[0]["dtype"],
+                                              device, t, prompts, mine))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    for r in runs:
+        r.pop("tokens"), r.pop("hf_config")
+    lo, hi = opts.prompt_len
+    return {"workload": {"num_requests": opts.num_requests, "prompt_len": [lo, hi],
+                         "prompt_tokens": sum(map(len, prompts)), "output_len": opts.output_len,
+                         "seed": opts.seed, "vocab_size": vocab,
+                         "prompts": "token ids uniform over the vocabulary, lengths uniform",
+                         "concurrency": opts.concurrency or [opts.num_requests]},
+            "model": {"name": runs[0]["model"], "dir": runs[0]["model_dir"], "params": counts},
+            "machine": {"cpus": os.cpu_count(), "load_average_start": list(load_start),
+                        "load_average_end": list(os.getloadavg()), "ceilings": ceilings},
+            "shardlm": runs, "baseline": baselines, "ratios": ratios(runs, baselines)}
+
+
+def ratios(runs: list[dict], baselines: list[dict]) -> list[dict]:
+    out = []
+    for r in runs:
+        base = next((b for b in baselines if b["threads"] == r["threads"]), None)
+        for point in r["points"] if base else []:
+            other = next(p for p in base["points"] if p["concurrency"] == point["concurrency"])
+            out.append({"tp": r["tp"], "threads": r["threads"], "concurrency": point["concurrency"],
+                        "shardlm_tokens_per_s": point["output_tokens_per_s"],
+                        "baseline_tokens_per_s": other["output_tokens_per_s"],
+                        "ratio": point["output_tokens_per_s"] / other["output_tokens_per_s"]})
+    return out
+
+
+# ---- command line ---------------------------------------------------------------------------
+def _counts(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(f"{text!r}: give positive integers separated by commas")
+    return values
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    lo, hi = int(lo), int(hi or lo)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"{text!r}: give MIN-MAX with 1 <= MIN <= MAX")
+    return lo, hi
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", help="model name or local checkpoint (default: the config's)")
+    parser.add_argument("--config", help="YAML engine config (default: built-in)")
+    parser.add_argument("--tp", type=_counts, default=[1], help="tensor-parallel size(s), e.g. 1,2")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=_length_range, default=(32, 512), metavar="MIN-MAX",
+                        help="prompt lengths, uniform (default 32-512); prompts are seeded random "
+                             "token ids from the vocabulary")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens per request (ignore_eos)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, help="scheduler.max_num_seqs")
+    parser.add_argument("--concurrency", type=_counts,
+                        help="requests in flight, a sweep e.g. 1,8,32 (default: all at once)")
+    parser.add_argument("--baseline", choices=["transformers"], help="also run transformers generate")
+    parser.add_argument("--baseline-batch-size", type=int, default=16)
+    parser.add_argument("--no-probes", action="store_true", help="skip the prefill/decode probes")
+    parser.add_argument("--ray-address", help="Ray cluster to use (default: a private local Ray)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot against concurrency (matplotlib)")
+
+
+def main(args) -> int:
+    names = {f.name for f in fields(BenchOptions)}
+    opts = BenchOptions(probes=not args.no_probes,
+                        **{k: v for k, v in vars(args).items() if k in names})
+    from cluster.bench_baseline import format_report, plot
+
+    result = run(opts)
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
