@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="throughput and latency on a seeded workload"))
+    batch = sub.add_parser("batch", help="offline batch inference over a JSONL file (resumable)")
+    _engine_args(batch)
+    batch.add_argument("--input", required=True, help="JSONL: prompt | messages | prompt_token_ids, id, params")
+    batch.add_argument("--output", required=True, help="JSONL results; re-running resumes it")
     chaos = sub.add_parser("chaos", help="fault injection: kill or hang a worker of a running engine")
     chaos.add_argument("action", choices=["kill-worker", "hang-worker"])
     chaos.add_argument("--worker", required=True, help="actor name, e.g. shardlm-worker-0-1")
@@ -128,6 +132,20 @@ def _generate(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    from cluster.batch import run_batch
+    from cluster.llm import LLM
+
+    llm = LLM(config=engine_config(args))
+    try:
+        summary = run_batch(llm, args.input, args.output)
+    finally:
+        llm.shutdown()
+    print(f"{summary.total} lines: {summary.generated} generated, {summary.skipped} already done, "
+          f"{summary.errors} errors -> {args.output}")
+    return 0
+
+
 def _chaos(args) -> int:
     import ray
 
@@ -150,7 +168,7 @@ def _bench(args) -> int:
 
 
 COMMANDS = {"fetch": _fetch, "demo": _demo, "generate": _generate, "chaos": _chaos,
-            "bench": _bench}
+            "bench": _bench, "batch": _batch}
 
 if __name__ == "__main__":
     sys.exit(main())

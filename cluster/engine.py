@@ -130,6 +130,16 @@ class Engine:
         self.stats["prompt_tokens"] += len(ids)
         return request_id
 
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation rendered with the tokenizer's chat template, as token ids."""
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer, so no chat template")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise RequestError("messages must be a non-empty list of {role, content} objects")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         if (prompt is None) == (prompt_token_ids is None):
             raise RequestError("give exactly one of prompt and prompt_token_ids")

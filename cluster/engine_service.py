@@ -159,7 +159,7 @@ class EngineService:
         try:
             prompt, ids = body.get("prompt"), body.get("prompt_token_ids")
             if body.get("messages") is not None:
-                prompt, ids = None, self._chat_ids(body["messages"])
+                prompt, ids = None, self.engine.chat_token_ids(body["messages"])
             request_id = self.engine.add_request(prompt, body.get("params") or {}, ids,
                                                  body.get("request_id"), body.get("priority") or 0)
             self._streams[request_id] = (loop, events)
@@ -173,15 +173,6 @@ class EngineService:
             log.exception("admission failed")
             result = {"type": "error", "kind": "internal", "message": str(exc), "param": None}
         loop.call_soon_threadsafe(admitted.set_result, result)
-
-    def _chat_ids(self, messages) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            raise RequestError("this model has no tokenizer, so no chat template")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("messages must be a non-empty list")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(lambda: self.engine.abort(request_id))

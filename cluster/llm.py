@@ -60,12 +60,12 @@ class LLM:
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, with the chat template."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        if self.tokenizer is None:
-            raise RequestError("this checkpoint has no tokenizer, so no chat template")
-        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                   for c in conversations]
-        token_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        token_ids = [self.chat_token_ids(c) for c in conversations]
         return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params)
+
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation rendered with the tokenizer's chat template, as token ids."""
+        return self.engine.chat_token_ids(messages)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -1,6 +1,6 @@
 """The default model (SmolLM2-135M-Instruct, converted from its GGUF) through the engine:
-greedy generations equal transformers `generate` at tp=1 and tp=2 (uneven KV-head split),
-and the `shardlm generate` command answers a chat question."""
+greedy generations equal transformers `generate` at tp=1, tp=2 (uneven KV-head split),
+tp=3 and pp=2, and the `shardlm generate` command answers a chat question."""
 
 from __future__ import annotations
 
@@ -46,10 +46,11 @@ def reference(model_dir):
     return out
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_greedy_matches_transformers(ray_session, model_dir, reference, tp):
-    llm = LLM(tensor_parallel_size=tp, cpus_per_worker=0.5, kv_cache_bytes=64 << 20,
-              name=f"smollm2-tp{tp}")
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (3, 1), (1, 2)],
+                         ids=["tp1", "tp2", "tp3", "tp1-pp2"])
+def test_greedy_matches_transformers(ray_session, model_dir, reference, tp, pp):
+    llm = LLM(tensor_parallel_size=tp, pipeline_parallel_size=pp, cpus_per_worker=0.5,
+              kv_cache_bytes=64 << 20, name=f"smollm2-tp{tp}-pp{pp}")
     try:
         outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0))
     finally:

@@ -1,0 +1,95 @@
+"""`shardlm batch`: JSONL in, JSONL out, malformed lines reported by line number, resumable
+after an interruption without generating any line twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import LLM, SamplingParams
+from cluster.batch import read_done, run_batch
+from tests.checkpoints import write_tiny_checkpoint
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("batch-tiny"), seed=2)
+
+
+def _prompt(i: int) -> list[int]:
+    return [(13 * i + 7 * j) % 150 + 1 for j in range(3 + i % 9)]
+
+
+def _write_input(path: Path, n: int, bad: dict[int, str] | None = None) -> None:
+    lines = [json.dumps({"id": f"q{i}", "prompt_token_ids": _prompt(i),
+                         "params": {"max_tokens": 12, "temperature": 0}}) for i in range(n)]
+    for index, text in (bad or {}).items():
+        lines.insert(index, text)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_results_match_offline_generate_and_bad_lines_are_reported(ray_session, tiny, tmp_path):
+    _write_input(tmp_path / "in.jsonl", 6, bad={2: "{not json", 4: '{"prompt_token_ids": [1], "params": {"top_p": 7}}',
+                                                5: '{"id": "q0", "prompt_token_ids": [3]}'})
+    llm = LLM(model=str(tiny), cpus_per_worker=0.5, block_size=4, kv_cache_bytes=1 << 22, name="batch")
+    try:
+        summary = run_batch(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+        expected = llm.generate(prompt_token_ids=[_prompt(i) for i in range(6)],
+                                sampling_params=SamplingParams(max_tokens=12, temperature=0))
+    finally:
+        llm.shutdown()
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert (summary.total, summary.generated, summary.errors) == (9, 6, 3)
+    by_id = {r["id"]: r for r in rows}
+    for i, out in enumerate(expected):
+        row = by_id[f"q{i}"]
+        assert row["token_ids"] == out.outputs[0].token_ids
+        assert row["usage"] == {"prompt_tokens": len(_prompt(i)), "completion_tokens": 12,
+                                "total_tokens": len(_prompt(i)) + 12}
+    errors = {r["line"]: r["error"] for r in rows if "error" in r}
+    assert set(errors) == {3, 5, 6}
+    assert "not valid JSON" in errors[3] and "top_p" in errors[5] and "duplicate id 'q0'" in errors[6]
+
+
+def _small_config(tmp_path: Path) -> Path:
+    """Few sequences at a time, so the run is still going when it is interrupted."""
+    path = tmp_path / "small.yaml"
+    path.write_text("scheduler:\n  max_num_seqs: 2\ncache:\n  block_size: 4\n"
+                    "  kv_cache_bytes: 4194304\nparallel:\n  cpus_per_worker: 0.5\n"
+                    "deployment:\n  name: batch-resume\n")
+    return path
+
+
+def test_interrupted_run_resumes_without_generating_twice(tiny, tmp_path):
+    total = 40
+    _write_input(tmp_path / "in.jsonl", total)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "cluster.cli", "batch", "--model", str(tiny),
+           "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]
+    first = subprocess.Popen(cmd + ["--config", str(_small_config(tmp_path))], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out.exists() and len(out.read_text().splitlines()) >= 5):
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # no chance to clean up: like a lost node
+    first.wait()
+    with out.open("a") as f:
+        f.write('{"id": "q3')  # a line torn by the interruption
+    done_before = read_done(out)
+    assert 5 <= len(done_before) < total
+    second = subprocess.run(cmd + ["--config", str(_small_config(tmp_path))], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{total - len(done_before)} generated, {len(done_before)} already done" in second.stdout
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(total))  # every line exactly once
