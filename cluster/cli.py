@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="throughput and latency on a seeded workload"))
+    srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)")
+    _engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", action="append", help="required Bearer key (repeatable; "
+                     "also $SHARDLM_API_KEY); none: the API is open")
+    srv.add_argument("--served-model-name", help="the model id clients use (default: --model)")
     batch = sub.add_parser("batch", help="offline batch inference over a JSONL file (resumable)")
     _engine_args(batch)
     batch.add_argument("--input", required=True, help="JSONL: prompt | messages | prompt_token_ids, id, params")
@@ -132,6 +139,31 @@ def _generate(args) -> int:
     return 0
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(args) -> int:
+    import signal
+    import time
+
+    from cluster import serve
+
+    config = engine_config(args)
+    url = serve.deploy(config, host=args.host, port=args.port, api_keys=args.api_key,
+                       served_model_name=args.served_model_name)
+    print(f"shardlm is serving {config.model.model} at {url} (Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop` and Kubernetes send SIGTERM
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown(config.deployment.name, config.deployment.namespace)
+    return 0
+
+
 def _batch(args) -> int:
     from cluster.batch import run_batch
     from cluster.llm import LLM
@@ -168,7 +200,7 @@ def _bench(args) -> int:
 
 
 COMMANDS = {"fetch": _fetch, "demo": _demo, "generate": _generate, "chaos": _chaos,
-            "bench": _bench, "batch": _batch}
+            "bench": _bench, "batch": _batch, "serve": _serve}
 
 if __name__ == "__main__":
     sys.exit(main())
