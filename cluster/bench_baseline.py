@@ -184,6 +184,20 @@ class TransformersBaseline:
 
 
 # ---- report -------------------------------------------------------------------------------
+RUN_COLUMNS = [("engine", -16), ("tp", 2), ("thr", 3), ("conc", 4), ("wall s", 7),
+               ("out tok/s", 9), ("req/s", 6), ("TTFT p50/90/99 ms", 23),
+               ("TPOT p50/90/99 ms", 20), ("KV peak", 7), ("drv ovh", 7),
+               ("peak RSS MiB/worker", -19)]
+ROOF_COLUMNS = [("roofline", -8), ("prefill tok", 11), ("prefill s", 9), ("GFLOP/s", 7),
+                ("of matmul", 9), ("b1 ms/tok", 9), ("GB/s", 6), ("of read bw", 10),
+                ("b32 ms/step", 11), ("b32 tok/s", 9)]
+
+
+def _row(cells: list[tuple]) -> str:
+    """Cells joined by a space, each padded to its width (negative: left-aligned)."""
+    return " ".join(f"{str(c):<{-w}}" if w < 0 else f"{str(c):>{w}}" for c, w in cells).rstrip()
+
+
 def _pct(d: dict | None, scale: float, fmt: str = "{:.0f}") -> str:
     return "/".join(fmt.format(d[k] * scale) for k in ("p50", "p90", "p99")) if d else "-"
 
@@ -200,36 +214,36 @@ def format_report(result: dict) -> str:
     for c in m["ceilings"].values():
         lines.append(f"{'':<16}{c['threads']:>8}{c['matmul_flops'] / 1e9:>16.1f}"
                      f"{c['read_bytes_per_s'] / 1e9:>11.1f}{c['copy_bytes_per_s'] / 1e9:>11.1f}")
-    lines += ["", f"{'engine':<16}{'tp':>3}{'thr':>4}{'conc':>5}{'wall s':>8}{'out tok/s':>10}"
-                  f"{'req/s':>7}{'TTFT p50/90/99 ms':>22}{'TPOT p50/90/99 ms':>19}{'KV peak':>8}"
-                  f"{'drv ovh':>8}  peak RSS MiB/worker"]
+    lines += ["", _row(RUN_COLUMNS)]
     for r in result["shardlm"] + result["baseline"]:
         for p in r["points"]:
             rss = "/".join(f"{v / 2**20:.0f}" for v in p.get("worker_peak_rss_bytes", {}).values())
             name = r["engine"] + (f" b{p['batch_size']}" if "batch_size" in p else "")
-            lines.append(
-                f"{name:<16}{r.get('tp', '-'):>3}{r['threads']:>4}{p['concurrency']:>5}"
-                f"{p['wall_s']:>8.1f}{p['output_tokens_per_s']:>10.1f}{p['requests_per_s']:>7.2f}"
-                f"{_pct(p['ttft_s'], 1e3):>22}{_pct(p['tpot_s'], 1e3, '{:.1f}'):>19}"
-                + (f"{p['kv_usage_peak']:>8.0%}{p['driver_overhead_fraction']:>8.1%}  {rss or '-'}"
-                   if "steps" in p else f"  identical greedy outputs: {p.get('identical_to_shardlm', '-')}"
-                   f"/{p['requests']}"))
+            cells = [name, r.get("tp", "-"), r["threads"], p["concurrency"], f"{p['wall_s']:.1f}",
+                     f"{p['output_tokens_per_s']:.1f}", f"{p['requests_per_s']:.2f}",
+                     _pct(p["ttft_s"], 1e3), _pct(p["tpot_s"], 1e3, "{:.1f}")]
+            if "steps" in p:
+                cells += [f"{p['kv_usage_peak']:.0%}", f"{p['driver_overhead_fraction']:.1%}", rss]
+            else:
+                cells += ["-", "-", f"identical greedy outputs: {p.get('identical_to_shardlm', '-')}"
+                                    f"/{p['requests']}"]
+            lines.append(_row(list(zip(cells, [w for _, w in RUN_COLUMNS]))))
     for q in result["ratios"]:
         lines.append(f"shardlm tp={q['tp']} / transformers at {q['threads']} thread(s), concurrency "
                      f"{q['concurrency']}: {q['ratio']:.2f}x")
     roof = [r for r in result["shardlm"] if "roofline" in r]
     if roof:
-        lines += ["", f"{'roofline':<10}{'prefill tok':>12}{'prefill s':>10}{'GFLOP/s':>9}"
-                      f"{'of matmul':>10}{'b1 ms/tok':>10}{'GB/s':>7}{'of read bw':>11}"
-                      f"{'b32 ms/step':>12}{'b32 tok/s':>10}"]
+        lines += ["", _row(ROOF_COLUMNS)]
         for r in roof:
             f = r["roofline"]
-            lines.append(
-                f"{'tp=' + str(r['tp']):<10}{f['prefill_tokens']:>12}{f['prefill_s']:>10.3f}"
-                f"{f['prefill_flops_per_s'] / 1e9:>9.1f}{f['prefill_fraction_of_matmul']:>10.1%}"
-                f"{(f['decode_b1_step_s'] or 0) * 1e3:>10.1f}{f.get('decode_b1_bytes_per_s', 0) / 1e9:>7.2f}"
-                f"{f.get('decode_b1_fraction_of_read_bw', 0):>11.1%}"
-                f"{(f['decode_batch_step_s'] or 0) * 1e3:>12.1f}{f.get('decode_batch_tokens_per_s', 0):>10.1f}")
+            cells = [f"tp={r['tp']}", f["prefill_tokens"], f"{f['prefill_s']:.3f}",
+                     f"{f['prefill_flops_per_s'] / 1e9:.1f}", f"{f['prefill_fraction_of_matmul']:.1%}",
+                     f"{(f['decode_b1_step_s'] or 0) * 1e3:.1f}",
+                     f"{f.get('decode_b1_bytes_per_s', 0) / 1e9:.2f}",
+                     f"{f.get('decode_b1_fraction_of_read_bw', 0):.1%}",
+                     f"{(f['decode_batch_step_s'] or 0) * 1e3:.1f}",
+                     f"{f.get('decode_batch_tokens_per_s', 0):.1f}"]
+            lines.append(_row(list(zip(cells, [w for _, w in ROOF_COLUMNS]))))
     return "\n".join(lines)
 
 
