@@ -3,11 +3,13 @@
 The service (:mod:`cluster.engine_service`) streams ``delta`` events and ends each
 request with a ``final`` event or an ``error`` event; the functions here build the
 :mod:`cluster.openai_protocol` objects from them. A choice's index is
-``prompt_index * n + index``, as in OpenAI's API.
+``prompt_index * n + index``, as in OpenAI's API. :class:`Guard` answers API-key and
+body-size errors before a route reads the body.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from cluster.openai_protocol import (
     CompletionResponse, ErrorDetail, ErrorResponse, PromptTokensDetails, TopLogprob, Usage)
 
 RETRY_AFTER_S = 5
+MAX_DRAIN_BYTES = 64 << 20  # read (and drop) at most this much of a refused body
+OPEN_PATHS = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity
@@ -45,7 +49,7 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
     @classmethod
-    def from_event(cls, event: dict, param: str | None = None) -> "ApiError":
+    def from_event(cls, event: dict, param: str | None = None) -> ApiError:
         """An ``error`` event of the service; ``param`` names the input when the event does not."""
         kind, message = event.get("kind"), str(event.get("message") or "request failed")
         if kind == "bad_request":
@@ -67,13 +71,15 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
     if unknown:
         return ApiError(400, f"unknown field(s): {', '.join(unknown)}", unknown[0], "unknown_field")
-    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
-        return ApiError(400, "the body must be a JSON object: " + errors[0].get("msg", ""))
+    whole = [e for e in errors if tuple(e.get("loc", ())) == ("body",)]
+    if whole and whole[0].get("type") != "value_error":
+        return ApiError(400, "the body must be a JSON object: " + whole[0].get("msg", ""))
     parts, param = [], None
     for e in errors[:6]:
         loc = [str(x) for x in e.get("loc", ())[1:]]
         param = param or (loc[0] if loc else None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return ApiError(400, "; ".join(parts), param, "invalid_value")
 
 
@@ -220,18 +226,23 @@ class ChatStream(CompletionStream):
 
 # ---- HTTP guard: API keys and body size, before a route reads anything ---------------------
 class Guard:
-    def __init__(self, app, settings: Settings):
-        self.app, self.settings = app, settings
-        self.keys = [k.encode() for k in settings.api_keys]
+    """ASGI middleware: when keys are set, 401 without a valid ``Authorization: Bearer`` key
+    on every path but :data:`OPEN_PATHS` (probes, scrapers, the API's description); 413 for
+    a body over ``max_body_bytes`` (declared or actually sent)."""
+
+    def __init__(self, app, max_body_bytes: int, api_keys: tuple[str, ...] = ()):
+        self.app, self.limit = app, max_body_bytes
+        self.keys = [k.encode() for k in api_keys]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if self.keys and scope["path"].startswith("/v1/") and not self._authorized(headers):
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if self.keys and path not in OPEN_PATHS and not self._authorized(headers):
             return await _send(send, ApiError(401, "a valid API key is required: send "
                                               "'Authorization: Bearer <key>'", code="invalid_api_key"))
-        limit = self.settings.max_body_bytes
+        limit = self.limit
         try:
             declared = int(headers.get("content-length", b"0"))
         except ValueError:

@@ -14,20 +14,36 @@ Responses are the shapes the OpenAI API returns, so the ``openai`` client parses
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import models_json_schema
 
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_STOP = 16  # stop strings in one request
 MAX_LOGPROBS = 20  # top logprobs per token
 _I32 = (1 << 31) - 1
 
-Request = ConfigDict(extra="forbid", strict=True)
-TokenId = Annotated[int, Field(ge=0, le=_I32)]
-MaxTokens = Annotated[int, Field(ge=1, le=_I32)]
-Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 64) - 1)]
+STRICT = ConfigDict(extra="forbid", strict=True)  # requests: exact JSON types, no unknown fields
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema's integers include 2.0: take it as 2 (strings and booleans stay errors)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _int(lo: int, hi: int) -> Any:
+    """An integer in [lo, hi] (the bounds before the validator, so the schema shows them)."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+TokenId = _int(0, _I32)
+MaxTokens = _int(1, _I32)
+Seed = _int(-(1 << 63), (1 << 64) - 1)
+TopN = _int(0, MAX_LOGPROBS)
 StopString = Annotated[str, Field(min_length=1)]
+ZERO_OR_NULL = {"anyOf": [{"const": 0}, {"type": "null"}]}
 
 
 def _real(default, **bounds) -> Any:
@@ -35,31 +51,36 @@ def _real(default, **bounds) -> Any:
 
 
 class StreamOptions(BaseModel):
-    model_config = Request
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields the completions and chat endpoints share."""
 
-    model_config = Request
+    model_config = STRICT
     model: str = Field(description="the served model's id (see /v1/models)")
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt")
-    temperature: Optional[float] = _real(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
-    top_p: Optional[float] = _real(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=-1, le=_I32, description="extension; -1 or 0: off")
-    min_p: Optional[float] = _real(None, ge=0.0, le=1.0, description="extension")
-    seed: Optional[Seed] = None
-    stop: Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)], None] = None
-    stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=MAX_STOP)]] = Field(
+    n: _int(1, MAX_CHOICES) = Field(1, description="completions per prompt")
+    temperature: float | None = _real(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
+    top_p: float | None = _real(None, gt=0.0, le=1.0)
+    top_k: _int(-1, _I32) | None = Field(None, description="extension; -1 or 0: off")
+    min_p: float | None = _real(None, ge=0.0, le=1.0, description="extension")
+    seed: Seed | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = Field(
         None, description="extension")
     ignore_eos: bool = Field(False, description="extension")
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = Field(None, description="accepted and ignored")
-    frequency_penalty: Optional[float] = _real(None, description="only 0 is supported")
-    presence_penalty: Optional[float] = _real(None, description="only 0 is supported")
-    logit_bias: Optional[dict[str, int]] = Field(None, description="only {} is supported")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+    frequency_penalty: float | None = _real(None, description="only 0 is supported",
+                                            json_schema_extra=ZERO_OR_NULL)
+    presence_penalty: float | None = _real(None, description="only 0 is supported",
+                                           json_schema_extra=ZERO_OR_NULL)
+    logit_bias: dict[str, Int] | None = Field(None, description="only {} is supported",
+                                              json_schema_extra={"anyOf": [
+                                                  {"type": "object", "maxProperties": 0},
+                                                  {"type": "null"}]})
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -90,21 +111,23 @@ class _Sampling(BaseModel):
         return params
 
 
-PromptList = Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+PromptText = Annotated[str, Field(min_length=1)]
+PromptList = Annotated[list[PromptText], Field(min_length=1, max_length=MAX_CHOICES)]
 TokenList = Annotated[list[TokenId], Field(min_length=1)]
 TokenLists = Annotated[list[TokenList], Field(min_length=1, max_length=MAX_CHOICES)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, PromptList, TokenList, TokenLists] = Field(
+    prompt: PromptText | PromptList | TokenList | TokenLists = Field(
         description="a string, a list of strings, token ids, or a list of token-id lists; "
                     "each prompt gets n choices")
-    max_tokens: Optional[MaxTokens] = Field(16, description="default 16")
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS,
-                                    description="logprobs of the sampled token and the top N")
-    echo: bool = Field(False, description="only false is supported")
-    suffix: Optional[str] = Field(None, description="not supported: null only")
-    best_of: Optional[int] = Field(None, ge=1, le=MAX_CHOICES, description="must equal n")
+    max_tokens: MaxTokens | None = Field(16, description="default 16")
+    logprobs: TopN | None = Field(None, description="logprobs of the sampled token and the top N")
+    echo: bool = Field(False, description="only false is supported",
+                       json_schema_extra={"const": False})
+    suffix: str | None = Field(None, description="not supported: null only",
+                               json_schema_extra={"anyOf": [{"type": "null"}]})
+    best_of: _int(1, MAX_CHOICES) | None = Field(None, description="must equal n")
 
     @field_validator("echo")
     @classmethod
@@ -121,7 +144,7 @@ class CompletionRequest(_Sampling):
         return v
 
     @model_validator(mode="after")
-    def _choices(self) -> "CompletionRequest":
+    def _choices(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported unless it equals n")
         if len(self.prompts()) * self.n > MAX_CHOICES:
@@ -141,16 +164,16 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = Request
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = Request
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, Annotated[list[TextPart], Field(min_length=1)]]
-    name: Optional[str] = Field(None, description="accepted and ignored")
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = Field(None, description="accepted and ignored")
 
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(
@@ -160,15 +183,15 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Optional[MaxTokens] = Field(None, description="deprecated name of "
+    max_tokens: MaxTokens | None = Field(None, description="deprecated name of "
                                             "max_completion_tokens")
-    max_completion_tokens: Optional[MaxTokens] = Field(
+    max_completion_tokens: MaxTokens | None = Field(
         None, description="default: up to the model's context length")
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: TopN | None = None
 
     @model_validator(mode="after")
-    def _checks(self) -> "ChatCompletionRequest":
+    def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
@@ -182,7 +205,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 # ---- responses -----------------------------------------------------------------------------
-FinishReason = Optional[Literal["stop", "length", "abort"]]
+FinishReason = Literal["stop", "length", "abort"] | None
 
 
 class PromptTokensDetails(BaseModel):
@@ -193,7 +216,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: Optional[PromptTokensDetails] = None
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -206,7 +229,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -218,13 +241,13 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class ChatTokenLogprob(TopLogprob):
@@ -232,7 +255,7 @@ class ChatTokenLogprob(TopLogprob):
 
 
 class ChatLogprobs(BaseModel):
-    content: Optional[list[ChatTokenLogprob]] = None
+    content: list[ChatTokenLogprob] | None = None
 
 
 class ChatResponseMessage(BaseModel):
@@ -243,7 +266,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: Optional[ChatLogprobs] = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -257,14 +280,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: Optional[ChatLogprobs] = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
 
 
@@ -274,7 +297,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -282,7 +305,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "shardlm"
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
@@ -293,8 +316,8 @@ class ModelList(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -303,4 +326,38 @@ class ErrorResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["starting", "ready", "recovering", "failed", "unavailable"]
-    reason: Optional[str] = None
+    reason: str | None = None
+
+
+# ---- the OpenAPI description -----------------------------------------------------------------
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+def streamed_responses(model: type[BaseModel]) -> dict:
+    """FastAPI ``responses`` of a route that can stream: each server-sent event's ``data`` is
+    a ``model`` as JSON (or an error, should the engine fail mid-stream), the last one
+    ``[DONE]``. (Open API 3.1: an event-stream media type's schema describes one event.)"""
+    def event(data: dict) -> dict:
+        return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+    def json_of(name: str) -> dict:
+        return event({"type": "string", "contentMediaType": "application/json",
+                      "contentSchema": {"$ref": f"#/components/schemas/{name}"}})
+
+    schema = {"anyOf": [json_of(model.__name__), json_of("ErrorResponse"),
+                        event({"const": "[DONE]"})]}
+    return {200: {"content": {"text/event-stream": {"schema": schema}}}, **ERROR_RESPONSES}
+
+
+def finish_openapi(schema: dict, model: str) -> dict:
+    """Add the chat chunk schemas (only streams refer to them), and say which ``model`` the
+    deployment accepts (others get 404)."""
+    components = schema["components"]["schemas"]
+    if "ChatCompletionChunk" not in components:
+        _, defs = models_json_schema([(ChatCompletionChunk, "serialization")],
+                                     ref_template="#/components/schemas/{model}")
+        for name, definition in defs["$defs"].items():
+            components.setdefault(name, definition)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        components[name]["properties"]["model"]["enum"] = [model]
+    return schema

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import os
 import time
@@ -44,18 +43,17 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from cluster.config import SECTIONS, EngineConfig
-from cluster.openai_format import (ApiError, ChatStream, CompletionStream, Meta, chat_response,
+from cluster.openai_format import (ApiError, ChatStream, CompletionStream, Guard, Meta, chat_response,
                                    completion_response, sse, validation_error)
-from cluster.openai_protocol import (ChatCompletionChunk, ChatCompletionRequest,
+from cluster.openai_protocol import (ERROR_RESPONSES, ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                                     ErrorResponse, Health, ModelCard, ModelList)
+                                     ErrorResponse, Health, ModelCard, ModelList, finish_openapi,
+                                     streamed_responses)
 
 log = logging.getLogger("shardlm.serve")
 DEFAULT_MAX_BODY_BYTES = 4 << 20
-MAX_DRAIN_BYTES = 64 << 20  # read (and drop) at most this much of a refused body
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READY_TTL_S = 2.0  # a replica trusts a "ready" answer this long before asking again
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 
 
 @dataclass(frozen=True)
@@ -118,8 +116,9 @@ class OpenAIServer:
         self.service = get_or_start_service(EngineConfig.from_dict(settings.config))
         self._ready_at = -1e9
         self._info: dict | None = None
-        if not settings.api_keys:
-            log.warning("no API key configured: the API is open to anyone who can reach it")
+        if not settings.api_keys:  # Serve's logger: the line lands in the replica's log
+            logging.getLogger("ray.serve").warning(
+                "shardlm: no API key configured: the API is open to anyone who can reach it")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self)
@@ -127,9 +126,12 @@ class OpenAIServer:
     # ---- engine state ----------------------------------------------------------------------
     async def health(self) -> dict:
         try:
-            return await asyncio.wait_for(self.service.health.remote(), 10)
+            state = await asyncio.wait_for(self.service.health.remote(), 10)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
             return {"status": "unavailable", "reason": f"the engine service does not answer: {exc}"}
+        if state.get("status") not in ("starting", "ready", "recovering", "failed"):
+            return {"status": "unavailable", "reason": f"unknown engine state {state!r}"}
+        return state
 
     async def require_ready(self) -> None:
         """Requests are queued while the engine recovers; refused while it starts or failed."""
@@ -174,10 +176,11 @@ class OpenAIServer:
     async def chat(self, body: ChatCompletionRequest):
         self.check_model(body.model)
         await self.require_ready()
-        info = await self.model_info()
+        context = (await self.model_info()).get("max_model_len")
+        if not context:
+            raise ApiError(503, "the engine is not ready", code="engine_starting")
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
-        params = body.sampling_params(body.max_new_tokens(info.get("max_model_len") or 1),
-                                      body.engine_logprobs)
+        params = body.sampling_params(body.max_new_tokens(context), body.engine_logprobs)
         request = _request(meta.id, params, messages=[m.as_template_message() for m in body.messages])
         if body.stream:
             return await self.stream([request], ChatStream(meta, body.include_usage), "messages")
@@ -186,10 +189,12 @@ class OpenAIServer:
 
     async def collect(self, requests: list[dict], param: str) -> list[dict]:
         calls = [ServiceCall(self.service, r, param) for r in requests]
+        tasks = [asyncio.ensure_future(_final(c)) for c in calls]
         try:
-            return list(await asyncio.gather(*(_final(c) for c in calls)))
-        finally:
-            for call in calls:
+            return list(await asyncio.gather(*tasks))
+        finally:  # one failed, or the client went away: stop the others
+            for task, call in zip(tasks, calls):
+                task.cancel()
                 call.cancel()
 
     async def stream(self, requests: list[dict], fmt: CompletionStream, param: str):
@@ -252,7 +257,7 @@ async def _pump(index: int, call: ServiceCall, events: asyncio.Queue) -> None:
                 return
     except ApiError as exc:
         events.put_nowait((index, None, exc))
-    except Exception as exc:  # noqa: BLE001 - reported to the client, never swallowed
+    except Exception as exc:
         log.exception("engine stream failed")
         events.put_nowait((index, None, ApiError(500, f"internal error: {exc}", code="internal_error")))
 
@@ -263,16 +268,11 @@ def _request(request_id: str, params: dict, prompt=None, prompt_token_ids=None, 
 
 
 # ---- routes --------------------------------------------------------------------------------
-def _streamed(model) -> dict:
-    event = {"type": "string", "description": f"server-sent events: 'data: <{model.__name__} JSON>' "
-             "lines, ending with 'data: [DONE]'"}
-    return {200: {"content": {"text/event-stream": {"schema": event}}}, **_ERRORS}
-
-
 def build_app(server: OpenAIServer) -> FastAPI:
     app = FastAPI(title="shardlm", version="0.1.0",
                   description="OpenAI-compatible API of a tensor-parallel shardlm engine")
-    app.add_middleware(Guard, settings=server.settings)
+    app.add_middleware(Guard, max_body_bytes=server.settings.max_body_bytes,
+                       api_keys=server.settings.api_keys)
     keyed = [Security(HTTPBearer(auto_error=False))] if server.settings.api_keys else []
 
     @app.exception_handler(ApiError)
@@ -291,21 +291,21 @@ def build_app(server: OpenAIServer) -> FastAPI:
         return ApiError(exc.status_code, message, code="http_error").response()
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=keyed,
-              responses=_streamed(CompletionResponse), summary="Complete prompts")
+              responses=streamed_responses(CompletionResponse), summary="Complete prompts")
     async def completions(body: CompletionRequest):
         return await server.completions(body)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=keyed,
-              responses=_streamed(ChatCompletionChunk), summary="Answer a conversation")
+              responses=streamed_responses(ChatCompletionChunk), summary="Answer a conversation")
     async def chat_completions(body: ChatCompletionRequest):
         return await server.chat(body)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=keyed, responses=_ERRORS)
+    @app.get("/v1/models", response_model=ModelList, dependencies=keyed, responses=ERROR_RESPONSES)
     async def list_models():
         return ModelList(data=[await _card(server)])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=keyed,
-             responses=_ERRORS)
+             responses=ERROR_RESPONSES)
     async def get_model(model: str):
         server.check_model(model)
         return await _card(server)
@@ -327,6 +327,8 @@ def build_app(server: OpenAIServer) -> FastAPI:
             raise ApiError(503, f"the engine service does not answer: {exc}") from exc
         return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
 
+    generate = app.openapi
+    app.openapi = lambda: finish_openapi(generate(), server.model)
     return app
 
 

@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--numel", type=int, default=576)
     ap.add_argument("--iters", type=int, default=1000)
     args = ap.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ranks = [BenchRank.remote() for _ in range(2)]
         print(f"all_reduce of {args.numel} float32, 2 ranks, {args.iters} iterations (us)")
