@@ -173,11 +173,15 @@ class CompletionStream:
     def start(self) -> list[bytes]:
         return []
 
-    def on_event(self, prompt_index: int, event: dict) -> list[bytes]:
+    def _worth_sending(self, event: dict) -> bool:
+        """Keeps final events for the usage chunk; False for events with nothing to send."""
         if event["type"] == "final":
             self.finals.append(event)
-            return []
-        if not (event["text"] or event["finish_reason"] or event.get("logprobs")):
+            return False
+        return bool(event["text"] or event["finish_reason"] or event.get("logprobs"))
+
+    def on_event(self, prompt_index: int, event: dict) -> list[bytes]:
+        if not self._worth_sending(event):
             return []
         index = self.meta.index(prompt_index, event)
         lp = None
@@ -205,10 +209,7 @@ class ChatStream(CompletionStream):
                              for i in range(self.meta.n)])]
 
     def on_event(self, prompt_index: int, event: dict) -> list[bytes]:
-        if event["type"] == "final":
-            self.finals.append(event)
-            return []
-        if not (event["text"] or event["finish_reason"] or event.get("logprobs")):
+        if not self._worth_sending(event):
             return []
         lp = chat_logprobs(event["logprobs"]) if event.get("logprobs") is not None else None
         delta = ChatDelta(content=event["text"]) if event["text"] else ChatDelta()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.bench import BenchOptions, run
-from cluster.bench_baseline import format_report, plot
+from cluster.bench_report import format_report, plot
 from tests.checkpoints import write_tiny_checkpoint
 
 REQUESTS, OUTPUT_LEN, CONCURRENCY = 4, 8, [2, 4]

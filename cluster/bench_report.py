@@ -1,0 +1,98 @@
+"""The side-by-side report of ``shardlm bench``: a table on stdout and an optional plot."""
+
+from __future__ import annotations
+
+RUN_COLUMNS = [("engine", -16), ("tp", 2), ("thr", 3), ("conc", 4), ("wall s", 7),
+               ("out tok/s", 9), ("req/s", 6), ("TTFT p50/90/99 ms", 23),
+               ("TPOT p50/90/99 ms", 20), ("KV peak", 7), ("drv ovh", 7),
+               ("peak RSS MiB/worker", -19)]
+ROOF_COLUMNS = [("roofline", -8), ("prefill tok", 11), ("prefill s", 9), ("GFLOP/s", 7),
+                ("of matmul", 9), ("b1 ms/tok", 9), ("GB/s", 6), ("of read bw", 10),
+                ("b32 ms/step", 11), ("b32 tok/s", 9)]
+
+
+def _row(cells: list[tuple]) -> str:
+    """Cells joined by a space, each padded to its width (negative: left-aligned)."""
+    return " ".join(f"{str(c):<{-w}}" if w < 0 else f"{str(c):>{w}}" for c, w in cells).rstrip()
+
+
+def _pct(d: dict | None, scale: float, fmt: str = "{:.0f}") -> str:
+    return "/".join(fmt.format(d[k] * scale) for k in ("p50", "p90", "p99")) if d else "-"
+
+
+def format_report(result: dict) -> str:
+    w, m = result["workload"], result["machine"]
+    lines = [f"workload: {w['num_requests']} requests, prompts {w['prompt_len'][0]}-{w['prompt_len'][1]} "
+             f"tokens ({w['prompt_tokens']} in all; {w['prompts']}, seed {w['seed']}), "
+             f"{w['output_len']} output tokens each (greedy, ignore_eos)",
+             f"model: {result['model']['dir']} ({result['model']['params']['total'] / 1e6:.1f} M params)",
+             f"machine: {m['cpus']} CPUs, load average {m['load_average_start'][0]:.2f} at start, "
+             f"{m['load_average_end'][0]:.2f} at end",
+             "", f"{'ceilings':<16}{'threads':>8}{'matmul GFLOP/s':>16}{'read GB/s':>11}{'copy GB/s':>11}"]
+    for c in m["ceilings"].values():
+        lines.append(f"{'':<16}{c['threads']:>8}{c['matmul_flops'] / 1e9:>16.1f}"
+                     f"{c['read_bytes_per_s'] / 1e9:>11.1f}{c['copy_bytes_per_s'] / 1e9:>11.1f}")
+    lines += ["", _row(RUN_COLUMNS)]
+    for r in result["shardlm"] + result["baseline"]:
+        for p in r["points"]:
+            rss = "/".join(f"{v / 2**20:.0f}" for v in p.get("worker_peak_rss_bytes", {}).values())
+            name = r["engine"] + (f" b{p['batch_size']}" if "batch_size" in p else "")
+            cells = [name, r.get("tp", "-"), r["threads"], p["concurrency"], f"{p['wall_s']:.1f}",
+                     f"{p['output_tokens_per_s']:.1f}", f"{p['requests_per_s']:.2f}",
+                     _pct(p["ttft_s"], 1e3), _pct(p["tpot_s"], 1e3, "{:.1f}")]
+            if "steps" in p:
+                cells += [f"{p['kv_usage_peak']:.0%}", f"{p['driver_overhead_fraction']:.1%}", rss]
+            else:
+                cells += ["-", "-", f"identical greedy outputs: {p.get('identical_to_shardlm', '-')}"
+                                    f"/{p['requests']}"]
+            lines.append(_row(list(zip(cells, [w for _, w in RUN_COLUMNS]))))
+    for q in result["ratios"]:
+        lines.append(f"shardlm tp={q['tp']} / transformers at {q['threads']} thread(s), concurrency "
+                     f"{q['concurrency']}: {q['ratio']:.2f}x")
+    roof = [r for r in result["shardlm"] if "roofline" in r]
+    if roof:
+        lines += ["", _row(ROOF_COLUMNS)]
+        for r in roof:
+            f = r["roofline"]
+            cells = [f"tp={r['tp']}", f["prefill_tokens"], f"{f['prefill_s']:.3f}",
+                     f"{f['prefill_flops_per_s'] / 1e9:.1f}", f"{f['prefill_fraction_of_matmul']:.1%}",
+                     f"{(f['decode_b1_step_s'] or 0) * 1e3:.1f}",
+                     f"{f.get('decode_b1_bytes_per_s', 0) / 1e9:.2f}",
+                     f"{f.get('decode_b1_fraction_of_read_bw', 0):.1%}",
+                     f"{(f['decode_batch_step_s'] or 0) * 1e3:.1f}",
+                     f"{f.get('decode_batch_tokens_per_s', 0):.1f}"]
+            lines.append(_row(list(zip(cells, [w for _, w in ROOF_COLUMNS]))))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Throughput, TTFT and TPOT percentiles against concurrency, shardlm beside the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    series = [(f"shardlm tp={r['tp']}", r) for r in result["shardlm"]]
+    series += [(f"transformers {r['threads']} thr", r) for r in result["baseline"]]
+    for i, (name, r) in enumerate(series):
+        color = f"C{i}"
+        conc = [p["concurrency"] for p in r["points"]]
+        axes[0].plot(conc, [p["output_tokens_per_s"] for p in r["points"]], "o-", color=color, label=name)
+        for ax, key in ((axes[1], "ttft_s"), (axes[2], "tpot_s")):
+            for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+                ax.plot(conc, [p[key][q] * 1e3 if p[key] else float("nan") for p in r["points"]],
+                        style, color=color, label=f"{name} {q}")
+    titles = ("output tokens/s", "TTFT ms (p50 - / p90 -- / p99 :)", "TPOT ms (p50 - / p90 -- / p99 :)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    w = result["workload"]
+    fig.suptitle(f"{w['num_requests']} requests, prompts {w['prompt_len'][0]}-{w['prompt_len'][1]}, "
+                 f"{w['output_len']} output tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
