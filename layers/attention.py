@@ -75,11 +75,12 @@ class Attention(nn.Module):
 
     def _gather(self, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``length`` cached tokens of each listed sequence."""
-        block_size = self.kv_cache.shape[2]
-        blocks = block_tables[:, :-(-length // block_size)]  # (seqs, needed_blocks)
-        kv = self.kv_cache[:, blocks]  # (2, seqs, needed_blocks, block_size, num_kv, hd)
-        kv = kv.flatten(2, 3)[:, :, :length]  # (2, seqs, length, num_kv, hd)
-        return kv[0], kv[1]
+        _, _, block_size, num_kv, hd = self.kv_cache.shape
+        needed = -(-length // block_size)
+        blocks = block_tables[:, :needed].reshape(-1)  # (seqs * needed,)
+        rows = self.kv_cache.flatten(2).index_select(1, blocks)  # (2, seqs * needed, bs * kv * hd)
+        kv = rows.view(2, block_tables.shape[0], needed * block_size, num_kv, hd)[:, :, :length]
+        return kv[0], kv[1]  # each (seqs, length, num_kv, hd)
 
     def _paged_decode(self, q: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         # one new token per sequence: pad every context to the longest, mask the padding
