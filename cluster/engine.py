@@ -88,6 +88,7 @@ class Engine:
         self.depth = par.pipeline_depth or par.pipeline_parallel_size  # steps in flight at once
         self.in_flight: collections.deque = collections.deque()  # (plan, result refs, start)
         self._deferred_aborts: set[int] = set()
+        self._recovered_at: float | None = None  # to time the replay after a recovery
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                       "mixed_steps": 0}  # mixed: prefill and decode work in one step
 
@@ -184,6 +185,12 @@ class Engine:
         except Exception as exc:  # a dead or hung worker: the whole gang restarts
             return deltas + self._recover(exc, started)
         self.scheduler.commit(out)
+        if self._recovered_at is not None and result.tokens:  # the first token after a recovery
+            recovery = self.supervisor.last_recovery
+            recovery["replay_s"] = time.monotonic() - self._recovered_at
+            recovery["failure_to_first_token_s"] = (recovery["detect_s"] + recovery["total_s"]
+                                                     + recovery["replay_s"])
+            self._recovered_at = None
         for token in result.tokens:
             if token.seq_id in self._deferred_aborts:  # aborted while its step was in flight
                 self._deferred_aborts.discard(token.seq_id)
@@ -275,6 +282,7 @@ class Engine:
             self.scheduler.bm = self.block_manager
         self.stats["restarts"] = self.stats.get("restarts", 0) + 1
         self.status, self.reason = "ready", None
+        self._recovered_at = time.monotonic()
         return []
 
     def _fail_all(self, why: str) -> list[Delta]:
