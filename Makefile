@@ -26,7 +26,7 @@ run: install
 	$(VENV)/bin/shardlm generate --tp $(TP) --chat "$(QUESTION)"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 clean:
 	rm -rf $(VENV) build *.egg-info
