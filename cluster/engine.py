@@ -191,13 +191,12 @@ class Engine:
             recovery["failure_to_first_token_s"] = (recovery["detect_s"] + recovery["total_s"]
                                                      + recovery["replay_s"])
             self._recovered_at = None
-        for token in result.tokens:
-            if token.seq_id in self._deferred_aborts:  # aborted while its step was in flight
-                self._deferred_aborts.discard(token.seq_id)
-                self.scheduler.abort(token.seq_id)
-                self._by_seq.pop(token.seq_id, None)
-            elif (delta := self._on_token(token)) is not None:
-                deltas.append(delta)
+        aborted = {s.seq_id for s in out.seqs} & self._deferred_aborts
+        for seq_id in aborted:  # aborted while this step was in flight: free them now
+            self._deferred_aborts.discard(seq_id)
+            self.scheduler.abort(seq_id)
+            self._by_seq.pop(seq_id, None)
+        deltas += [self._on_token(t) for t in result.tokens if t.seq_id not in aborted]
         return deltas
 
     def _launch(self, deltas: list[Delta]) -> bool:
@@ -221,7 +220,7 @@ class Engine:
         self.in_flight.append((out, refs, time.monotonic()))
         return True
 
-    def _on_token(self, sampled: SampledToken) -> Delta | None:
+    def _on_token(self, sampled: SampledToken) -> Delta:
         request, index = self._by_seq[sampled.seq_id]
         seq, detok, output = request.seqs[index], request.detoks[index], request.outputs[index]
         seq.append_token(sampled.token_id)

@@ -32,7 +32,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 import ray
 import yaml
 from fastapi import FastAPI, Request, Security
@@ -49,6 +48,7 @@ from cluster.openai_protocol import (ERROR_RESPONSES, ChatCompletionChunk, ChatC
                                      ChatCompletionResponse, CompletionRequest, CompletionResponse,
                                      ErrorResponse, Health, ModelCard, ModelList, finish_openapi,
                                      streamed_responses)
+from cluster.service_call import ServiceCall, until_final
 
 log = logging.getLogger("shardlm.serve")
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -62,46 +62,6 @@ class Settings:
     served_model_name: str
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-
-
-# ---- one engine-service request ------------------------------------------------------------
-class ServiceCall:
-    """The event stream of one request to the engine service."""
-
-    def __init__(self, service, request: dict, param: str):
-        self.service, self.request_id, self.param = service, request["request_id"], param
-        self.stream = service.generate.options(num_returns="streaming").remote(msgpack.packb(request))
-        self.done = False
-
-    async def next(self) -> dict:
-        try:
-            event = msgpack.unpackb(await (await self.stream.__anext__()))
-        except StopAsyncIteration:
-            self.done = True
-            raise ApiError(500, "the engine ended the request without a result", code="internal_error")
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            self.done = True
-            raise ApiError(503, f"the engine service is unavailable: {exc}", code="engine_unavailable")
-        except ray.exceptions.RayError as exc:
-            self.done = True
-            raise ApiError(500, f"the engine failed: {exc}", code="internal_error")
-        self.done = event["type"] != "delta"
-        if event["type"] == "error":
-            raise ApiError.from_event(event, self.param)
-        return event
-
-    def cancel(self) -> None:
-        """Abort the request if it is still running (frees its KV blocks)."""
-        if not self.done:
-            self.done = True
-            ray.cancel(self.stream)
-            self.service.abort.remote(self.request_id)
-
-
-async def _final(call: ServiceCall) -> dict:
-    while (event := await call.next())["type"] != "final":
-        pass
-    return event
 
 
 # ---- the deployment ------------------------------------------------------------------------
@@ -189,7 +149,7 @@ class OpenAIServer:
 
     async def collect(self, requests: list[dict], param: str) -> list[dict]:
         calls = [ServiceCall(self.service, r, param) for r in requests]
-        tasks = [asyncio.ensure_future(_final(c)) for c in calls]
+        tasks = [asyncio.ensure_future(until_final(c)) for c in calls]
         try:
             return list(await asyncio.gather(*tasks))
         finally:  # one failed, or the client went away: stop the others

@@ -120,7 +120,18 @@ def test_a_hung_worker_is_caught_by_the_step_deadline(service, reference):
     run = Round(handle)
     _wait_in_flight(run, 0.5)
     chaos.hang_worker(f"{NAME}-worker-0-1", seconds=3600)
+    seen = set()
+    while not all(run.done) and not run.errors:  # /health reads this while it recovers
+        health = handle.health()
+        seen.add(health["status"])
+        if health["status"] == "recovering":
+            assert "exceeded fault.step_timeout_s=8s" in health["reason"]
+        time.sleep(0.2)
     run.join()
+    assert "recovering" in seen
+    restarts_metric = [line for line in ray.get(actor.metrics_text.remote()).splitlines()
+                       if line.startswith("shardlm:worker_restarts_total")]
+    assert float(restarts_metric[0].rsplit(" ", 1)[1]) >= restarts_before + 1
     assert not run.errors and all(run.done)
     assert run.texts == reference
     assert handle.stats()["restarts"] == restarts_before + 1

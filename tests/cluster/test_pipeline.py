@@ -85,3 +85,26 @@ def test_unplaceable_config_names_what_is_missing(ray_session, tiny):
 def test_bad_layer_split_is_named(tiny):
     with pytest.raises(ValueError, match=r"pipeline_layer_split=\[2, 2\] covers 4 layers"):
         stage_layer_ranges(3, 2, [2, 2])
+
+
+def test_abort_while_a_micro_batch_is_in_flight(ray_session, tiny, reference):
+    llm = LLM(model=str(tiny), pipeline_parallel_size=2, cpus_per_worker=0.5, block_size=4,
+              kv_cache_bytes=1 << 22, name="pp-abort")
+    try:
+        engine = llm.engine
+        greedy = SamplingParams(max_tokens=24, temperature=0)
+        ids = [engine.add_request(prompt_token_ids=p, params=greedy) for p in PROMPTS]
+        for _ in range(3):
+            engine.step()
+        busy = {s.seq_id for out, _, _ in engine.in_flight for s in out.seqs}
+        victim = next(i for i, r in enumerate(ids) if engine.requests[r].seqs[0].seq_id in busy)
+        assert engine.abort(ids[victim])
+        while engine.has_unfinished():
+            engine.step()
+        for i, request_id in enumerate(ids):
+            if i != victim:
+                assert engine.pop_finished(request_id).outputs[0].token_ids == reference[i]
+        assert engine.block_manager.num_free_blocks == engine.num_blocks
+        assert not engine.scheduler.running and not engine.scheduler.waiting
+    finally:
+        llm.shutdown()
