@@ -50,7 +50,7 @@ class Request:
     detoks: list[Detokenizer]
     outputs: list[CompletionOutput]
     arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
+    last_token_time: float | None = None  # when its latest token arrived (for TTFT/TPOT metrics)
 
     @property
     def finished(self) -> bool:
@@ -225,7 +225,6 @@ class Engine:
         seq, detok, output = request.seqs[index], request.detoks[index], request.outputs[index]
         seq.append_token(sampled.token_id)
         self.stats["generation_tokens"] += 1
-        request.first_token_time = request.first_token_time or time.monotonic()
         step_logprobs = None
         if output.logprobs is not None:
             step_logprobs = [dict(sampled.top_logprobs or []) | {sampled.token_id: sampled.logprob}]
@@ -233,7 +232,7 @@ class Engine:
         reason, stop_reason = self._stop_check(request, seq, detok, sampled.token_id)
         if reason:
             self._finish(request, index, reason, stop_reason)
-        output.token_ids = list(seq.output_token_ids)
+        output.token_ids = seq.output_token_ids  # the live list: no copy per token
         delta = detok.release(final=reason is not None)
         output.text += delta
         return Delta(request.request_id, index, delta, [sampled.token_id], step_logprobs, reason)
@@ -297,9 +296,6 @@ class Engine:
         return [Delta(request.request_id, index, "", [], None, "abort")]
 
     # ---- results and aborts ----------------------------------------------------------------
-    def output(self, request_id: str) -> RequestOutput:
-        return self.requests[request_id].snapshot()
-
     def pop_finished(self, request_id: str) -> RequestOutput:
         """The final output of a finished request, forgetting it."""
         request = self.requests.pop(request_id)

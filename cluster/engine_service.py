@@ -90,7 +90,7 @@ class EngineService:
 
     def _observe_token(self, request, now: float) -> None:
         self.metrics.generation_tokens.inc()
-        last = getattr(request, "last_token_time", None)
+        last = request.last_token_time
         if last is None:
             self.metrics.ttft.observe(now - request.arrival_time)
         else:

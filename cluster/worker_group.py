@@ -198,9 +198,6 @@ class WorkerGroup:
         refs = [getattr(w, method).remote(*args) for w in self.workers]
         return ray.get(refs, timeout=timeout)
 
-    def call_rank(self, rank: int, method: str, *args):
-        return ray.get(getattr(self.workers[rank], method).remote(*args))
-
     def forward_logits(self, token_ids: list[list[int]]):
         """Logits (tokens, vocab) at every position of whole sequences, from TP rank 0."""
         results = self.call_all("forward_logits", msgpack.packb(token_ids))

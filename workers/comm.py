@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "gloo", "shm", "nccl")
+from cluster.config import BACKENDS
 
 
 @dataclass(frozen=True)
