@@ -51,6 +51,7 @@ class BenchOptions:
     output_len: int = 128
     seed: int = 0
     max_num_seqs: int | None = None
+    threads_per_worker: int | str = "auto"  # "auto": this machine's cores shared by the tp workers
     concurrency: list[int] | None = None  # None: all requests at once
     baseline: str | None = None  # "transformers"
     baseline_batch_size: int = 16
@@ -65,6 +66,13 @@ def make_prompts(opts: BenchOptions, vocab_size: int) -> list[list[int]]:
     lo, hi = opts.prompt_len
     return [[rng.randrange(vocab_size) for _ in range(rng.randint(lo, hi))]
             for _ in range(opts.num_requests)]
+
+
+def worker_threads(setting: int | str, tp: int) -> int:
+    """Torch threads per worker: a number, or "auto" = this machine's cores split over tp."""
+    if setting == "auto":
+        return max(1, (os.cpu_count() or 1) // tp)
+    return int(setting)
 
 
 def probes(engine, opts: BenchOptions, vocab_size: int) -> dict:
@@ -88,6 +96,7 @@ def run_engine(opts: BenchOptions, tp: int, prompts_for) -> dict:
     overrides = dict(opts.overrides, name=f"bench-{os.getpid()}-tp{tp}")
     if opts.max_num_seqs:
         overrides["max_num_seqs"] = opts.max_num_seqs
+    overrides["threads_per_worker"] = worker_threads(opts.threads_per_worker, tp)
     progress(opts, f"starting the engine at tp={tp}")
     llm = LLM(model=opts.model, tensor_parallel_size=tp, config=opts.config, **overrides)
     engine = llm.engine
@@ -224,6 +233,14 @@ def _counts(text: str) -> list[int]:
     return values
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r}: give a positive integer or 'auto'")
+    return int(text)
+
+
 def _length_range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition("-")
     lo, hi = int(lo), int(hi or lo)
@@ -243,6 +260,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-len", type=int, default=128, help="tokens per request (ignore_eos)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, help="scheduler.max_num_seqs")
+    parser.add_argument("--threads-per-worker", type=_threads, default="auto",
+                        help="torch threads per worker (default auto: the cores split over tp; "
+                             "the baseline gets the same total)")
     parser.add_argument("--concurrency", type=_counts,
                         help="requests in flight, a sweep e.g. 1,8,32 (default: all at once)")
     parser.add_argument("--baseline", choices=["transformers"], help="also run transformers generate")

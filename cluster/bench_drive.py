@@ -172,6 +172,9 @@ def summarize(run: dict, prompts: list[list[int]], concurrency: int) -> dict:
         step_s = sum(s[0] for s in run["steps"])
         point |= {"steps": len(run["steps"]), "step_s": percentiles([s[0] for s in run["steps"]]),
                   "driver_overhead_fraction": 1.0 - sum(s[1] for s in run["steps"]) / step_s,
+                  "prefill_steps_s": sum(s[0] for s in run["steps"] if s[2]),  # with prompt tokens
+                  "decode_steps_s": sum(s[0] for s in run["steps"] if not s[2]),
+                  "decode_only_steps": sum(1 for s in run["steps"] if not s[2]),
                   "kv_usage_peak": run["kv_usage_peak"], "preemptions": run["preemptions"],
                   "worker_peak_rss_bytes": run["worker_peak_rss_bytes"]}
     if "batch_size" in run:

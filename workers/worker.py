@@ -19,6 +19,7 @@ import torch
 
 from layers.attention import AttnBatch
 from layers.models import build_model
+from workers.host_memory import retain_freed_memory
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
 from workers import kv_cache
 from workers.loader import load_shard
@@ -53,6 +54,7 @@ class Worker:
         self.spec = WorkerSpec(**spec)
         if self.spec.device == "cpu":
             torch.set_num_threads(self.spec.threads)
+            retain_freed_memory()
         self.device = torch.device("cuda", 0) if self.spec.device == "cuda" else torch.device("cpu")
         self.tp_comm: Communicator | None = None
         self.pp_comm: Communicator | None = None  # rank r of every stage (pipeline hand-off)

@@ -22,6 +22,7 @@ def result(ray_session, tmp_path_factory):
     opts = BenchOptions(model=str(tiny), tp=[1], num_requests=REQUESTS, prompt_len=(3, 20),
                         output_len=OUTPUT_LEN, seed=7, concurrency=CONCURRENCY,
                         baseline="transformers", baseline_batch_size=2, quiet=True,
+                        threads_per_worker=1,
                         overrides={"cpus_per_worker": 0.5, "block_size": 4,
                                    "kv_cache_bytes": 1 << 22})
     return run(opts)
@@ -55,6 +56,9 @@ def test_shardlm_figures(result):
         _check_point(p, c)
         assert p["prompt_tokens"] == result["workload"]["prompt_tokens"]
         assert p["steps"] >= OUTPUT_LEN and p["preemptions"] == 0
+        assert p["prefill_steps_s"] > 0 and p["decode_steps_s"] > 0  # prompts, then decoding alone
+        assert p["prefill_steps_s"] + p["decode_steps_s"] <= p["wall_s"]
+        assert 0 < p["decode_only_steps"] < p["steps"]
         assert 0 < p["kv_usage_peak"] <= 1
         assert 0 < p["driver_overhead_fraction"] < 1
         assert 0 < p["step_s"]["p50"] <= p["step_s"]["p90"] <= p["step_s"]["p99"]

@@ -1,0 +1,206 @@
+/* Paged-attention decode on CPUs: one new query token per sequence attends over that
+ * sequence's cached keys and values, read in place through its block table (no gather).
+ *
+ * Shapes (float32, contiguous):
+ *   q            (seqs, num_q, head_dim)
+ *   cache        (2, num_blocks, block_size, num_kv, head_dim)   [0] keys, [1] values
+ *   block_tables (seqs, max_blocks) int64
+ *   context_lens (seqs,) int64, each >= 1
+ *   out          (seqs, num_q, head_dim)
+ * Grouped-query attention: query heads [h*g, (h+1)*g) share KV head h, g = num_q / num_kv.
+ *
+ * Work is split over sequences with OpenMP (over sequence x KV head when there are fewer
+ * sequences than threads). A task walks its sequence block by block: a block's tokens are
+ * contiguous for all KV heads, so the reads stream. Scores go to a scratch row per query
+ * head, then a softmax, then the values are accumulated block by block in registers.
+ * Head sizes must be a multiple of 16 (every common model's is); otherwise the function
+ * returns -1 and the caller uses the PyTorch path.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_GROUP 16
+#define MAX_HEAD_DIM 256
+#define W 8 /* floats per vector: AVX2 width; the compiler splits it where vectors are narrower */
+
+typedef float vec __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
+
+static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline vec splat(float x) { return (vec){x, x, x, x, x, x, x, x}; }
+static inline float hsum(vec v) {
+    float s = 0.0f;
+    for (int i = 0; i < W; i++) s += v[i];
+    return s;
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r), r = x - n ln2 in
+ * [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error ~2e-7); 0 below -87. */
+static inline vec vexp(vec x) {
+    ivec xi, loi, keep = x >= splat(-87.0f);  /* lanes: -1 where true, 0 where false */
+    const vec lo = splat(-87.0f);
+    memcpy(&xi, &x, sizeof xi);
+    memcpy(&loi, &lo, sizeof loi);
+    xi = (xi & keep) | (loi & ~keep);
+    memcpy(&x, &xi, sizeof x);
+    const vec y = x * splat(1.44269504f) + splat(0.5f);
+    const vec t = __builtin_convertvector(__builtin_convertvector(y, ivec), vec);  /* trunc */
+    const vec n = t + __builtin_convertvector(t > y, vec);  /* floor: minus 1 where t > y */
+    const vec r = x - n * splat(0.693145752f) - n * splat(1.42860677e-6f);
+    vec p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    vec scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Scores of query heads [h0, h1) x g against one block's n tokens. */
+static inline __attribute__((always_inline)) void block_scores(
+        const float *q, const float *k, int64_t n, int64_t h0, int64_t h1, int64_t g,
+        int64_t hd, int64_t token_stride, float scale, float *scores, int64_t row_len,
+        float *maxv) {
+    for (int64_t t = 0; t < n; t++, k += token_stride)
+        for (int64_t h = h0; h < h1; h++)
+            for (int64_t j = 0; j < g; j++) {
+                const float *qj = q + (h * g + j) * hd, *kh = k + h * hd;
+                vec a = splat(0.0f), b = splat(0.0f);
+                for (int64_t d = 0; d < hd; d += 2 * W) {
+                    a += load(qj + d) * load(kh + d);
+                    b += load(qj + d + W) * load(kh + d + W);
+                }
+                const int64_t row = (h - h0) * g + j;
+                const float s = hsum(a + b) * scale;
+                scores[row * row_len + t] = s;
+                maxv[row] = s > maxv[row] ? s : maxv[row];
+            }
+}
+
+/* out += sum over one block's tokens of p[t] * v[t] (one query head, hd / W registers). */
+static inline __attribute__((always_inline)) void block_values(
+        const float *p, const float *v, int64_t n, int64_t hd, int64_t token_stride, float *out) {
+    vec acc[MAX_HEAD_DIM / W];
+    for (int64_t c = 0; c < hd / W; c++) acc[c] = load(out + c * W);
+    for (int64_t t = 0; t < n; t++, v += token_stride) {
+        const vec w = splat(p[t]);
+        for (int64_t c = 0; c < hd / W; c++) acc[c] += w * load(v + c * W);
+    }
+    for (int64_t c = 0; c < hd / W; c++) store(out + c * W, acc[c]);
+}
+
+/* softmax of each of `rows` score rows in place (len values each) */
+static void softmax_rows(float *scores, int64_t rows, int64_t len, const float *maxv) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = scores + r * len;
+        const vec m = splat(maxv[r]);
+        vec total = splat(0.0f);
+        int64_t t = 0;
+        for (; t + W <= len; t += W) {
+            const vec e = vexp(load(row + t) - m);
+            store(row + t, e);
+            total += e;
+        }
+        float sum = hsum(total);
+        for (; t < len; t++) {
+            row[t] = expf(row[t] - maxv[r]);
+            sum += row[t];
+        }
+        const float inv = 1.0f / sum;
+        for (t = 0; t < len; t++) row[t] *= inv;
+    }
+}
+
+/* Ask for the next block's rows of heads [h0, h1) while this one is computed: blocks sit
+ * anywhere in the cache, so the hardware prefetcher cannot guess them. */
+static inline void prefetch_block(const float *block, int64_t h0, int64_t h1, int64_t hd,
+                                  int64_t block_size, int64_t token_stride) {
+    for (int64_t t = 0; t < block_size; t++)
+        for (int64_t i = h0 * hd; i < h1 * hd; i += 64 / sizeof(float))
+            __builtin_prefetch(block + t * token_stride + i);
+}
+
+/* One task: KV heads [h0, h1) of one sequence. */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, const float *keys, const float *values, const int64_t *table,
+        int64_t len, int64_t h0, int64_t h1, int64_t g, int64_t hd, int64_t block_size,
+        int64_t block_stride, int64_t token_stride, float scale, float *scores, float *out) {
+    const int64_t rows = (h1 - h0) * g;
+    float maxv[MAX_GROUP * 64];
+    for (int64_t r = 0; r < rows; r++) maxv[r] = -INFINITY;
+    for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        if (start + block_size < len)
+            prefetch_block(keys + table[b + 1] * block_stride, h0, h1, hd, block_size, token_stride);
+        block_scores(q, keys + table[b] * block_stride, n, h0, h1, g, hd, token_stride, scale,
+                     scores + start, len, maxv);
+    }
+    softmax_rows(scores, rows, len, maxv);
+    memset(out + h0 * g * hd, 0, sizeof(float) * rows * hd);
+    for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const float *v = values + table[b] * block_stride;
+        if (start + block_size < len)
+            prefetch_block(values + table[b + 1] * block_stride, h0, h1, hd, block_size, token_stride);
+        for (int64_t h = h0; h < h1; h++)
+            for (int64_t j = 0; j < g; j++)
+                block_values(scores + ((h - h0) * g + j) * len + start, v + h * hd, n, hd,
+                             token_stride, out + (h * g + j) * hd);
+    }
+}
+
+/* Constant group and head sizes let the compiler unroll the inner loops. */
+static void attend_task(const float *q, const float *keys, const float *values,
+                        const int64_t *table, int64_t len, int64_t h0, int64_t h1, int64_t g,
+                        int64_t hd, int64_t block_size, int64_t block_stride,
+                        int64_t token_stride, float scale, float *scores, float *out) {
+#define CASE(G, HD) if (g == G && hd == HD) { attend(q, keys, values, table, len, h0, h1, G, HD, \
+        block_size, block_stride, token_stride, scale, scores, out); return; }
+    CASE(1, 64) CASE(2, 64) CASE(3, 64) CASE(4, 64) CASE(8, 64)
+    CASE(1, 128) CASE(2, 128) CASE(4, 128) CASE(8, 128)
+#undef CASE
+    attend(q, keys, values, table, len, h0, h1, g, hd, block_size, block_stride, token_stride,
+           scale, scores, out);
+}
+
+/* Returns 0; -1 when the shapes are outside what this kernel handles; -2 out of memory. */
+int paged_decode_attention(const float *q, const float *cache, const int64_t *block_tables,
+                           const int64_t *context_lens, float *out, int64_t seqs, int64_t num_q,
+                           int64_t num_kv, int64_t hd, int64_t num_blocks, int64_t block_size,
+                           int64_t max_blocks, float scale, int threads) {
+    if (num_kv <= 0 || num_kv > 64 || num_q % num_kv || num_q / num_kv > MAX_GROUP ||
+        hd > MAX_HEAD_DIM || hd % (2 * W))
+        return -1;
+    const int64_t g = num_q / num_kv, token_stride = num_kv * hd, block_stride = block_size * token_stride;
+    const float *keys = cache, *values = cache + num_blocks * block_stride;
+    /* tasks: whole sequences, or sequence x KV head when that leaves threads idle */
+    const int64_t parts = seqs >= 2 * threads ? 1 : num_kv, per_part = num_kv / parts;
+    int64_t longest = 1;
+    for (int64_t b = 0; b < seqs; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * per_part * g * longest);
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < seqs * parts; task++) {
+            const int64_t b = task / parts, h0 = (task % parts) * per_part;
+            if (scores)
+                attend_task(q + b * num_q * hd, keys, values, block_tables + b * max_blocks,
+                            context_lens[b], h0, h0 + per_part, g, hd, block_size, block_stride,
+                            token_stride, scale, scores, out + b * num_q * hd);
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}
