@@ -14,10 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers import cpu_kernels
 from layers.partition import split_range
 
 if TYPE_CHECKING:
     from workers.comm import Communicator
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; a few rows on a CPU go through the skinny C kernel (small-batch decode
+    streams every weight once per step, and MKL's GEMV streams at about half the bandwidth)."""
+    # x: (rows, in), weight: (out, in) -> (rows, out)
+    y = cpu_kernels.skinny_linear(x, weight) if x.shape[0] <= cpu_kernels.SKINNY_MAX_ROWS else None
+    if y is None:
+        return F.linear(x, weight, bias)
+    return y if bias is None else y + bias
 
 
 def make_param(shape: tuple[int, ...], dtype: torch.dtype, loader: Callable) -> nn.Parameter:
@@ -66,7 +77,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, in_features) -> (tokens, out_local)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     @classmethod
     def split(cls, in_features: int, out_features: int, tp_size: int, tp_rank: int,
@@ -120,7 +131,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, in_size) -> (tokens, out_features), summed over ranks
-        y = self.comm.all_reduce(F.linear(x, self.weight))
+        y = self.comm.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     @classmethod

@@ -66,16 +66,23 @@ def _llama3_scale(inv: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """One instance serves every layer of a model: the angles of a step's positions are
+    computed by the first layer and reused by the others (the same ``positions`` tensor)."""
+
     def __init__(self, head_dim: int, spec: RopeSpec):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(spec, head_dim), persistent=False)
+        self._positions: torch.Tensor | None = None  # what the cached angles are for
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (tokens,); q: (tokens, q_heads, head_dim); k: (tokens, kv_heads, head_dim)
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (tokens, head_dim // 2)
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (tokens, 1, head_dim)
-        cos, sin = angles.cos(), angles.sin()
+        if positions is not self._positions:
+            freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (tokens, head_dim // 2)
+            angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (tokens, 1, head_dim)
+            self._positions, self._cos_sin = positions, (angles.cos(), angles.sin())
+        cos, sin = self._cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -88,12 +88,13 @@ def _context_len(hf: dict) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator"):
+    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator",
+                 rotary: RotaryEmbedding | None = None):
         super().__init__()
         hd = args.head_dim
         self.num_q, self.num_kv, self.head_dim = shard.num_q, shard.num_kv, hd
         self.qkv_proj = QKVParallelLinear(args.hidden_size, hd, shard, args.qkv_bias, dtype)
-        self.rotary = RotaryEmbedding(hd, args.rope)
+        self.rotary = rotary or RotaryEmbedding(hd, args.rope)  # the model shares one
         self.attn = Attention(shard.num_q, shard.num_kv, hd)
         self.o_proj = RowParallelLinear(shard.q_start * hd, shard.num_q * hd, args.hidden_size,
                                         args.o_bias, dtype, comm)
@@ -109,10 +110,11 @@ class LlamaAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator"):
+    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator",
+                 rotary: RotaryEmbedding | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(args, shard, dtype, comm)
+        self.self_attn = LlamaAttention(args, shard, dtype, comm, rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
 
@@ -133,7 +135,8 @@ class LlamaForCausalLM(nn.Module):
         self.head_shard = head_shard(args.num_heads, args.num_kv_heads, comm.world_size, comm.rank)
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, self.head_shard, dtype, comm)
+        rotary = RotaryEmbedding(args.head_dim, args.rope)  # one for all layers: angles once a step
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, self.head_shard, dtype, comm, rotary)
                                      for i in range(first, end)})
         if self.is_last:
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)

@@ -76,7 +76,30 @@ def test_build_error_names_the_compiler(tmp_path, monkeypatch):
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
     with pytest.raises(RuntimeError, match="failed on broken.c"):
-        cpu_kernels.build(bad, tmp_path / "out")
+        cpu_kernels.build([bad], tmp_path / "out")
     monkeypatch.setenv("CC", "no-such-compiler-xyz")
     with pytest.raises(RuntimeError, match="no C compiler 'no-such-compiler-xyz'"):
-        cpu_kernels.build(bad, tmp_path / "out")
+        cpu_kernels.build([bad], tmp_path / "out")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("in_features,out_features", [(576, 1539), (64, 7), (1536, 576)])
+def test_skinny_linear_matches_torch(rows, in_features, out_features):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
+    got = cpu_kernels.skinny_linear(x, w)
+    assert got is not None, "the kernel did not build on this machine (a C compiler is required)"
+    torch.testing.assert_close(got, x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_skinny_linear_declines_and_linear_falls_back():
+    from layers.linear import linear
+
+    w, b = torch.randn(10, 64), torch.randn(10)
+    too_many, odd_width = torch.randn(9, 64), torch.randn(2, 60)
+    assert cpu_kernels.skinny_linear(too_many, w) is None
+    assert cpu_kernels.skinny_linear(odd_width, torch.randn(10, 60)) is None
+    assert cpu_kernels.skinny_linear(torch.randn(2, 64, dtype=torch.float64), w.double()) is None
+    for x in (too_many, torch.randn(3, 64)):  # torch path and kernel path, bias added in both
+        torch.testing.assert_close(linear(x, w, b), x @ w.T + b, atol=1e-5, rtol=1e-5)
