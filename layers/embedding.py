@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.linear import linear, make_param
+from layers.linear import make_param, wide_linear
 from layers.partition import padded_vocab_shard
 
 if TYPE_CHECKING:
@@ -63,6 +63,6 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         # hidden: (rows, hidden) -> full logits (rows, vocab_size) on dst, None elsewhere
-        local = linear(hidden, self.weight)  # (rows, per_rank)
+        local = wide_linear(hidden, self.weight)  # (rows, per_rank)
         full = self.comm.gather(local, dst=dst, dim=-1)  # (rows, per_rank * tp) on dst
         return None if full is None else full[:, :self.vocab_size]

@@ -31,6 +31,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
+def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for a very wide weight (the LM head: tens of thousands of rows).
+    Few rows: the skinny kernel; more: oneDNN's matmul where torch has it, which ran the
+    LM head of the default model 1.4-1.8x faster than MKL's sgemm at 16-128 rows here."""
+    # x: (rows, in), weight: (out, in) -> (rows, out)
+    if (x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and x.device.type == "cpu"
+            and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return linear(x, weight)
+
+
 def make_param(shape: tuple[int, ...], dtype: torch.dtype, loader: Callable) -> nn.Parameter:
     param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
     param.weight_loader = loader

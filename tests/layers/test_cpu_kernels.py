@@ -103,3 +103,13 @@ def test_skinny_linear_declines_and_linear_falls_back():
     assert cpu_kernels.skinny_linear(torch.randn(2, 64, dtype=torch.float64), w.double()) is None
     for x in (too_many, torch.randn(3, 64)):  # torch path and kernel path, bias added in both
         torch.testing.assert_close(linear(x, w, b), x @ w.T + b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 64])
+def test_wide_linear_matches_torch(rows):
+    """The LM head's matmul (skinny kernel for few rows, oneDNN above) against plain matmul."""
+    from layers.linear import wide_linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 64, generator=g), torch.randn(5003, 64, generator=g)
+    torch.testing.assert_close(wide_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
