@@ -6,7 +6,9 @@ model's vocabulary (``random.Random(seed)``; no tokenizer needed, and no two pro
 a prefix, so prefix caching gains nothing). Every request asks for ``output_len`` tokens,
 greedy, with ``ignore_eos``, so it yields exactly that many.
 
-Offline mode drives ``cluster.LLM``'s engine in this process: at concurrency C the first C
+Online mode (``--mode online``) sends the same requests through the OpenAI HTTP API with
+Poisson arrivals: see ``cluster.bench_online``. Offline mode drives ``cluster.LLM``'s
+engine in this process: at concurrency C the first C
 requests are submitted at once and each finished request is replaced by the next (a closed
 loop; the default C is ``num_requests``: everything at once). Each step's deltas are
 timestamped when ``step()`` returns: TTFT = first token - arrival (just before
@@ -31,12 +33,14 @@ count (workers x ``threads_per_worker``). The table and the plot: ``cluster.benc
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from cluster.bench_drive import _median_step, drive, progress, summarize, worker_vmhwm
+from cluster.bench_online import rate_label
 
 PROBE_PROMPT = 16  # prompt tokens of the decode probes
 
@@ -53,6 +57,8 @@ class BenchOptions:
     max_num_seqs: int | None = None
     threads_per_worker: int | str = "auto"  # "auto": this machine's cores shared by the tp workers
     concurrency: list[int] | None = None  # None: all requests at once
+    mode: str = "offline"  # "offline": through LLM in this process; "online": over HTTP
+    request_rate: list[float] = field(default_factory=lambda: [math.inf])  # online arrivals per s
     baseline: str | None = None  # "transformers"
     baseline_batch_size: int = 16
     probes: bool = True
@@ -152,6 +158,28 @@ def run_baseline(opts: BenchOptions, model_dir: str, dtype: str, device: str, th
     return result
 
 
+def run_online_all(opts: BenchOptions, prompts_for) -> list[dict]:
+    """Online mode: every tp size over HTTP (see ``cluster.bench_online``)."""
+    from cluster.bench_online import run_online
+    from cluster.model_store import resolve_model
+
+    model_dir = resolve_model(opts.model or _base_config(opts).model.model)
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    prompts = prompts_for(hf_config["vocab_size"])
+    runs = []
+    for tp in opts.tp:
+        r = run_online(opts, tp, worker_threads(opts.threads_per_worker, tp), prompts)
+        runs.append(r | {"model": str(opts.model or model_dir), "model_dir": str(model_dir),
+                         "hf_config": hf_config, "tokens": {}})
+    return runs
+
+
+def _base_config(opts: BenchOptions):
+    from cluster.config import EngineConfig
+
+    return EngineConfig.from_yaml(opts.config) if opts.config else EngineConfig()
+
+
 # ---- the whole benchmark --------------------------------------------------------------------
 def _connect(opts: BenchOptions) -> bool:
     """Join the given cluster, else start a private local Ray; True when we started it."""
@@ -178,7 +206,10 @@ def run(opts: BenchOptions) -> dict:
     prompts_cache: dict[int, list] = {}
     prompts_for = lambda v: prompts_cache.setdefault(v, make_prompts(opts, v))
     try:
-        runs = [run_engine(opts, tp, prompts_for) for tp in opts.tp]
+        if opts.mode == "online":
+            runs = run_online_all(opts, prompts_for)
+        else:
+            runs = [run_engine(opts, tp, prompts_for) for tp in opts.tp]
         (vocab, prompts), = prompts_cache.items()
         threads = sorted({r["threads"] for r in runs})
         device = runs[0]["device"]
@@ -205,7 +236,9 @@ def run(opts: BenchOptions) -> dict:
                          "prompt_tokens": sum(map(len, prompts)), "output_len": opts.output_len,
                          "seed": opts.seed, "vocab_size": vocab,
                          "prompts": "token ids uniform over the vocabulary, lengths uniform",
-                         "concurrency": opts.concurrency or [opts.num_requests]},
+                         "concurrency": opts.concurrency or [opts.num_requests], "mode": opts.mode,
+                         "request_rate": [rate_label(r) for r in opts.request_rate]
+                         if opts.mode == "online" else None},
             "model": {"name": runs[0]["model"], "dir": runs[0]["model_dir"], "params": counts},
             "machine": {"cpus": os.cpu_count(), "load_average_start": list(load_start),
                         "load_average_end": list(os.getloadavg()), "ceilings": ceilings},
@@ -216,6 +249,8 @@ def ratios(runs: list[dict], baselines: list[dict]) -> list[dict]:
     out = []
     for r in runs:
         base = next((b for b in baselines if b["threads"] == r["threads"]), None)
+        if r.get("mode") == "online":  # the baseline is offline: compare like with like
+            continue
         for point in r["points"] if base else []:
             other = next(p for p in base["points"] if p["concurrency"] == point["concurrency"])
             out.append({"tp": r["tp"], "threads": r["threads"], "concurrency": point["concurrency"],
@@ -230,6 +265,16 @@ def _counts(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or min(values) < 1:
         raise ValueError(f"{text!r}: give positive integers separated by commas")
+    return values
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise ValueError(f"{text!r}: give positive request rates (or inf) separated by commas")
     return values
 
 
@@ -265,6 +310,12 @@ def add_arguments(parser) -> None:
                              "the baseline gets the same total)")
     parser.add_argument("--concurrency", type=_counts,
                         help="requests in flight, a sweep e.g. 1,8,32 (default: all at once)")
+    parser.add_argument("--mode", choices=["offline", "online"], default="offline",
+                        help="offline: through LLM in this process (default); online: through "
+                             "the OpenAI HTTP API with Poisson arrivals")
+    parser.add_argument("--request-rate", type=_rates, default=[math.inf],
+                        help="online mode: requests per second, a sweep e.g. 0.5,1,inf "
+                             "(default inf: all at once)")
     parser.add_argument("--baseline", choices=["transformers"], help="also run transformers generate")
     parser.add_argument("--baseline-batch-size", type=int, default=16)
     parser.add_argument("--no-probes", action="store_true", help="skip the prefill/decode probes")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-RUN_COLUMNS = [("engine", -16), ("tp", 2), ("thr", 3), ("conc", 4), ("wall s", 7),
+RUN_COLUMNS = [("engine", -20), ("tp", 2), ("thr", 3), ("conc", 4), ("wall s", 7),
                ("out tok/s", 9), ("req/s", 6), ("TTFT p50/90/99 ms", 23),
                ("TPOT p50/90/99 ms", 20), ("KV peak", 7), ("drv ovh", 7),
                ("peak RSS MiB/worker", -19)]
@@ -37,11 +37,13 @@ def format_report(result: dict) -> str:
         for p in r["points"]:
             rss = "/".join(f"{v / 2**20:.0f}" for v in p.get("worker_peak_rss_bytes", {}).values())
             name = r["engine"] + (f" b{p['batch_size']}" if "batch_size" in p else "")
+            name += f" {p['request_rate']}/s" if "request_rate" in p else ""
             cells = [name, r.get("tp", "-"), r["threads"], p["concurrency"], f"{p['wall_s']:.1f}",
                      f"{p['output_tokens_per_s']:.1f}", f"{p['requests_per_s']:.2f}",
                      _pct(p["ttft_s"], 1e3), _pct(p["tpot_s"], 1e3, "{:.1f}")]
-            if "steps" in p:
-                cells += [f"{p['kv_usage_peak']:.0%}", f"{p['driver_overhead_fraction']:.1%}", rss]
+            if "kv_usage_peak" in p:  # shardlm (the driver overhead: offline only)
+                overhead = p.get("driver_overhead_fraction")
+                cells += [f"{p['kv_usage_peak']:.0%}", "-" if overhead is None else f"{overhead:.1%}", rss]
             else:
                 cells += ["-", "-", f"identical greedy outputs: {p.get('identical_to_shardlm', '-')}"
                                     f"/{p['requests']}"]
@@ -66,27 +68,39 @@ def format_report(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Throughput, TTFT and TPOT percentiles against concurrency, shardlm beside the baseline."""
+    """Throughput, TTFT and TPOT percentiles against concurrency (offline, shardlm beside the
+    baseline) or against the request rate (online)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     series = [(f"shardlm tp={r['tp']}", r) for r in result["shardlm"]]
     series += [(f"transformers {r['threads']} thr", r) for r in result["baseline"]]
+    online = any(r.get("mode") == "online" for _, r in series)
+    rates = result["workload"].get("request_rate") or []
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for i, (name, r) in enumerate(series):
-        color = f"C{i}"
-        conc = [p["concurrency"] for p in r["points"]]
-        axes[0].plot(conc, [p["output_tokens_per_s"] for p in r["points"]], "o-", color=color, label=name)
+        color, points = f"C{i}", r["points"]
+        if r.get("mode") == "online":  # request rates, evenly spaced ("inf" last)
+            x = [rates.index(p["request_rate"]) for p in points]
+        else:
+            x = [p["concurrency"] for p in points]
+        if online and r.get("mode") != "online":
+            continue  # one x axis per plot: request rate when online
+        axes[0].plot(x, [p["output_tokens_per_s"] for p in points], "o-", color=color, label=name)
         for ax, key in ((axes[1], "ttft_s"), (axes[2], "tpot_s")):
             for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
-                ax.plot(conc, [p[key][q] * 1e3 if p[key] else float("nan") for p in r["points"]],
+                ax.plot(x, [p[key][q] * 1e3 if p[key] else float("nan") for p in points],
                         style, color=color, label=f"{name} {q}")
     titles = ("output tokens/s", "TTFT ms (p50 - / p90 -- / p99 :)", "TPOT ms (p50 - / p90 -- / p99 :)")
     for ax, title in zip(axes, titles):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
+        if online:
+            ax.set_xticks(range(len(rates)), [f"{r}/s" for r in rates])
+            ax.set_xlabel("request rate (Poisson arrivals, over HTTP)")
+        else:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

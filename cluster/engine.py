@@ -89,6 +89,7 @@ class Engine:
         self.in_flight: collections.deque = collections.deque()  # (plan, result refs, start)
         self._deferred_aborts: set[int] = set()
         self._recovered_at: float | None = None  # to time the replay after a recovery
+        self.kv_usage_peak = 0.0  # highest KV-cache usage right after scheduling a step
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                       "mixed_steps": 0}  # mixed: prefill and decode work in one step
 
@@ -216,6 +217,7 @@ class Engine:
         self.step_id += 1
         self.stats["steps"] += 1
         self.stats["mixed_steps"] += bool(out.num_prefill_tokens and out.num_decode_tokens)
+        self.kv_usage_peak = max(self.kv_usage_peak, self.block_manager.usage)
         refs = self.group.submit(StepPlan(self.step_id, out.chunks).encode())
         self.in_flight.append((out, refs, time.monotonic()))
         return True

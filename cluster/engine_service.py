@@ -200,7 +200,23 @@ class EngineService:
         return {"status": self.status, "num_running": len(sched.running),
                 "num_waiting": len(sched.waiting), "num_free_blocks": bm.num_free_blocks,
                 "num_blocks": engine.num_blocks, "num_preemptions": sched.num_preemptions,
-                "prefix_cache_hits": bm.prefix_cache_hits, **engine.stats}
+                "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,
+                "kv_usage_peak": engine.kv_usage_peak,
+                "device": engine.group.device, "backend": engine.group.backend,
+                "dtype": engine.group._dtype(), **engine.stats}
+
+    def reset_kv_usage_peak(self) -> None:
+        """Start a new peak of ``stats()["kv_usage_peak"]`` from the usage now."""
+        if self.engine is not None:
+            self.engine.kv_usage_peak = self.engine.block_manager.usage
+
+    async def worker_rss(self) -> dict:
+        """Each worker's resident memory now (bytes), by actor name."""
+        group = self.engine.group if self.engine else None
+        if group is None:
+            return {}
+        pongs = await asyncio.gather(*[w.ping.remote() for w in group.workers])
+        return {info.name: pong["rss"] for info, pong in zip(group.ranks, pongs)}
 
     def shutdown(self) -> None:
         if self.engine is not None:

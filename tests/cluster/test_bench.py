@@ -5,6 +5,7 @@ measured by benchmarks that print figures, never asserted)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,53 @@ def test_report_json_and_plot(result, tmp_path):
     pytest.importorskip("matplotlib")
     plot(result, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+# ---- online mode: the same workload over real HTTP (Ray Serve + the engine service) --------
+RATES = [math.inf, 50.0]
+
+
+@pytest.fixture(scope="module")
+def online(ray_session, tmp_path_factory):
+    tiny = write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("bench-online"), seed=3)
+    opts = BenchOptions(model=str(tiny), tp=[1], num_requests=REQUESTS, prompt_len=(3, 20),
+                        output_len=OUTPUT_LEN, seed=7, mode="online", request_rate=RATES,
+                        concurrency=[3], quiet=True, threads_per_worker=1,
+                        overrides={"cpus_per_worker": 0.5, "block_size": 4,
+                                   "kv_cache_bytes": 1 << 22})
+    return run(opts)
+
+
+def test_online_figures(online, result):
+    (run_,) = online["shardlm"]
+    assert run_["engine"] == "shardlm http" and run_["mode"] == "online" and run_["tp"] == 1
+    assert run_["device"] == "cpu" and run_["dtype"] == "float32"
+    assert [p["request_rate"] for p in run_["points"]] == ["inf", 50.0]
+    for p in run_["points"]:
+        _check_point(p, 3)
+        assert 0 < p["kv_usage_peak"] <= 1
+        (name,) = p["worker_peak_rss_bytes"]
+        assert name.startswith("bench-http-") and p["worker_peak_rss_bytes"][name] > 0
+    w = online["workload"]
+    assert w["mode"] == "online" and w["request_rate"] == ["inf", 50.0]
+    assert w["prompt_tokens"] == result["workload"]["prompt_tokens"]  # the same seeded prompts
+    assert online["ratios"] == [] and online["baseline"] == []
+
+
+def test_online_arrivals_are_poisson():
+    from cluster.bench_online import arrival_gaps
+
+    assert arrival_gaps(5, math.inf, 0) == [0.0] * 5
+    gaps = arrival_gaps(20000, 4.0, 0)
+    assert gaps == arrival_gaps(20000, 4.0, 0)  # seeded
+    mean = sum(gaps) / len(gaps)
+    var = sum((g - mean) ** 2 for g in gaps) / len(gaps)
+    assert mean == pytest.approx(0.25, rel=0.03) and var == pytest.approx(0.0625, rel=0.06)
+
+
+def test_online_report_and_plot(online, tmp_path):
+    table = format_report(online)
+    assert "shardlm http inf/s" in table and "shardlm http 50.0/s" in table
+    assert json.loads(json.dumps(online)) == online
+    plot(online, str(tmp_path / "online.png"))
+    assert (tmp_path / "online.png").stat().st_size > 1000
