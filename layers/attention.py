@@ -39,6 +39,13 @@ class AttnBatch:
             self._context_lens = torch.tensor(self.context_lens, dtype=torch.int64)
         return self._context_lens
 
+    def last_tokens(self, seqs: list[int]) -> "AttnBatch":
+        """The last new token of each of sequences ``seqs``, attending over their whole
+        context from the cache (the final layer where only sampled rows go on)."""
+        lens = self.context_lens
+        return AttnBatch([1] * len(seqs), [lens[i] - 1 for i in seqs],
+                         self.block_tables.index_select(0, torch.tensor(seqs, dtype=torch.int64)))
+
     def split(self) -> "SplitBatch":
         """Single-token sequences (attended together) apart from longer chunks; built once."""
         if self._split is None:
@@ -49,6 +56,15 @@ class AttnBatch:
         if self._decode_groups is None:
             self._decode_groups = decode_groups(self.context_lens, self.block_tables, block_size)
         return self._decode_groups
+
+
+@dataclass(frozen=True)
+class KeepRows:
+    """The rows whose final hidden states are wanted (the sampled tokens) and the index of
+    each one's sequence in the step's AttnBatch."""
+
+    rows: torch.Tensor  # (kept,) int64 token rows
+    seqs: list[int]  # (kept,) sequence indices
 
 
 @dataclass
@@ -134,6 +150,15 @@ class Attention(nn.Module):
         else:
             self._write_cache(k, v, batch.slot_mapping)
             out = self._paged(q, k, v, batch)
+        return out.reshape(out.shape[0], self.num_q * self.head_dim)
+
+    def forward_last(self, q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     batch: AttnBatch, last: AttnBatch) -> torch.Tensor:
+        """Write every token's keys and values, attend only from the rows in ``last``.
+
+        q_last: (rows, num_q, hd); k, v: (tokens, num_kv, hd) -> (rows, num_q * hd)"""
+        self._write_cache(k, v, batch.slot_mapping)
+        out = self._paged_decode(q_last, last)
         return out.reshape(out.shape[0], self.num_q * self.head_dim)
 
     def _no_cache(self, q, k, v, batch: AttnBatch) -> torch.Tensor:

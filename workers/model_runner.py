@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.protocol import SampledToken, StepPlan, StepResult
-from layers.attention import AttnBatch
+from layers.attention import AttnBatch, KeepRows
 from layers.sampler import sample
 
 
@@ -18,11 +18,12 @@ class PreparedBatch:
     attn: AttnBatch
     sample_rows: torch.Tensor  # (samples,) index of each sampling chunk's last token
     sample_chunks: list  # the SeqChunks that sample, in row order
+    sample_seqs: list[int]  # (samples,) each sampling chunk's index in the plan
 
 
 def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBatch:
-    ids, positions, slots, rows, chunks = [], [], [], [], []
-    for chunk in plan.chunks:
+    ids, positions, slots, rows, chunks, seqs = [], [], [], [], [], []
+    for i, chunk in enumerate(plan.chunks):
         n, start, table = len(chunk.token_ids), chunk.start_pos, chunk.block_table
         ids += chunk.token_ids
         span = range(start, start + n)
@@ -31,6 +32,7 @@ def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBa
         if chunk.sample:
             rows.append(len(ids) - 1)
             chunks.append(chunk)
+            seqs.append(i)
     width = max(len(c.block_table) for c in plan.chunks)
     tables = [c.block_table + [0] * (width - len(c.block_table)) for c in plan.chunks]
 
@@ -39,21 +41,22 @@ def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBa
 
     attn = AttnBatch([len(c.token_ids) for c in plan.chunks], [c.start_pos for c in plan.chunks],
                      tensor(tables), tensor(slots))
-    return PreparedBatch(tensor(ids), tensor(positions), attn, tensor(rows), chunks)
+    return PreparedBatch(tensor(ids), tensor(positions), attn, tensor(rows), chunks, seqs)
 
 
 def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
-              attn: AttnBatch) -> torch.Tensor | None:
+              attn: AttnBatch, keep: KeepRows | None = None) -> torch.Tensor | None:
     """This pipeline stage's layers: receive hidden states from the previous stage (unless
     first), run, hand them to the next stage (unless last). Returns the last stage's
-    final hidden states (tokens, hidden), None on the other stages."""
+    final hidden states (tokens, hidden), or (kept rows, hidden) with ``keep``; None on the
+    other stages."""
     if model.is_first:
         inputs = input_ids
     else:  # (tokens, hidden) from rank r of the previous stage
         inputs = torch.empty(input_ids.shape[0], model.args.hidden_size,
                              dtype=model.dtype, device=input_ids.device)
         pp_comm.recv(inputs, src=pp_comm.rank - 1)
-    hidden = model(inputs, positions, attn)
+    hidden = model(inputs, positions, attn, keep if model.is_last else None)
     if model.is_last:
         return hidden
     pp_comm.send(hidden.contiguous(), dst=pp_comm.rank + 1)
@@ -72,12 +75,16 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Every rank runs the plan; TP rank 0 returns the sampled tokens, others None."""
         batch = prepare(plan, self.block_size, self.device)
-        hidden = run_stage(self.model, self.pp_comm, batch.input_ids, batch.positions, batch.attn)
+        # the final layer goes on only for the sampled rows (prompt tokens before them just
+        # leave their keys and values in the cache)
+        keep = KeepRows(batch.sample_rows, batch.sample_seqs) if batch.sample_chunks else None
+        hidden = run_stage(self.model, self.pp_comm, batch.input_ids, batch.positions, batch.attn,
+                           keep)
         if hidden is None:  # an earlier pipeline stage: the last one samples
             return None
         if not batch.sample_chunks:  # same plan on every rank, so all skip together
             return StepResult(plan.step_id, [])
-        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+        logits = self.model.compute_logits(hidden)  # (samples, vocab) on TP rank 0
         if logits is None:
             return None
         positions = [c.start_pos + len(c.token_ids) for c in batch.sample_chunks]

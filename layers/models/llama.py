@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from layers.attention import Attention, AttnBatch
+from layers.attention import Attention, AttnBatch, KeepRows
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.linear import QKVParallelLinear, RowParallelLinear
 from layers.mlp import SwiGLUMLP
@@ -99,14 +99,18 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(shard.q_start * hd, shard.num_q * hd, args.hidden_size,
                                         args.o_bias, dtype, comm)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        # x: (tokens, hidden) -> (tokens, hidden)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
+                keep: KeepRows | None = None) -> torch.Tensor:
+        # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
         q, k, v = self.qkv_proj(x)
         q = q.view(-1, self.num_q, self.head_dim)  # (tokens, local_q, hd)
         k = k.view(-1, self.num_kv, self.head_dim)  # (tokens, local_kv, hd)
         v = v.view(-1, self.num_kv, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        if keep is None:
+            return self.o_proj(self.attn(q, k, v, batch))
+        q_last = q.index_select(0, keep.rows)  # (kept rows, local_q, hd)
+        return self.o_proj(self.attn.forward_last(q_last, k, v, batch, batch.last_tokens(keep.seqs)))
 
 
 class DecoderLayer(nn.Module):
@@ -118,8 +122,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, batch)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
+                keep: KeepRows | None = None) -> torch.Tensor:
+        # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
+        attn = self.self_attn(self.input_layernorm(x), positions, batch, keep)
+        h = (x if keep is None else x.index_select(0, keep.rows)) + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -143,11 +150,17 @@ class LlamaForCausalLM(nn.Module):
             tied = self.embed_tokens if args.tie_word_embeddings and self.is_first else None
             self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype, comm, tied)
 
-    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        # inputs: token ids (tokens,) on the first stage, else hidden states (tokens, hidden)
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
+                keep: KeepRows | None = None) -> torch.Tensor:
+        """inputs: token ids (tokens,) on the first stage, else hidden states (tokens, hidden)
+        -> hidden states (tokens, hidden). On the last stage with ``keep`` (a KV cache
+        present), the final layer still writes every token's keys and values but computes
+        the rest only for the kept rows: -> (kept rows, hidden)."""
         x = self.embed_tokens(inputs) if self.is_first else inputs  # (tokens, hidden)
-        for layer in self.layers.values():
-            x = layer(x, positions, batch)
+        layers = list(self.layers.values())
+        for i, layer in enumerate(layers):
+            final = keep is not None and self.is_last and i == len(layers) - 1
+            x = layer(x, positions, batch, keep if final else None)
         return self.norm(x) if self.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
