@@ -8,8 +8,10 @@ serving benchmarks users know: request rate plus a concurrency cap). Every reque
 streamed ``/v1/completions`` call with the prompt as token ids, greedy, ``ignore_eos`` and
 ``max_tokens`` = the output length. TTFT = first streamed chunk - the moment the request
 was sent; TPOT = (last chunk - first chunk) / (tokens - 1), tokens from the usage the
-stream reports at its end. Beside the client, the engine service is asked once a second for
-its KV-cache usage and its workers' resident memory (peaks reported).
+stream reports at its end. Before each run the engine service forgets its cached prompt
+prefixes (each run sends the same prompts); beside the client it is asked once a second for
+its workers' resident memory, and at the end for the run's KV-cache usage peak and prefix
+cache hits.
 """
 
 from __future__ import annotations
@@ -85,15 +87,22 @@ async def _run_rate(url: str, model: str, prompts: list[list[int]], output_len: 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         started, tasks = time.perf_counter(), []
-        for prompt, gap in zip(prompts, arrival_gaps(len(prompts), rate, opts.seed)):
-            await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(send(session, prompt)))
-        pending = set(tasks)
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=10.0)
-            progress(opts, f"{label}: {done[0]}/{len(prompts)} requests done, "
+
+        async def arrivals():
+            for prompt, gap in zip(prompts, arrival_gaps(len(prompts), rate, opts.seed)):
+                await asyncio.sleep(gap)
+                tasks.append(asyncio.create_task(send(session, prompt)))
+
+        sender = asyncio.create_task(arrivals())
+        while not sender.done() or not all(t.done() for t in tasks):
+            await asyncio.wait([sender, *tasks], timeout=10.0, return_when=asyncio.ALL_COMPLETED)
+            progress(opts, f"{label}: {len(tasks)} sent, {done[0]}/{len(prompts)} done, "
                            f"{time.perf_counter() - started:.0f} s")
-        results = [t.result() for t in tasks]  # raises the first failure
+            failed = [t for t in tasks if t.done() and t.exception()]
+            if failed:
+                sender.cancel()
+                raise failed[0].exception()
+        results = [t.result() for t in tasks]
     wall = max(r["finish"] for r in results) - started
     return {"wall_s": wall, "arrival": [r["arrival"] for r in results],
             "first": [r["first"] for r in results], "finish": [r["finish"] for r in results],
@@ -127,16 +136,19 @@ def _wait_ready(url: str, timeout_s: float = 600.0) -> None:
 
 
 class ServiceSampler:
-    """Asks the engine service during a run: each worker's resident memory about once a
-    second (``worker_rss()``, peaks kept) and, at the end, the KV-cache usage peak the
-    engine kept since the run began (``stats()["kv_usage_peak"]``)."""
+    """Asks the engine service before a run to forget cached prompt prefixes (every run
+    sends the same prompts) and to start a new KV peak; during it, each worker's resident
+    memory about once a second (``worker_rss()``, peaks kept); at the end, the KV-cache
+    usage peak (``stats()["kv_usage_peak"]``)."""
 
     def __init__(self, name: str, namespace: str):
         import ray
 
         self.service = ray.get_actor(name, namespace=namespace)
-        ray.get(self.service.reset_kv_usage_peak.remote())
+        ray.get(self.service.reset_for_benchmark.remote())  # no prefix reuse across runs
         self.kv_peak, self.rss = 0.0, {}
+        self.hits_before = ray.get(self.service.stats.remote()).get("prefix_cache_hits", 0)
+        self.prefix_cache_hits = 0  # during the run
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -151,6 +163,7 @@ class ServiceSampler:
         stats, rss = await asyncio.gather(self.service.stats.remote(),
                                           self.service.worker_rss.remote())
         self.kv_peak = max(self.kv_peak, stats.get("kv_usage_peak", 0.0))
+        self.prefix_cache_hits = stats.get("prefix_cache_hits", 0) - self.hits_before
         for name, value in rss.items():
             self.rss[name] = max(self.rss.get(name, 0), value)
 
@@ -189,6 +202,7 @@ def run_online(opts: BenchOptions, tp: int, threads_per_worker: int, prompts: li
                     url, config.model.model, prompts, opts.output_len, rate, cap, opts, label)))
                 point = summarize(trace, prompts, cap) | {
                     "request_rate": rate_label(rate), "kv_usage_peak": sampler.kv_peak,
+                    "prefix_cache_hits": sampler.prefix_cache_hits,
                     "worker_peak_rss_bytes": sampler.rss}
                 result["points"].append(point)
                 progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")

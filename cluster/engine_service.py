@@ -205,10 +205,20 @@ class EngineService:
                 "device": engine.group.device, "backend": engine.group.backend,
                 "dtype": engine.group._dtype(), **engine.stats}
 
-    def reset_kv_usage_peak(self) -> None:
-        """Start a new peak of ``stats()["kv_usage_peak"]`` from the usage now."""
-        if self.engine is not None:
+    async def reset_for_benchmark(self) -> None:
+        """Forget cached prompt prefixes and start a new ``stats()["kv_usage_peak"]``, on the
+        engine thread between steps (``shardlm bench`` sends the same prompts again)."""
+        if self.engine is None:
+            return
+        loop, done = asyncio.get_running_loop(), asyncio.Event()
+
+        def reset() -> None:
+            self.engine.block_manager.reset_prefix_cache()
             self.engine.kv_usage_peak = self.engine.block_manager.usage
+            loop.call_soon_threadsafe(done.set)
+
+        self._commands.put(reset)
+        await done.wait()
 
     async def worker_rss(self) -> dict:
         """Each worker's resident memory now (bytes), by actor name."""

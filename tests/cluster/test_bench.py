@@ -132,6 +132,7 @@ def test_online_figures(online, result):
     for p in run_["points"]:
         _check_point(p, 3)
         assert 0 < p["kv_usage_peak"] <= 1
+        assert p["prefix_cache_hits"] == 0  # same prompts every run: the cache is reset between
         (name,) = p["worker_peak_rss_bytes"]
         assert name.startswith("bench-http-") and p["worker_peak_rss_bytes"][name] > 0
     w = online["workload"]
