@@ -4,7 +4,10 @@ A step's tokens arrive flattened: sequence i contributes ``query_lens[i]`` new
 tokens at positions ``start_pos[i] ..``. Without a KV cache (a plain forward of
 whole sequences) attention is causal within each sequence. With a cache, the
 new keys/values are first written into the cache through ``slot_mapping``, then
-each sequence attends over the blocks listed in its block table.
+each sequence attends over the blocks listed in its block table: sequences with one
+new token all together (on CPUs through the C kernel of ``layers.cpu_kernels``, which
+reads the blocks in place; elsewhere by gathering them, in groups of similar length),
+longer chunks one by one (a prompt's first chunk over its own keys, no gather).
 
 Cache layout per layer: (2, num_blocks, block_size, local_kv_heads, head_dim).
 """
@@ -86,14 +89,13 @@ class SplitBatch:
             return cls(batch, None, [])
         if not ones:
             return cls(None, None, chunks)
-        seqs = torch.tensor([i for i, _ in ones])
-        decode = AttnBatch([1] * len(ones), [batch.start_pos[i] for i, _ in ones],
-                           batch.block_tables.index_select(0, seqs))
+        decode = batch.last_tokens([i for i, _ in ones])
         return cls(decode, torch.tensor([row for _, row in ones]), chunks)
 
 
-# Keys gathered per decode group: small enough that a layer's gathered K/V (tokens x kv heads
-# x head_dim x 2) stays in the CPU's cache between the gather and the attention reading it.
+# The PyTorch decode path (where the C kernel does not apply) gathers keys per group of
+# sequences: small enough that a layer's gathered K/V (tokens x kv heads x head_dim x 2)
+# stays in the CPU's cache between the gather and the attention reading it.
 DECODE_GROUP_TOKENS = 4096
 
 
