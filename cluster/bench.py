@@ -32,6 +32,7 @@ count (workers x ``threads_per_worker``). The table and the plot: ``cluster.benc
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -39,7 +40,8 @@ import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from cluster.bench_drive import _median_step, drive, progress, summarize, worker_vmhwm
+from cluster.bench_drive import (_median_step, drive, engine_config, progress, summarize,
+                                 worker_vmhwm)
 from cluster.bench_online import rate_label
 
 PROBE_PROMPT = 16  # prompt tokens of the decode probes
@@ -74,13 +76,6 @@ def make_prompts(opts: BenchOptions, vocab_size: int) -> list[list[int]]:
             for _ in range(opts.num_requests)]
 
 
-def worker_threads(setting: int | str, tp: int) -> int:
-    """Torch threads per worker: a number, or "auto" = this machine's cores split over tp."""
-    if setting == "auto":
-        return max(1, (os.cpu_count() or 1) // tp)
-    return int(setting)
-
-
 def probes(engine, opts: BenchOptions, vocab_size: int) -> dict:
     rng = random.Random(opts.seed + 1)
     ids = lambda k: [rng.randrange(vocab_size) for _ in range(k)]
@@ -99,12 +94,8 @@ def run_engine(opts: BenchOptions, tp: int, prompts_for) -> dict:
     """Start the engine at ``tp``, warm it up, probe it, run the sweep, shut it down."""
     from cluster.llm import LLM
 
-    overrides = dict(opts.overrides, name=f"bench-{os.getpid()}-tp{tp}")
-    if opts.max_num_seqs:
-        overrides["max_num_seqs"] = opts.max_num_seqs
-    overrides["threads_per_worker"] = worker_threads(opts.threads_per_worker, tp)
     progress(opts, f"starting the engine at tp={tp}")
-    llm = LLM(model=opts.model, tensor_parallel_size=tp, config=opts.config, **overrides)
+    llm = LLM(config=engine_config(opts, tp, f"bench-{os.getpid()}-tp{tp}"))
     engine = llm.engine
     try:
         par, vocab = engine.config.parallel, engine.args.vocab_size
@@ -163,21 +154,13 @@ def run_online_all(opts: BenchOptions, prompts_for) -> list[dict]:
     from cluster.bench_online import run_online
     from cluster.model_store import resolve_model
 
-    model_dir = resolve_model(opts.model or _base_config(opts).model.model)
+    model = engine_config(opts, 1, "bench").model.model
+    model_dir = resolve_model(model)
     hf_config = json.loads((model_dir / "config.json").read_text())
     prompts = prompts_for(hf_config["vocab_size"])
-    runs = []
-    for tp in opts.tp:
-        r = run_online(opts, tp, worker_threads(opts.threads_per_worker, tp), prompts)
-        runs.append(r | {"model": str(opts.model or model_dir), "model_dir": str(model_dir),
-                         "hf_config": hf_config, "tokens": {}})
-    return runs
-
-
-def _base_config(opts: BenchOptions):
-    from cluster.config import EngineConfig
-
-    return EngineConfig.from_yaml(opts.config) if opts.config else EngineConfig()
+    return [run_online(opts, tp, prompts) | {"model": model, "model_dir": str(model_dir),
+                                             "hf_config": hf_config, "tokens": {}}
+            for tp in opts.tp]
 
 
 # ---- the whole benchmark --------------------------------------------------------------------
@@ -264,7 +247,7 @@ def ratios(runs: list[dict], baselines: list[dict]) -> list[dict]:
 def _counts(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or min(values) < 1:
-        raise ValueError(f"{text!r}: give positive integers separated by commas")
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas")
     return values
 
 
@@ -273,8 +256,9 @@ def _rates(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or min(values) <= 0:
-        raise ValueError(f"{text!r}: give positive request rates (or inf) separated by commas")
+    if not values or min(values) <= 0 or any(math.isnan(v) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give positive request rates (or inf) separated by commas")
     return values
 
 
@@ -282,7 +266,7 @@ def _threads(text: str) -> int | str:
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{text!r}: give a positive integer or 'auto'")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer or 'auto'")
     return int(text)
 
 
@@ -290,7 +274,7 @@ def _length_range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition("-")
     lo, hi = int(lo), int(hi or lo)
     if not 1 <= lo <= hi:
-        raise ValueError(f"{text!r}: give MIN-MAX with 1 <= MIN <= MAX")
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN-MAX with 1 <= MIN <= MAX")
     return lo, hi
 
 

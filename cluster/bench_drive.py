@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,27 @@ def percentiles(values: list[float]) -> dict | None:
         return None
     p50, p90, p99 = np.percentile(np.asarray(values, dtype=float), [50, 90, 99]).tolist()
     return {"p50": p50, "p90": p90, "p99": p99, "mean": float(np.mean(values))}
+
+
+def worker_threads(setting: int | str, tp: int) -> int:
+    """Torch threads per worker: a number, or "auto" = this machine's cores split over tp."""
+    if setting == "auto":
+        return max(1, (os.cpu_count() or 1) // tp)
+    return int(setting)
+
+
+def engine_config(opts: "BenchOptions", tp: int, name: str):
+    """A run's engine config: ``--config`` (or the defaults) with the benchmark's overrides."""
+    from cluster.config import EngineConfig
+
+    config = EngineConfig.from_yaml(opts.config) if opts.config else EngineConfig()
+    overrides = dict(opts.overrides, tensor_parallel_size=tp, name=name,
+                     threads_per_worker=worker_threads(opts.threads_per_worker, tp))
+    if opts.model:
+        overrides["model"] = opts.model
+    if opts.max_num_seqs:
+        overrides["max_num_seqs"] = opts.max_num_seqs
+    return config.with_overrides(**overrides)
 
 
 # ---- driving the engine -----------------------------------------------------------------

@@ -24,7 +24,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from cluster.bench_drive import progress, summarize
+from cluster.bench_drive import engine_config, progress, summarize
 
 if TYPE_CHECKING:
     from cluster.bench import BenchOptions
@@ -168,25 +168,18 @@ class ServiceSampler:
             self.rss[name] = max(self.rss.get(name, 0), value)
 
 
-def run_online(opts: BenchOptions, tp: int, threads_per_worker: int, prompts: list[list[int]]) -> dict:
+def run_online(opts: BenchOptions, tp: int, prompts: list[list[int]]) -> dict:
     """Deploy the HTTP API at ``tp``, run every request rate, shut it down."""
-    from cluster.config import EngineConfig
     from cluster.serve import deploy, shutdown
     from workers.comm import find_free_port
 
-    config = EngineConfig.from_yaml(opts.config) if opts.config else EngineConfig()
-    overrides = dict(opts.overrides, tensor_parallel_size=tp, threads_per_worker=threads_per_worker,
-                     name=f"bench-http-{os.getpid()}-tp{tp}")
-    if opts.model:
-        overrides["model"] = opts.model
-    if opts.max_num_seqs:
-        overrides["max_num_seqs"] = opts.max_num_seqs
-    config = config.with_overrides(**overrides)
+    config = engine_config(opts, tp, f"bench-http-{os.getpid()}-tp{tp}")
     port = find_free_port("127.0.0.1")
     progress(opts, f"tp={tp}: deploying the HTTP API on port {port}")
     url = deploy(config, host="127.0.0.1", port=port)
+    par = config.parallel
     result = {"engine": "shardlm http", "mode": "online", "tp": tp,
-              "threads": tp * threads_per_worker, "points": []}
+              "threads": par.world_size * par.threads_per_worker, "points": []}
     try:
         _wait_ready(url)
         import ray

@@ -158,3 +158,21 @@ def test_online_report_and_plot(online, tmp_path):
     assert json.loads(json.dumps(online)) == online
     plot(online, str(tmp_path / "online.png"))
     assert (tmp_path / "online.png").stat().st_size > 1000
+
+
+def test_command_line_rejects_bad_values_by_name():
+    import argparse
+
+    from cluster.bench import add_arguments
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser)
+    args = parser.parse_args(["--request-rate", "0.5,inf", "--threads-per-worker", "2"])
+    assert args.request_rate == [0.5, math.inf] and args.threads_per_worker == 2
+    for flag, value, message in [("--request-rate", "nan", "positive request rates"),
+                                 ("--request-rate", "0", "positive request rates"),
+                                 ("--threads-per-worker", "0", "positive integer or 'auto'"),
+                                 ("--prompt-len", "9-3", "1 <= MIN <= MAX"),
+                                 ("--mode", "batch", "invalid choice")]:
+        with pytest.raises(argparse.ArgumentError, match=message):
+            parser.parse_args([flag, value])
