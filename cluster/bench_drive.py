@@ -52,7 +52,7 @@ class StepTimer:
     """Timing instrumentation for a run, removed on exit: wraps the worker group's dispatch
     methods (``execute``, and ``submit``/``collect`` where the engine pipelines steps; only
     the outermost call counts) and ``scheduler.schedule``, which notes each step's prefill
-    and decode tokens and the KV usage. Re-wraps a group that recovery replaced."""
+    and decode tokens. Re-wraps a group that recovery replaced."""
 
     GROUP_METHODS = ("execute", "submit", "collect")
 
@@ -60,7 +60,6 @@ class StepTimer:
         self.engine = engine
         self.execute_s = 0.0  # time inside the group's dispatch methods
         self.prefill = self.decode = 0  # tokens scheduled since the last reset()
-        self.kv_peak = 0.0
         self._depth = 0
 
     def __enter__(self) -> StepTimer:
@@ -68,7 +67,6 @@ class StepTimer:
 
         def schedule(*args, **kwargs):
             out = inner(*args, **kwargs)
-            self.kv_peak = max(self.kv_peak, self.engine.block_manager.usage)
             self.prefill += out.num_prefill_tokens
             self.decode += out.num_decode_tokens
             return out
@@ -132,7 +130,7 @@ def drive(engine, prompts: list[list[int]], output_len: int, concurrency: int,
     n = len(prompts)
     arrival, first, finish = [0.0] * n, [None] * n, [0.0] * n
     num_tokens, tokens, steps, ids, rss = [0] * n, [None] * n, [], {}, {}
-    engine.block_manager.reset_prefix_cache()
+    engine.reset_measurement()
     preempted_before = engine.scheduler.num_preemptions
     submitted = done = 0
     with StepTimer(engine) as timer:
@@ -175,7 +173,7 @@ def drive(engine, prompts: list[list[int]], output_len: int, concurrency: int,
         worker_memory(engine, rss)
     return {"start": started, "wall_s": wall, "arrival": arrival, "first": first,
             "finish": finish, "num_tokens": num_tokens, "tokens": tokens, "steps": steps,
-            "kv_usage_peak": timer.kv_peak, "worker_peak_rss_bytes": rss,
+            "kv_usage_peak": engine.kv_usage_peak, "worker_peak_rss_bytes": rss,
             "preemptions": engine.scheduler.num_preemptions - preempted_before}
 
 

@@ -168,6 +168,12 @@ class Engine:
                                "generated token")
         return list(ids)
 
+    def reset_measurement(self) -> None:
+        """Before a measured run (``shardlm bench``): forget cached prompt prefixes (runs send
+        the same prompts again) and restart ``kv_usage_peak`` from the usage now."""
+        self.block_manager.reset_prefix_cache()
+        self.kv_usage_peak = self.block_manager.usage
+
     # ---- stepping --------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.in_flight)

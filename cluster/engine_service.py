@@ -213,8 +213,7 @@ class EngineService:
         loop, done = asyncio.get_running_loop(), asyncio.Event()
 
         def reset() -> None:
-            self.engine.block_manager.reset_prefix_cache()
-            self.engine.kv_usage_peak = self.engine.block_manager.usage
+            self.engine.reset_measurement()
             loop.call_soon_threadsafe(done.set)
 
         self._commands.put(reset)

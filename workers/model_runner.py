@@ -76,14 +76,18 @@ class ModelRunner:
         """Every rank runs the plan; TP rank 0 returns the sampled tokens, others None."""
         batch = prepare(plan, self.block_size, self.device)
         # the final layer goes on only for the sampled rows (prompt tokens before them just
-        # leave their keys and values in the cache)
-        keep = KeepRows(batch.sample_rows, batch.sample_seqs) if batch.sample_chunks else None
+        # leave their keys and values in the cache); a decode-only step samples every row
+        keep = None
+        if batch.sample_chunks and len(batch.sample_chunks) < batch.input_ids.shape[0]:
+            keep = KeepRows(batch.sample_rows, batch.sample_seqs)
         hidden = run_stage(self.model, self.pp_comm, batch.input_ids, batch.positions, batch.attn,
                            keep)
         if hidden is None:  # an earlier pipeline stage: the last one samples
             return None
         if not batch.sample_chunks:  # same plan on every rank, so all skip together
             return StepResult(plan.step_id, [])
+        if keep is None:  # every row is sampled, in order
+            hidden = hidden.index_select(0, batch.sample_rows)
         logits = self.model.compute_logits(hidden)  # (samples, vocab) on TP rank 0
         if logits is None:
             return None
