@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from layers.linear import make_param, wide_linear
+from layers.linear import linear, make_param, weight_rows
 from layers.partition import padded_vocab_shard
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ class VocabParallelEmbedding(nn.Module):
         # input_ids: (tokens,) -> (tokens, hidden)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = weight_rows(self.weight, local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
         return self.comm.all_reduce(out)
 
@@ -49,6 +48,8 @@ class ParallelLMHead(nn.Module):
     With tied embeddings the head shares the embedding's weight shard (same
     vocabulary split) and loads nothing itself.
     """
+
+    packable = True  # see layers.linear.pack_weights
 
     def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: "Communicator",
                  tied_to: VocabParallelEmbedding | None = None):
@@ -63,6 +64,6 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         # hidden: (rows, hidden) -> full logits (rows, vocab_size) on dst, None elsewhere
-        local = wide_linear(hidden, self.weight)  # (rows, per_rank)
+        local = linear(hidden, self.weight)  # (rows, per_rank)
         full = self.comm.gather(local, dst=dst, dim=-1)  # (rows, per_rank * tp) on dst
         return None if full is None else full[:, :self.vocab_size]

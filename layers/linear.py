@@ -22,24 +22,40 @@ if TYPE_CHECKING:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; a few rows on a CPU go through the skinny C kernel (small-batch decode
-    streams every weight once per step, and MKL's GEMV streams at about half the bandwidth)."""
-    # x: (rows, in), weight: (out, in) -> (rows, out)
-    y = cpu_kernels.skinny_linear(x, weight) if x.shape[0] <= cpu_kernels.SKINNY_MAX_ROWS else None
-    if y is None:
+    """``x @ weight.T + bias``; ``weight`` is (out, in), or packed by ``pack_weights`` for the
+    CPU kernel (out / 16, in, 16)."""
+    # x: (rows, in) -> (rows, out)
+    if weight.dim() == 2:
         return F.linear(x, weight, bias)
+    y = cpu_kernels.packed_linear(x, weight)
     return y if bias is None else y + bias
 
 
-def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for a very wide weight (the LM head: tens of thousands of rows).
-    Few rows: the skinny kernel; more: oneDNN's matmul where torch has it, which ran the
-    LM head of the default model 1.4-1.8x faster than MKL's sgemm at 16-128 rows here."""
-    # x: (rows, in), weight: (out, in) -> (rows, out)
-    if (x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and x.device.type == "cpu"
-            and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return linear(x, weight)
+def weight_rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``weight[index]`` (an embedding lookup) for a plain or a packed weight."""
+    # weight: (out, in) or (out / P, in, P); index: (n,) -> (n, in)
+    if weight.dim() == 2:
+        return F.embedding(index, weight)
+    panel = weight.shape[2]
+    return weight[index // panel, :, index % panel]
+
+
+def pack_weights(model: nn.Module) -> int:
+    """Repack, in place, the weight of every module that multiplies through ``linear`` (those
+    with ``packable = True``) into the CPU kernel's panel layout, where the kernel applies
+    (float32 on a CPU with AVX2, rows a multiple of 16). Run once after loading; a weight
+    shared by two modules (tied embeddings) is packed once and serves both. Returns how many
+    weights were packed."""
+    done: set[int] = set()
+    for module in model.modules():
+        param = getattr(module, "weight", None) if getattr(module, "packable", False) else None
+        if param is None or id(param) in done or param.dim() != 2:
+            continue
+        panels = cpu_kernels.pack_weight(param.data)
+        if panels is not None:
+            param.data = panels
+            done.add(id(param))
+    return len(done)
 
 
 def make_param(shape: tuple[int, ...], dtype: torch.dtype, loader: Callable) -> nn.Parameter:
@@ -66,6 +82,8 @@ class ColumnParallelLinear(nn.Module):
     ``shards`` lists (shard_id, start, size) blocks of output rows: one block for a
     plain layer, several for fused layers (q/k/v, gate/up) stacked in that order.
     """
+
+    packable = True  # see pack_weights
 
     def __init__(self, in_features: int, shards: list[tuple[str | None, int, int]],
                  bias: bool, dtype: torch.dtype):
@@ -128,6 +146,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W[:, cols owned].T) + b: input features split over ranks."""
+
+    packable = True  # see pack_weights
 
     def __init__(self, in_start: int, in_size: int, out_features: int, bias: bool,
                  dtype: torch.dtype, comm: "Communicator"):

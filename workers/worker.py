@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from layers.attention import AttnBatch
+from layers.linear import pack_weights
 from layers.models import build_model
 from workers.host_memory import retain_freed_memory
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
@@ -98,7 +99,9 @@ class Worker:
         model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype], layer_range)
         stats = load_shard(model, checkpoint)
         self.model = model.to(self.device).eval()
+        packed = pack_weights(self.model) if self.device.type == "cpu" else 0
         return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
+                "packed_weights": packed,
                 "rss_before": rss_before, "rss_after": rss_bytes(),
                 "load_s": time.perf_counter() - started,
                 "loaded": sorted(name for name, _ in stats.loaded)}

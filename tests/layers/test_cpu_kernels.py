@@ -1,6 +1,6 @@
-"""The C paged-decode kernel against torch's own attention (scaled_dot_product_attention on
-keys and values gathered by plain indexing), and the PyTorch fallback path against the same
-reference. Shapes cover GQA ratios 1, 3 and 8, contexts of one token, a block boundary and
+"""The C kernels against torch: paged decode attention against scaled_dot_product_attention
+on keys and values gathered by plain indexing (and the PyTorch fallback path against the same
+reference), the packed linear against a plain matmul. Shapes cover GQA ratios 1, 3 and 8, contexts of one token, a block boundary and
 one past it, and block tables in scrambled order."""
 
 from __future__ import annotations
@@ -82,34 +82,72 @@ def test_build_error_names_the_compiler(tmp_path, monkeypatch):
         cpu_kernels.build([bad], tmp_path / "out")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("in_features,out_features", [(576, 1539), (64, 7), (1536, 576)])
-def test_skinny_linear_matches_torch(rows, in_features, out_features):
+def _packed(w):
+    panels = cpu_kernels.pack_weight(w)
+    assert panels is not None, "the kernel did not build on this machine (a C compiler and AVX2 are required)"
+    return panels
+
+
+# rows: every micro-kernel tail (1-5 after whole blocks of 6), one row chunk and several
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 64, 85, 200])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (7, 16), (1536, 576)])
+def test_packed_linear_matches_torch(rows, in_features, out_features):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g)
-    got = cpu_kernels.skinny_linear(x, w)
-    assert got is not None, "the kernel did not build on this machine (a C compiler is required)"
-    torch.testing.assert_close(got, x @ w.T, atol=1e-4, rtol=1e-5)
+    panels = _packed(w)
+    assert panels.shape == (out_features // 16, in_features, 16)
+    exact = x.double() @ w.double().T  # float32 rounding error grows like sqrt(in_features)
+    torch.testing.assert_close(cpu_kernels.packed_linear(x, panels).double(), exact,
+                               atol=1e-5 * in_features ** 0.5, rtol=1e-5)
 
 
-def test_skinny_linear_declines_and_linear_falls_back():
-    from layers.linear import linear
+def test_packed_linear_takes_strided_input_and_checks_width():
+    w = torch.randn(32, 64)
+    panels = _packed(w)
+    x = torch.randn(64, 5).T  # (5, 64), not contiguous
+    torch.testing.assert_close(cpu_kernels.packed_linear(x, panels), x @ w.T, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not match a packed float32 weight of 64 input"):
+        cpu_kernels.packed_linear(torch.randn(2, 63), panels)
+    with pytest.raises(ValueError, match="float64"):
+        cpu_kernels.packed_linear(torch.randn(2, 64, dtype=torch.float64), panels)
 
-    w, b = torch.randn(10, 64), torch.randn(10)
-    too_many, odd_width = torch.randn(9, 64), torch.randn(2, 60)
-    assert cpu_kernels.skinny_linear(too_many, w) is None
-    assert cpu_kernels.skinny_linear(odd_width, torch.randn(10, 60)) is None
-    assert cpu_kernels.skinny_linear(torch.randn(2, 64, dtype=torch.float64), w.double()) is None
-    for x in (too_many, torch.randn(3, 64)):  # torch path and kernel path, bias added in both
-        torch.testing.assert_close(linear(x, w, b), x @ w.T + b, atol=1e-5, rtol=1e-5)
+
+def test_pack_weight_declines_what_the_kernel_cannot_run():
+    assert cpu_kernels.pack_weight(torch.randn(10, 64)) is None  # rows not a multiple of 16
+    assert cpu_kernels.pack_weight(torch.randn(16, 64, dtype=torch.float64)) is None
+    assert cpu_kernels.pack_weight(torch.randn(16)) is None
 
 
-@pytest.mark.parametrize("rows", [1, 9, 64])
-def test_wide_linear_matches_torch(rows):
-    """The LM head's matmul (skinny kernel for few rows, oneDNN above) against plain matmul."""
-    from layers.linear import wide_linear
+def test_pack_weights_keeps_every_layer_output():
+    """Column/row-parallel layers and a tied embedding + LM head give the same outputs after
+    ``pack_weights`` as before (plain torch matmul and lookup); an unpackable layer (17 rows)
+    keeps its plain weight and still works."""
+    from layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from layers.linear import ColumnParallelLinear, RowParallelLinear, linear, pack_weights
+    from workers.comm import TrivialCommunicator
 
-    g = torch.Generator().manual_seed(rows)
-    x, w = torch.randn(rows, 64, generator=g), torch.randn(5003, 64, generator=g)
-    torch.testing.assert_close(wide_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
+    comm = TrivialCommunicator()
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "col": ColumnParallelLinear(64, [(None, 0, 48)], True, torch.float32),
+        "odd": ColumnParallelLinear(64, [(None, 0, 17)], False, torch.float32),
+        "row": RowParallelLinear(0, 48, 64, True, torch.float32, comm),
+        "embed": VocabParallelEmbedding(160, 64, torch.float32, comm),
+    })
+    model["head"] = ParallelLMHead(160, 64, torch.float32, comm, tied_to=model["embed"])
+    for param in model.parameters():
+        param.data.normal_()
+    x, ids = torch.randn(9, 64), torch.tensor([0, 5, 17, 159, 16, 31])
+    with torch.inference_mode():
+        def outputs():
+            return [model["col"](x), model["odd"](x), model["row"](model["col"](x)),
+                    model["embed"](ids), model["head"](x)]
+
+        before = outputs()
+        torch.testing.assert_close(before[0], x @ model["col"].weight.T + model["col"].bias)
+        assert pack_weights(model) == 3  # col, row, and the shared embedding/head weight once
+        assert model["odd"].weight.dim() == 2 and model["head"].weight.dim() == 3
+        for got, want in zip(outputs(), before):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(linear(x, model["odd"].weight), x @ model["odd"].weight.T)

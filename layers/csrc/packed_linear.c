@@ -1,0 +1,102 @@
+/* y = x @ W.T with W pre-packed into column panels: every linear layer on a CPU.
+ *
+ * Layout: W (out, in) is packed once, after loading, into panels (out / 16, in, 16): panel j
+ * holds output features 16j..16j+15, and for each input feature k their 16 weights side by
+ * side. A micro-kernel multiplies up to 6 rows of x by one panel, keeping the 6 x 16 block
+ * of y in 12 AVX registers while it walks k: two vector loads of the panel and one broadcast
+ * of x per row feed two FMAs, so the panel streams in memory order (batch-1 decode reads
+ * every weight once, at close to memory bandwidth) and with more rows the loop is FMA-bound.
+ *
+ * Threads split the panels (each streams its own range of the weight once per row chunk);
+ * rows go in chunks small enough to stay in L2 while a thread's panels pass by.
+ *
+ * Shapes (float32, contiguous): x (rows, in), panels (out / 16, in, 16), y (rows, out).
+ * Needs AVX2 + FMA; elsewhere (and where out % 16 != 0) the weight is left unpacked and the
+ * layer uses torch.
+ */
+#include <stdint.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include <omp.h>
+#endif
+
+#define NR 16 /* output features per panel: two 8-float vectors */
+#define MR 6  /* rows per micro-kernel call: 12 accumulators + 2 panel vectors + 1 broadcast */
+#define CHUNK_BYTES (192 * 1024) /* rows of x per chunk: about this many bytes of x */
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+int pack_weight(const float *w, float *panels, int64_t out, int64_t in) {
+    if (out % NR) return -1;
+    for (int64_t j = 0; j < out / NR; j++)
+        for (int64_t k = 0; k < in; k++)
+            for (int64_t c = 0; c < NR; c++) panels[(j * in + k) * NR + c] = w[(j * NR + c) * in + k];
+    return 0;
+}
+
+/* y[r][0..16) = x[r] . panel for `rows` (1..6, a constant after inlining) rows */
+static inline __attribute__((always_inline)) void micro(
+        const float *x, const float *panel, float *y, int64_t in, int64_t out, int rows) {
+    __m256 lo[MR], hi[MR];
+    _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
+        lo[r] = _mm256_setzero_ps();
+        hi[r] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < in; k++) {
+        const __m256 b0 = _mm256_loadu_ps(panel + k * NR), b1 = _mm256_loadu_ps(panel + k * NR + 8);
+        _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
+            const __m256 a = _mm256_broadcast_ss(x + r * in + k);
+            lo[r] = _mm256_fmadd_ps(a, b0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(a, b1, hi[r]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
+        _mm256_storeu_ps(y + r * out, lo[r]);
+        _mm256_storeu_ps(y + r * out + 8, hi[r]);
+    }
+}
+
+/* rows (any count) of x times one panel, MR rows at a time */
+static void rows_times_panel(const float *x, const float *panel, float *y, int64_t rows,
+                             int64_t in, int64_t out) {
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) micro(x + r * in, panel, y + r * out, in, out, MR);
+    const float *xr = x + r * in;
+    float *yr = y + r * out;
+    switch (rows - r) { /* constant row counts keep the accumulators in registers */
+    case 1: micro(xr, panel, yr, in, out, 1); break;
+    case 2: micro(xr, panel, yr, in, out, 2); break;
+    case 3: micro(xr, panel, yr, in, out, 3); break;
+    case 4: micro(xr, panel, yr, in, out, 4); break;
+    case 5: micro(xr, panel, yr, in, out, 5); break;
+    }
+}
+
+int packed_linear(const float *x, const float *panels, float *y, int64_t rows, int64_t in,
+                  int64_t out, int threads) {
+    if (out % NR || rows < 1) return -1;
+    const int64_t count = out / NR;
+    int64_t chunk = CHUNK_BYTES / (in * (int64_t)sizeof(float));
+    chunk = chunk < MR ? MR : chunk / MR * MR;
+    const int64_t chunks = (rows + chunk - 1) / chunk;
+    chunk = ((rows + chunks - 1) / chunks + MR - 1) / MR * MR; /* even chunks, whole MR blocks */
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t first = count * t / n, end = count * (t + 1) / n;
+        for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+            const int64_t nr = rows - r0 < chunk ? rows - r0 : chunk;
+            for (int64_t j = first; j < end; j++)
+                rows_times_panel(x + r0 * in, panels + j * in * NR, y + r0 * out + j * NR, nr, in, out);
+        }
+    }
+    return 0;
+}
+
+#else /* no AVX2/FMA: decline, the layers keep torch's matmul */
+
+int pack_weight(const float *w, float *panels, int64_t out, int64_t in) { return -1; }
+int packed_linear(const float *x, const float *panels, float *y, int64_t rows, int64_t in,
+                  int64_t out, int threads) { return -1; }
+
+#endif
