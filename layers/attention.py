@@ -174,6 +174,8 @@ class Attention(nn.Module):
         return torch.cat(outs)
 
     def _write_cache(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        if cpu_kernels.write_kv(k, v, self.kv_cache, slots):
+            return
         cache = self.kv_cache.view(2, -1, self.num_kv, self.head_dim)  # (2, slots, num_kv, head_dim)
         cache[0].index_copy_(0, slots, k)
         cache[1].index_copy_(0, slots, v)

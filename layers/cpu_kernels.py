@@ -36,7 +36,9 @@ import torch
 
 log = logging.getLogger("shardlm.kernels")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.c", "packed_linear.c")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_decode.c", "packed_linear.c", "fused_ops.c")]
+HEADERS = [CSRC / "vec.h"]  # included by the sources: part of the cache key
 PANEL = 16  # output features per packed panel (NR in packed_linear.c)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
@@ -56,12 +58,14 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def build(sources: list[Path] = SOURCES, out_dir: Path | None = None) -> Path:
-    """Compile ``sources`` into one shared library (once per sources, flags and CPU); its path."""
+def build(sources: list[Path] = SOURCES, out_dir: Path | None = None,
+          headers: list[Path] = HEADERS) -> Path:
+    """Compile ``sources`` into one shared library (once per sources, headers, flags and
+    CPU); its path."""
     compiler = os.environ.get("CC", "cc")
     if not shutil.which(compiler):
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
-    text = b"".join(source.read_bytes() for source in sources)
+    text = b"".join(path.read_bytes() for path in [*sources, *headers])
     key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     out_dir = out_dir or kernel_dir()
     target = out_dir / f"shardlm-kernels-{key}.so"
@@ -93,15 +97,20 @@ def load() -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as exc:
         log.warning("CPU kernels unavailable, attention uses the PyTorch path: %s", exc)
         return None
-    fn = lib.paged_decode_attention
-    fn.argtypes = [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.pack_weight
-    fn.argtypes = [_F32P, _F32P, _I64, _I64]
-    fn.restype = ctypes.c_int
-    fn = lib.packed_linear
-    fn.argtypes = [_F32P, _F32P, _F32P, _I64, _I64, _I64, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    _INT, _F32 = ctypes.c_int, ctypes.c_float
+    signatures = {
+        "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT],
+        "pack_weight": [_F32P, _F32P, _I64, _I64],
+        "packed_linear": [_F32P, _F32P, _F32P, _I64, _I64, _I64, _INT],
+        "rms_norm": [_F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
+        "add_rms_norm": [_F32P, _F32P, _F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
+        "rope_inplace": [_F32P, _I64, _I64, _I64, _I64, _F32P, _F32P, _INT],
+        "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64],
+        "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, _INT
     return lib
 
 
@@ -160,3 +169,86 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         seqs, num_q, num_kv, hd, num_blocks, block_size, tables.shape[1], scale,
         torch.get_num_threads())
     return out if rc == 0 else None
+
+
+# ---- the small per-layer ops (layers/csrc/fused_ops.c) ----------------------------------------
+def _usable(*tensors: torch.Tensor):
+    """The kernels where every tensor is a contiguous float32 CPU tensor, else None."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return load()
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x / rms(x) * weight per row; None where the kernel does not apply.
+
+    x: (rows, hidden); weight: (hidden,) -> (rows, hidden)"""
+    lib = _usable(x, weight)
+    if lib is None or x.dim() != 2:
+        return None
+    out = torch.empty_like(x)
+    rc = lib.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
+                      torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(a + b), a + b) in one pass; None where the kernel does not apply.
+
+    a, b: (rows, hidden); weight: (hidden,) -> both (rows, hidden)"""
+    lib = _usable(a, b, weight)
+    if lib is None or a.dim() != 2 or a.shape != b.shape:
+        return None
+    total, out = torch.empty_like(a), torch.empty_like(a)
+    rc = lib.add_rms_norm(a.data_ptr(), b.data_ptr(), weight.data_ptr(), total.data_ptr(),
+                          out.data_ptr(), a.shape[0], a.shape[1], eps, torch.get_num_threads())
+    return (out, total) if rc == 0 else None
+
+
+def rope_inplace(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate every head of every token in place (Llama's half-rotation); False where the
+    kernel does not apply (the caller rotates with torch).
+
+    heads: (tokens, n, hd), rows any stride apart, heads contiguous within a row (a slice of
+    the fused qkv output); cos, sin: (tokens, hd / 2)"""
+    lib = _usable(cos, sin)
+    tokens, n, hd = heads.shape
+    if (lib is None or heads.dtype != torch.float32 or heads.stride(2) != 1
+            or heads.stride(1) != hd or cos.shape != (tokens, hd // 2)):
+        return False
+    return lib.rope_inplace(heads.data_ptr(), heads.stride(0), tokens, n, hd, cos.data_ptr(),
+                            sin.data_ptr(), torch.get_num_threads()) == 0
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> bool:
+    """cache[0][slots[t]] = k[t], cache[1][slots[t]] = v[t]; False where the kernel does not
+    apply. Slots out of range raise.
+
+    k, v: (tokens, num_kv, hd), rows the same stride apart, each row contiguous;
+    cache: (2, blocks, block_size, num_kv, hd); slots: (tokens,) int64"""
+    lib = _usable(cache)
+    tokens, num_kv, hd = k.shape
+    if (lib is None or k.dtype != torch.float32 or v.dtype != torch.float32
+            or slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (tokens,)
+            or k.stride()[1:] != (hd, 1) or v.stride() != k.stride()):
+        return False
+    total = cache.shape[1] * cache.shape[2]
+    rc = lib.write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), cache.data_ptr(), slots.data_ptr(),
+                      tokens, num_kv * hd, total)
+    if rc == -2:
+        raise IndexError(f"KV cache slot out of range [0, {total})")
+    return rc == 0
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for the fused gate/up output; None where the kernel does not apply.
+
+    gate_up: (rows, 2 * inter) -> (rows, inter)"""
+    lib = _usable(gate_up)
+    if lib is None or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        return None
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, inter)
+    return out if lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter,
+                               torch.get_num_threads()) == 0 else None

@@ -104,9 +104,11 @@ class ColumnParallelLinear(nn.Module):
         offset, start, size = self.offsets[shard_id]
         load_rows(param, source, start, size, offset)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (tokens, in_features) -> (tokens, out_local)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, in_features) -> (tokens, out_local), fused blocks side by side
         return linear(x, self.weight, self.bias)
+
+    forward = project
 
     @classmethod
     def split(cls, in_features: int, out_features: int, tp_size: int, tp_rank: int,
@@ -127,7 +129,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_size = shard.num_kv * head_dim
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = super().forward(x)  # (tokens, q_size + 2 * kv_size)
+        qkv = self.project(x)  # (tokens, q_size + 2 * kv_size)
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
 
@@ -141,7 +143,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.local_sizes = [size for _, _, size in blocks]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return super().forward(x).split(self.local_sizes, dim=-1)
+        return self.project(x).split(self.local_sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):

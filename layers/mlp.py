@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers import cpu_kernels
 from layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
 if TYPE_CHECKING:
@@ -25,5 +26,9 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden)
-        gate, up = self.gate_up_proj(x)  # each (tokens, intermediate_local)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj.project(x)  # (tokens, 2 * intermediate_local)
+        act = cpu_kernels.silu_mul(gate_up)  # (tokens, intermediate_local)
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return self.down_proj(act)

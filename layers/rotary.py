@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layers import cpu_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -72,18 +74,32 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, spec: RopeSpec):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(spec, head_dim), persistent=False)
-        self._positions: torch.Tensor | None = None  # what the cached angles are for
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._positions: torch.Tensor | None = None  # what the cached tables are for
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _cos_sin(self, positions: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the step's angles: (tokens, head_dim // 2), or with ``full``
+        (tokens, 1, head_dim) (both halves, broadcast over heads)."""
+        if positions is not self._positions:
+            freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (tokens, head_dim // 2)
+            self._positions, self._tables = positions, {"half": (freqs.cos(), freqs.sin())}
+        if full and "full" not in self._tables:
+            self._tables["full"] = tuple(torch.cat((t, t), dim=-1).unsqueeze(1)
+                                         for t in self._tables["half"])
+        return self._tables["full" if full else "half"]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (tokens,); q: (tokens, q_heads, head_dim); k: (tokens, kv_heads, head_dim)
-        if positions is not self._positions:
-            freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (tokens, head_dim // 2)
-            angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (tokens, 1, head_dim)
-            self._positions, self._cos_sin = positions, (angles.cos(), angles.sin())
-        cos, sin = self._cos_sin
+        cos, sin = self._cos_sin(positions, full=True)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def rotate_(self, positions: torch.Tensor, heads: torch.Tensor) -> None:
+        """Rotate in place: heads (tokens, n, head_dim), e.g. the q and k heads of a fused
+        qkv output (the C kernel where it applies, else torch)."""
+        if not cpu_kernels.rope_inplace(heads, *self._cos_sin(positions, full=False)):
+            cos, sin = self._cos_sin(positions, full=True)
+            heads.copy_(_rotate(heads, cos, sin))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -102,11 +102,10 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
-        q, k, v = self.qkv_proj(x)
-        q = q.view(-1, self.num_q, self.head_dim)  # (tokens, local_q, hd)
-        k = k.view(-1, self.num_kv, self.head_dim)  # (tokens, local_kv, hd)
-        v = v.view(-1, self.num_kv, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj.project(x)  # (tokens, (local_q + 2 * local_kv) * hd)
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)  # (tokens, local_q + 2 * local_kv, hd)
+        self.rotary.rotate_(positions, heads[:, :self.num_q + self.num_kv])  # q and k, in place
+        q, k, v = heads.split([self.num_q, self.num_kv, self.num_kv], dim=1)  # (tokens, heads, hd) each
         if keep is None:
             return self.o_proj(self.attn(q, k, v, batch))
         q_last = q.index_select(0, keep.rows)  # (kept rows, local_q, hd)
@@ -126,8 +125,9 @@ class DecoderLayer(nn.Module):
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
         attn = self.self_attn(self.input_layernorm(x), positions, batch, keep)
-        h = (x if keep is None else x.index_select(0, keep.rows)) + attn
-        return h + self.mlp(self.post_attention_layernorm(h))
+        normed, h = self.post_attention_layernorm.forward_add(
+            attn, x if keep is None else x.index_select(0, keep.rows))
+        return h + self.mlp(normed)
 
 
 class LlamaForCausalLM(nn.Module):

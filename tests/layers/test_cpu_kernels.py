@@ -151,3 +151,49 @@ def test_pack_weights_keeps_every_layer_output():
         for got, want in zip(outputs(), before):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(linear(x, model["odd"].weight), x @ model["odd"].weight.T)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 200])  # 200 x 576: enough work for both threads
+def test_rms_norm_kernels_match_transformers(rows):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from layers.norm import RMSNorm
+
+    ref = LlamaRMSNorm(576, eps=1e-5)
+    ref.weight.data.normal_()
+    ours = RMSNorm(576, 1e-5, torch.float32)
+    ours.weight.data.copy_(ref.weight.data)
+    x, residual = torch.randn(rows, 576) * 3, torch.randn(rows, 576)
+    with torch.no_grad():
+        got = cpu_kernels.rms_norm(x, ours.weight, 1e-5)
+        assert got is not None
+        torch.testing.assert_close(got, ref(x), atol=1e-5, rtol=1e-5)
+        normed, total = ours.forward_add(x, residual)
+        torch.testing.assert_close(total, x + residual, atol=0, rtol=0)
+        torch.testing.assert_close(normed, ref(x + residual), atol=1e-5, rtol=1e-5)
+    assert cpu_kernels.rms_norm(torch.randn(2, 60), torch.ones(60), 1e-5) is None  # width % 8
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_silu_mul_matches_torch(rows):
+    gate_up = torch.randn(rows, 2 * 1536) * 8  # large |gate| on both sides: exp range
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-8])
+    got = cpu_kernels.silu_mul(gate_up)
+    assert got is not None
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(got, F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_write_kv_matches_index_copy_and_checks_slots():
+    cache = torch.randn(2, 8, 4, 3, 16)  # (2, blocks, block_size, kv, hd)
+    qkv = torch.randn(5, (9 + 3 + 3) * 16)  # fused rows: k and v are strided views
+    heads = qkv.view(5, 15, 16)
+    k, v = heads[:, 9:12], heads[:, 12:]
+    slots = torch.tensor([31, 0, 7, 8, 20])
+    want = cache.clone().view(2, 32, 3, 16)
+    want[0].index_copy_(0, slots, k)
+    want[1].index_copy_(0, slots, v)
+    assert cpu_kernels.write_kv(k, v, cache, slots)
+    assert torch.equal(cache.view(2, 32, 3, 16), want)
+    with pytest.raises(IndexError, match=r"slot out of range \[0, 32\)"):
+        cpu_kernels.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 32]))

@@ -31,3 +31,23 @@ def test_matches_transformers(scaling):
 def test_unsupported_rope_type_is_named():
     with pytest.raises(ValueError, match="'yarn'"):
         RopeSpec.from_hf_config({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("head_dim", [16, 8])  # 16: the C kernel; 8: the torch path
+def test_rotate_in_place_on_fused_qkv_matches_transformers(head_dim):
+    """``rotate_`` turns the q and k heads of a fused (tokens, q + k + v heads, hd) buffer in
+    place, leaving the v heads alone."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rope_theta=5e5, rope_scaling=LLAMA3)
+    positions = torch.tensor([0, 3, 64, 2999])
+    heads = torch.randn(4, 4 + 2 + 2, head_dim)
+    q, k, v = (t.clone() for t in heads.split([4, 2, 2], dim=1))
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
+    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    RotaryEmbedding(head_dim, RopeSpec.from_hf_config(config.to_dict())).rotate_(positions, heads[:, :6])
+    torch.testing.assert_close(heads[:, :4], ref_q[0].transpose(0, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(heads[:, 4:6], ref_k[0].transpose(0, 1), rtol=0, atol=1e-5)
+    assert torch.equal(heads[:, 6:], v)

@@ -1,0 +1,129 @@
+/* The small per-layer operations of a decoder layer, one call each instead of a handful of
+ * torch ops: at small batches the dispatch of those ops cost more than their arithmetic.
+ *
+ *   rms_norm      out = x / rms(x) * w                       x (rows, hidden)
+ *   add_rms_norm  sum = a + b; out = sum / rms(sum) * w     a, b (rows, hidden)
+ *   rope_inplace  rotary on the q and k heads of the fused qkv rows, in place
+ *   write_kv      each token's keys and values into the paged cache at its slot
+ *   silu_mul      out = silu(gate) * up                      gate_up (rows, 2 * inter)
+ *
+ * float32, contiguous rows. Widths must be multiples of 8 (head_dim of 16); otherwise the
+ * functions return -1 and the layers use torch. Threads split rows once a call has enough
+ * work to pay for waking them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "vec.h"
+
+#define PARALLEL_MIN 32768 /* elements per call below which one thread does it all */
+
+static inline float inv_rms(const float *x, int64_t n, float eps) {
+    vec a = splat(0.0f), b = splat(0.0f);
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+        const vec u = load(x + i), v = load(x + i + W);
+        a += u * u;
+        b += v * v;
+    }
+    for (; i < n; i += W) {
+        const vec u = load(x + i);
+        a += u * u;
+    }
+    return 1.0f / sqrtf(hsum(a + b) / (float)n + eps);
+}
+
+static inline void scale_row(const float *x, const float *w, float *out, int64_t n, float r) {
+    const vec rv = splat(r);
+    for (int64_t i = 0; i < n; i += W) store(out + i, load(x + i) * rv * load(w + i));
+}
+
+int rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t hidden,
+             float eps, int threads) {
+    if (hidden % W) return -1;
+#pragma omp parallel for num_threads(threads) if (rows * hidden >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * hidden;
+        scale_row(xr, w, out + r * hidden, hidden, inv_rms(xr, hidden, eps));
+    }
+    return 0;
+}
+
+int add_rms_norm(const float *a, const float *b, const float *w, float *sum, float *out,
+                 int64_t rows, int64_t hidden, float eps, int threads) {
+    if (hidden % W) return -1;
+#pragma omp parallel for num_threads(threads) if (rows * hidden >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ar = a + r * hidden, *br = b + r * hidden;
+        float *sr = sum + r * hidden;
+        for (int64_t i = 0; i < hidden; i += W) store(sr + i, load(ar + i) + load(br + i));
+        scale_row(sr, w, out + r * hidden, hidden, inv_rms(sr, hidden, eps));
+    }
+    return 0;
+}
+
+/* x (head_dim) rotated by the angles of its token: halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) */
+static inline void rotate_head(float *x, const float *cos, const float *sin, int64_t half) {
+    for (int64_t i = 0; i < half; i += W) {
+        const vec x1 = load(x + i), x2 = load(x + half + i), c = load(cos + i), s = load(sin + i);
+        store(x + i, x1 * c - x2 * s);
+        store(x + half + i, x2 * c + x1 * s);
+    }
+}
+
+/* x: tokens rows, `stride` floats apart, each starting with `heads` heads of hd floats
+ * (q and k heads side by side in the fused qkv output); cos, sin (tokens, hd / 2). */
+int rope_inplace(float *x, int64_t stride, int64_t tokens, int64_t heads, int64_t hd,
+                 const float *cos, const float *sin, int threads) {
+    if (hd % (2 * W)) return -1;
+    const int64_t half = hd / 2;
+#pragma omp parallel for num_threads(threads) if (tokens * heads * hd >= PARALLEL_MIN) schedule(static)
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++) rotate_head(x + t * stride + h * hd, cos + t * half, sin + t * half, half);
+    return 0;
+}
+
+/* k, v: tokens rows `stride` floats apart, each row `width` = num_kv * hd floats; cache
+ * (2, total_slots, width): token t's keys go to cache[0][slots[t]], values to cache[1][slots[t]] */
+int write_kv(const float *k, const float *v, int64_t stride, float *cache, const int64_t *slots,
+             int64_t tokens, int64_t width, int64_t total_slots) {
+    for (int64_t t = 0; t < tokens; t++) {
+        if (slots[t] < 0 || slots[t] >= total_slots) return -2;
+        memcpy(cache + slots[t] * width, k + t * stride, width * sizeof(float));
+        memcpy(cache + (total_slots + slots[t]) * width, v + t * stride, width * sizeof(float));
+    }
+    return 0;
+}
+
+/* silu(g) = g / (1 + e^-g), with e^-|g| (never overflows) */
+static inline vec silu(vec g) {
+    const vec zero = splat(0.0f), one = splat(1.0f);
+    const ivec neg = g < zero;
+    vec mag = g;
+    ivec bits;
+    memcpy(&bits, &mag, sizeof bits);
+    bits &= 0x7fffffff;
+    memcpy(&mag, &bits, sizeof mag);
+    const vec e = vexp(-mag);             /* e^-|g| in (0, 1] */
+    const vec sig_pos = one / (one + e);  /* sigmoid(|g|) */
+    vec sig;
+    ivec sp, sn;
+    const vec sig_neg = e / (one + e);    /* sigmoid(-|g|) */
+    memcpy(&sp, &sig_pos, sizeof sp);
+    memcpy(&sn, &sig_neg, sizeof sn);
+    sp = (sn & neg) | (sp & ~neg);
+    memcpy(&sig, &sp, sizeof sig);
+    return g * sig;
+}
+
+int silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int threads) {
+    if (inter % W) return -1;
+#pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * inter, *u = g + inter;
+        float *o = out + r * inter;
+        for (int64_t i = 0; i < inter; i += W) store(o + i, silu(load(g + i)) * load(u + i));
+    }
+    return 0;
+}
