@@ -37,8 +37,9 @@ import torch
 log = logging.getLogger("shardlm.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_decode.c", "packed_linear.c", "fused_ops.c")]
-HEADERS = [CSRC / "vec.h"]  # included by the sources: part of the cache key
+SOURCES = [CSRC / name for name in (
+    "paged_decode.c", "packed_linear.c", "fused_ops.c", "prefill_attention.c")]
+HEADERS = [CSRC / "vec.h", CSRC / "microkernel.h"]  # included by the sources: part of the cache key
 PANEL = 16  # output features per packed panel (NR in packed_linear.c)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
@@ -107,6 +108,7 @@ def load() -> ctypes.CDLL | None:
         "rope_inplace": [_F32P, _I64, _I64, _I64, _I64, _F32P, _F32P, _INT],
         "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64],
         "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
+        "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -252,3 +254,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = gate_up.new_empty(rows, inter)
     return out if lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter,
                                torch.get_num_threads()) == 0 else None
+
+
+def _rows_of_heads(t: torch.Tensor) -> bool:
+    """(rows, heads, hd) float32 on a CPU with heads contiguous within a row (rows may be
+    any stride apart, e.g. slices of the fused qkv output)."""
+    return (t.dim() == 3 and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.stride(2) == 1 and t.stride(1) == t.shape[2])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                      ) -> torch.Tensor | None:
+    """Causal attention of n new tokens over a context of ctx >= n keys whose last n are
+    theirs (query i attends keys 0..ctx - n + i), with grouped-query heads; None where the
+    kernel does not apply.
+
+    q: (n, num_q, hd); k, v: (ctx, num_kv, hd), rows the same stride apart -> (n, num_q, hd)"""
+    lib = load()
+    if (lib is None or not all(map(_rows_of_heads, (q, k, v))) or k.stride(0) != v.stride(0)
+            or k.shape != v.shape or q.shape[2] != k.shape[2] or k.shape[0] < q.shape[0]):
+        return None
+    (n, num_q, hd), (ctx, num_kv, _) = q.shape, k.shape
+    out = q.new_empty(n, num_q, hd)
+    rc = lib.prefill_attention(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
+                               out.data_ptr(), num_q * hd, n, ctx, num_q, num_kv, hd, scale,
+                               torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("prefill_attention: could not allocate its scratch buffers")
+    return out if rc == 0 else None

@@ -2,10 +2,9 @@
  *
  * Layout: W (out, in) is packed once, after loading, into panels (out / 16, in, 16): panel j
  * holds output features 16j..16j+15, and for each input feature k their 16 weights side by
- * side. A micro-kernel multiplies up to 6 rows of x by one panel, keeping the 6 x 16 block
- * of y in 12 AVX registers while it walks k: two vector loads of the panel and one broadcast
- * of x per row feed two FMAs, so the panel streams in memory order (batch-1 decode reads
- * every weight once, at close to memory bandwidth) and with more rows the loop is FMA-bound.
+ * side. The micro-kernel (microkernel.h) multiplies up to 6 rows of x by one panel while the
+ * panel streams in memory order: batch-1 decode reads every weight once, at close to memory
+ * bandwidth, and with more rows the loop is FMA-bound.
  *
  * Threads split the panels (each streams its own range of the weight once per row chunk);
  * rows go in chunks small enough to stay in L2 while a thread's panels pass by.
@@ -15,16 +14,13 @@
  * layer uses torch.
  */
 #include <stdint.h>
+
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 #include <omp.h>
-#endif
 
-#define NR 16 /* output features per panel: two 8-float vectors */
-#define MR 6  /* rows per micro-kernel call: 12 accumulators + 2 panel vectors + 1 broadcast */
+#include "microkernel.h"
+
 #define CHUNK_BYTES (192 * 1024) /* rows of x per chunk: about this many bytes of x */
-
-#if defined(__AVX2__) && defined(__FMA__)
 
 int pack_weight(const float *w, float *panels, int64_t out, int64_t in) {
     if (out % NR) return -1;
@@ -32,44 +28,6 @@ int pack_weight(const float *w, float *panels, int64_t out, int64_t in) {
         for (int64_t k = 0; k < in; k++)
             for (int64_t c = 0; c < NR; c++) panels[(j * in + k) * NR + c] = w[(j * NR + c) * in + k];
     return 0;
-}
-
-/* y[r][0..16) = x[r] . panel for `rows` (1..6, a constant after inlining) rows */
-static inline __attribute__((always_inline)) void micro(
-        const float *x, const float *panel, float *y, int64_t in, int64_t out, int rows) {
-    __m256 lo[MR], hi[MR];
-    _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
-        lo[r] = _mm256_setzero_ps();
-        hi[r] = _mm256_setzero_ps();
-    }
-    for (int64_t k = 0; k < in; k++) {
-        const __m256 b0 = _mm256_loadu_ps(panel + k * NR), b1 = _mm256_loadu_ps(panel + k * NR + 8);
-        _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
-            const __m256 a = _mm256_broadcast_ss(x + r * in + k);
-            lo[r] = _mm256_fmadd_ps(a, b0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(a, b1, hi[r]);
-        }
-    }
-    _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
-        _mm256_storeu_ps(y + r * out, lo[r]);
-        _mm256_storeu_ps(y + r * out + 8, hi[r]);
-    }
-}
-
-/* rows (any count) of x times one panel, MR rows at a time */
-static void rows_times_panel(const float *x, const float *panel, float *y, int64_t rows,
-                             int64_t in, int64_t out) {
-    int64_t r = 0;
-    for (; r + MR <= rows; r += MR) micro(x + r * in, panel, y + r * out, in, out, MR);
-    const float *xr = x + r * in;
-    float *yr = y + r * out;
-    switch (rows - r) { /* constant row counts keep the accumulators in registers */
-    case 1: micro(xr, panel, yr, in, out, 1); break;
-    case 2: micro(xr, panel, yr, in, out, 2); break;
-    case 3: micro(xr, panel, yr, in, out, 3); break;
-    case 4: micro(xr, panel, yr, in, out, 4); break;
-    case 5: micro(xr, panel, yr, in, out, 5); break;
-    }
 }
 
 int packed_linear(const float *x, const float *panels, float *y, int64_t rows, int64_t in,
@@ -87,7 +45,8 @@ int packed_linear(const float *x, const float *panels, float *y, int64_t rows, i
         for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
             const int64_t nr = rows - r0 < chunk ? rows - r0 : chunk;
             for (int64_t j = first; j < end; j++)
-                rows_times_panel(x + r0 * in, panels + j * in * NR, y + r0 * out + j * NR, nr, in, out);
+                rows_times_columns(x + r0 * in, in, panels + j * in * NR, NR, in, y + r0 * out + j * NR,
+                                   out, nr);
         }
     }
     return 0;

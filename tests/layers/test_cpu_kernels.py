@@ -197,3 +197,30 @@ def test_write_kv_matches_index_copy_and_checks_slots():
     assert torch.equal(cache.view(2, 32, 3, 16), want)
     with pytest.raises(IndexError, match=r"slot out of range \[0, 32\)"):
         cpu_kernels.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 32]))
+
+
+@pytest.mark.parametrize("num_q,num_kv,hd", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+@pytest.mark.parametrize("n,offset", [(1, 0), (7, 0), (48, 0), (100, 0), (5, 40), (49, 17)])
+def test_prefill_attention_matches_torch_sdpa(num_q, num_kv, hd, n, offset):
+    """The C prefill kernel on strided slices of a fused qkv buffer (the model's layout)
+    against torch's SDPA with an explicit causal mask and the KV heads repeated per group."""
+    g = torch.Generator().manual_seed(n * 100 + offset)
+    ctx = n + offset
+    fused = torch.randn(ctx, (num_q + 2 * num_kv) * hd, generator=g).view(ctx, -1, hd)
+    q = fused[offset:, :num_q]
+    k, v = fused[:, num_q:num_q + num_kv], fused[:, num_q + num_kv:]
+    got = cpu_kernels.prefill_attention(q, k, v, hd ** -0.5)
+    assert got is not None, "the kernel did not build on this machine"
+    group = num_q // num_kv
+    mask = torch.arange(ctx)[None, :] <= (torch.arange(n) + offset)[:, None]  # (n, ctx)
+    want = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1),
+        v.repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask, scale=hd ** -0.5)
+    torch.testing.assert_close(got, want.transpose(0, 1), atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_attention_declines_unsupported_shapes():
+    q, k = torch.randn(4, 2, 8), torch.randn(4, 2, 8)  # head_dim 8: not a multiple of 16
+    assert cpu_kernels.prefill_attention(q, k, k, 1.0) is None
+    q, k = torch.randn(4, 2, 16), torch.randn(3, 2, 16)  # fewer keys than queries
+    assert cpu_kernels.prefill_attention(q, k, k, 1.0) is None

@@ -1,0 +1,56 @@
+/* The register-blocked AVX2 micro-kernel shared by the matmul-shaped CPU kernels.
+ *
+ * y[r][c] = sum_k x[r * ldx + k] * b[k * ldb + c] for r < rows (1..6), c < 16: one row of x
+ * broadcast against 16 consecutive floats of b per k, 6 x 16 results held in 12 AVX
+ * registers for the whole walk over k. b's 16 columns are contiguous for each k; its rows
+ * may be any stride apart (16 in a packed weight panel, a tensor's row stride elsewhere).
+ * Include only where __AVX2__ and __FMA__ are defined.
+ */
+#ifndef SHARDLM_MICROKERNEL_H
+#define SHARDLM_MICROKERNEL_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#define NR 16 /* columns per call: two 8-float vectors */
+#define MR 6  /* rows per call: 12 accumulators + 2 vectors of b + 1 broadcast */
+
+static inline __attribute__((always_inline)) void micro(
+        const float *x, int64_t ldx, const float *b, int64_t ldb, int64_t depth, float *y,
+        int64_t ldy, int rows) {
+    __m256 lo[MR], hi[MR];
+    _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
+        lo[r] = _mm256_setzero_ps();
+        hi[r] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < depth; k++) {
+        const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+        _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
+            const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+            lo[r] = _mm256_fmadd_ps(a, b0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(a, b1, hi[r]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int r = 0; r < rows; r++) {
+        _mm256_storeu_ps(y + r * ldy, lo[r]);
+        _mm256_storeu_ps(y + r * ldy + 8, hi[r]);
+    }
+}
+
+/* Any number of rows of x against the same 16 columns of b, MR rows per micro call. */
+static inline void rows_times_columns(const float *x, int64_t ldx, const float *b, int64_t ldb,
+                                      int64_t depth, float *y, int64_t ldy, int64_t rows) {
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) micro(x + r * ldx, ldx, b, ldb, depth, y + r * ldy, ldy, MR);
+    const float *xr = x + r * ldx;
+    float *yr = y + r * ldy;
+    switch (rows - r) { /* constant row counts keep the accumulators in registers */
+    case 1: micro(xr, ldx, b, ldb, depth, yr, ldy, 1); break;
+    case 2: micro(xr, ldx, b, ldb, depth, yr, ldy, 2); break;
+    case 3: micro(xr, ldx, b, ldb, depth, yr, ldy, 3); break;
+    case 4: micro(xr, ldx, b, ldb, depth, yr, ldy, 4); break;
+    case 5: micro(xr, ldx, b, ldb, depth, yr, ldy, 5); break;
+    }
+}
+
+#endif
