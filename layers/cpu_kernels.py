@@ -38,8 +38,8 @@ log = logging.getLogger("shardlm.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
-    "paged_decode.c", "packed_linear.c", "fused_ops.c", "prefill_attention.c")]
-HEADERS = [CSRC / "vec.h", CSRC / "microkernel.h"]  # included by the sources: part of the cache key
+    "paged_decode.c", "packed_linear.c", "fused_ops.c", "prefill_attention.c", "decode_layer.c")]
+HEADERS = [CSRC / name for name in ("vec.h", "microkernel.h", "kernels.h")]  # included by the sources: part of the cache key
 PANEL = 16  # output features per packed panel (NR in packed_linear.c)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
@@ -109,6 +109,11 @@ def load() -> ctypes.CDLL | None:
         "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64],
         "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
         "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT],
+        "decode_attention_half": [_F32P, _I64, _I64, _F32P, _F32, _F32P, _I64, _I64, _I64, _F32P,
+                                  _F32P, _F32P, _I64P, _I64, _I64, _I64P, _I64, _I64P, _F32, _F32P,
+                                  _F32P, _INT],
+        "decode_mlp_half": [_F32P, _F32P, _I64, _I64, _F32P, _F32, _F32P, _I64, _F32P, _F32P, _F32P,
+                            _INT],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -238,9 +243,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch
     total = cache.shape[1] * cache.shape[2]
     rc = lib.write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), cache.data_ptr(), slots.data_ptr(),
                       tokens, num_kv * hd, total)
-    if rc == -2:
-        raise IndexError(f"KV cache slot out of range [0, {total})")
+    _check_slots(rc, total)
     return rc == 0
+
+
+def _check_slots(rc: int, total: int) -> None:
+    if rc == -3:
+        raise IndexError(f"KV cache slot out of range [0, {total})")
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
@@ -282,3 +291,63 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if rc == -2:
         raise MemoryError("prefill_attention: could not allocate its scratch buffers")
     return out if rc == 0 else None
+
+
+# ---- a decode step's layer in two calls (layers/csrc/decode_layer.c) ---------------------------
+def decode_attention_half(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                          qkv_panels: torch.Tensor, num_q: int, num_kv: int,
+                          cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                          slots: torch.Tensor, block_tables: torch.Tensor,
+                          context_lens: torch.Tensor, scale: float, o_panels: torch.Tensor
+                          ) -> torch.Tensor | None:
+    """o_proj(paged attention(rotary(qkv(rms_norm(x))))) for one new token per sequence,
+    writing the new keys and values into ``cache``; None where the kernel does not apply.
+    (Before tensor parallelism's all-reduce: this rank's partial sum.)
+
+    x: (seqs, hidden); cos, sin: (seqs, hd / 2); slots, context_lens: (seqs,) int64;
+    block_tables: (seqs, max_blocks) int64; cache: (2, blocks, block_size, num_kv, hd)
+    -> (seqs, hidden)"""
+    lib = _usable(x, norm_weight, qkv_panels, cos, sin, cache, o_panels)
+    ints = (slots, block_tables, context_lens)
+    if lib is None or x.dim() != 2 or cache.dim() != 5 or not all(
+            t.dtype == torch.int64 and t.is_contiguous() for t in ints):
+        return None
+    rows, hidden = x.shape
+    _, num_blocks, block_size, _, hd = cache.shape
+    width = (num_q + 2 * num_kv) * hd
+    if (qkv_panels.shape != (width // PANEL, hidden, PANEL) or width % PANEL
+            or o_panels.shape != (hidden // PANEL, num_q * hd, PANEL) or cache.shape[3] != num_kv
+            or norm_weight.shape != (hidden,) or cos.shape != (rows, hd // 2) or sin.shape != cos.shape
+            or slots.shape != (rows,) or context_lens.shape != (rows,) or block_tables.shape[0] != rows):
+        return None
+    out = x.new_empty(rows, hidden)
+    rc = lib.decode_attention_half(
+        x.data_ptr(), rows, hidden, norm_weight.data_ptr(), eps, qkv_panels.data_ptr(), num_q,
+        num_kv, hd, cos.data_ptr(), sin.data_ptr(), cache.data_ptr(), slots.data_ptr(),
+        num_blocks, block_size, block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), scale, o_panels.data_ptr(), out.data_ptr(),
+        torch.get_num_threads())
+    _check_slots(rc, num_blocks * block_size)
+    return out if rc == 0 else None
+
+
+def decode_mlp_half(attn: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    gate_up_panels: torch.Tensor, down_panels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(down(silu(gate) * up of rms_norm(attn + x)), attn + x); None where the kernel does not
+    apply. (The first before tensor parallelism's all-reduce.)
+
+    attn, x: (rows, hidden) -> both (rows, hidden)"""
+    lib = _usable(attn, x, norm_weight, gate_up_panels, down_panels)
+    if lib is None or x.dim() != 2 or attn.shape != x.shape:
+        return None
+    rows, hidden = x.shape
+    inter = gate_up_panels.shape[0] * PANEL // 2
+    if (gate_up_panels.shape != (2 * inter // PANEL, hidden, PANEL) or norm_weight.shape != (hidden,)
+            or down_panels.shape != (hidden // PANEL, inter, PANEL)):
+        return None
+    h, out = torch.empty_like(x), torch.empty_like(x)
+    rc = lib.decode_mlp_half(attn.data_ptr(), x.data_ptr(), rows, hidden, norm_weight.data_ptr(),
+                             eps, gate_up_panels.data_ptr(), inter, down_panels.data_ptr(),
+                             h.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return (out, h) if rc == 0 else None

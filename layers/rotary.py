@@ -77,7 +77,7 @@ class RotaryEmbedding(nn.Module):
         self._positions: torch.Tensor | None = None  # what the cached tables are for
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _cos_sin(self, positions: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of the step's angles: (tokens, head_dim // 2), or with ``full``
         (tokens, 1, head_dim) (both halves, broadcast over heads)."""
         if positions is not self._positions:
@@ -91,14 +91,14 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (tokens,); q: (tokens, q_heads, head_dim); k: (tokens, kv_heads, head_dim)
-        cos, sin = self._cos_sin(positions, full=True)
+        cos, sin = self.cos_sin(positions, full=True)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def rotate_(self, positions: torch.Tensor, heads: torch.Tensor) -> None:
         """Rotate in place: heads (tokens, n, head_dim), e.g. the q and k heads of a fused
         qkv output (the C kernel where it applies, else torch)."""
-        if not cpu_kernels.rope_inplace(heads, *self._cos_sin(positions, full=False)):
-            cos, sin = self._cos_sin(positions, full=True)
+        if not cpu_kernels.rope_inplace(heads, *self.cos_sin(positions, full=False)):
+            cos, sin = self.cos_sin(positions, full=True)
             heads.copy_(_rotate(heads, cos, sin))
 
 

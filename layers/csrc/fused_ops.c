@@ -89,7 +89,7 @@ int rope_inplace(float *x, int64_t stride, int64_t tokens, int64_t heads, int64_
 int write_kv(const float *k, const float *v, int64_t stride, float *cache, const int64_t *slots,
              int64_t tokens, int64_t width, int64_t total_slots) {
     for (int64_t t = 0; t < tokens; t++) {
-        if (slots[t] < 0 || slots[t] >= total_slots) return -2;
+        if (slots[t] < 0 || slots[t] >= total_slots) return -3;
         memcpy(cache + slots[t] * width, k + t * stride, width * sizeof(float));
         memcpy(cache + (total_slots + slots[t]) * width, v + t * stride, width * sizeof(float));
     }

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from layers import cpu_kernels
 from layers.attention import Attention, AttnBatch, KeepRows
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.linear import QKVParallelLinear, RowParallelLinear
@@ -120,14 +121,55 @@ class DecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(args, shard, dtype, comm, rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
+        self._fused: bool | None = None  # see _fusable
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
+        if keep is None and self._fusable() and batch.split().decode is batch:
+            fused = self._fused_decode(x, positions, batch)
+            if fused is not None:
+                return fused
         attn = self.self_attn(self.input_layernorm(x), positions, batch, keep)
         normed, h = self.post_attention_layernorm.forward_add(
             attn, x if keep is None else x.index_select(0, keep.rows))
         return h + self.mlp(normed)
+
+
+    def _fusable(self) -> bool:
+        """Whether a decode step can take the two-call C path: a KV cache, packed weights and
+        no biases (checked once the weights are final, i.e. at the first step with a cache)."""
+        if self.self_attn.attn.kv_cache is None:
+            return False
+        if self._fused is None:
+            sa, mlp = self.self_attn, self.mlp
+            linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            self._fused = all(m.weight.dim() == 3 and m.bias is None for m in linears)
+        return self._fused
+
+    def _fused_decode(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch
+                      ) -> torch.Tensor | None:
+        """The layer for a step where every sequence decodes one token, in two C calls around
+        the all-reduces (cpu_kernels.decode_attention_half / decode_mlp_half): at small
+        batches dispatching the ops one by one cost about a fifth of the step. None where the
+        kernels decline (shapes), before anything was written."""
+        sa, mlp, attn = self.self_attn, self.mlp, self.self_attn.attn
+        cos, sin = sa.rotary.cos_sin(positions, full=False)
+        partial = cpu_kernels.decode_attention_half(
+            x, self.input_layernorm.weight, self.input_layernorm.eps, sa.qkv_proj.weight,
+            sa.num_q, sa.num_kv, cos, sin, attn.kv_cache, batch.slot_mapping, batch.block_tables,
+            batch.context_lens_tensor(), attn.scale, sa.o_proj.weight)
+        if partial is None:
+            return None
+        attn_out = sa.o_proj.comm.all_reduce(partial)  # (tokens, hidden)
+        norm = self.post_attention_layernorm
+        halves = cpu_kernels.decode_mlp_half(attn_out, x, norm.weight, norm.eps,
+                                             mlp.gate_up_proj.weight, mlp.down_proj.weight)
+        if halves is None:  # the attention half is done (keys written): finish op by op
+            normed, h = norm.forward_add(attn_out, x)
+            return h + mlp(normed)
+        partial, h = halves
+        return h + mlp.down_proj.comm.all_reduce(partial)
 
 
 class LlamaForCausalLM(nn.Module):

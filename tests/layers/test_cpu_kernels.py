@@ -224,3 +224,54 @@ def test_prefill_attention_declines_unsupported_shapes():
     assert cpu_kernels.prefill_attention(q, k, k, 1.0) is None
     q, k = torch.randn(4, 2, 16), torch.randn(3, 2, 16)  # fewer keys than queries
     assert cpu_kernels.prefill_attention(q, k, k, 1.0) is None
+
+
+def _tiny_llama(seed: int):
+    """A 2-layer Llama (GQA 6/2, head_dim 16) with random weights, packed, with a KV cache."""
+    from layers.linear import pack_weights
+    from layers.models import build_model
+    from workers import kv_cache
+    from workers.comm import TrivialCommunicator
+
+    torch.manual_seed(seed)
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 160, "hidden_size": 96,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 6,
+              "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 256}
+    model = build_model(config, TrivialCommunicator(), torch.float32)
+    for param in model.parameters():
+        param.data.normal_(0, 0.2)
+    assert pack_weights(model) == 2 * 4 + 1
+    kv_cache.allocate(model, 16, 8, torch.float32, torch.device("cpu"))
+    return model
+
+
+@pytest.mark.parametrize("seqs", [1, 3])
+def test_fused_decode_layer_matches_op_by_op(seqs, monkeypatch):
+    """A decode step through the two-call C layers gives the hidden states and the cache
+    contents of the op-by-op path (itself checked against transformers end to end)."""
+    from layers.attention import AttnBatch
+
+    taken = []
+    for name in ("decode_attention_half", "decode_mlp_half"):  # record that the kernels ran
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _real=real, **k: taken.append(_real(*a, **k))
+                            or taken[-1])
+
+    lens = [5, 9, 16][:seqs]
+    tables = torch.tensor([[3, 7, 1], [0, 2, 5], [4, 6, 8]])[:seqs]
+    positions = torch.tensor(lens) - 1  # each sequence's new token, its keys written now
+    slots = torch.stack([tables[i, p // 8] * 8 + p % 8 for i, p in enumerate(positions.tolist())])
+    ids = torch.tensor([11, 57, 140])[:seqs]
+    outs, caches = [], []
+    for fused in (True, False):
+        model = _tiny_llama(seed=seqs)
+        for layer in model.layers.values():
+            layer._fused = fused
+        batch = AttnBatch([1] * seqs, [n - 1 for n in lens], tables, slots)
+        with torch.inference_mode():
+            outs.append(model(ids, positions, batch))
+        caches.append([layer.self_attn.attn.kv_cache.clone() for layer in model.layers.values()])
+    assert len(taken) == 4 and all(out is not None for out in taken)  # 2 layers x 2 halves, fused run
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
+    for fused_cache, plain_cache in zip(*caches):
+        torch.testing.assert_close(fused_cache, plain_cache, atol=1e-6, rtol=1e-6)

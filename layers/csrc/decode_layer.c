@@ -1,0 +1,63 @@
+/* A decoder layer of a decode step (one new token per sequence) in two calls, where the
+ * per-op dispatch from Python cost more than the arithmetic at small batches: the
+ * attention half (norm, qkv, rotary, cache write, paged attention, o_proj) and the MLP half
+ * (residual add + norm, gate/up, silu * up, down). Tensor parallelism all-reduces each
+ * half's output between the calls (the caller's communicator).
+ *
+ * Weights are packed panels (packed_linear.c), no biases; float32, contiguous:
+ *   x, attn_out, h, mlp_out (rows, hidden); cos, sin (rows, hd / 2); slots, context_lens
+ *   (rows,); block_tables (rows, max_blocks); cache (2, num_blocks, block_size, num_kv, hd).
+ * Every shape check happens before the first write, so -1 leaves everything untouched and
+ * the caller runs the layer op by op instead. -2: out of memory; -3: a cache slot out of range.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define PANEL 16
+
+int decode_attention_half(
+        const float *x, int64_t rows, int64_t hidden, const float *norm_w, float eps,
+        const float *qkv_panels, int64_t num_q, int64_t num_kv, int64_t hd, const float *cos,
+        const float *sin, float *cache, const int64_t *slots, int64_t num_blocks,
+        int64_t block_size, const int64_t *block_tables, int64_t max_blocks,
+        const int64_t *context_lens, float scale, const float *o_panels, float *attn_out,
+        int threads) {
+    const int64_t width = (num_q + 2 * num_kv) * hd, q_width = num_q * hd;
+    if (rows < 1 || hidden % PANEL || hd % 16 || width % PANEL || num_kv < 1 || num_q % num_kv ||
+        num_q / num_kv > 16 || hd > 256 || num_kv > 64)
+        return -1;
+    float *normed = malloc(sizeof(float) * rows * (hidden + width + 2 * q_width));
+    if (!normed) return -2;
+    float *qkv = normed + rows * hidden, *q = qkv + rows * width, *attn = q + rows * q_width;
+    int rc = rms_norm(x, norm_w, normed, rows, hidden, eps, threads);
+    if (!rc) rc = packed_linear(normed, qkv_panels, qkv, rows, hidden, width, threads);
+    if (!rc) rc = rope_inplace(qkv, width, rows, num_q + num_kv, hd, cos, sin, threads);
+    if (!rc) rc = write_kv(qkv + q_width, qkv + q_width + num_kv * hd, width, cache, slots, rows,
+                           num_kv * hd, num_blocks * block_size);
+    if (!rc) {
+        for (int64_t r = 0; r < rows; r++) memcpy(q + r * q_width, qkv + r * width, sizeof(float) * q_width);
+        rc = paged_decode_attention(q, cache, block_tables, context_lens, attn, rows, num_q, num_kv,
+                                    hd, num_blocks, block_size, max_blocks, scale, threads);
+    }
+    if (!rc) rc = packed_linear(attn, o_panels, attn_out, rows, q_width, hidden, threads);
+    free(normed);
+    return rc;
+}
+
+int decode_mlp_half(const float *attn, const float *x, int64_t rows, int64_t hidden,
+                    const float *norm_w, float eps, const float *gate_up_panels, int64_t inter,
+                    const float *down_panels, float *h, float *mlp_out, int threads) {
+    if (rows < 1 || hidden % PANEL || (2 * inter) % PANEL || inter % 8) return -1;
+    float *normed = malloc(sizeof(float) * rows * (hidden + 3 * inter));
+    if (!normed) return -2;
+    float *gate_up = normed + rows * hidden, *act = gate_up + rows * 2 * inter;
+    int rc = add_rms_norm(attn, x, norm_w, h, normed, rows, hidden, eps, threads);
+    if (!rc) rc = packed_linear(normed, gate_up_panels, gate_up, rows, hidden, 2 * inter, threads);
+    if (!rc) rc = silu_mul(gate_up, act, rows, inter, threads);
+    if (!rc) rc = packed_linear(act, down_panels, mlp_out, rows, inter, hidden, threads);
+    free(normed);
+    return rc;
+}
