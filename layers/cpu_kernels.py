@@ -9,10 +9,14 @@ sizes about level with it or better.
 ``paged_decode_attention`` (``layers/csrc/paged_decode.c``) reads each decoding sequence's
 keys and values in place through its block table, where the PyTorch path has to gather
 them into a padded batch first (on a batch-64 decode step of the default model that gather
-and the attention over it took over half the step). The C files are compiled with the
+and the attention over it took over half the step); ``prefill_attention``
+(``prefill_attention.c``) is the causal case for new chunks. ``fused_ops.c`` holds a layer's
+small ops (rms_norm, residual add + rms_norm, rotary in place, KV-cache write, silu * up),
+one call each, and ``decode_layer.c`` a decode step's whole layer in two calls around the
+all-reduces (``decode_attention_half``, ``decode_mlp_half``). The C files are compiled with the
 system's C compiler (``$CC``, default ``cc``) for this CPU (``-O3 -march=native -fopenmp``)
 into ``$SHARDLM_HOME/kernels`` (default ``~/.cache/shardlm/kernels``), keyed by a hash of
-the sources, the flags and the CPU, so nodes with other CPUs build their own. OpenMP comes
+the sources and headers, the flags and the CPU, so nodes with other CPUs build their own. OpenMP comes
 from the ``libgomp.so.1`` torch already loaded, so the kernels share torch's thread pool.
 
 Where there is no compiler or the build fails, ``load()`` returns None (with one warning)
@@ -96,7 +100,7 @@ def load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as exc:
-        log.warning("CPU kernels unavailable, attention uses the PyTorch path: %s", exc)
+        log.warning("CPU kernels unavailable, the layers use PyTorch: %s", exc)
         return None
     _INT, _F32 = ctypes.c_int, ctypes.c_float
     signatures = {
@@ -122,19 +126,22 @@ def load() -> ctypes.CDLL | None:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` in the panel layout of ``packed_linear``; None where the kernel does not
-    apply (no kernels, not a float32 CPU matrix, rows not a multiple of ``PANEL``, no AVX2).
+    """Repack ``weight`` in place into the panel layout of ``packed_linear`` and return it
+    viewed as panels (the same storage: no second copy of the model); None, leaving it
+    untouched, where the kernel does not apply (no kernels, not a contiguous float32 CPU
+    matrix, rows not a multiple of ``PANEL``, no AVX2).
 
     weight: (out, in) -> panels (out / PANEL, in, PANEL), panels[j, k, c] = weight[PANEL*j + c, k]
     """
     lib = load()
     if (lib is None or weight.dim() != 2 or weight.device.type != "cpu"
-            or weight.dtype != torch.float32 or weight.shape[0] % PANEL):
+            or weight.dtype != torch.float32 or weight.shape[0] % PANEL or not weight.is_contiguous()):
         return None
     out, width = weight.shape
-    weight = weight.contiguous()
-    panels = weight.new_empty(out // PANEL, width, PANEL)
-    return panels if lib.pack_weight(weight.data_ptr(), panels.data_ptr(), out, width) == 0 else None
+    rc = lib.pack_weight(weight.data_ptr(), weight.data_ptr(), out, width)
+    if rc == -2:
+        raise MemoryError("pack_weight: could not allocate one panel of scratch")
+    return weight.view(out // PANEL, width, PANEL) if rc == 0 else None
 
 
 def packed_linear(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:

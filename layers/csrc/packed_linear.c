@@ -1,6 +1,6 @@
 /* y = x @ W.T with W pre-packed into column panels: every linear layer on a CPU.
  *
- * Layout: W (out, in) is packed once, after loading, into panels (out / 16, in, 16): panel j
+ * Layout: W (out, in) is packed once, after loading and in place, into panels (out / 16, in, 16): panel j
  * holds output features 16j..16j+15, and for each input feature k their 16 weights side by
  * side. The micro-kernel (microkernel.h) multiplies up to 6 rows of x by one panel while the
  * panel streams in memory order: batch-1 decode reads every weight once, at close to memory
@@ -14,6 +14,8 @@
  * layer uses torch.
  */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <omp.h>
@@ -22,11 +24,18 @@
 
 #define CHUNK_BYTES (192 * 1024) /* rows of x per chunk: about this many bytes of x */
 
+/* Panel j holds the same 16 x in floats in both layouts (rows 16j..16j+15), only
+ * transposed, so packing works in place (w == panels): one panel's worth of scratch. */
 int pack_weight(const float *w, float *panels, int64_t out, int64_t in) {
     if (out % NR) return -1;
-    for (int64_t j = 0; j < out / NR; j++)
+    float *rows = malloc(sizeof(float) * NR * in);
+    if (!rows) return -2;
+    for (int64_t j = 0; j < out / NR; j++) {
+        memcpy(rows, w + j * NR * in, sizeof(float) * NR * in);
         for (int64_t k = 0; k < in; k++)
-            for (int64_t c = 0; c < NR; c++) panels[(j * in + k) * NR + c] = w[(j * NR + c) * in + k];
+            for (int64_t c = 0; c < NR; c++) panels[(j * in + k) * NR + c] = rows[c * in + k];
+    }
+    free(rows);
     return 0;
 }
 

@@ -83,7 +83,8 @@ def test_build_error_names_the_compiler(tmp_path, monkeypatch):
 
 
 def _packed(w):
-    panels = cpu_kernels.pack_weight(w)
+    """A packed copy of ``w`` (packing works in place)."""
+    panels = cpu_kernels.pack_weight(w.clone())
     assert panels is not None, "the kernel did not build on this machine (a C compiler and AVX2 are required)"
     return panels
 
@@ -146,7 +147,9 @@ def test_pack_weights_keeps_every_layer_output():
 
         before = outputs()
         torch.testing.assert_close(before[0], x @ model["col"].weight.T + model["col"].bias)
+        storage = model["head"].weight.data_ptr()
         assert pack_weights(model) == 3  # col, row, and the shared embedding/head weight once
+        assert model["head"].weight.data_ptr() == storage  # packed in place, no second copy
         assert model["odd"].weight.dim() == 2 and model["head"].weight.dim() == 3
         for got, want in zip(outputs(), before):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
