@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import ray
 from ray.cluster_utils import Cluster
 
@@ -64,10 +65,15 @@ def main() -> None:
         return next(n for n in nodes if n.node_id == node_id)
 
     def remove_worker_node():
-        victim = node_of(1)
+        victim, pid = node_of(1), engine.group.ranks[1].pid
         report.setdefault("removed", []).append(victim.node_id)
         cluster.remove_node(victim, allow_graceful=False)
         nodes.remove(victim)
+        # its worker dies shortly after its raylet; wait for that, or fast steps could finish
+        # every request first and the scenario would test nothing
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     after_node_loss = run_all(engine, during=remove_worker_node)
     report["restarts_after_node_loss"] = engine.supervisor.restarts
