@@ -29,24 +29,30 @@ def connect_ray(address: str | None = None) -> None:
 
 
 def running_local_cluster(temp_dir: str | None = None) -> str | None:
-    """The address of the Ray cluster this machine last started, if its GCS answers.
+    """The address of a Ray cluster running on this machine whose GCS answers, or None.
 
-    Ray remembers the last cluster in ``<temp dir>/ray_current_cluster``; after an unclean
-    exit the file outlives the cluster, and ``ray.init(address="auto")`` then retries the
-    dead address for minutes. A one-second TCP probe tells the two apart."""
-    from ray._private.services import canonicalize_bootstrap_address
-
+    Candidates are, in order, the cluster Ray last recorded in
+    ``<temp dir>/ray_current_cluster`` and the GCS processes running here. After an unclean
+    exit the file outlives its cluster, and ``ray.init(address="auto")`` then retries the
+    dead address for minutes; a one-second TCP probe of each candidate skips it."""
     try:
-        address = canonicalize_bootstrap_address("auto", temp_dir)
-    except ConnectionError:  # no address file and no GCS process here
-        return None
-    if not address:
-        return None
+        from ray._private.services import find_gcs_addresses
+        from ray._private.utils import read_ray_address
+    except ImportError:  # another Ray layout: let Ray look for itself
+        return "auto"
+    recorded = read_ray_address(temp_dir)
+    for address in [recorded] + sorted(find_gcs_addresses()):
+        if address and _answers(address):
+            return address
+        if address and address == recorded:
+            log.warning("no Ray cluster answers at %s (recorded by a cluster that is gone)", address)
+    return None
+
+
+def _answers(address: str) -> bool:
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=1.0):
-            return address
+            return True
     except (OSError, ValueError):
-        log.warning("no Ray cluster answers at %s (left by a cluster that is gone); "
-                    "starting a local one", address)
-        return None
+        return False
