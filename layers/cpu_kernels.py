@@ -193,6 +193,13 @@ def _usable(*tensors: torch.Tensor):
     return None
 
 
+def _rows_of_heads(t: torch.Tensor) -> bool:
+    """(rows, heads, hd) float32 on a CPU with heads contiguous within a row (rows may be
+    any stride apart, e.g. slices of the fused qkv output)."""
+    return (t.dim() == 3 and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.stride(2) == 1 and t.stride(1) == t.shape[2])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """x / rms(x) * weight per row; None where the kernel does not apply.
 
@@ -228,8 +235,7 @@ def rope_inplace(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> b
     the fused qkv output); cos, sin: (tokens, hd / 2)"""
     lib = _usable(cos, sin)
     tokens, n, hd = heads.shape
-    if (lib is None or heads.dtype != torch.float32 or heads.stride(2) != 1
-            or heads.stride(1) != hd or cos.shape != (tokens, hd // 2)):
+    if lib is None or not _rows_of_heads(heads) or cos.shape != (tokens, hd // 2):
         return False
     return lib.rope_inplace(heads.data_ptr(), heads.stride(0), tokens, n, hd, cos.data_ptr(),
                             sin.data_ptr(), torch.get_num_threads()) == 0
@@ -243,9 +249,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch
     cache: (2, blocks, block_size, num_kv, hd); slots: (tokens,) int64"""
     lib = _usable(cache)
     tokens, num_kv, hd = k.shape
-    if (lib is None or k.dtype != torch.float32 or v.dtype != torch.float32
-            or slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (tokens,)
-            or k.stride()[1:] != (hd, 1) or v.stride() != k.stride()):
+    if (lib is None or not _rows_of_heads(k) or not _rows_of_heads(v) or v.stride() != k.stride()
+            or slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (tokens,)):
         return False
     total = cache.shape[1] * cache.shape[2]
     rc = lib.write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), cache.data_ptr(), slots.data_ptr(),
@@ -270,13 +275,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = gate_up.new_empty(rows, inter)
     return out if lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter,
                                torch.get_num_threads()) == 0 else None
-
-
-def _rows_of_heads(t: torch.Tensor) -> bool:
-    """(rows, heads, hd) float32 on a CPU with heads contiguous within a row (rows may be
-    any stride apart, e.g. slices of the fused qkv output)."""
-    return (t.dim() == 3 and t.device.type == "cpu" and t.dtype == torch.float32
-            and t.stride(2) == 1 and t.stride(1) == t.shape[2])
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

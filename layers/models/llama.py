@@ -131,8 +131,11 @@ class DecoderLayer(nn.Module):
             if fused is not None:
                 return fused
         attn = self.self_attn(self.input_layernorm(x), positions, batch, keep)
-        normed, h = self.post_attention_layernorm.forward_add(
-            attn, x if keep is None else x.index_select(0, keep.rows))
+        return self._mlp_half(attn, x if keep is None else x.index_select(0, keep.rows))
+
+    def _mlp_half(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # attn, residual: (rows, hidden) -> (rows, hidden): residual add, norm, MLP, add
+        normed, h = self.post_attention_layernorm.forward_add(attn, residual)
         return h + self.mlp(normed)
 
 
@@ -166,8 +169,7 @@ class DecoderLayer(nn.Module):
         halves = cpu_kernels.decode_mlp_half(attn_out, x, norm.weight, norm.eps,
                                              mlp.gate_up_proj.weight, mlp.down_proj.weight)
         if halves is None:  # the attention half is done (keys written): finish op by op
-            normed, h = norm.forward_add(attn_out, x)
-            return h + mlp(normed)
+            return self._mlp_half(attn_out, x)
         partial, h = halves
         return h + mlp.down_proj.comm.all_reduce(partial)
 
