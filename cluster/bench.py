@@ -20,13 +20,16 @@ second between steps (a few ms each, inside the wall time), and each worker's Vm
 ``/proc`` where the worker runs on this node. KV usage peak: the block manager's usage right
 after each step's scheduling. The prefix cache is reset before every measured run.
 
-Probes (per tp, after one warm-up request): prefill of one prompt of the workload's longest
-length in one step (best of 2), against the measured matmul FLOP/s (2 x block parameters x
-prompt tokens + 2 x LM-head parameters; attention scores not counted); decode at batch 1
-(median step, 16-token prompt) against memory read bandwidth (block + LM-head weight bytes
-per token; KV reads not counted); the decode step time at batch 32 (32 sequences of 16
-prompt tokens decoding together, median step), to compare tp sizes. Ceilings and the
-transformers baseline: see ``cluster.bench_baseline``; both use the engine's total thread
+Engines: offline, the engines of every tp size are started together (when the cluster has
+room for all their workers; else one at a time), warmed up with one request, probed in rounds
+and then run through the workload one after the other. Probes: prefill of one prompt of
+the workload's longest length in one step, against the measured matmul FLOP/s (2 x block
+parameters x prompt tokens + 2 x LM-head parameters; attention scores not counted); decode
+at batch 1 against memory read bandwidth (block + LM-head weight bytes per token; KV reads
+not counted); the decode step time at batch 32, to compare tp sizes. Each probe round
+measures the ceilings again and probes every engine; the figures are medians over rounds of
+figures taken seconds apart (``cluster.bench_probes``). Ceilings and the transformers
+baseline: see ``cluster.bench_baseline``; both use the engine's total thread
 count (workers x ``threads_per_worker``). The table and the plot: ``cluster.bench_report``.
 """
 
@@ -43,8 +46,8 @@ from pathlib import Path
 from cluster.bench_drive import (_median_step, drive, engine_config, progress, summarize,
                                  worker_vmhwm)
 from cluster.bench_online import rate_label
+from cluster.bench_probes import PROBE_PROMPT
 
-PROBE_PROMPT = 16  # prompt tokens of the decode probes
 
 
 @dataclass
@@ -64,6 +67,7 @@ class BenchOptions:
     baseline: str | None = None  # "transformers"
     baseline_batch_size: int = 16
     probes: bool = True
+    probe_rounds: int = 3  # probes and ceilings, measured in turns (cluster.bench_probes)
     ray_address: str | None = None
     overrides: dict = field(default_factory=dict)  # further config fields by name
     quiet: bool = False
@@ -76,54 +80,85 @@ def make_prompts(opts: BenchOptions, vocab_size: int) -> list[list[int]]:
             for _ in range(opts.num_requests)]
 
 
-def probes(engine, opts: BenchOptions, vocab_size: int) -> dict:
-    rng = random.Random(opts.seed + 1)
-    ids = lambda k: [rng.randrange(vocab_size) for _ in range(k)]
-    cap = min(opts.prompt_len[1], engine.config.scheduler.max_num_batched_tokens,
-              engine.max_model_len - 2)
-    prefill = [_median_step(drive(engine, [ids(cap)], 1, 1, opts), cap, 0) for _ in range(2)]
-    b1 = drive(engine, [ids(PROBE_PROMPT)], 33, 1, opts)
-    batch = min(32, engine.config.scheduler.max_num_seqs)
-    b32 = drive(engine, [ids(PROBE_PROMPT) for _ in range(batch)], 9, batch, opts)
-    return {"prefill_tokens": cap, "prefill_s": min(t for t in prefill if t is not None),
-            "decode_b1_step_s": _median_step(b1, 0, 1), "decode_batch": batch,
-            "decode_batch_step_s": _median_step(b32, 0, batch)}
-
-
-def run_engine(opts: BenchOptions, tp: int, prompts_for) -> dict:
-    """Start the engine at ``tp``, warm it up, probe it, run the sweep, shut it down."""
+def start_engine(opts: BenchOptions, tp: int, prompts_for):
+    """Start the engine at ``tp`` and warm it up; returns the ``LLM`` and the run's result."""
     from cluster.llm import LLM
 
     progress(opts, f"starting the engine at tp={tp}")
     llm = LLM(config=engine_config(opts, tp, f"bench-{os.getpid()}-tp{tp}"))
-    engine = llm.engine
     try:
+        engine = llm.engine
         par, vocab = engine.config.parallel, engine.args.vocab_size
         if opts.prompt_len[1] + opts.output_len > engine.max_model_len:
             raise ValueError(f"prompts of up to {opts.prompt_len[1]} tokens + {opts.output_len} output "
                              f"tokens exceed the context ({engine.max_model_len} tokens)")
         prompts = prompts_for(vocab)
         drive(engine, [prompts[0][:PROBE_PROMPT]], 4, 1, opts)  # warm-up
-        result = {"engine": "shardlm", "tp": tp, "device": engine.group.device,
-                  "backend": engine.group.backend, "dtype": engine.group._dtype(),
-                  "threads": par.world_size * par.threads_per_worker,
-                  "num_kv_blocks": engine.num_blocks, "model": engine.config.model.model,
-                  "model_dir": str(engine.model_dir),
-                  "hf_config": engine.hf_config, "points": [], "tokens": {}}
-        if opts.probes:
-            progress(opts, f"tp={tp}: probes (prefill, decode at batch 1 and 32)")
-            result["probe"] = probes(engine, opts, vocab)
-        for c in opts.concurrency or [len(prompts)]:
-            label = f"shardlm tp={tp} concurrency={c}"
-            progress(opts, f"{label}: {len(prompts)} requests")
-            trace = drive(engine, prompts, opts.output_len, c, opts, label, sample_memory=True)
-            point = summarize(trace, prompts, c) | {"worker_vmhwm_bytes": worker_vmhwm(engine)}
-            result["points"].append(point)
-            result["tokens"][c] = trace["tokens"]
-            progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
-        return result
-    finally:
+    except BaseException:
         llm.shutdown()
+        raise
+    return llm, {"engine": "shardlm", "tp": tp, "device": engine.group.device,
+                 "backend": engine.group.backend, "dtype": engine.group._dtype(),
+                 "threads": par.world_size * par.threads_per_worker,
+                 "num_kv_blocks": engine.num_blocks, "model": engine.config.model.model,
+                 "model_dir": str(engine.model_dir),
+                 "hf_config": engine.hf_config, "points": [], "tokens": {}}
+
+
+def run_workload(opts: BenchOptions, engine, result: dict, prompts: list[list[int]]) -> None:
+    """The workload at each concurrency through a started engine; points into ``result``."""
+    tp = result["tp"]
+    for c in opts.concurrency or [len(prompts)]:
+        label = f"shardlm tp={tp} concurrency={c}"
+        progress(opts, f"{label}: {len(prompts)} requests")
+        trace = drive(engine, prompts, opts.output_len, c, opts, label, sample_memory=True)
+        point = summarize(trace, prompts, c) | {"worker_vmhwm_bytes": worker_vmhwm(engine)}
+        result["points"].append(point)
+        result["tokens"][c] = trace["tokens"]
+        progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
+
+
+def run_engines(opts: BenchOptions, prompts_for, together: bool) -> tuple[list[dict], list[dict]]:
+    """Offline mode: start the engines of every tp size (all at once when ``together``, else
+    one at a time), probe them in rounds beside the machine's ceilings
+    (``cluster.bench_probes``), then run the workload through each. Returns the runs and each
+    probe round's ceilings."""
+    from cluster.bench_probes import probe_rounds
+
+    runs, ceilings = [], []
+    for group in [opts.tp] if together else [[tp] for tp in opts.tp]:
+        started = []
+        try:
+            for tp in group:
+                started.append(start_engine(opts, tp, prompts_for))
+            engines = [(llm.engine, result) for llm, result in started]
+            if opts.probes:
+                threads = sorted({r["threads"] for _, r in engines})
+                ceilings += probe_rounds(engines, opts, engines[0][0].args.vocab_size, threads,
+                                         engines[0][1]["device"])
+            for engine, result in engines:
+                run_workload(opts, engine, result, prompts_for(engine.args.vocab_size))
+                runs.append(result)
+        finally:
+            for llm, _ in started:
+                llm.shutdown()
+    return runs, ceilings
+
+
+def _fits_together(opts: BenchOptions) -> bool:
+    """Whether the engines of every tp size fit in the cluster at once (their workers'
+    bundles summed against ``ray.cluster_resources()``)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    need: dict[str, float] = {}
+    for tp in opts.tp:
+        par = engine_config(opts, tp, "bench").parallel
+        on_gpu = par.device == "cuda" or (par.device == "auto" and gpus > 0)
+        key, each = ("GPU", 1.0) if on_gpu else ("CPU", par.cpus_per_worker)
+        need[key] = need.get(key, 0.0) + each * par.world_size
+    total = ray.cluster_resources()
+    return all(total.get(k, 0.0) >= v for k, v in need.items())
 
 
 def run_baseline(opts: BenchOptions, model_dir: str, dtype: str, device: str, threads: int,
@@ -174,7 +209,12 @@ def _connect(opts: BenchOptions) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    # The engines of every tp size are started together for the probes (they take turns, the
+    # idle ones blocked): enough logical CPUs for all their workers' bundles.
+    bundles = sum(engine_config(opts, tp, "bench").parallel.cpus_per_worker
+                  * engine_config(opts, tp, "bench").parallel.world_size for tp in opts.tp)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(bundles)),
+             include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -182,27 +222,27 @@ def run(opts: BenchOptions) -> dict:
     """Run the benchmark; returns every figure (what ``--json`` writes)."""
     import ray
 
-    from cluster.bench_baseline import machine_ceilings, roofline, weight_counts
+    from cluster.bench_baseline import machine_ceilings, weight_counts
+    from cluster.bench_probes import summarize_rounds, tp_scaling
 
     started_ray = _connect(opts)
     load_start = os.getloadavg()
     prompts_cache: dict[int, list] = {}
     prompts_for = lambda v: prompts_cache.setdefault(v, make_prompts(opts, v))
+    together = opts.mode == "offline" and _fits_together(opts)
     try:
         if opts.mode == "online":
-            runs = run_online_all(opts, prompts_for)
+            runs, ceiling_rounds = run_online_all(opts, prompts_for), []
         else:
-            runs = [run_engine(opts, tp, prompts_for) for tp in opts.tp]
+            runs, ceiling_rounds = run_engines(opts, prompts_for, together)
         (vocab, prompts), = prompts_cache.items()
         threads = sorted({r["threads"] for r in runs})
         device = runs[0]["device"]
-        progress(opts, f"machine ceilings at {threads} thread(s)")
-        ceilings = {str(t): machine_ceilings(t, device) for t in threads}
+        if not ceiling_rounds:  # no probes: the ceilings once, for the record
+            progress(opts, f"machine ceilings at {threads} thread(s)")
+            ceiling_rounds = [{str(t): machine_ceilings(t, device) for t in threads}]
         counts = weight_counts(Path(runs[0]["model_dir"]), runs[0]["hf_config"])
-        for r in runs:
-            if "probe" in r:
-                dtype_bytes = {"float32": 4}.get(r["dtype"], 2)
-                r["roofline"] = roofline(r.pop("probe"), counts, dtype_bytes, ceilings[str(r["threads"])])
+        ceilings = summarize_rounds(runs, ceiling_rounds, counts)
         baselines = []
         if opts.baseline == "transformers":
             for t in threads:
@@ -224,8 +264,10 @@ def run(opts: BenchOptions) -> dict:
                          if opts.mode == "online" else None},
             "model": {"name": runs[0]["model"], "dir": runs[0]["model_dir"], "params": counts},
             "machine": {"cpus": os.cpu_count(), "load_average_start": list(load_start),
-                        "load_average_end": list(os.getloadavg()), "ceilings": ceilings},
-            "shardlm": runs, "baseline": baselines, "ratios": ratios(runs, baselines)}
+                        "load_average_end": list(os.getloadavg()), "ceilings": ceilings,
+                        "engines_together": together},
+            "shardlm": runs, "baseline": baselines, "ratios": ratios(runs, baselines),
+            "tp_scaling": tp_scaling(runs)}
 
 
 def ratios(runs: list[dict], baselines: list[dict]) -> list[dict]:
@@ -251,6 +293,12 @@ def _counts(text: str) -> list[int]:
     return values
 
 
+def _positive(text: str, alternative: str = "") -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer{alternative}")
+    return int(text)
+
+
 def _rates(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -263,11 +311,7 @@ def _rates(text: str) -> list[float]:
 
 
 def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer or 'auto'")
-    return int(text)
+    return text if text == "auto" else _positive(text, " or 'auto'")
 
 
 def _length_range(text: str) -> tuple[int, int]:
@@ -303,6 +347,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", choices=["transformers"], help="also run transformers generate")
     parser.add_argument("--baseline-batch-size", type=int, default=16)
     parser.add_argument("--no-probes", action="store_true", help="skip the prefill/decode probes")
+    parser.add_argument("--probe-rounds", type=_positive, default=3,
+                        help="rounds of probes, each beside a fresh measure of the machine's "
+                             "ceilings; the report gives the medians (default 3)")
     parser.add_argument("--ray-address", help="Ray cluster to use (default: a private local Ray)")
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot against concurrency (matplotlib)")

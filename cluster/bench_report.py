@@ -28,10 +28,13 @@ def format_report(result: dict) -> str:
              f"model: {result['model']['dir']} ({result['model']['params']['total'] / 1e6:.1f} M params)",
              f"machine: {m['cpus']} CPUs, load average {m['load_average_start'][0]:.2f} at start, "
              f"{m['load_average_end'][0]:.2f} at end",
-             "", f"{'ceilings':<16}{'threads':>8}{'matmul GFLOP/s':>16}{'read GB/s':>11}{'copy GB/s':>11}"]
+             "", f"{'ceilings':<16}{'threads':>8}{'matmul GFLOP/s':>16}{'read GB/s':>11}"
+                 f"{'copy GB/s':>11}  (median of the rounds; each round's read GB/s)"]
     for c in m["ceilings"].values():
+        each = ", ".join(f"{r['read_bytes_per_s'] / 1e9:.1f}" for r in c.get("rounds", []))
         lines.append(f"{'':<16}{c['threads']:>8}{c['matmul_flops'] / 1e9:>16.1f}"
-                     f"{c['read_bytes_per_s'] / 1e9:>11.1f}{c['copy_bytes_per_s'] / 1e9:>11.1f}")
+                     f"{c['read_bytes_per_s'] / 1e9:>11.1f}{c['copy_bytes_per_s'] / 1e9:>11.1f}"
+                     f"  ({each})")
     lines += ["", _row(RUN_COLUMNS)]
     for r in result["shardlm"] + result["baseline"]:
         for p in r["points"]:
@@ -64,6 +67,13 @@ def format_report(result: dict) -> str:
                      f"{(f['decode_batch_step_s'] or 0) * 1e3:.1f}",
                      f"{f.get('decode_batch_tokens_per_s', 0):.1f}"]
             lines.append(_row(list(zip(cells, [w for _, w in ROOF_COLUMNS]))))
+        rounds = len(roof[0]["roofline"].get("rounds", [])) or 1
+        lines.append(f"(medians of {rounds} probe round(s), each against the ceilings measured "
+                     f"in the same round)")
+    for q in result.get("tp_scaling", []):
+        each = ", ".join(f"{v:.2f}" for v in q["rounds"])
+        lines.append(f"decode step at batch {q['decode_batch']}, tp={q['tp']} / tp={q['vs_tp']}: "
+                     f"{q['decode_batch_step_ratio']:.2f}x (median; rounds {each})")
     return "\n".join(lines)
 
 

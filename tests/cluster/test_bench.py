@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,16 @@ from cluster.bench import BenchOptions, run
 from cluster.bench_report import format_report, plot
 from tests.checkpoints import write_tiny_checkpoint
 
-REQUESTS, OUTPUT_LEN, CONCURRENCY = 4, 8, [2, 4]
+REQUESTS, OUTPUT_LEN, CONCURRENCY, ROUNDS = 4, 8, [2, 4], 2
 
 
 @pytest.fixture(scope="module")
 def result(ray_session, tmp_path_factory):
     tiny = write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("bench-tiny"), seed=3)
-    opts = BenchOptions(model=str(tiny), tp=[1], num_requests=REQUESTS, prompt_len=(3, 20),
+    opts = BenchOptions(model=str(tiny), tp=[1, 2], num_requests=REQUESTS, prompt_len=(3, 20),
                         output_len=OUTPUT_LEN, seed=7, concurrency=CONCURRENCY,
                         baseline="transformers", baseline_batch_size=2, quiet=True,
-                        threads_per_worker=1,
+                        threads_per_worker=1, probe_rounds=ROUNDS,
                         overrides={"cpus_per_worker": 0.5, "block_size": 4,
                                    "kv_cache_bytes": 1 << 22})
     return run(opts)
@@ -50,59 +51,99 @@ def test_workload_is_fixed(result):
 
 
 def test_shardlm_figures(result):
-    (run_,) = result["shardlm"]
-    assert run_["tp"] == 1 and run_["threads"] == 1 and run_["num_kv_blocks"] > 0
-    assert [p["concurrency"] for p in run_["points"]] == CONCURRENCY
-    for p, c in zip(run_["points"], CONCURRENCY):
-        _check_point(p, c)
-        assert p["prompt_tokens"] == result["workload"]["prompt_tokens"]
-        assert p["steps"] >= OUTPUT_LEN and p["preemptions"] == 0
-        assert p["prefill_steps_s"] > 0 and p["decode_steps_s"] > 0  # prompts, then decoding alone
-        assert p["prefill_steps_s"] + p["decode_steps_s"] <= p["wall_s"]
-        assert 0 < p["decode_only_steps"] < p["steps"]
-        assert 0 < p["kv_usage_peak"] <= 1
-        assert 0 < p["driver_overhead_fraction"] < 1
-        assert 0 < p["step_s"]["p50"] <= p["step_s"]["p90"] <= p["step_s"]["p99"]
-        (name,) = p["worker_peak_rss_bytes"]
-        assert name.startswith("bench-") and name.endswith("-tp1-worker-0-0")
-        assert all(v > 0 for v in p["worker_peak_rss_bytes"].values())
-        for name, peak in p["worker_vmhwm_bytes"].items():  # lifetime peak >= a sampled RSS
-            assert peak >= p["worker_peak_rss_bytes"][name] * 0.99
+    assert [r["tp"] for r in result["shardlm"]] == [1, 2]
+    assert result["machine"]["engines_together"]  # 1.5 CPUs of bundles in a 4-CPU Ray
+    for run_ in result["shardlm"]:
+        tp = run_["tp"]
+        assert run_["threads"] == tp and run_["num_kv_blocks"] > 0
+        assert [p["concurrency"] for p in run_["points"]] == CONCURRENCY
+        for p, c in zip(run_["points"], CONCURRENCY):
+            _check_point(p, c)
+            assert p["prompt_tokens"] == result["workload"]["prompt_tokens"]
+            assert p["steps"] >= OUTPUT_LEN and p["preemptions"] == 0
+            assert p["prefill_steps_s"] > 0 and p["decode_steps_s"] > 0  # prompts, then decoding alone
+            assert p["prefill_steps_s"] + p["decode_steps_s"] <= p["wall_s"]
+            assert 0 < p["decode_only_steps"] < p["steps"]
+            assert 0 < p["kv_usage_peak"] <= 1
+            assert 0 < p["driver_overhead_fraction"] < 1
+            assert 0 < p["step_s"]["p50"] <= p["step_s"]["p90"] <= p["step_s"]["p99"]
+            names = sorted(p["worker_peak_rss_bytes"])
+            assert names == [f"{names[0][:names[0].index('-tp')]}-tp{tp}-worker-0-{i}" for i in range(tp)]
+            assert names[0].startswith("bench-")
+            assert all(v > 0 for v in p["worker_peak_rss_bytes"].values())
+            for name, peak in p["worker_vmhwm_bytes"].items():  # lifetime peak >= a sampled RSS
+                assert peak >= p["worker_peak_rss_bytes"][name] * 0.99
 
 
-def test_roofline_and_ceilings(result):
-    ceilings = result["machine"]["ceilings"]["1"]
-    assert ceilings["matmul_flops"] > 0 and ceilings["read_bytes_per_s"] > 0
-    assert ceilings["copy_bytes_per_s"] > 0
+def test_fits_together_counts_every_engines_bundles(ray_session):
+    """4 logical CPUs: tp 1 + tp 2 at 1 CPU per worker fit (3), at 1.5 they do not (4.5)."""
+    from cluster.bench import _fits_together
+
+    assert _fits_together(BenchOptions(tp=[1, 2], overrides={"cpus_per_worker": 1.0}))
+    assert not _fits_together(BenchOptions(tp=[1, 2], overrides={"cpus_per_worker": 1.5}))
+
+
+def test_ceilings_are_measured_in_every_probe_round(result):
+    for threads in ("1", "2"):
+        c = result["machine"]["ceilings"][threads]
+        assert len(c["rounds"]) == ROUNDS and c["threads"] == int(threads)
+        for key in ("matmul_flops", "read_bytes_per_s", "copy_bytes_per_s"):
+            values = [r[key] for r in c["rounds"]]
+            assert min(values) > 0 and c[key] == pytest.approx(statistics.median(values))
+
+
+def test_roofline_round_by_round(result):
     params = result["model"]["params"]
     assert Path(result["model"]["name"]).resolve() == Path(result["model"]["dir"]).resolve()
     assert params["total"] > params["blocks"] > 0 and params["lm_head"] == 151 * 72
-    roof = result["shardlm"][0]["roofline"]
-    assert roof["prefill_tokens"] == 20 and roof["prefill_s"] > 0
-    assert roof["prefill_flops"] == 2 * params["blocks"] * 20 + 2 * params["lm_head"]
-    assert roof["prefill_flops_per_s"] == pytest.approx(roof["prefill_flops"] / roof["prefill_s"])
-    assert roof["decode_weight_bytes_per_token"] == 4 * (params["blocks"] + params["lm_head"])
-    assert roof["decode_b1_step_s"] > 0 and roof["decode_batch_step_s"] > 0
-    assert roof["decode_batch"] == 32
-    assert roof["decode_b1_fraction_of_read_bw"] > 0 and roof["prefill_fraction_of_matmul"] > 0
+    for run_ in result["shardlm"]:
+        roof = run_["roofline"]
+        ceilings = result["machine"]["ceilings"][str(run_["threads"])]["rounds"]
+        assert len(roof["rounds"]) == ROUNDS
+        for one, c in zip(roof["rounds"], ceilings):  # each round against its own ceilings
+            assert one["prefill_tokens"] == 20 and one["prefill_s"] > 0
+            assert one["prefill_flops"] == 2 * params["blocks"] * 20 + 2 * params["lm_head"]
+            assert one["prefill_fraction_of_matmul"] == pytest.approx(
+                one["prefill_flops"] / one["prefill_s"] / c["matmul_flops"])
+            assert one["decode_weight_bytes_per_token"] == 4 * (params["blocks"] + params["lm_head"])
+            assert one["decode_b1_fraction_of_read_bw"] == pytest.approx(
+                one["decode_weight_bytes_per_token"] / one["decode_b1_step_s"] / c["read_bytes_per_s"])
+            assert one["decode_batch"] == 32 and one["decode_batch_step_s"] > 0
+        for key in ("prefill_s", "decode_b1_step_s", "decode_batch_step_s",
+                    "decode_b1_fraction_of_read_bw", "prefill_fraction_of_matmul"):
+            assert roof[key] == pytest.approx(statistics.median(r[key] for r in roof["rounds"]))
+
+
+def test_tp_scaling_compares_rounds(result):
+    (q,) = result["tp_scaling"]
+    one, two = (r["roofline"]["rounds"] for r in result["shardlm"])
+    expected = [b["decode_batch_step_s"] / a["decode_batch_step_s"] for a, b in zip(one, two)]
+    assert q["tp"] == 2 and q["vs_tp"] == 1 and q["rounds"] == pytest.approx(expected)
+    assert q["decode_batch_step_ratio"] == pytest.approx(statistics.median(expected))
 
 
 def test_baseline_and_ratio(result):
-    (base,) = result["baseline"]
-    assert base["engine"] == "transformers" and base["threads"] == 1
-    for p, c in zip(base["points"], CONCURRENCY):
-        _check_point(p, c)
-        assert p["batch_size"] == 2
-        assert 0 <= p["identical_to_shardlm"] <= REQUESTS
+    assert [b["threads"] for b in result["baseline"]] == [1, 2]  # one per engine thread count
+    for base in result["baseline"]:
+        assert base["engine"] == "transformers"
+        for p, c in zip(base["points"], CONCURRENCY):
+            _check_point(p, c)
+            assert p["batch_size"] == 2
+            assert 0 <= p["identical_to_shardlm"] <= REQUESTS
     ratios = result["ratios"]
-    assert [r["concurrency"] for r in ratios] == CONCURRENCY
-    for r, mine, theirs in zip(ratios, result["shardlm"][0]["points"], base["points"]):
+    assert [(r["tp"], r["concurrency"]) for r in ratios] == [(1, 2), (1, 4), (2, 2), (2, 4)]
+    for r in ratios:
+        mine = next(p for x in result["shardlm"] if x["tp"] == r["tp"] for p in x["points"]
+                    if p["concurrency"] == r["concurrency"])
+        theirs = next(p for b in result["baseline"] if b["threads"] == r["threads"]
+                      for p in b["points"] if p["concurrency"] == r["concurrency"])
         assert r["ratio"] == pytest.approx(mine["output_tokens_per_s"] / theirs["output_tokens_per_s"])
 
 
 def test_report_json_and_plot(result, tmp_path):
     table = format_report(result)
     assert "shardlm" in table and "transformers" in table and "roofline" in table
+    assert "tp=2 / tp=1" in table and f"medians of {ROUNDS} probe round(s)" in table
     assert json.loads(json.dumps(result)) == result  # --json writes exactly this
     pytest.importorskip("matplotlib")
     plot(result, str(tmp_path / "bench.png"))
@@ -167,11 +208,14 @@ def test_command_line_rejects_bad_values_by_name():
 
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser)
-    args = parser.parse_args(["--request-rate", "0.5,inf", "--threads-per-worker", "2"])
+    args = parser.parse_args(["--request-rate", "0.5,inf", "--threads-per-worker", "2",
+                              "--probe-rounds", "5"])
     assert args.request_rate == [0.5, math.inf] and args.threads_per_worker == 2
+    assert args.probe_rounds == 5
     for flag, value, message in [("--request-rate", "nan", "positive request rates"),
                                  ("--request-rate", "0", "positive request rates"),
                                  ("--threads-per-worker", "0", "positive integer or 'auto'"),
+                                 ("--probe-rounds", "0", "'0': give a positive integer$"),
                                  ("--prompt-len", "9-3", "1 <= MIN <= MAX"),
                                  ("--mode", "batch", "invalid choice")]:
         with pytest.raises(argparse.ArgumentError, match=message):
