@@ -8,6 +8,7 @@ Only RowParallelLinear talks to the communicator (one all-reduce).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -58,8 +59,23 @@ def pack_weights(model: nn.Module) -> int:
     return len(done)
 
 
+_param_zeros: Callable = torch.zeros  # (shape, dtype=) -> zero-filled tensor; see param_memory
+
+
+@contextmanager
+def param_memory(zeros: Callable):
+    """Within the block, parameters made by ``make_param`` take their memory from
+    ``zeros(shape, dtype=dtype)`` (a CPU worker: ``workers.host_memory.HugePageArena``)."""
+    global _param_zeros
+    previous, _param_zeros = _param_zeros, zeros
+    try:
+        yield
+    finally:
+        _param_zeros = previous
+
+
 def make_param(shape: tuple[int, ...], dtype: torch.dtype, loader: Callable) -> nn.Parameter:
-    param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+    param = nn.Parameter(_param_zeros(shape, dtype=dtype), requires_grad=False)
     param.weight_loader = loader
     return param
 

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from layers.attention import Attention
+from workers.host_memory import HugePageArena
 
 
 def attention_modules(model: torch.nn.Module) -> list[Attention]:
@@ -39,12 +40,17 @@ def blocks_that_fit(model: torch.nn.Module, block_size: int, dtype: torch.dtype,
 
 def allocate(model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
              device: torch.device) -> int:
-    """Give every attention layer its cache tensor; returns the bytes allocated."""
+    """Give every attention layer its cache tensor; returns the bytes allocated. On a CPU
+    the caches live on huge pages (``workers.host_memory.HugePageArena``) and are touched
+    here, so that the memory is taken now rather than when the blocks fill."""
     total = 0
+    arena = HugePageArena() if device.type == "cpu" else None
     for attn in attention_modules(model):
-        # (2, num_blocks, block_size, local_kv_heads, head_dim)
-        attn.kv_cache = torch.zeros(2, num_blocks, block_size, attn.num_kv, attn.head_dim,
-                                    dtype=dtype, device=device)
+        shape = (2, num_blocks, block_size, attn.num_kv, attn.head_dim)  # local KV heads
+        if arena is None:
+            attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            attn.kv_cache = arena.zeros(shape, dtype).zero_()
         total += attn.kv_cache.numel() * attn.kv_cache.element_size()
     return total
 

@@ -18,9 +18,9 @@ import psutil
 import torch
 
 from layers.attention import AttnBatch
-from layers.linear import pack_weights
+from layers.linear import pack_weights, param_memory
 from layers.models import build_model
-from workers.host_memory import retain_freed_memory
+from workers.host_memory import HugePageArena, retain_freed_memory
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
 from workers import kv_cache
 from workers.loader import load_shard
@@ -96,7 +96,9 @@ class Worker:
         started = time.perf_counter()
         self.hf_config = json.loads((Path(checkpoint) / "config.json").read_text())
         layer_range = tuple(self.spec.layer_range) if self.spec.layer_range else None
-        model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype], layer_range)
+        zeros = HugePageArena().zeros if self.device.type == "cpu" else torch.zeros
+        with param_memory(zeros):  # weights on huge pages (a CPU pass streams them all)
+            model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype], layer_range)
         stats = load_shard(model, checkpoint)
         self.model = model.to(self.device).eval()
         packed = pack_weights(self.model) if self.device.type == "cpu" else 0

@@ -47,9 +47,10 @@ int decode_attention_half(
     return rc;
 }
 
+/* add_h: mlp_out = h + down(...), the whole layer's output (no all-reduce between: one rank) */
 int decode_mlp_half(const float *attn, const float *x, int64_t rows, int64_t hidden,
                     const float *norm_w, float eps, const float *gate_up_panels, int64_t inter,
-                    const float *down_panels, float *h, float *mlp_out, int threads) {
+                    const float *down_panels, float *h, float *mlp_out, int add_h, int threads) {
     if (rows < 1 || hidden % PANEL || (2 * inter) % PANEL || inter % 8) return -1;
     float *normed = malloc(sizeof(float) * rows * (hidden + 3 * inter));
     if (!normed) return -2;
@@ -58,6 +59,8 @@ int decode_mlp_half(const float *attn, const float *x, int64_t rows, int64_t hid
     if (!rc) rc = packed_linear(normed, gate_up_panels, gate_up, rows, hidden, 2 * inter, threads);
     if (!rc) rc = silu_mul(gate_up, act, rows, inter, threads);
     if (!rc) rc = packed_linear(act, down_panels, mlp_out, rows, inter, hidden, threads);
+    if (!rc && add_h)
+        for (int64_t i = 0; i < rows * hidden; i++) mlp_out[i] += h[i];
     free(normed);
     return rc;
 }

@@ -121,12 +121,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(args, shard, dtype, comm, rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
-        self._fused: bool | None = None  # see _fusable
+        self._fused: bool | None = None  # False: not the C decode path (see _decode_kernel)
+        self._kernel: cpu_kernels.DecodeLayer | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
-        if keep is None and self._fusable() and batch.split().decode is batch:
+        if keep is None and batch.split().decode is batch:
             fused = self._fused_decode(x, positions, batch)
             if fused is not None:
                 return fused
@@ -138,40 +139,46 @@ class DecoderLayer(nn.Module):
         normed, h = self.post_attention_layernorm.forward_add(attn, residual)
         return h + self.mlp(normed)
 
-
-    def _fusable(self) -> bool:
-        """Whether a decode step can take the two-call C path: a KV cache, packed weights and
-        no biases (checked once the weights are final, i.e. at the first step with a cache)."""
-        if self.self_attn.attn.kv_cache is None:
-            return False
-        if self._fused is None:
-            sa, mlp = self.self_attn, self.mlp
+    def _decode_kernel(self) -> cpu_kernels.DecodeLayer | None:
+        """The layer as the two-call C decode path takes it (packed weights, no biases, a KV
+        cache), set up once per cache; None where it does not apply (``_fused`` False)."""
+        cache = self.self_attn.attn.kv_cache
+        if cache is None or self._fused is False:
+            return None
+        if self._kernel is None or self._kernel.cache is not cache:
+            sa, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
             linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            self._fused = all(m.weight.dim() == 3 and m.bias is None for m in linears)
-        return self._fused
+            self._kernel = None if any(m.bias is not None for m in linears) else cpu_kernels.DecodeLayer.make(
+                n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
+                sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+            self._fused = self._kernel is not None
+        return self._kernel
 
     def _fused_decode(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch
                       ) -> torch.Tensor | None:
         """The layer for a step where every sequence decodes one token, in two C calls around
-        the all-reduces (cpu_kernels.decode_attention_half / decode_mlp_half): at small
-        batches dispatching the ops one by one cost about a fifth of the step. None where the
-        kernels decline (shapes), before anything was written."""
-        sa, mlp, attn = self.self_attn, self.mlp, self.self_attn.attn
-        cos, sin = sa.rotary.cos_sin(positions, full=False)
-        partial = cpu_kernels.decode_attention_half(
-            x, self.input_layernorm.weight, self.input_layernorm.eps, sa.qkv_proj.weight,
-            sa.num_q, sa.num_kv, cos, sin, attn.kv_cache, batch.slot_mapping, batch.block_tables,
-            batch.context_lens_tensor(), attn.scale, sa.o_proj.weight)
+        the all-reduces (cpu_kernels.DecodeLayer; one rank: no all-reduce, the residual added
+        in C): at small batches dispatching the ops one by one cost about a fifth of the step.
+        None where the kernels decline, before anything was written."""
+        kernel = self._decode_kernel()
+        if kernel is None:
+            return None
+        if batch.kernel_step is None:  # once per step, for every layer
+            cos, sin = self.self_attn.rotary.cos_sin(positions, full=False)
+            batch.kernel_step = cpu_kernels.DecodeStep.make(
+                cos, sin, batch.slot_mapping, batch.block_tables, batch.context_lens_tensor()) or False
+        step = batch.kernel_step
+        partial = kernel.attention_half(x, step) if step else None
         if partial is None:
             return None
-        attn_out = sa.o_proj.comm.all_reduce(partial)  # (tokens, hidden)
-        norm = self.post_attention_layernorm
-        halves = cpu_kernels.decode_mlp_half(attn_out, x, norm.weight, norm.eps,
-                                             mlp.gate_up_proj.weight, mlp.down_proj.weight)
+        comm = self.mlp.down_proj.comm
+        alone = comm.world_size == 1
+        attn_out = partial if alone else self.self_attn.o_proj.comm.all_reduce(partial)
+        halves = kernel.mlp_half(attn_out, x, step, add_residual=alone)
         if halves is None:  # the attention half is done (keys written): finish op by op
             return self._mlp_half(attn_out, x)
-        partial, h = halves
-        return h + mlp.down_proj.comm.all_reduce(partial)
+        out, h = halves
+        return out if alone else h + comm.all_reduce(out)
 
 
 class LlamaForCausalLM(nn.Module):

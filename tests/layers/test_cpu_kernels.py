@@ -255,10 +255,10 @@ def test_fused_decode_layer_matches_op_by_op(seqs, monkeypatch):
     from layers.attention import AttnBatch
 
     taken = []
-    for name in ("decode_attention_half", "decode_mlp_half"):  # record that the kernels ran
-        real = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, _real=real, **k: taken.append(_real(*a, **k))
-                            or taken[-1])
+    for name in ("attention_half", "mlp_half"):  # record that the kernels ran
+        real = getattr(cpu_kernels.DecodeLayer, name)
+        monkeypatch.setattr(cpu_kernels.DecodeLayer, name,
+                            lambda *a, _real=real, **k: taken.append(_real(*a, **k)) or taken[-1])
 
     lens = [5, 9, 16][:seqs]
     tables = torch.tensor([[3, 7, 1], [0, 2, 5], [4, 6, 8]])[:seqs]
