@@ -127,8 +127,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
-        if keep is None and batch.split().decode is batch:
-            fused = self._fused_decode(x, positions, batch)
+        kernel = self._decode_kernel() if keep is None else None
+        if kernel is not None and batch.split().decode is batch:
+            fused = self._fused_decode(kernel, x, positions, batch)
             if fused is not None:
                 return fused
         attn = self.self_attn(self.input_layernorm(x), positions, batch, keep)
@@ -154,15 +155,12 @@ class DecoderLayer(nn.Module):
             self._fused = self._kernel is not None
         return self._kernel
 
-    def _fused_decode(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch
-                      ) -> torch.Tensor | None:
+    def _fused_decode(self, kernel: cpu_kernels.DecodeLayer, x: torch.Tensor,
+                      positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor | None:
         """The layer for a step where every sequence decodes one token, in two C calls around
         the all-reduces (cpu_kernels.DecodeLayer; one rank: no all-reduce, the residual added
         in C): at small batches dispatching the ops one by one cost about a fifth of the step.
         None where the kernels decline, before anything was written."""
-        kernel = self._decode_kernel()
-        if kernel is None:
-            return None
         if batch.kernel_step is None:  # once per step, for every layer
             cos, sin = self.self_attn.rotary.cos_sin(positions, full=False)
             batch.kernel_step = cpu_kernels.DecodeStep.make(
