@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from layers import cpu_kernels
 from layers.attention import Attention, AttnBatch
 
-SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 128, 8)]  # num_q, num_kv, head_dim, block_size
+# num_q, num_kv, head_dim, block_size (groups of 3, 1, 8, 6 and 16 query heads per KV head)
+SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 128, 8), (12, 2, 48, 16), (16, 1, 64, 16)]
 
 
 def _case(num_q, num_kv, hd, bs, seed=0):
