@@ -67,7 +67,7 @@ class BenchOptions:
     baseline: str | None = None  # "transformers"
     baseline_batch_size: int = 16
     probes: bool = True
-    probe_rounds: int = 3  # probes and ceilings, measured in turns (cluster.bench_probes)
+    probe_rounds: int = 5  # probes and ceilings, measured in turns (cluster.bench_probes)
     ray_address: str | None = None
     overrides: dict = field(default_factory=dict)  # further config fields by name
     quiet: bool = False
@@ -347,9 +347,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", choices=["transformers"], help="also run transformers generate")
     parser.add_argument("--baseline-batch-size", type=int, default=16)
     parser.add_argument("--no-probes", action="store_true", help="skip the prefill/decode probes")
-    parser.add_argument("--probe-rounds", type=_positive, default=3,
+    parser.add_argument("--probe-rounds", type=_positive, default=5,
                         help="rounds of probes, each beside a fresh measure of the machine's "
-                             "ceilings; the report gives the medians (default 3)")
+                             "ceilings; the report gives the medians (default 5)")
     parser.add_argument("--ray-address", help="Ray cluster to use (default: a private local Ray)")
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot against concurrency (matplotlib)")

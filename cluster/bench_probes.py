@@ -2,17 +2,18 @@
 
 A shared machine's speed drifts by 10-20% within minutes, so a figure measured at one moment
 against a ceiling measured at another says more about the drift than about the engine. The
-probes therefore run in rounds (``--probe-rounds``, default 3): each round measures the
-ceilings (``cluster.bench_baseline.machine_ceilings``) and then probes every engine of the
-run once, one after the other, while the others sit idle. Each round's fractions (prefill
-against matmul FLOP/s, batch-1 decode against read bandwidth) and tp ratios (decode step at
-batch 32 against the smallest tp) compare moments seconds apart; the report gives the median
-over rounds of each figure and keeps every round in the JSON.
+probes therefore run in rounds (``--probe-rounds``, default 5): each round measures the
+ceilings (``cluster.bench_baseline.machine_ceilings``) and then runs each kind of probe on
+every engine of the run in turn (the others idle), so that the engines' figures of a kind
+are taken seconds apart; the engines' order alternates from round to round. Each round's
+fractions (prefill against matmul FLOP/s, batch-1 decode against read bandwidth) and tp
+ratios (decode step at batch 32 against the smallest tp) compare moments seconds apart; the
+report gives the median over rounds of each figure and keeps every round in the JSON.
 
-One round's probes of an engine (after the engine's warm-up request): prefill of one prompt
-of the workload's longest length in one step; decode at batch 1 (median step, 16-token
-prompt, 32 steps); the decode step at batch 32 (32 sequences of 16 prompt tokens decoding
-together, median of 8 steps).
+The probes (after the engine's warm-up request; ``probe``): prefill of one prompt of the
+workload's longest length in one step; decode at batch 1 (median of 32 steps, 16-token
+prompt); the decode step at batch 32 (32 sequences of 16 prompt tokens decoding together,
+median of 16 steps). Every engine gets the same prompts in a round.
 """
 
 from __future__ import annotations
@@ -29,19 +30,27 @@ if TYPE_CHECKING:
 PROBE_PROMPT = 16  # prompt tokens of the decode probes
 
 
-def probe_once(engine, opts: BenchOptions, vocab_size: int, seed: int) -> dict:
-    """One round's probes of one engine (raw step times)."""
+B1_STEPS, BATCH_STEPS = 32, 16  # decode steps timed per probe (the median is kept)
+PROBE_KINDS = ("prefill", "b1", "batch")
+
+
+def probe(engine, opts: BenchOptions, vocab_size: int, kind: str, seed: int) -> dict:
+    """One probe of one engine (raw step times): ``kind`` is "prefill" (one prompt of the
+    workload's longest length in one step), "b1" (decode at batch 1) or "batch" (decode at
+    batch 32, or ``max_num_seqs`` if smaller)."""
     rng = random.Random(seed)
     ids = lambda k: [rng.randrange(vocab_size) for _ in range(k)]
-    cap = min(opts.prompt_len[1], engine.config.scheduler.max_num_batched_tokens,
-              engine.max_model_len - 2)
-    prefill = _median_step(drive(engine, [ids(cap)], 1, 1, opts), cap, 0)
-    b1 = drive(engine, [ids(PROBE_PROMPT)], 33, 1, opts)
+    if kind == "prefill":
+        cap = min(opts.prompt_len[1], engine.config.scheduler.max_num_batched_tokens,
+                  engine.max_model_len - 2)
+        return {"prefill_tokens": cap,
+                "prefill_s": _median_step(drive(engine, [ids(cap)], 1, 1, opts), cap, 0)}
+    if kind == "b1":
+        trace = drive(engine, [ids(PROBE_PROMPT)], B1_STEPS + 1, 1, opts)
+        return {"decode_b1_step_s": _median_step(trace, 0, 1)}
     batch = min(32, engine.config.scheduler.max_num_seqs)
-    b32 = drive(engine, [ids(PROBE_PROMPT) for _ in range(batch)], 9, batch, opts)
-    return {"prefill_tokens": cap, "prefill_s": prefill,
-            "decode_b1_step_s": _median_step(b1, 0, 1), "decode_batch": batch,
-            "decode_batch_step_s": _median_step(b32, 0, batch)}
+    trace = drive(engine, [ids(PROBE_PROMPT) for _ in range(batch)], BATCH_STEPS + 1, batch, opts)
+    return {"decode_batch": batch, "decode_batch_step_s": _median_step(trace, 0, batch)}
 
 
 def median_fields(rounds: list[dict]) -> dict:
@@ -69,9 +78,14 @@ def probe_rounds(engines: list, opts: BenchOptions, vocab_size: int, threads: li
                        f"{threads} thread(s), then prefill and decode at batch 1 and 32 for tp="
                        + ",".join(str(r["tp"]) for _, r in engines))
         ceilings.append({str(t): machine_ceilings(t, device) for t in threads})
-        for engine, result in engines:
-            probe = probe_once(engine, opts, vocab_size, opts.seed + 1 + i)
-            result.setdefault("probe_rounds", []).append((probe, ceilings[-1][str(result["threads"])]))
+        found: dict[int, dict] = {id(result): {} for _, result in engines}
+        for k, kind in enumerate(PROBE_KINDS):  # one kind for every engine, then the next
+            for engine, result in engines if i % 2 == 0 else engines[::-1]:
+                seed = (opts.seed + 1) * 1000 + 10 * i + k  # the same prompts for every engine
+                found[id(result)] |= probe(engine, opts, vocab_size, kind, seed)
+        for _, result in engines:
+            result.setdefault("probe_rounds", []).append(
+                (found[id(result)], ceilings[-1][str(result["threads"])]))
     return ceilings
 
 
