@@ -1,14 +1,13 @@
 """Host memory for CPU workers: keep freed memory in the process, and put the large
 long-lived tensors (weights, KV cache) on transparent huge pages.
 
-Freed memory. 
-A forward pass allocates and frees the same large buffers every step (gathered KV blocks,
-MLP activations). glibc serves allocations over its mmap threshold with fresh ``mmap``
-pages and unmaps them on free, so each step pays a page fault per 4 KiB touched: on a
-batch-64 decode step that made gathering the KV cache 6x slower than a plain copy.
-Turning off mmap-backed allocations and heap trimming makes the allocator reuse the pages,
-at the price of keeping the step's peak working set resident (it is needed again at the
-next step anyway).
+Freed memory (``retain_freed_memory``). A forward pass allocates and frees the same large
+buffers every step (gathered KV blocks, MLP activations). glibc serves allocations over its
+mmap threshold with fresh ``mmap`` pages and unmaps them on free, so each step pays a page
+fault per 4 KiB touched: on a batch-64 decode step that made gathering the KV cache 6x
+slower than a plain copy. Turning off mmap-backed allocations and heap trimming makes the
+allocator reuse the pages, at the price of keeping the step's peak working set resident
+(it is needed again at the next step anyway).
 
 Huge pages (``HugePageArena``). A decode step streams every weight once, and the KV cache
 of every sequence; on 4 KiB pages such a stream crosses a page (a TLB miss, and the end of
