@@ -43,7 +43,7 @@ import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from cluster.bench_drive import (_median_step, drive, engine_config, progress, summarize,
+from cluster.bench_drive import (drive, engine_config, progress, summarize,
                                  worker_vmhwm)
 from cluster.bench_online import rate_label
 from cluster.bench_probes import PROBE_PROMPT

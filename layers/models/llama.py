@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from layers import cpu_kernels
+from layers import cpu_decode_layer
 from layers.attention import Attention, AttnBatch, KeepRows
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.linear import QKVParallelLinear, RowParallelLinear
@@ -122,7 +122,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
         self._fused: bool | None = None  # False: not the C decode path (see _decode_kernel)
-        self._kernel: cpu_kernels.DecodeLayer | None = None
+        self._kernel: cpu_decode_layer.DecodeLayer | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
@@ -140,7 +140,7 @@ class DecoderLayer(nn.Module):
         normed, h = self.post_attention_layernorm.forward_add(attn, residual)
         return h + self.mlp(normed)
 
-    def _decode_kernel(self) -> cpu_kernels.DecodeLayer | None:
+    def _decode_kernel(self) -> cpu_decode_layer.DecodeLayer | None:
         """The layer as the two-call C decode path takes it (packed weights, no biases, a KV
         cache), set up once per cache; None where it does not apply (``_fused`` False)."""
         cache = self.self_attn.attn.kv_cache
@@ -149,21 +149,21 @@ class DecoderLayer(nn.Module):
         if self._kernel is None or self._kernel.cache is not cache:
             sa, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
             linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            self._kernel = None if any(m.bias is not None for m in linears) else cpu_kernels.DecodeLayer.make(
+            self._kernel = None if any(m.bias is not None for m in linears) else cpu_decode_layer.DecodeLayer.make(
                 n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
                 sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight)
             self._fused = self._kernel is not None
         return self._kernel
 
-    def _fused_decode(self, kernel: cpu_kernels.DecodeLayer, x: torch.Tensor,
+    def _fused_decode(self, kernel: cpu_decode_layer.DecodeLayer, x: torch.Tensor,
                       positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor | None:
         """The layer for a step where every sequence decodes one token, in two C calls around
-        the all-reduces (cpu_kernels.DecodeLayer; one rank: no all-reduce, the residual added
+        the all-reduces (cpu_decode_layer.DecodeLayer; one rank: no all-reduce, the residual added
         in C): at small batches dispatching the ops one by one cost about a fifth of the step.
         None where the kernels decline, before anything was written."""
         if batch.kernel_step is None:  # once per step, for every layer
             cos, sin = self.self_attn.rotary.cos_sin(positions, full=False)
-            batch.kernel_step = cpu_kernels.DecodeStep.make(
+            batch.kernel_step = cpu_decode_layer.DecodeStep.make(
                 cos, sin, batch.slot_mapping, batch.block_tables, batch.context_lens_tensor()) or False
         step = batch.kernel_step
         partial = kernel.attention_half(x, step) if step else None

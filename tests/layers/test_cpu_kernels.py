@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layers import cpu_kernels
+from layers import cpu_decode_layer, cpu_kernels
 from layers.attention import Attention, AttnBatch
 
 # num_q, num_kv, head_dim, block_size (groups of 3, 1, 8, 6 and 16 query heads per KV head)
@@ -257,8 +257,8 @@ def test_fused_decode_layer_matches_op_by_op(seqs, monkeypatch):
 
     taken = []
     for name in ("attention_half", "mlp_half"):  # record that the kernels ran
-        real = getattr(cpu_kernels.DecodeLayer, name)
-        monkeypatch.setattr(cpu_kernels.DecodeLayer, name,
+        real = getattr(cpu_decode_layer.DecodeLayer, name)
+        monkeypatch.setattr(cpu_decode_layer.DecodeLayer, name,
                             lambda *a, _real=real, **k: taken.append(_real(*a, **k)) or taken[-1])
 
     lens = [5, 9, 16][:seqs]
