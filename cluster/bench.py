@@ -49,7 +49,6 @@ from cluster.bench_online import rate_label
 from cluster.bench_probes import PROBE_PROMPT
 
 
-
 @dataclass
 class BenchOptions:
     model: str | None = None
@@ -145,6 +144,11 @@ def run_engines(opts: BenchOptions, prompts_for, together: bool) -> tuple[list[d
     return runs, ceilings
 
 
+def _parallel_configs(opts: BenchOptions) -> list:
+    """The parallel config of each tp size's engine."""
+    return [engine_config(opts, tp, "bench").parallel for tp in opts.tp]
+
+
 def _fits_together(opts: BenchOptions) -> bool:
     """Whether the engines of every tp size fit in the cluster at once (their workers'
     bundles summed against ``ray.cluster_resources()``)."""
@@ -152,8 +156,7 @@ def _fits_together(opts: BenchOptions) -> bool:
 
     gpus = ray.cluster_resources().get("GPU", 0)
     need: dict[str, float] = {}
-    for tp in opts.tp:
-        par = engine_config(opts, tp, "bench").parallel
+    for par in _parallel_configs(opts):
         on_gpu = par.device == "cuda" or (par.device == "auto" and gpus > 0)
         key, each = ("GPU", 1.0) if on_gpu else ("CPU", par.cpus_per_worker)
         need[key] = need.get(key, 0.0) + each * par.world_size
@@ -211,8 +214,7 @@ def _connect(opts: BenchOptions) -> bool:
         return False
     # The engines of every tp size are started together for the probes (they take turns, the
     # idle ones blocked): enough logical CPUs for all their workers' bundles.
-    bundles = sum(engine_config(opts, tp, "bench").parallel.cpus_per_worker
-                  * engine_config(opts, tp, "bench").parallel.world_size for tp in opts.tp)
+    bundles = sum(par.cpus_per_worker * par.world_size for par in _parallel_configs(opts))
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(bundles)),
              include_dashboard=False, log_to_driver=False)
     return True

@@ -32,7 +32,7 @@ class AttnBatch:
     _decode_groups: list | None = field(default=None, repr=False)  # built once, used by every layer
     _context_lens: torch.Tensor | None = field(default=None, repr=False)
     _split: "SplitBatch | None" = field(default=None, repr=False)
-    # the decode step's arguments of the CPU layer kernels (cpu_kernels.DecodeStep, or False
+    # the decode step's arguments of the CPU layer kernels (cpu_decode_layer.DecodeStep, or False
     # where they do not apply), made by the first layer for all of them
     kernel_step: object = field(default=None, repr=False)
 
