@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from cluster.bench import BenchOptions
 
 PROBE_PROMPT = 16  # prompt tokens of the decode probes
-
-
 B1_STEPS, BATCH_STEPS = 32, 16  # decode steps timed per probe (the median is kept)
 PROBE_KINDS = ("prefill", "b1", "batch")
 

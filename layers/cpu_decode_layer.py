@@ -13,11 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layers.cpu_kernels import PANEL, _check_slots, _usable, load
-
-
-def _i64_rows(t: torch.Tensor, rows: int) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.int64 and t.is_contiguous() and t.shape[0] == rows
+from layers.cpu_kernels import PANEL, _check_slots, _i64_rows, _usable, load
 
 
 class DecodeStep:

@@ -250,13 +250,18 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch
     lib = _usable(cache)
     tokens, num_kv, hd = k.shape
     if (lib is None or not _rows_of_heads(k) or not _rows_of_heads(v) or v.stride() != k.stride()
-            or slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (tokens,)):
+            or slots.dim() != 1 or not _i64_rows(slots, tokens)):
         return False
     total = cache.shape[1] * cache.shape[2]
     rc = lib.write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), cache.data_ptr(), slots.data_ptr(),
                       tokens, num_kv * hd, total)
     _check_slots(rc, total)
     return rc == 0
+
+
+def _i64_rows(t: torch.Tensor, rows: int) -> bool:
+    """A contiguous int64 CPU tensor with ``rows`` rows (slots, lengths, block tables)."""
+    return t.device.type == "cpu" and t.dtype == torch.int64 and t.is_contiguous() and t.shape[0] == rows
 
 
 def _check_slots(rc: int, total: int) -> None:

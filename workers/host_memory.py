@@ -63,7 +63,7 @@ class HugePageArena:
         self._used = 0
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = prod(shape) * dtype.itemsize
         if nbytes < self.min_bytes:
             return torch.zeros(shape, dtype=dtype)
         if self._map is None or self._used + nbytes > len(self._map):

@@ -169,9 +169,9 @@ class DecoderLayer(nn.Module):
         partial = kernel.attention_half(x, step) if step else None
         if partial is None:
             return None
-        comm = self.mlp.down_proj.comm
+        comm = self.mlp.down_proj.comm  # the layer's TP group (o_proj's too)
         alone = comm.world_size == 1
-        attn_out = partial if alone else self.self_attn.o_proj.comm.all_reduce(partial)
+        attn_out = partial if alone else comm.all_reduce(partial)
         halves = kernel.mlp_half(attn_out, x, step, add_residual=alone)
         if halves is None:  # the attention half is done (keys written): finish op by op
             return self._mlp_half(attn_out, x)
