@@ -117,10 +117,15 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # plan step N+1 while step N runs (the workers feed decode steps their own last sampled
+    # tokens), hiding dispatch and driver time; applies without pipeline parallelism
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _check_int("scheduler", "max_num_seqs", self.max_num_seqs, 1)
         _check_int("scheduler", "max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if not isinstance(self.async_scheduling, bool):
+            _fail("scheduler", "async_scheduling", self.async_scheduling, "must be true or false")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from cluster.protocol import SampledToken, StepPlan
 from cluster.ray_utils import connect_ray
 from cluster.sampling import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerError
-from cluster.sequence import Sequence
+from cluster.sequence import Sequence, SequenceStatus
 from cluster.supervisor import EngineFailed, Supervisor
 from layers.models import LlamaArgs
 
@@ -86,6 +86,11 @@ class Engine:
         self.step_id = 0
         par = config.parallel
         self.depth = par.pipeline_depth or par.pipeline_parallel_size  # steps in flight at once
+        # async scheduling (one stage, no micro-batches): plan step N+1 while step N runs
+        self.async_scheduling = config.scheduler.async_scheduling and self.depth == 1 == (
+            par.pipeline_parallel_size)
+        if self.async_scheduling:
+            self.depth = 2
         self.in_flight: collections.deque = collections.deque()  # (plan, result refs, start)
         self._deferred_aborts: set[int] = set()
         self._recovered_at: float | None = None  # to time the replay after a recovery
@@ -203,18 +208,22 @@ class Engine:
             self._deferred_aborts.discard(seq_id)
             self.scheduler.abort(seq_id)
             self._by_seq.pop(seq_id, None)
-        deltas += [self._on_token(t) for t in result.tokens if t.seq_id not in aborted]
+        # a token for a sequence that ended meanwhile (an async follow-up step) is dropped
+        deltas += [self._on_token(t) for t in result.tokens
+                   if t.seq_id in self._by_seq and t.seq_id not in aborted]
         return deltas
 
     def _launch(self, deltas: list[Delta]) -> bool:
         """Plan and submit one step (a micro-batch under pipelining); False if nothing to run."""
         busy = frozenset(s.seq_id for out, _, _ in self.in_flight for s in out.seqs)
-        limit = None
-        if self.depth > 1:  # split the batch so that every stage has work
+        limit, follow = None, frozenset()
+        if self.async_scheduling:
+            follow = self._followers()
+        elif self.depth > 1:  # split the batch so that every stage has work
             pending = len(self.scheduler.running) + len(self.scheduler.waiting)
             limit = max(1, -(-pending // self.depth))
         try:
-            out = self.scheduler.schedule(busy, limit)
+            out = self.scheduler.schedule(busy, limit, follow)
         except SchedulerError as exc:  # one sequence can never fit: fail it, keep the rest
             deltas += self._fail_seq(exc.seq_id, str(exc))
             return True
@@ -227,6 +236,17 @@ class Engine:
         refs = self.group.submit(StepPlan(self.step_id, out.chunks).encode())
         self.in_flight.append((out, refs, time.monotonic()))
         return True
+
+    def _followers(self) -> frozenset:
+        """Sequences whose in-flight chunk samples a token that cannot end them by length:
+        async scheduling plans their next decode step now. (A token that stops them, EOS or
+        a stop string, costs that step one wasted row.)"""
+        return frozenset(
+            seq.seq_id for out, _, _ in self.in_flight for seq, chunk in zip(out.seqs, out.chunks)
+            if chunk.sample and seq.status is SequenceStatus.RUNNING
+            and seq.seq_id in self._by_seq and seq.seq_id not in self._deferred_aborts
+            and seq.num_output_tokens + 1 < seq.sampling_params.max_tokens
+            and seq.num_tokens + 1 < self.max_model_len)
 
     def _on_token(self, sampled: SampledToken) -> Delta:
         request, index = self._by_seq[sampled.seq_id]

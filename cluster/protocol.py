@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+# A decode chunk's token id when the driver planned the step before the previous one came
+# back (async scheduling): "the token your previous step sampled for this sequence".
+FOLLOW = -1
 
 
 class ProtocolError(ValueError):
@@ -42,7 +46,8 @@ class SamplerParams:
 class SeqChunk:
     """One sequence's work in one step: compute ``token_ids`` at positions
     ``start_pos ..`` writing their KV through ``block_table``; sample one token
-    after the last of them when ``sample`` is true."""
+    after the last of them when ``sample`` is true. ``token_ids == [FOLLOW]``: the
+    token the previous step sampled for this sequence (not yet known to the driver)."""
 
     seq_id: int
     token_ids: list[int]

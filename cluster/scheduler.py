@@ -20,6 +20,13 @@ num_computed_tokens`` and samples (``sample=True``) only when it reaches the
 sequence's last token; the sampled token's position is ``num_tokens``.
 After a successful step the engine calls :meth:`Scheduler.commit`, appends the
 sampled tokens, and calls :meth:`Scheduler.finish` for sequences that stop.
+
+Async scheduling: the engine may plan step N+1 while step N runs. A sequence whose step-N
+chunk samples and that the engine expects to go on (``follow``) then gets a one-token chunk
+``[FOLLOW]`` at position ``num_tokens``: the worker feeds it the token step N sampled. Its
+slot is reserved without preempting anyone (every other running sequence may be in flight
+too); when no block is free it simply waits for step N's answer. If step N's token ends the
+sequence (EOS, a stop string), the follow-up's token is discarded.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from cluster.block_manager import BlockManager
-from cluster.protocol import SeqChunk
+from cluster.protocol import FOLLOW, SeqChunk
 from cluster.sequence import Sequence, SequenceStatus
 
 
@@ -154,26 +161,43 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------
     def _emit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         start = seq.num_computed_tokens
-        out.chunks.append(SeqChunk(
-            seq_id=seq.seq_id,
-            token_ids=seq.all_token_ids[start:start + n],
-            start_pos=start,
-            block_table=list(seq.block_table),
-            sample=start + n == seq.num_tokens,
-            sampler=seq.sampling_params.to_sampler(seq.seed),
-        ))
-        out.seqs.append(seq)
+        self._append(out, seq, seq.all_token_ids[start:start + n], start,
+                     start + n == seq.num_tokens)
         if start < seq.prefill_len:
             out.num_prefill_tokens += n
         else:
             out.num_decode_tokens += n
 
+    def _follow(self, out: SchedulerOutput, seq: Sequence) -> bool:
+        """Plan the decode step after ``seq``'s in-flight one (whose sampled token, at
+        position ``num_tokens``, only the worker knows yet); False if no block is free."""
+        if not self.bm.ensure_slots(seq, seq.num_tokens + 1):
+            return False
+        self._append(out, seq, [FOLLOW], seq.num_tokens, True)
+        out.num_decode_tokens += 1
+        return True
+
+    @staticmethod
+    def _append(out: SchedulerOutput, seq: Sequence, token_ids: list[int], start: int,
+                sample: bool) -> None:
+        out.chunks.append(SeqChunk(
+            seq_id=seq.seq_id,
+            token_ids=token_ids,
+            start_pos=start,
+            block_table=list(seq.block_table),
+            sample=sample,
+            sampler=seq.sampling_params.to_sampler(seq.seed),
+        ))
+        out.seqs.append(seq)
+
     def _schedule_running(self, out: SchedulerOutput, budget: int, busy: frozenset,
-                          limit: int) -> int:
+                          limit: int, follow: frozenset) -> int:
         i = 0
         while i < len(self.running) and budget > 0 and len(out.seqs) < limit:
             seq = self.running[i]
-            if seq.seq_id in busy:  # its previous chunk is still in flight (pipelining)
+            if seq.seq_id in busy:  # its previous chunk is still in flight
+                if seq.seq_id in follow and self._follow(out, seq):
+                    budget -= 1
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -220,13 +244,15 @@ class Scheduler:
             self._emit(out, seq, n)
             budget -= n
 
-    def schedule(self, busy: frozenset = frozenset(), limit: int | None = None) -> SchedulerOutput:
+    def schedule(self, busy: frozenset = frozenset(), limit: int | None = None,
+                 follow: frozenset = frozenset()) -> SchedulerOutput:
         """Plan the next step (see the module docstring). Sequences whose ids are in
-        ``busy`` have a step in flight (pipeline parallelism) and are left alone; ``limit``
-        caps the sequences in this plan (a micro-batch)."""
+        ``busy`` have a step in flight and are left alone, except those also in ``follow``
+        (async scheduling: their in-flight chunk samples and they go on), which get a
+        ``[FOLLOW]`` decode chunk; ``limit`` caps the sequences in this plan (a micro-batch)."""
         out = SchedulerOutput()
         limit = limit or self.max_num_seqs
-        budget = self._schedule_running(out, self.max_num_batched_tokens, busy, limit)
+        budget = self._schedule_running(out, self.max_num_batched_tokens, busy, limit, follow)
         if not out.preempted:
             self._admit_waiting(out, budget, limit)
         return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.protocol import SampledToken, StepPlan, StepResult
+from cluster.protocol import FOLLOW, ProtocolError, SampledToken, StepPlan, StepResult
 from layers.attention import AttnBatch, KeepRows
 from layers.sampler import sample
 
@@ -65,16 +65,23 @@ def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
-                 pp_comm=None):
+                 pp_comm=None, tp_comm=None):
         self.model = model
         self.block_size = block_size
         self.device = device
         self.pp_comm = pp_comm
+        self.tp_comm = tp_comm
+        # the previous step's samples, for [FOLLOW] chunks (async scheduling): the sequence
+        # ids in row order (every rank) and their tokens (the sampling rank)
+        self.sampled_seqs: list[int] = []
+        self.sampled: dict[int, int] = {}
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Every rank runs the plan; TP rank 0 returns the sampled tokens, others None."""
+        self._resolve_follow(plan)
         batch = prepare(plan, self.block_size, self.device)
+        self.sampled_seqs, self.sampled = [c.seq_id for c in batch.sample_chunks], {}
         # the final layer goes on only for the sampled rows (prompt tokens before them just
         # leave their keys and values in the cache); a decode-only step samples every row
         keep = None
@@ -93,6 +100,23 @@ class ModelRunner:
             return None
         positions = [c.start_pos + len(c.token_ids) for c in batch.sample_chunks]
         picked = sample(logits, [c.sampler for c in batch.sample_chunks], positions)
+        self.sampled = {c.seq_id: tok for c, (tok, _, _) in zip(batch.sample_chunks, picked)}
         return StepResult(plan.step_id, [
             SampledToken(c.seq_id, tok, lp, top)
             for c, (tok, lp, top) in zip(batch.sample_chunks, picked)])
+
+    def _resolve_follow(self, plan: StepPlan) -> None:
+        """Give each ``[FOLLOW]`` chunk the token the previous step sampled for its sequence."""
+        follows = [c for c in plan.chunks if c.token_ids == [FOLLOW]]
+        if not follows:
+            return
+        last = self.sampled
+        if self.tp_comm is not None and self.tp_comm.world_size > 1:  # TP rank 0 sampled
+            tokens = torch.tensor([last.get(s, 0) for s in self.sampled_seqs], dtype=torch.int64,
+                                  device=self.device)  # (previous samples,)
+            last = dict(zip(self.sampled_seqs, self.tp_comm.broadcast(tokens, src=0).tolist()))
+        for chunk in follows:
+            if chunk.seq_id not in last:
+                raise ProtocolError(f"step {plan.step_id} follows sequence {chunk.seq_id}, which "
+                                    "the previous step did not sample")
+            chunk.token_ids = [last[chunk.seq_id]]

@@ -138,7 +138,8 @@ class Worker:
     def allocate_cache(self, num_blocks: int, block_size: int) -> int:
         kv_cache.release(self.model)
         allocated = kv_cache.allocate(self.model, num_blocks, block_size, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, block_size, self.device, self.pp_comm)
+        self.runner = ModelRunner(self.model, block_size, self.device, self.pp_comm,
+                                  self.tp_comm)
         return allocated
 
     def execute(self, plan: bytes) -> bytes | None:

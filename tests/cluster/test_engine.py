@@ -60,6 +60,46 @@ def test_greedy_matches_transformers_generate(llm, reference):
     assert len(distinct) > 20  # the random model's outputs vary, so the comparison means something
 
 
+def test_async_scheduling_overlaps_steps_and_stops_at_the_same_token(llm, reference):
+    """Async scheduling (the default): while a request decodes, step() returns with the next
+    step already in flight. A stop token ends the request exactly where the reference has it;
+    the follow-up step planned before that token was known comes back and is dropped."""
+    engine = llm.engine
+    assert engine.async_scheduling and engine.depth == 2
+    prompt = PROMPTS[3]
+    ref = reference[tuple(prompt)]
+    stop = ref[12]
+    end = ref.index(stop) + 1  # the first time the reference produces it
+    generated = engine.stats["generation_tokens"]
+    request_id = engine.add_request(prompt_token_ids=prompt, params=SamplingParams(
+        max_tokens=32, temperature=0, stop_token_ids=[stop]))
+    in_flight = []
+    while engine.has_unfinished():
+        engine.step()
+        in_flight.append(len(engine.in_flight))
+    out = engine.pop_finished(request_id).outputs[0]
+    assert out.token_ids == ref[:end] and out.finish_reason == "stop"
+    assert out.stop_reason == stop
+    assert engine.stats["generation_tokens"] - generated == end  # the dropped token not counted
+    # a step was always out while decoding; the last call only took back the dropped one
+    assert in_flight == [1] * end + [0]
+
+
+def test_without_async_scheduling_one_step_at_a_time(ray_session, tiny, reference):
+    llm = _llm(tiny, 1, "engine-sync", async_scheduling=False)
+    try:
+        engine = llm.engine
+        assert not engine.async_scheduling and engine.depth == 1
+        engine.add_request(prompt_token_ids=PROMPTS[1], params=GREEDY)
+        tokens = []
+        while engine.has_unfinished():
+            tokens += [t for d in engine.step() for t in d.token_ids]
+            assert not engine.in_flight
+        assert tokens == reference[tuple(PROMPTS[1])]
+    finally:
+        llm.shutdown()
+
+
 def test_requests_join_the_running_batch(llm, reference):
     engine = llm.engine
     before = engine.stats["mixed_steps"]

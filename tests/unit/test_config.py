@@ -16,6 +16,7 @@ from cluster.config import ConfigError, EngineConfig, ParallelConfig
     ({"block_size": 0}, "cache.block_size", "0"),
     ({"kv_cache_memory_fraction": 1.5}, "cache.kv_cache_memory_fraction", "1.5"),
     ({"max_num_seqs": 0}, "scheduler.max_num_seqs", "0"),
+    ({"async_scheduling": "yes"}, "scheduler.async_scheduling", "'yes'"),
     ({"dtype": "int3"}, "model.dtype", "'int3'"),
     ({"name": "has space"}, "deployment.name", "'has space'"),
 ])

@@ -6,9 +6,12 @@ slots, so wrong block tables, wrong prefix-cache sharing or wrong positions
 change the generated tokens, which are compared with a direct computation.
 """
 
+import dataclasses
+
 import pytest
 
 from cluster.block_manager import BlockManager
+from cluster.protocol import FOLLOW
 from cluster.sampling import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerError
 from cluster.sequence import Sequence, SequenceStatus
@@ -302,4 +305,121 @@ def test_random_workload_matches_reference(trial):
     for s in seqs:
         if s.seq_id not in aborted:
             assert s.output_token_ids == reference(s.prompt_token_ids, s.sampling_params.max_tokens)
+    assert_all_free(bm)
+
+
+# ---- async scheduling: step N+1 planned while step N runs -----------------------------------
+def is_eos(token: int) -> bool:
+    return token % 23 == 0
+
+
+def reference_until_eos(prompt: list[int], max_tokens: int) -> list[int]:
+    out = []
+    for token in reference(prompt, max_tokens):
+        out.append(token)
+        if is_eos(token):
+            break
+    return out
+
+
+class FollowingModel(FakeModel):
+    """The fake model as a worker under async scheduling: a ``[FOLLOW]`` chunk gets the token
+    the previous step sampled for its sequence; a follow-up of a sequence that ended meanwhile
+    still writes its slot (as the real worker does), which must disturb no one."""
+
+    def __init__(self, bm: BlockManager):
+        super().__init__(bm)
+        self.last: dict[int, int] = {}
+
+    def step(self, out) -> dict[int, int]:
+        live = type(out)()
+        for s, chunk in zip(out.seqs, out.chunks):
+            if chunk.token_ids == [FOLLOW]:
+                chunk = dataclasses.replace(chunk, token_ids=[self.last[chunk.seq_id]])
+            if s.status is SequenceStatus.FINISHED:  # wasted: write the slot without the checks
+                pos = chunk.start_pos
+                self.kv[chunk.block_table[pos // self.bm.block_size]][pos % self.bm.block_size] = (
+                    pos, chunk.token_ids[0])
+            else:
+                live.chunks.append(chunk)
+                live.seqs.append(s)
+        self.last = super().step(live)
+        return self.last
+
+
+def run_async(sched, model, log, rng=None, max_steps=10_000):
+    """The engine's loop with two steps in flight: plan until two are out, then run, commit and
+    append the oldest; sequences stop by length or an "EOS" token."""
+    import collections
+
+    in_flight = collections.deque()
+    for _ in range(max_steps):
+        if not sched.has_work() and not in_flight:
+            return
+        while len(in_flight) < 2:
+            busy = frozenset(s.seq_id for o in in_flight for s in o.seqs)
+            follow = frozenset(
+                s.seq_id for o in in_flight for s, c in zip(o.seqs, o.chunks)
+                if c.sample and s.status is SequenceStatus.RUNNING
+                and s.num_output_tokens + 1 < s.sampling_params.max_tokens)
+            out = sched.schedule(busy, None, follow)
+            if out.is_empty:
+                break
+            for s, c in zip(out.seqs, out.chunks):
+                if c.token_ids == [FOLLOW]:
+                    assert s.seq_id in follow and c.sample and c.start_pos == s.num_tokens
+                    assert len(c.block_table) * sched.bm.block_size > s.num_tokens
+                else:
+                    assert s.seq_id not in busy
+            log.append(out)
+            in_flight.append(out)
+        out = in_flight.popleft()
+        sampled = model.step(out)
+        sched.commit(out)
+        for s, c in zip(out.seqs, out.chunks):
+            if c.sample and s.status is SequenceStatus.RUNNING:
+                s.append_token(sampled[s.seq_id])
+                if is_eos(s.output_token_ids[-1]):
+                    sched.finish(s, "stop")
+                elif s.num_output_tokens >= s.sampling_params.max_tokens:
+                    sched.finish(s, "length")
+        if rng is not None and rng.random() < 0.05:  # abort one not in flight
+            idle = [s for s in sched.running + sched.waiting
+                    if s.seq_id not in {x.seq_id for o in in_flight for x in o.seqs}]
+            if idle:
+                sched.abort(rng.choice(idle).seq_id)
+    raise AssertionError("scheduler did not finish")
+
+
+def test_async_follow_ups_decode_while_the_previous_step_runs():
+    bm, sched, model = make(budget=16)
+    a = seq(1, range(10), max_tokens=6)
+    sched.add(a)
+    log = []
+    run_async(sched, FollowingModel(bm), log)
+    # after the prompt, each step is planned before the last came back: [FOLLOW] at num_tokens
+    assert [(c.start_pos, c.token_ids == [FOLLOW]) for o in log for c in o.chunks] == [
+        (0, False)] + [(p, True) for p in range(10, 15)]
+    assert a.output_token_ids == reference(list(range(10)), 6)
+    assert_all_free(bm)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_async_random_workload_matches_reference(trial):
+    import random
+    rng = random.Random(100 + trial)
+    bm, sched, model = make(num_blocks=rng.choice([10, 16, 40]), block_size=rng.choice([2, 4]),
+                            max_num_seqs=rng.choice([2, 4, 8]), budget=rng.choice([6, 16, 64]))
+    stems = [[rng.randrange(500) for _ in range(rng.randrange(1, 10))] for _ in range(3)]
+    seqs = [seq(i, rng.choice(stems) + [rng.randrange(500) for _ in range(rng.randrange(0, 5))],
+                rng.randrange(1, 12), priority=rng.randrange(3)) for i in range(20)]
+    for s in seqs:
+        sched.add(s)
+    log = []
+    run_async(sched, FollowingModel(bm), log, rng)
+    assert any(c.token_ids == [FOLLOW] for o in log for c in o.chunks)
+    for s in seqs:
+        if s.finish_reason != "abort":
+            assert s.output_token_ids == reference_until_eos(s.prompt_token_ids,
+                                                             s.sampling_params.max_tokens)
     assert_all_free(bm)
