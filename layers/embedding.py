@@ -67,3 +67,21 @@ class ParallelLMHead(nn.Module):
         local = linear(hidden, self.weight)  # (rows, per_rank)
         full = self.comm.gather(local, dst=dst, dim=-1)  # (rows, per_rank * tp) on dst
         return None if full is None else full[:, :self.vocab_size]
+
+    def greedy(self, hidden: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """Each row's argmax token (rows,) on dst, None elsewhere: the first maximum, as the
+        full logits' argmax has it. Each rank reduces its own vocabulary slice, so only a
+        (max, token id) pair per row and rank travels instead of the logits.
+
+        hidden: (rows, hidden)"""
+        start, _, real = padded_vocab_shard(self.vocab_size, self.comm.world_size, self.comm.rank)
+        local = linear(hidden, self.weight)[:, :real].double()  # (rows, real), no padding rows
+        pair = torch.full((hidden.shape[0], 2), -torch.inf, dtype=torch.float64, device=hidden.device)
+        if real:
+            best, index = local.max(dim=-1)  # first maximum within the slice
+            pair[:, 0], pair[:, 1] = best, index + start
+        pairs = self.comm.gather(pair, dst=dst, dim=-1)  # (rows, 2 * tp) on dst: max, id, max, ..
+        if pairs is None:
+            return None
+        rank = pairs[:, 0::2].argmax(dim=-1, keepdim=True)  # ties: the lower rank, lower ids
+        return pairs[:, 1::2].gather(1, rank)[:, 0].long()

@@ -111,6 +111,12 @@ def _sample_random(logits: torch.Tensor, params: list[SamplerParams],
 SampleOut = tuple[int, "float | None", "list[tuple[int, float]] | None"]
 
 
+def argmax_suffices(params: list[SamplerParams]) -> bool:
+    """True when every row samples greedily and wants no logprobs: the token ids are then the
+    logits' argmax and nothing else of them is needed."""
+    return all(p.temperature < _GREEDY_EPS and p.logprobs is None for p in params)
+
+
 def sample(logits: torch.Tensor, params: list[SamplerParams],
            positions: list[int]) -> list[SampleOut]:
     """Sample one token per row.

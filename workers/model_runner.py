@@ -8,7 +8,7 @@ import torch
 
 from cluster.protocol import FOLLOW, ProtocolError, SampledToken, StepPlan, StepResult
 from layers.attention import AttnBatch, KeepRows
-from layers.sampler import sample
+from layers.sampler import argmax_suffices, sample
 
 
 @dataclass
@@ -95,15 +95,25 @@ class ModelRunner:
             return StepResult(plan.step_id, [])
         if keep is None:  # every row is sampled, in order
             hidden = hidden.index_select(0, batch.sample_rows)
-        logits = self.model.compute_logits(hidden)  # (samples, vocab) on TP rank 0
-        if logits is None:
+        picked = self._sample(hidden, batch.sample_chunks)
+        if picked is None:  # not the sampling rank
             return None
-        positions = [c.start_pos + len(c.token_ids) for c in batch.sample_chunks]
-        picked = sample(logits, [c.sampler for c in batch.sample_chunks], positions)
         self.sampled = {c.seq_id: tok for c, (tok, _, _) in zip(batch.sample_chunks, picked)}
         return StepResult(plan.step_id, [
             SampledToken(c.seq_id, tok, lp, top)
             for c, (tok, lp, top) in zip(batch.sample_chunks, picked)])
+
+    def _sample(self, hidden: torch.Tensor, chunks: list) -> list | None:
+        """(token, logprob, top logprobs) per sampling chunk on TP rank 0, None elsewhere.
+        hidden: (samples, hidden)"""
+        params = [c.sampler for c in chunks]
+        if argmax_suffices(params):  # greedy, no logprobs: no logits need to travel
+            tokens = self.model.greedy_tokens(hidden)  # (samples,) on TP rank 0
+            return None if tokens is None else [(t, None, None) for t in tokens.tolist()]
+        logits = self.model.compute_logits(hidden)  # (samples, vocab) on TP rank 0
+        if logits is None:
+            return None
+        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks])
 
     def _resolve_follow(self, plan: StepPlan) -> None:
         """Give each ``[FOLLOW]`` chunk the token the previous step sampled for its sequence."""

@@ -216,6 +216,10 @@ class LlamaForCausalLM(nn.Module):
         # hidden: (rows, hidden) -> (rows, vocab) on TP rank 0, None on the other ranks
         return self.lm_head(hidden)
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # hidden: (rows, hidden) -> argmax token ids (rows,) on TP rank 0, None elsewhere
+        return self.lm_head.greedy(hidden)
+
     def checkpoint_targets(self, name: str) -> list[tuple[str, str | None]]:
         """Which of this rank's parameters (name, shard id) a checkpoint tensor feeds."""
         if name == "model.embed_tokens.weight":

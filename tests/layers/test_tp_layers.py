@@ -91,6 +91,7 @@ def _rank_main(rank, tp, backend, rdv, path, queue):
             out["embedding"] = emb(ids)
             head = ParallelLMHead(VOCAB, HIDDEN, torch.float32, comm, tied_to=emb)
             out["lm_head"] = head(x)
+            out["greedy"] = head.greedy(torch.cat([x, torch.zeros(2, HIDDEN)]))  # 2 all-tie rows
         queue.put((rank, {k: _to_numpy(v) for k, v in out.items()}))
     except Exception as exc:  # report instead of leaving the parent waiting
         queue.put((rank, repr(exc)))
@@ -223,7 +224,9 @@ def test_vocab_parallel_embedding_and_lm_head(weights, rank_outputs):
         torch.testing.assert_close(out["embedding"], expected_emb, rtol=0, atol=1e-5)
         if rank == 0:
             torch.testing.assert_close(out["lm_head"], expected_logits, rtol=0, atol=1e-5)
+            # greedy without gathering logits: torch's argmax of the full logits, ties -> id 0
+            assert out["greedy"].tolist() == expected_logits.argmax(dim=-1).tolist() + [0, 0]
         else:
-            assert out["lm_head"] is None
+            assert out["lm_head"] is None and out["greedy"] is None
     starts = [padded_vocab_shard(VOCAB, tp, r)[0] for r in range(tp)]
     assert starts == sorted(set(starts))  # disjoint slices cover the vocabulary in order
