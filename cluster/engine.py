@@ -87,8 +87,8 @@ class Engine:
         par = config.parallel
         self.depth = par.pipeline_depth or par.pipeline_parallel_size  # steps in flight at once
         # async scheduling (one stage, no micro-batches): plan step N+1 while step N runs
-        self.async_scheduling = config.scheduler.async_scheduling and self.depth == 1 == (
-            par.pipeline_parallel_size)
+        self.async_scheduling = (config.scheduler.async_scheduling and self.depth == 1
+                                 and par.pipeline_parallel_size == 1)
         if self.async_scheduling:
             self.depth = 2
         self.in_flight: collections.deque = collections.deque()  # (plan, result refs, start)
@@ -245,8 +245,13 @@ class Engine:
             seq.seq_id for out, _, _ in self.in_flight for seq, chunk in zip(out.seqs, out.chunks)
             if chunk.sample and seq.status is SequenceStatus.RUNNING
             and seq.seq_id in self._by_seq and seq.seq_id not in self._deferred_aborts
-            and seq.num_output_tokens + 1 < seq.sampling_params.max_tokens
-            and seq.num_tokens + 1 < self.max_model_len)
+            and not self._length_reached(seq, ahead=1))
+
+    def _length_reached(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether ``seq`` stops by length (max_tokens or the context) once it has ``ahead``
+        more tokens."""
+        return (seq.num_output_tokens + ahead >= seq.sampling_params.max_tokens
+                or seq.num_tokens + ahead >= self.max_model_len)
 
     def _on_token(self, sampled: SampledToken) -> Delta:
         request, index = self._by_seq[sampled.seq_id]
@@ -274,7 +279,7 @@ class Engine:
             return "stop", None
         if stop_string is not None:
             return "stop", stop_string
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._length_reached(seq):
             return "length", None
         return None, None
 
