@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
-    from cluster.bench import add_arguments as bench_arguments
+    from cluster.bench.main import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="throughput and latency on a seeded workload"))
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fetch(args) -> int:
-    from cluster.model_store import fetch_main
+    from cluster.checkpoints.store import fetch_main
 
     return fetch_main((["--force"] if args.force else []) + (["--quiet"] if args.quiet else []))
 
@@ -67,8 +67,8 @@ def _demo(args) -> int:
     import torch
     import transformers
 
-    from cluster.config import EngineConfig
-    from cluster.worker_group import WorkerGroup
+    from cluster.contract.config import EngineConfig
+    from cluster.engine.worker_group import WorkerGroup
 
     directory = Path(tempfile.mkdtemp(prefix="shardlm-demo-"))
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=72, intermediate_size=96,
@@ -104,7 +104,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args):
-    from cluster.config import EngineConfig
+    from cluster.contract.config import EngineConfig
 
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     overrides = {"model": args.model, "tensor_parallel_size": args.tp,
@@ -115,8 +115,8 @@ def engine_config(args):
 def _generate(args) -> int:
     import json
 
-    from cluster.llm import LLM
-    from cluster.sampling import SamplingParams
+    from cluster.engine.llm import LLM
+    from cluster.contract.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
@@ -147,7 +147,7 @@ def _serve(args) -> int:
     import signal
     import time
 
-    from cluster import serve
+    from cluster.serving.http import deploy as serve
 
     config = engine_config(args)
     url = serve.deploy(config, host=args.host, port=args.port, api_keys=args.api_key,
@@ -165,8 +165,8 @@ def _serve(args) -> int:
 
 
 def _batch(args) -> int:
-    from cluster.batch import run_batch
-    from cluster.llm import LLM
+    from cluster.tools.batch import run_batch
+    from cluster.engine.llm import LLM
 
     llm = LLM(config=engine_config(args))
     try:
@@ -181,7 +181,7 @@ def _batch(args) -> int:
 def _chaos(args) -> int:
     import ray
 
-    from cluster import chaos
+    from cluster.tools import chaos
 
     ray.init(address=args.address, log_to_driver=False)
     if args.action == "kill-worker":
@@ -194,7 +194,7 @@ def _chaos(args) -> int:
 
 
 def _bench(args) -> int:
-    from cluster.bench import main as bench_main
+    from cluster.bench.main import main as bench_main
 
     return bench_main(args)
 

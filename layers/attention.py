@@ -5,9 +5,8 @@ tokens at positions ``start_pos[i] ..``. Without a KV cache (a plain forward of
 whole sequences) attention is causal within each sequence. With a cache, the
 new keys/values are first written into the cache through ``slot_mapping``, then
 each sequence attends over the blocks listed in its block table: sequences with one
-new token all together (on CPUs through the C kernel of ``layers.cpu_kernels``, which
-reads the blocks in place; elsewhere by gathering them, in groups of similar length),
-longer chunks one by one (a prompt's first chunk over its own keys, no gather).
+new token all together, longer chunks one by one (a prompt's first chunk over its own
+keys, no gather). The arithmetic is the platform's (``self.ops``, see ``layers.ops``).
 
 Cache layout per layer: (2, num_blocks, block_size, local_kv_heads, head_dim).
 """
@@ -17,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from layers import cpu_kernels
+from layers.ops import NATIVE, DecodeGroup, decode_groups, gather_kv
 
 
 @dataclass
@@ -32,9 +30,9 @@ class AttnBatch:
     _decode_groups: list | None = field(default=None, repr=False)  # built once, used by every layer
     _context_lens: torch.Tensor | None = field(default=None, repr=False)
     _split: "SplitBatch | None" = field(default=None, repr=False)
-    # the decode step's arguments of the CPU layer kernels (cpu_decode_layer.DecodeStep, or False
-    # where they do not apply), made by the first layer for all of them
-    kernel_step: object = field(default=None, repr=False)
+    # what the platform's ops work out once per step for every layer (e.g. the CPU kernels'
+    # decode-step arguments)
+    platform_state: dict = field(default_factory=dict, repr=False)
 
     @property
     def context_lens(self) -> list[int]:
@@ -58,7 +56,7 @@ class AttnBatch:
             self._split = SplitBatch.of(self)
         return self._split
 
-    def decode_groups(self, block_size: int) -> list["DecodeGroup"]:
+    def decode_groups(self, block_size: int) -> list[DecodeGroup]:
         if self._decode_groups is None:
             self._decode_groups = decode_groups(self.context_lens, self.block_tables, block_size)
         return self._decode_groups
@@ -96,51 +94,9 @@ class SplitBatch:
         return cls(decode, torch.tensor([row for _, row in ones]), chunks)
 
 
-# The PyTorch decode path (where the C kernel does not apply) gathers keys per group of
-# sequences: small enough that a layer's gathered K/V (tokens x kv heads x head_dim x 2)
-# stays in the CPU's cache between the gather and the attention reading it.
-DECODE_GROUP_TOKENS = 4096
-
-
-@dataclass
-class DecodeGroup:
-    """Decoding sequences of similar context length, attended together (padded to the longest)."""
-
-    rows: torch.Tensor | None  # (n,) their rows in the batch; None: all rows, in order
-    block_tables: torch.Tensor  # (n, blocks)
-    length: int  # the longest context among them
-    mask: torch.Tensor  # (n, 1, 1, length) bool, True for keys inside each sequence's context
-
-
-def decode_groups(context_lens: list[int], block_tables: torch.Tensor, block_size: int,
-                  budget: int = DECODE_GROUP_TOKENS) -> list[DecodeGroup]:
-    """Sort the sequences by context length and cut them into groups of at most ``budget``
-    padded keys (at least one sequence each), so that padding stays small and each group's
-    gathered keys fit in cache."""
-    order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
-    groups, members = [], []
-    for i in order:  # ascending: the newest member is the group's longest
-        if members and (len(members) + 1) * context_lens[i] > budget:
-            groups.append(members)
-            members = []
-        members.append(i)
-    groups.append(members)
-    return [_decode_group(g, context_lens, block_tables, block_size, len(groups) == 1
-                          and g == list(range(len(context_lens))))
-            for g in groups]
-
-
-def _decode_group(members: list[int], context_lens: list[int], block_tables: torch.Tensor,
-                  block_size: int, whole_batch: bool) -> DecodeGroup:
-    lens = torch.tensor([context_lens[i] for i in members])
-    longest = int(lens.max())
-    rows = None if whole_batch else torch.tensor(members)
-    tables = block_tables if rows is None else block_tables.index_select(0, rows)
-    mask = torch.arange(longest).unsqueeze(0) < lens.unsqueeze(1)  # (n, longest)
-    return DecodeGroup(rows, tables[:, :-(-longest // block_size)], longest, mask[:, None, None, :])
-
-
 class Attention(nn.Module):
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+
     def __init__(self, num_q: int, num_kv: int, head_dim: int):
         super().__init__()
         self.num_q, self.num_kv, self.head_dim = num_q, num_kv, head_dim
@@ -153,7 +109,7 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             out = self._no_cache(q, k, v, batch)
         else:
-            self._write_cache(k, v, batch.slot_mapping)
+            self.ops.write_kv(k, v, self.kv_cache, batch.slot_mapping)
             out = self._paged(q, k, v, batch)
         return out.reshape(out.shape[0], self.num_q * self.head_dim)
 
@@ -162,8 +118,8 @@ class Attention(nn.Module):
         """Write every token's keys and values, attend only from the rows in ``last``.
 
         q_last: (rows, num_q, hd); k, v: (tokens, num_kv, hd) -> (rows, num_q * hd)"""
-        self._write_cache(k, v, batch.slot_mapping)
-        out = self._paged_decode(q_last, last)
+        self.ops.write_kv(k, v, self.kv_cache, batch.slot_mapping)
+        out = self.ops.paged_decode(q_last, self.kv_cache, last, self.scale)
         return out.reshape(out.shape[0], self.num_q * self.head_dim)
 
     def _no_cache(self, q, k, v, batch: AttnBatch) -> torch.Tensor:
@@ -172,78 +128,25 @@ class Attention(nn.Module):
         outs, begin = [], 0
         for n in batch.query_lens:
             end = begin + n
-            outs.append(self._attend(q[begin:end], k[begin:end], v[begin:end], causal_offset=0))
+            outs.append(self.ops.attend(q[begin:end], k[begin:end], v[begin:end], self.scale, 0))
             begin = end
         return torch.cat(outs)
-
-    def _write_cache(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        if cpu_kernels.write_kv(k, v, self.kv_cache, slots):
-            return
-        cache = self.kv_cache.view(2, -1, self.num_kv, self.head_dim)  # (2, slots, num_kv, head_dim)
-        cache[0].index_copy_(0, slots, k)
-        cache[1].index_copy_(0, slots, v)
 
     def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch
                ) -> torch.Tensor:
         split = batch.split()
         if split.decode is batch:  # every sequence decodes one token
-            return self._paged_decode(q, batch)
+            return self.ops.paged_decode(q, self.kv_cache, batch, self.scale)
         out = torch.empty_like(q)  # (tokens, num_q, hd)
         if split.decode is not None:  # the single-token sequences of a mixed step, together
             rows = split.decode_rows
-            out.index_copy_(0, rows, self._paged_decode(q.index_select(0, rows), split.decode))
+            decoded = self.ops.paged_decode(q.index_select(0, rows), self.kv_cache, split.decode,
+                                            self.scale)
+            out.index_copy_(0, rows, decoded)
         for i, begin, n, ctx in split.chunks:
             if ctx == n:  # a prompt's first chunk: its own keys are the whole context
                 keys, values = k[begin:begin + n], v[begin:begin + n]
             else:  # continues a sequence: read the earlier tokens from the cache
-                keys, values = (t[0] for t in self._gather(batch.block_tables[i:i + 1], ctx))
-            out[begin:begin + n] = self._attend(q[begin:begin + n], keys, values, ctx - n)
+                keys, values = (t[0] for t in gather_kv(self.kv_cache, batch.block_tables[i:i + 1], ctx))
+            out[begin:begin + n] = self.ops.attend(q[begin:begin + n], keys, values, self.scale, ctx - n)
         return out
-
-    def _gather(self, block_tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``length`` cached tokens of each listed sequence."""
-        _, _, block_size, num_kv, hd = self.kv_cache.shape
-        needed = -(-length // block_size)
-        blocks = block_tables[:, :needed].reshape(-1)  # (seqs * needed,)
-        rows = self.kv_cache.flatten(2).index_select(1, blocks)  # (2, seqs * needed, bs * kv * hd)
-        kv = rows.view(2, block_tables.shape[0], needed * block_size, num_kv, hd)[:, :, :length]
-        return kv[0], kv[1]  # each (seqs, length, num_kv, hd)
-
-    def _paged_decode(self, q: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        # q: (seqs, num_q, hd), one new token per sequence -> (seqs, num_q, hd)
-        out = cpu_kernels.paged_decode_attention(q, self.kv_cache, batch.block_tables,
-                                                 batch.context_lens_tensor(), self.scale)
-        if out is not None:  # the C kernel reads the blocks in place
-            return out
-        groups = batch.decode_groups(self.kv_cache.shape[2])
-        if len(groups) == 1 and groups[0].rows is None:
-            return self._decode_group(q, groups[0])
-        out = torch.empty_like(q)
-        for group in groups:
-            out.index_copy_(0, group.rows, self._decode_group(q.index_select(0, group.rows), group))
-        return out
-
-    def _decode_group(self, q: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
-        # q: (n, num_q, hd) -> (n, num_q, hd); contexts padded to the group's longest, masked
-        k, v = self._gather(group.block_tables, group.length)  # (n, length, num_kv, hd)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # (n, num_q, 1, hd)
-            k.transpose(1, 2), v.transpose(1, 2),  # (n, num_kv, length, hd)
-            attn_mask=group.mask, scale=self.scale, enable_gqa=True)
-        return out.squeeze(2)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int
-                ) -> torch.Tensor:
-        # q: (n, num_q, hd); k, v: (ctx, num_kv, hd), query j sits at key position offset + j
-        n, ctx = q.shape[0], k.shape[0]
-        if ctx == n + causal_offset:  # the C kernel covers the causal case it is given here
-            out = cpu_kernels.prefill_attention(q, k, v, self.scale)
-            if out is not None:
-                return out
-        mask = None
-        if causal_offset:
-            mask = torch.arange(ctx).unsqueeze(0) <= (torch.arange(n) + causal_offset).unsqueeze(1)
-        out = F.scaled_dot_product_attention(  # 4-d inputs: CPU's flash kernel, not the math path
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, heads, len, hd)
-            attn_mask=mask, is_causal=not causal_offset, scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1)  # (n, num_q, hd)

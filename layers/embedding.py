@@ -8,20 +8,19 @@ slice and rank ``dst`` of the group gathers the full row.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from layers.linear import linear, make_param, weight_rows
+from layers.linear import make_param
+from layers.ops import NATIVE
+from layers.parallel import TensorParallelGroup
 from layers.partition import padded_vocab_shard
-
-if TYPE_CHECKING:
-    from workers.comm import Communicator
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: "Communicator"):
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: TensorParallelGroup):
         super().__init__()
         self.vocab_size = vocab_size
         self.comm = comm
@@ -37,7 +36,7 @@ class VocabParallelEmbedding(nn.Module):
         # input_ids: (tokens,) -> (tokens, hidden)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
-        out = weight_rows(self.weight, local.masked_fill(outside, 0))
+        out = self.ops.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
         return self.comm.all_reduce(out)
 
@@ -49,9 +48,10 @@ class ParallelLMHead(nn.Module):
     vocabulary split) and loads nothing itself.
     """
 
-    packable = True  # see layers.linear.pack_weights
+    packable = True  # the CPU path may repack the weight (layers.cpu.ops.CpuOps.prepare)
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
-    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: "Communicator",
+    def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: TensorParallelGroup,
                  tied_to: VocabParallelEmbedding | None = None):
         super().__init__()
         self.vocab_size = vocab_size
@@ -64,7 +64,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         # hidden: (rows, hidden) -> full logits (rows, vocab_size) on dst, None elsewhere
-        local = linear(hidden, self.weight)  # (rows, per_rank)
+        local = self.ops.linear(hidden, self.weight)  # (rows, per_rank)
         full = self.comm.gather(local, dst=dst, dim=-1)  # (rows, per_rank * tp) on dst
         return None if full is None else full[:, :self.vocab_size]
 
@@ -75,7 +75,7 @@ class ParallelLMHead(nn.Module):
 
         hidden: (rows, hidden)"""
         start, _, real = padded_vocab_shard(self.vocab_size, self.comm.world_size, self.comm.rank)
-        local = linear(hidden, self.weight)[:, :real].double()  # (rows, real), no padding rows
+        local = self.ops.linear(hidden, self.weight)[:, :real].double()  # (rows, real), no padding rows
         pair = torch.full((hidden.shape[0], 2), -torch.inf, dtype=torch.float64, device=hidden.device)
         if real:
             best, index = local.max(dim=-1)  # first maximum within the slice

@@ -9,54 +9,14 @@ Only RowParallelLinear talks to the communicator (one all-reduce).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from layers import cpu_kernels
+from layers.ops import NATIVE
+from layers.parallel import TensorParallelGroup
 from layers.partition import split_range
-
-if TYPE_CHECKING:
-    from workers.comm import Communicator
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``; ``weight`` is (out, in), or packed by ``pack_weights`` for the
-    CPU kernel (out / 16, in, 16)."""
-    # x: (rows, in) -> (rows, out)
-    if weight.dim() == 2:
-        return F.linear(x, weight, bias)
-    y = cpu_kernels.packed_linear(x, weight)
-    return y if bias is None else y + bias
-
-
-def weight_rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``weight[index]`` (an embedding lookup) for a plain or a packed weight."""
-    # weight: (out, in) or (out / P, in, P); index: (n,) -> (n, in)
-    if weight.dim() == 2:
-        return F.embedding(index, weight)
-    panel = weight.shape[2]
-    return weight[index // panel, :, index % panel]
-
-
-def pack_weights(model: nn.Module) -> int:
-    """Repack, in place, the weight of every module that multiplies through ``linear`` (those
-    with ``packable = True``) into the CPU kernel's panel layout, where the kernel applies
-    (float32 on a CPU with AVX2, rows a multiple of 16). Run once after loading; a weight
-    shared by two modules (tied embeddings) is packed once and serves both. Returns how many
-    weights were packed."""
-    done: set[int] = set()
-    for module in model.modules():
-        param = getattr(module, "weight", None) if getattr(module, "packable", False) else None
-        if param is None or id(param) in done or param.dim() != 2:
-            continue
-        panels = cpu_kernels.pack_weight(param.data)
-        if panels is not None:
-            param.data = panels
-            done.add(id(param))
-    return len(done)
 
 
 _param_zeros: Callable = torch.zeros  # (shape, dtype=) -> zero-filled tensor; see param_memory
@@ -99,7 +59,8 @@ class ColumnParallelLinear(nn.Module):
     plain layer, several for fused layers (q/k/v, gate/up) stacked in that order.
     """
 
-    packable = True  # see pack_weights
+    packable = True  # the CPU path may repack the weight (layers.cpu.ops.CpuOps.prepare)
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
     def __init__(self, in_features: int, shards: list[tuple[str | None, int, int]],
                  bias: bool, dtype: torch.dtype):
@@ -122,7 +83,7 @@ class ColumnParallelLinear(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, in_features) -> (tokens, out_local), fused blocks side by side
-        return linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
     forward = project
 
@@ -165,10 +126,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W[:, cols owned].T) + b: input features split over ranks."""
 
-    packable = True  # see pack_weights
+    packable = True  # the CPU path may repack the weight (layers.cpu.ops.CpuOps.prepare)
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
     def __init__(self, in_start: int, in_size: int, out_features: int, bias: bool,
-                 dtype: torch.dtype, comm: "Communicator"):
+                 dtype: torch.dtype, comm: TensorParallelGroup):
         super().__init__()
         self.in_start, self.in_size = in_start, in_size
         self.comm = comm
@@ -180,11 +142,11 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, in_size) -> (tokens, out_features), summed over ranks
-        y = self.comm.all_reduce(linear(x, self.weight))
+        y = self.comm.all_reduce(self.ops.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     @classmethod
     def split(cls, in_features: int, out_features: int, tp_rank: int, bias: bool,
-              dtype: torch.dtype, comm: "Communicator") -> "RowParallelLinear":
+              dtype: torch.dtype, comm: TensorParallelGroup) -> "RowParallelLinear":
         start, size = split_range(in_features, comm.world_size, tp_rank)
         return cls(start, size, out_features, bias, dtype, comm)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from layers import cpu_kernels
 from layers.linear import MergedColumnParallelLinear, RowParallelLinear
-
-if TYPE_CHECKING:
-    from workers.comm import Communicator
+from layers.ops import NATIVE
+from layers.parallel import TensorParallelGroup
 
 
 class SwiGLUMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, comm: "Communicator",
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, comm: TensorParallelGroup,
                  bias: bool = False):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -27,8 +24,4 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden)
         gate_up = self.gate_up_proj.project(x)  # (tokens, 2 * intermediate_local)
-        act = cpu_kernels.silu_mul(gate_up)  # (tokens, intermediate_local)
-        if act is None:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-        return self.down_proj(act)
+        return self.down_proj(self.ops.silu_mul(gate_up))  # silu(gate) * up: (tokens, intermediate_local)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from layers import cpu_kernels
+from layers.ops import NATIVE
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -71,6 +71,8 @@ class RotaryEmbedding(nn.Module):
     """One instance serves every layer of a model: the angles of a step's positions are
     computed by the first layer and reused by the others (the same ``positions`` tensor)."""
 
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+
     def __init__(self, head_dim: int, spec: RopeSpec):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(spec, head_dim), persistent=False)
@@ -88,21 +90,8 @@ class RotaryEmbedding(nn.Module):
                                          for t in self._tables["half"])
         return self._tables["full" if full else "half"]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (tokens,); q: (tokens, q_heads, head_dim); k: (tokens, kv_heads, head_dim)
-        cos, sin = self.cos_sin(positions, full=True)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
     def rotate_(self, positions: torch.Tensor, heads: torch.Tensor) -> None:
         """Rotate in place: heads (tokens, n, head_dim), e.g. the q and k heads of a fused
-        qkv output (the C kernel where it applies, else torch)."""
-        if not cpu_kernels.rope_inplace(heads, *self.cos_sin(positions, full=False)):
-            cos, sin = self.cos_sin(positions, full=True)
-            heads.copy_(_rotate(heads, cos, sin))
+        qkv output, by the platform's op."""
+        self.ops.rotate_(heads, self, positions)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

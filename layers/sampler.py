@@ -17,12 +17,23 @@ filtering, which is what vLLM returns by default.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
-from cluster.protocol import SamplerParams
-
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (vLLM's threshold)
+
+
+class SamplerParams(Protocol):
+    """One row's sampling parameters, as the step plan carries them (the workers'
+    ``cluster.contract.messages.SamplerParams``)."""
+
+    temperature: float  # below _GREEDY_EPS: greedy
+    top_p: float
+    top_k: int  # -1: no limit
+    min_p: float
+    seed: int  # unsigned 64-bit
+    logprobs: int | None  # top-n logprobs to return, None for none
 
 
 def _signed(c: int) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.protocol import FOLLOW, ProtocolError, SampledToken, StepPlan, StepResult
+from cluster.contract.messages import FOLLOW, ProtocolError, SampledToken, StepPlan, StepResult
 from layers.attention import AttnBatch, KeepRows
 from layers.sampler import argmax_suffices, sample
 

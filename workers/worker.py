@@ -1,6 +1,6 @@
 """The worker: one Ray actor per device, holding one rank's shard of the model.
 
-The driver (``cluster.worker_group.WorkerGroup``) creates the actors, tells
+The driver (``cluster.engine.worker_group.WorkerGroup``) creates the actors, tells
 each its place in the rank layout, brokers the rendezvous and then drives
 them. Everything the worker returns is msgpack bytes or plain numbers.
 """
@@ -18,14 +18,15 @@ import psutil
 import torch
 
 from layers.attention import AttnBatch
-from layers.linear import pack_weights, param_memory
+from layers.linear import param_memory
 from layers.models import build_model
+from layers.platform import select_ops, use_ops
 from workers.host_memory import HugePageArena, retain_freed_memory
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
 from workers import kv_cache
 from workers.loader import load_shard
 from workers.model_runner import ModelRunner, run_stage
-from cluster.protocol import StepPlan
+from cluster.contract.messages import StepPlan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,7 +64,7 @@ class Worker:
         self.dtype = torch.float32
         self.hf_config: dict | None = None
         self.runner: ModelRunner | None = None
-        self.hang_next_step_s = 0.0  # fault injection (cluster.chaos): stall inside a step
+        self.hang_next_step_s = 0.0  # fault injection (cluster.tools.chaos): stall inside a step
 
     # ---- layout and rendezvous -------------------------------------------------------------
     def address(self) -> dict:
@@ -101,9 +102,10 @@ class Worker:
             model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype], layer_range)
         stats = load_shard(model, checkpoint)
         self.model = model.to(self.device).eval()
-        packed = pack_weights(self.model) if self.device.type == "cpu" else 0
+        ops = select_ops(self.device, self.dtype)  # the platform, once for this worker
+        packed = use_ops(self.model, ops)
         return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
-                "packed_weights": packed,
+                "packed_weights": packed, "ops": ops.name,
                 "rss_before": rss_before, "rss_after": rss_bytes(),
                 "load_s": time.perf_counter() - started,
                 "loaded": sorted(name for name, _ in stats.loaded)}
@@ -155,7 +157,7 @@ class Worker:
         return {"pid": os.getpid(), "rss": rss_bytes()}
 
     def chaos_hang(self, seconds: float) -> None:
-        """Fault injection: make the next step stall for ``seconds`` (see cluster.chaos)."""
+        """Fault injection: make the next step stall for ``seconds`` (see cluster.tools.chaos)."""
         self.hang_next_step_s = float(seconds)
 
     def close(self) -> None:

@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from layers import cpu_decode_layer
 from layers.attention import Attention, AttnBatch, KeepRows
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.linear import QKVParallelLinear, RowParallelLinear
 from layers.mlp import SwiGLUMLP
 from layers.norm import RMSNorm
+from layers.ops import NATIVE
+from layers.parallel import TensorParallelGroup
 from layers.partition import HeadShard, head_shard
 from layers.rotary import RopeSpec, RotaryEmbedding
-
-if TYPE_CHECKING:
-    from workers.comm import Communicator
 
 # architecture -> (bias on q/k/v, bias on o_proj): None means "read attention_bias"
 ARCHITECTURES = {
@@ -89,7 +85,7 @@ def _context_len(hf: dict) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator",
+    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: TensorParallelGroup,
                  rotary: RotaryEmbedding | None = None):
         super().__init__()
         hd = args.head_dim
@@ -114,73 +110,36 @@ class LlamaAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: "Communicator",
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+
+    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: TensorParallelGroup,
                  rotary: RotaryEmbedding | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.self_attn = LlamaAttention(args, shard, dtype, comm, rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
-        self._fused: bool | None = None  # False: not the C decode path (see _decode_kernel)
-        self._kernel: cpu_decode_layer.DecodeLayer | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
-        kernel = self._decode_kernel() if keep is None else None
-        if kernel is not None and batch.split().decode is batch:
-            fused = self._fused_decode(kernel, x, positions, batch)
+        cached = self.self_attn.attn.kv_cache is not None
+        if keep is None and cached and batch.split().decode is batch:
+            # every sequence decodes one token: the platform may run the layer whole
+            fused = self.ops.fused_decode(self, x, positions, batch)
             if fused is not None:
                 return fused
         attn = self.self_attn(self.input_layernorm(x), positions, batch, keep)
-        return self._mlp_half(attn, x if keep is None else x.index_select(0, keep.rows))
+        return self.mlp_half(attn, x if keep is None else x.index_select(0, keep.rows))
 
-    def _mlp_half(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def mlp_half(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         # attn, residual: (rows, hidden) -> (rows, hidden): residual add, norm, MLP, add
         normed, h = self.post_attention_layernorm.forward_add(attn, residual)
         return h + self.mlp(normed)
 
-    def _decode_kernel(self) -> cpu_decode_layer.DecodeLayer | None:
-        """The layer as the two-call C decode path takes it (packed weights, no biases, a KV
-        cache), set up once per cache; None where it does not apply (``_fused`` False)."""
-        cache = self.self_attn.attn.kv_cache
-        if cache is None or self._fused is False:
-            return None
-        if self._kernel is None or self._kernel.cache is not cache:
-            sa, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-            linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            self._kernel = None if any(m.bias is not None for m in linears) else cpu_decode_layer.DecodeLayer.make(
-                n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
-                sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight)
-            self._fused = self._kernel is not None
-        return self._kernel
-
-    def _fused_decode(self, kernel: cpu_decode_layer.DecodeLayer, x: torch.Tensor,
-                      positions: torch.Tensor, batch: AttnBatch) -> torch.Tensor | None:
-        """The layer for a step where every sequence decodes one token, in two C calls around
-        the all-reduces (cpu_decode_layer.DecodeLayer; one rank: no all-reduce, the residual added
-        in C): at small batches dispatching the ops one by one cost about a fifth of the step.
-        None where the kernels decline, before anything was written."""
-        if batch.kernel_step is None:  # once per step, for every layer
-            cos, sin = self.self_attn.rotary.cos_sin(positions, full=False)
-            batch.kernel_step = cpu_decode_layer.DecodeStep.make(
-                cos, sin, batch.slot_mapping, batch.block_tables, batch.context_lens_tensor()) or False
-        step = batch.kernel_step
-        partial = kernel.attention_half(x, step) if step else None
-        if partial is None:
-            return None
-        comm = self.mlp.down_proj.comm  # the layer's TP group (o_proj's too)
-        alone = comm.world_size == 1
-        attn_out = partial if alone else comm.all_reduce(partial)
-        halves = kernel.mlp_half(attn_out, x, step, add_residual=alone)
-        if halves is None:  # the attention half is done (keys written): finish op by op
-            return self._mlp_half(attn_out, x)
-        out, h = halves
-        return out if alone else h + comm.all_reduce(out)
-
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: LlamaArgs, comm: "Communicator", dtype: torch.dtype = torch.float32,
+    def __init__(self, args: LlamaArgs, comm: TensorParallelGroup, dtype: torch.dtype = torch.float32,
                  layer_range: tuple[int, int] | None = None):
         super().__init__()
         self.args = args

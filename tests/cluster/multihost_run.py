@@ -32,9 +32,9 @@ from pathlib import Path
 import ray
 import torch
 
-from cluster.config import EngineConfig
-from cluster.engine import Engine
-from cluster.sampling import SamplingParams
+from cluster.contract.config import EngineConfig
+from cluster.engine.engine import Engine
+from cluster.contract.sampling import SamplingParams
 from tests.checkpoints import write_tiny_checkpoint
 
 PROMPTS = [[(11 * i + 5 * j) % 150 + 1 for j in range(n)] for i, n in enumerate([3, 9, 5, 14])]

@@ -17,9 +17,10 @@ import psutil
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.config import EngineConfig
-from cluster.engine import Engine, EngineUnavailable
-from cluster.sampling import SamplingParams
+from cluster.contract.config import EngineConfig
+from cluster.contract.errors import EngineUnavailable
+from cluster.engine.engine import Engine
+from cluster.contract.sampling import SamplingParams
 from tests.checkpoints import write_tiny_checkpoint
 
 PROMPTS = [[(5 * i + 3 * j) % 150 + 1 for j in range(4 + i)] for i in range(12)]

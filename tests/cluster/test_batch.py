@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster import LLM, SamplingParams
-from cluster.batch import read_done, run_batch
+from cluster.tools.batch import read_done, run_batch
 from tests.checkpoints import write_tiny_checkpoint
 
 ROOT = Path(__file__).parents[2]

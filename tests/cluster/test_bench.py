@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench import BenchOptions, run
-from cluster.bench_report import format_report, plot
+from cluster.bench.main import BenchOptions, run
+from cluster.bench.report import format_report, plot
 from tests.checkpoints import write_tiny_checkpoint
 
 REQUESTS, OUTPUT_LEN, CONCURRENCY, ROUNDS = 4, 8, [2, 4], 2
@@ -77,7 +77,7 @@ def test_shardlm_figures(result):
 
 def test_fits_together_counts_every_engines_bundles(ray_session):
     """4 logical CPUs: tp 1 + tp 2 at 1 CPU per worker fit (3), at 1.5 they do not (4.5)."""
-    from cluster.bench import _fits_together
+    from cluster.bench.main import _fits_together
 
     assert _fits_together(BenchOptions(tp=[1, 2], overrides={"cpus_per_worker": 1.0}))
     assert not _fits_together(BenchOptions(tp=[1, 2], overrides={"cpus_per_worker": 1.5}))
@@ -183,7 +183,7 @@ def test_online_figures(online, result):
 
 
 def test_online_arrivals_are_poisson():
-    from cluster.bench_online import arrival_gaps
+    from cluster.bench.online import arrival_gaps
 
     assert arrival_gaps(5, math.inf, 0) == [0.0] * 5
     gaps = arrival_gaps(20000, 4.0, 0)
@@ -204,7 +204,7 @@ def test_online_report_and_plot(online, tmp_path):
 def test_command_line_rejects_bad_values_by_name():
     import argparse
 
-    from cluster.bench import add_arguments
+    from cluster.bench.main import add_arguments
 
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser)

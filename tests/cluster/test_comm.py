@@ -20,7 +20,7 @@ import torch
 
 from workers.comm import (Rendezvous, TrivialCommunicator, create_communicator,
                           find_free_port, resolve_backend)
-from workers.shm_segment import segment_path as _segment_path
+from workers.comm.shm_segment import segment_path as _segment_path
 
 MAX_WS = 4
 SMALL_SLOT = 1024  # bytes: 256 fp32 per chunk, 128-byte mailbox chunks

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.engine import RequestError
+from cluster.contract.errors import RequestError, RequestTypeError
 from tests.checkpoints import write_tiny_checkpoint
 
 # 8 prompts of different lengths (token ids; the tiny checkpoints have no tokenizer)
@@ -65,7 +65,7 @@ def test_async_scheduling_overlaps_steps_and_stops_at_the_same_token(llm, refere
     step already in flight. A stop token ends the request exactly where the reference has it;
     the follow-up step planned before that token was known comes back and is dropped."""
     engine = llm.engine
-    assert engine.async_scheduling and engine.depth == 2
+    assert engine.async_scheduling and engine.max_in_flight == 2
     prompt = PROMPTS[3]
     ref = reference[tuple(prompt)]
     stop = ref[12]
@@ -89,7 +89,7 @@ def test_without_async_scheduling_one_step_at_a_time(ray_session, tiny, referenc
     llm = _llm(tiny, 1, "engine-sync", async_scheduling=False)
     try:
         engine = llm.engine
-        assert not engine.async_scheduling and engine.depth == 1
+        assert not engine.async_scheduling and engine.max_in_flight == 1
         engine.add_request(prompt_token_ids=PROMPTS[1], params=GREEDY)
         tokens = []
         while engine.has_unfinished():
@@ -132,34 +132,55 @@ def test_seeded_sampling_is_independent_of_batch_and_tp(llm, tiny):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"prompts": [""]}, "prompt is empty"),
-    ({"prompt_token_ids": [[5] * 300]}, "the prompt has 300 tokens"),
-    ({"prompt_token_ids": [[5, 999]]}, "outside the vocabulary"),
-    ({"prompt_token_ids": [[5]], "sampling_params": {"max_tokens": 0}}, "max_tokens"),
-    ({"prompt_token_ids": [[5]], "sampling_params": {"temperature": -0.5}}, "temperature"),
-    ({"prompt_token_ids": [[5]], "sampling_params": {"top_p": 0}}, "top_p"),
-    ({"prompt_token_ids": [[5]], "sampling_params": {"top_p": 1.5}}, "top_p"),
-    ({"prompt_token_ids": [[5]], "sampling_params": {"max_tokenz": 3}}, "max_tokenz"),
+@pytest.mark.parametrize("request_args,param,kind,message", [
+    ({"prompt": ""}, "prompt", "invalid_value", "prompt is empty"),
+    ({"prompt": 42}, "prompt", "invalid_type", "prompt must be a string"),
+    ({"prompt_token_ids": [5] * 300}, "prompt_token_ids", "context_length_exceeded",
+     "the prompt has 300 tokens"),
+    ({"prompt_token_ids": [5, 999]}, "prompt_token_ids", "invalid_value", "outside the vocabulary"),
+    ({"prompt_token_ids": [5], "prompt": "both"}, "prompt_token_ids", "invalid_value",
+     "exactly one of"),
+    ({"prompt_token_ids": [5], "params": {"max_tokens": 0}}, "max_tokens", "invalid_value",
+     "max_tokens"),
+    ({"prompt_token_ids": [5], "params": {"max_tokens": "3"}}, "max_tokens", "invalid_type",
+     "max_tokens"),
+    ({"prompt_token_ids": [5], "params": {"temperature": -0.5}}, "temperature", "invalid_value",
+     "temperature"),
+    ({"prompt_token_ids": [5], "params": {"top_p": 0}}, "top_p", "invalid_value", "top_p"),
+    ({"prompt_token_ids": [5], "params": {"top_p": 1.5}}, "top_p", "invalid_value", "top_p"),
+    ({"prompt_token_ids": [5], "params": {"max_tokenz": 3}}, "max_tokenz", "unknown_parameter",
+     "max_tokenz"),
+    ({"prompt_token_ids": [5], "params": [1]}, "sampling_params", "invalid_type", "SamplingParams"),
+    ({"prompt_token_ids": [5], "request_id": "taken"}, "request_id", "duplicate_request_id",
+     "already in use"),
 ])
-def test_bad_requests_fail_at_admission_and_disturb_nothing(llm, reference, kwargs, message):
+def test_bad_requests_fail_at_admission_and_disturb_nothing(llm, reference, request_args, param,
+                                                             kind, message):
+    """Each bad request goes to the engine's admission as a caller sends it (raw values, a
+    dict of sampling parameters), fails there with a typed error naming the parameter and
+    what is wrong, queues nothing, and the request already running finishes as before."""
     engine = llm.engine
-    running = engine.add_request(prompt_token_ids=PROMPTS[0], params=GREEDY)
+    running = engine.add_request(prompt_token_ids=PROMPTS[0], params=GREEDY, request_id="taken")
     engine.step()
-    if isinstance(kwargs.get("sampling_params"), dict):
-        kwargs["sampling_params"] = kwargs["sampling_params"]  # a dict goes through from_dict
-    with pytest.raises((RequestError, ValueError, TypeError), match=message):
-        _generate_with_dict_params(llm, **kwargs)
+    queued = (len(engine.scheduler.waiting), len(engine.scheduler.running), len(engine.by_seq))
+    with pytest.raises(RequestError, match=message) as info:
+        engine.add_request(**request_args)
+    assert (info.value.param, info.value.kind) == (param, kind)
+    assert isinstance(info.value, RequestTypeError) == (kind == "invalid_type")
+    assert set(engine.requests) == {running}
+    assert (len(engine.scheduler.waiting), len(engine.scheduler.running), len(engine.by_seq)) == queued
     while engine.has_unfinished():
         engine.step()
     assert engine.pop_finished(running).outputs[0].token_ids == reference[tuple(PROMPTS[0])]
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
-def _generate_with_dict_params(llm, prompts=None, prompt_token_ids=None, sampling_params=None):
-    if isinstance(sampling_params, dict):
-        sampling_params = SamplingParams.from_dict(sampling_params)
-    return llm.generate(prompts, sampling_params, prompt_token_ids)
+def test_offline_llm_names_the_prompt_at_fault(llm):
+    """LLM.generate checks every prompt before running any and says which one failed."""
+    with pytest.raises(RequestError, match="prompt 1: prompt_token_ids hold ids outside") as info:
+        llm.generate(prompt_token_ids=[PROMPTS[0], [5, 999]], sampling_params=GREEDY)
+    assert info.value.param == "prompt_token_ids"
+    assert not llm.engine.requests and not llm.engine.has_unfinished()
 
 
 def test_preemption_keeps_outputs(ray_session, tiny, reference):
@@ -167,7 +188,7 @@ def test_preemption_keeps_outputs(ray_session, tiny, reference):
     small = _llm(tiny, 2, "engine-small-kv", kv_cache_bytes=None, kv_cache_memory_fraction=1.0,
                  max_num_seqs=8)
     try:
-        small.engine.scheduler.bm.__init__(24, 4, True)  # shrink the driver's view of the cache
+        small.engine.scheduler.block_manager.__init__(24, 4, True)  # shrink the driver's view of the cache
         outputs = small.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
         assert small.engine.scheduler.num_preemptions > 0
         for prompt, out in zip(PROMPTS, outputs):

@@ -13,10 +13,10 @@ import time
 import pytest
 import ray
 
-from cluster import chaos
-from cluster.client import Handle
-from cluster.config import EngineConfig
-from cluster.engine_service import get_or_start_service, stop_service
+from cluster.tools import chaos
+from cluster.serving.client import Handle
+from cluster.contract.config import EngineConfig
+from cluster.serving.service import get_or_start_service, stop_service
 
 pytestmark = pytest.mark.slow
 NAME = "faults"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster.config import EngineConfig
-from cluster.worker_group import WorkerGroup
+from cluster.contract.config import EngineConfig
+from cluster.engine.worker_group import WorkerGroup
 from tests.checkpoints import hf_logits, write_tiny_checkpoint
 
 MIB = 1 << 20

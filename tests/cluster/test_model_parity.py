@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import EngineConfig
-from cluster.worker_group import WorkerGroup
+from cluster.contract.config import EngineConfig
+from cluster.engine.worker_group import WorkerGroup
 from tests.checkpoints import TINY_MODELS, hf_logits, write_tiny_checkpoint
 
 PROMPTS = [[1, 5, 7, 9, 100, 3, 4, 150, 0, 12, 33], [8, 9, 10], [42]]

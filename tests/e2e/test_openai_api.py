@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API over real HTTP: the Ray Serve application of cluster.serve in
+"""The OpenAI-compatible API over real HTTP: the Ray Serve application of cluster.serving.http.app in
 front of the engine service (SmolLM2-135M-Instruct at tp=2), driven by the official `openai`
 client, raw HTTP for bad inputs, and schemathesis over the app's own /openapi.json.
 Greedy text is checked against `transformers.generate` on the same checkpoint."""
@@ -15,8 +15,8 @@ import pytest
 import requests
 import torch
 
-from cluster.config import EngineConfig
-from cluster.model_store import DEFAULT_MODEL, resolve_model
+from cluster.contract.config import EngineConfig
+from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
 from workers.comm import find_free_port
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ class Server:
 def server(ray_session):
     import ray
 
-    from cluster.serve import deploy, shutdown
+    from cluster.serving.http.deploy import deploy, shutdown
 
     port = find_free_port("127.0.0.1")
     config = EngineConfig().with_overrides(tensor_parallel_size=2, cpus_per_worker=0.5,
@@ -377,9 +377,9 @@ def test_schemathesis_finds_no_server_errors(server):
 
 
 def test_app_builder_takes_serve_config_args(monkeypatch):
-    """What KubeRay's serveConfigV2 (or `serve run cluster.serve:app_builder k=v`) passes."""
-    from cluster.config import ConfigError
-    from cluster.serve import app_builder
+    """What KubeRay's serveConfigV2 (or `serve run cluster.serving.http.deploy:app_builder k=v`) passes."""
+    from cluster.contract.config import ConfigError
+    from cluster.serving.http.deploy import app_builder
 
     monkeypatch.setenv("SHARDLM_API_KEY", "sk-c")
     app = app_builder({"tensor_parallel_size": "2", "cpus_per_worker": "0.5", "model": "123",

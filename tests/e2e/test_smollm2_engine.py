@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.model_store import DEFAULT_MODEL, resolve_model
+from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
 
 pytestmark = pytest.mark.slow
 

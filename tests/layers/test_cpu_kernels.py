@@ -9,8 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layers import cpu_decode_layer, cpu_kernels
 from layers.attention import Attention, AttnBatch
+from layers.cpu import decode_layer as cpu_decode_layer
+from layers.cpu import kernels as cpu_kernels
+from layers.cpu.ops import CpuOps
+from layers.ops import NATIVE
+from layers.platform import select_ops, use_ops
 
 # num_q, num_kv, head_dim, block_size (groups of 3, 1, 8, 6 and 16 query heads per KV head)
 SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 128, 8), (12, 2, 48, 16), (16, 1, 64, 16)]
@@ -50,18 +54,25 @@ def test_kernel_matches_torch_attention(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_attention_module_paths_agree(shape, monkeypatch):
-    """Attention._paged_decode through the kernel and through the torch fallback."""
+    """The attention module's decode through the CPU path (kernel) and through the
+    device-generic path, the platform each chooses with the kernels on and off."""
     q, cache, tables, lens = _case(*shape, seed=1)
     attn = Attention(shape[0], shape[1], shape[2])
     attn.kv_cache = cache
     expected = _reference(q, cache, tables, lens, attn.scale)
     batch = lambda: AttnBatch([1] * len(lens), [n - 1 for n in lens], tables)
-    torch.testing.assert_close(attn._paged_decode(q, batch()), expected, atol=2e-6, rtol=1e-5)
+    attn.ops = select_ops("cpu", torch.float32)
+    assert isinstance(attn.ops, CpuOps)
+    torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
+                               atol=2e-6, rtol=1e-5)
     monkeypatch.setenv("SHARDLM_CPU_KERNELS", "0")
     cpu_kernels.load.cache_clear()
     try:
         assert cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), 1.0) is None
-        torch.testing.assert_close(attn._paged_decode(q, batch()), expected, atol=2e-6, rtol=1e-5)
+        attn.ops = select_ops("cpu", torch.float32)
+        assert attn.ops is NATIVE
+        torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
+                                   atol=2e-6, rtol=1e-5)
     finally:
         cpu_kernels.load.cache_clear()
 
@@ -123,10 +134,10 @@ def test_pack_weight_declines_what_the_kernel_cannot_run():
 
 def test_pack_weights_keeps_every_layer_output():
     """Column/row-parallel layers and a tied embedding + LM head give the same outputs after
-    ``pack_weights`` as before (plain torch matmul and lookup); an unpackable layer (17 rows)
-    keeps its plain weight and still works."""
+    the CPU path packs them as before (plain torch matmul and lookup); an unpackable layer
+    (17 rows) keeps its plain weight and still works."""
     from layers.embedding import ParallelLMHead, VocabParallelEmbedding
-    from layers.linear import ColumnParallelLinear, RowParallelLinear, linear, pack_weights
+    from layers.linear import ColumnParallelLinear, RowParallelLinear
     from workers.comm import TrivialCommunicator
 
     comm = TrivialCommunicator()
@@ -149,12 +160,13 @@ def test_pack_weights_keeps_every_layer_output():
         before = outputs()
         torch.testing.assert_close(before[0], x @ model["col"].weight.T + model["col"].bias)
         storage = model["head"].weight.data_ptr()
-        assert pack_weights(model) == 3  # col, row, and the shared embedding/head weight once
+        ops = CpuOps()
+        assert use_ops(model, ops) == 3  # col, row, and the shared embedding/head weight once
         assert model["head"].weight.data_ptr() == storage  # packed in place, no second copy
         assert model["odd"].weight.dim() == 2 and model["head"].weight.dim() == 3
         for got, want in zip(outputs(), before):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(linear(x, model["odd"].weight), x @ model["odd"].weight.T)
+        torch.testing.assert_close(ops.linear(x, model["odd"].weight), x @ model["odd"].weight.T)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 200])  # 200 x 576: enough work for both threads
@@ -230,9 +242,8 @@ def test_prefill_attention_declines_unsupported_shapes():
     assert cpu_kernels.prefill_attention(q, k, k, 1.0) is None
 
 
-def _tiny_llama(seed: int):
+def _tiny_llama(seed: int, ops: CpuOps):
     """A 2-layer Llama (GQA 6/2, head_dim 16) with random weights, packed, with a KV cache."""
-    from layers.linear import pack_weights
     from layers.models import build_model
     from workers import kv_cache
     from workers.comm import TrivialCommunicator
@@ -244,7 +255,7 @@ def _tiny_llama(seed: int):
     model = build_model(config, TrivialCommunicator(), torch.float32)
     for param in model.parameters():
         param.data.normal_(0, 0.2)
-    assert pack_weights(model) == 2 * 4 + 1
+    assert use_ops(model, ops) == 2 * 4 + 1
     kv_cache.allocate(model, 16, 8, torch.float32, torch.device("cpu"))
     return model
 
@@ -268,9 +279,7 @@ def test_fused_decode_layer_matches_op_by_op(seqs, monkeypatch):
     ids = torch.tensor([11, 57, 140])[:seqs]
     outs, caches = [], []
     for fused in (True, False):
-        model = _tiny_llama(seed=seqs)
-        for layer in model.layers.values():
-            layer._fused = fused
+        model = _tiny_llama(seed=seqs, ops=CpuOps(fused_layers=fused))
         batch = AttnBatch([1] * seqs, [n - 1 for n in lens], tables, slots)
         with torch.inference_mode():
             outs.append(model(ids, positions, batch))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.block_manager import BlockManager
-from cluster.sequence import Sequence
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.sequence import Sequence
 
 
 def computed(bm: BlockManager, seq: Sequence, upto: int | None = None) -> None:

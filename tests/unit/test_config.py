@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import ConfigError, EngineConfig, ParallelConfig
+from cluster.contract.config import ConfigError, EngineConfig, ParallelConfig
 
 
 @pytest.mark.parametrize("overrides,field,value", [

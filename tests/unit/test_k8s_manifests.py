@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from cluster.config import EngineConfig
+from cluster.contract.config import EngineConfig
 from tests.k8s_schema import (SCHEMAS_ENV, ManifestError, load_documents, schemas_dir,
                               validate_file, validate_object)
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 MANIFESTS = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob",
              "rayservice.yaml": "RayService"}
-SERVE_IMPORT_PATH = "cluster.serve:app_builder"
+SERVE_IMPORT_PATH = "cluster.serving.http.deploy:app_builder"
 HEAD_PORTS = {6379, 8265, 10001, 8000, 8080}
 METRICS = {
     "shardlm:num_requests_running", "shardlm:num_requests_waiting", "shardlm:kv_cache_usage_perc",

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from cluster.protocol import SamplerParams
+from cluster.contract.messages import SamplerParams
 from layers.sampler import filter_mask, mix64, sample
 
 U64 = (1 << 64) - 1

@@ -3,8 +3,8 @@
 import msgpack
 import pytest
 
-from cluster.protocol import SamplerParams, SeqChunk
-from cluster.sampling import SamplingParams
+from cluster.contract.messages import SamplerParams, SeqChunk
+from cluster.contract.sampling import SamplingParams
 
 
 def test_defaults_match_vllm():
@@ -48,7 +48,7 @@ def test_rejects_bad_values_naming_field_and_value(kwargs, exc, words):
 def test_accepts_edge_values_and_normalises():
     p = SamplingParams(temperature=0, top_p=1, min_p=1, top_k=0, logprobs=0, stop="END",
                        stop_token_ids=(7,), seed=-1)
-    assert p.temperature == 0.0 and isinstance(p.top_p, float) and p.greedy
+    assert p.temperature == 0.0 and isinstance(p.top_p, float)
     assert p.stop == ["END"] and p.stop_token_ids == [7]
 
 

@@ -10,11 +10,11 @@ import dataclasses
 
 import pytest
 
-from cluster.block_manager import BlockManager
-from cluster.protocol import FOLLOW
-from cluster.sampling import SamplingParams
-from cluster.scheduler import Scheduler, SchedulerError
-from cluster.sequence import Sequence, SequenceStatus
+from cluster.engine.block_manager import BlockManager
+from cluster.contract.messages import FOLLOW
+from cluster.contract.sampling import SamplingParams
+from cluster.engine.scheduler import Scheduler, SchedulerError
+from cluster.engine.sequence import Sequence, SequenceStatus
 
 
 def next_token(ctx: list[int]) -> int:
@@ -368,7 +368,7 @@ def run_async(sched, model, log, rng=None, max_steps=10_000):
             for s, c in zip(out.seqs, out.chunks):
                 if c.token_ids == [FOLLOW]:
                     assert s.seq_id in follow and c.sample and c.start_pos == s.num_tokens
-                    assert len(c.block_table) * sched.bm.block_size > s.num_tokens
+                    assert len(c.block_table) * sched.block_manager.block_size > s.num_tokens
                 else:
                     assert s.seq_id not in busy
             log.append(out)

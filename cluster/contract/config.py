@@ -1,0 +1,225 @@
+"""Configuration dataclasses, validated in ``__post_init__``, loaded from YAML.
+
+The YAML files in ``configs/`` map 1:1 onto :class:`EngineConfig`: one top-level
+key per section (``model``, ``parallel``, ``cache``, ``scheduler``,
+``deployment``, ``fault``), each holding that dataclass's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BACKENDS = ("auto", "gloo", "shm", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is wrong; the message names the field and the value."""
+
+
+def _fail(section: str, name: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{section}.{name}={value!r}: {why}")
+
+
+def _check_int(section: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(section, name, value, "must be an integer")
+    if value < minimum:
+        _fail(section, name, value, f"must be at least {minimum}")
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(section, name, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2-135m-instruct"  # the default model's name, or a local HF directory
+    dtype: str = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs (WorkerGroup.dtype_name)
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            _fail("model", "model", self.model, "must be a model name or a checkpoint directory")
+        _check_choice("model", "dtype", self.dtype, DTYPES)
+        if self.max_model_len is not None:
+            _check_int("model", "max_model_len", self.max_model_len, 1)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    pipeline_layer_split: list[int] | None = None  # layers per stage; None: as even as possible
+    pipeline_depth: int | None = None  # micro-batches in flight; None: pp (1: no micro-batching)
+    backend: str = "auto"  # auto: nccl on GPUs; shm within a node, gloo across nodes on CPUs
+    device: str = "auto"  # auto: cuda when Ray offers GPUs, else cpu
+    cpus_per_worker: float = 1.0  # CPU share of each worker's placement-group bundle on CPUs
+    threads_per_worker: int = 1  # torch.set_num_threads in each CPU worker
+    placement_strategy: str = "PACK"
+    placement_timeout_s: float = 60.0
+    shm_slot_bytes: int = 32 << 20
+    socket_ifname: str | None = None  # force GLOO/NCCL_SOCKET_IFNAME (hosts with several NICs)
+
+    def __post_init__(self) -> None:
+        _check_int("parallel", "tensor_parallel_size", self.tensor_parallel_size, 1)
+        _check_int("parallel", "pipeline_parallel_size", self.pipeline_parallel_size, 1)
+        split = self.pipeline_layer_split
+        if split is not None and (not isinstance(split, list) or len(split) != self.pipeline_parallel_size
+                                  or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                         for n in split)):
+            _fail("parallel", "pipeline_layer_split", split,
+                  f"must list {self.pipeline_parallel_size} positive layer counts, one per stage")
+        if self.pipeline_depth is not None:
+            _check_int("parallel", "pipeline_depth", self.pipeline_depth, 1)
+        _check_choice("parallel", "backend", self.backend, BACKENDS)
+        _check_choice("parallel", "device", self.device, DEVICES)
+        _check_choice("parallel", "placement_strategy", self.placement_strategy,
+                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+        if not isinstance(self.cpus_per_worker, (int, float)) or self.cpus_per_worker <= 0:
+            _fail("parallel", "cpus_per_worker", self.cpus_per_worker, "must be a positive number")
+        _check_int("parallel", "threads_per_worker", self.threads_per_worker, 1)
+        if not isinstance(self.placement_timeout_s, (int, float)) or self.placement_timeout_s <= 0:
+            _fail("parallel", "placement_timeout_s", self.placement_timeout_s, "must be positive")
+        _check_int("parallel", "shm_slot_bytes", self.shm_slot_bytes, 4096)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # per worker; None: use kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.1  # of free device memory (CPU: shared by a node's workers)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("cache", "block_size", self.block_size, 1)
+        if self.kv_cache_bytes is not None:
+            _check_int("cache", "kv_cache_bytes", self.kv_cache_bytes, 1)
+        if not (isinstance(self.kv_cache_memory_fraction, (int, float))
+                and 0 < self.kv_cache_memory_fraction <= 1):
+            _fail("cache", "kv_cache_memory_fraction", self.kv_cache_memory_fraction,
+                  "must be in (0, 1]")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    # plan step N+1 while step N runs (the workers feed decode steps their own last sampled
+    # tokens), hiding dispatch and driver time; applies without pipeline parallelism
+    async_scheduling: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("scheduler", "max_num_seqs", self.max_num_seqs, 1)
+        _check_int("scheduler", "max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if not isinstance(self.async_scheduling, bool):
+            _fail("scheduler", "async_scheduling", self.async_scheduling, "must be true or false")
+
+
+@dataclass
+class DeploymentConfig:
+    name: str = "shardlm"  # worker actors are <name>-worker-<pp_rank>-<tp_rank>
+    namespace: str = "shardlm"
+    ray_address: str | None = None  # None: join a running cluster or start a local one
+
+    def __post_init__(self) -> None:
+        for key in ("name", "namespace"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+                _fail("deployment", key, value, "must be a non-empty name without spaces")
+
+
+@dataclass
+class FaultConfig:
+    """Failure handling: how failures are detected and how hard recovery tries."""
+
+    step_timeout_s: float = 120.0  # a step slower than this counts as a hung worker
+    max_restarts: int = 10  # restarts allowed within restart_window_s before giving up
+    restart_window_s: float = 600.0
+    recovery_timeout_s: float = 300.0  # how long one recovery waits for capacity
+    restart_backoff_s: float = 1.0  # first wait between restart attempts (doubles, max 30 s)
+    max_queued_requests: int = 1024  # new requests held while recovering; more get 503
+
+    def __post_init__(self) -> None:
+        for key in ("step_timeout_s", "restart_window_s", "recovery_timeout_s", "restart_backoff_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                _fail("fault", key, value, "must be a positive number of seconds")
+        _check_int("fault", "max_restarts", self.max_restarts, 0)
+        _check_int("fault", "max_queued_requests", self.max_queued_requests, 0)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "deployment": DeploymentConfig,
+    "fault": FaultConfig,
+}
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(SECTIONS)}")
+        return cls(**{name: _section(name, data.get(name) or {}) for name in SECTIONS})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "EngineConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+
+    def with_overrides(self, **overrides: Any) -> "EngineConfig":
+        """A copy with flat field overrides, e.g. ``tensor_parallel_size=2``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            section = _section_of(key)
+            data[section][key] = value
+        return EngineConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def _section(name: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} in section {name!r}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def _section_of(key: str) -> str:
+    for name, cls in SECTIONS.items():
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            return name
+    raise ConfigError(f"unknown config field {key!r}")

@@ -1,0 +1,86 @@
+"""The engine service's event stream: what one request's caller receives, as msgpack.
+
+A request's stream is zero or more ``delta`` events, then exactly one ``final`` or
+``error`` event:
+
+- ``{"type": "delta", "index", "text", "token_ids", "finish_reason", "logprobs"}``
+- ``{"type": "final", "request_id", "prompt_tokens", "completion_tokens", "cached_tokens",
+  "outputs": [{"index", "text", "token_ids", "finish_reason", "stop_reason", "logprobs",
+  "error"}]}``
+- ``{"type": "error", "error": "request" | "request_type" | "unavailable" | "internal", "kind",
+  "message", "param"}``: the typed errors of :mod:`cluster.contract.errors`, turned into an event by
+  :func:`error_event` and back into the exception by :func:`raise_if_error`.
+
+Every event carries ``"v": EVENT_VERSION``, so a caller of another shardlm version fails
+loudly instead of misreading a stream.
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from cluster.contract.errors import (UNKNOWN_PARAMETER, EngineUnavailable, RequestError, RequestTypeError,
+                                     ServiceError)
+
+EVENT_VERSION = 1
+
+
+def encode(event: dict) -> bytes:
+    return msgpack.packb({**event, "v": EVENT_VERSION})
+
+
+def decode(data: bytes) -> dict:
+    try:
+        event = msgpack.unpackb(data)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ServiceError(f"cannot decode an engine event: {exc}") from exc
+    if not isinstance(event, dict) or event.get("v") != EVENT_VERSION:
+        got = event.get("v") if isinstance(event, dict) else type(event).__name__
+        raise ServiceError(f"engine event version {got!r}, this process speaks {EVENT_VERSION}: "
+                           "caller and engine must run the same shardlm")
+    return event
+
+
+def error_event(exc: BaseException) -> dict:
+    """The ``error`` event of an exception: typed errors keep their class, kind and param;
+    anything else is an internal error."""
+    if isinstance(exc, RequestError):
+        error = "request_type" if isinstance(exc, RequestTypeError) else "request"
+        return {"type": "error", "error": error, "kind": exc.kind, "message": exc.message,
+                "param": exc.param}
+    error = "unavailable" if isinstance(exc, EngineUnavailable) else "internal"
+    return {"type": "error", "error": error, "kind": None, "message": str(exc), "param": None}
+
+
+def raise_if_error(event: dict) -> dict:
+    """``event`` itself, or, for an ``error`` event, its typed exception raised."""
+    if event["type"] != "error":
+        return event
+    error, message = event.get("error"), str(event.get("message") or "the request failed")
+    if error == "request":
+        raise RequestError(message, event.get("param"), event.get("kind"))
+    if error == "request_type":
+        raise RequestTypeError(message, event.get("param"), event.get("kind"))
+    if error == "unavailable":
+        raise EngineUnavailable(message)
+    raise ServiceError(message)
+
+
+# ---- the request a front door sends (the service's generate() argument) -------------------
+REQUEST_FIELDS = ("request_id", "prompt", "messages", "prompt_token_ids", "params", "priority")
+
+
+def encode_request(**fields) -> bytes:
+    """A request to the engine service: exactly one of ``prompt``, ``messages`` and
+    ``prompt_token_ids``, ``params`` (sampling parameters by name), ``request_id`` and
+    ``priority``. The engine checks the values at admission."""
+    unknown = sorted(set(fields) - set(REQUEST_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown request field(s): {', '.join(unknown)}", unknown[0],
+                           UNKNOWN_PARAMETER)
+    return msgpack.packb({"v": EVENT_VERSION, **{k: fields.get(k) for k in REQUEST_FIELDS}})
+
+
+def decode_request(data: bytes) -> dict:
+    request = decode(data)
+    return {k: request.get(k) for k in REQUEST_FIELDS}

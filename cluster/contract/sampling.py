@@ -1,0 +1,133 @@
+"""User-facing sampling parameters (vLLM-compatible names and defaults).
+
+:class:`SamplingParams` is what a request carries; it is validated on
+construction so that a bad request fails at admission with a typed error
+(:class:`~cluster.contract.errors.RequestError`, also a ``TypeError`` for a wrong type)
+that names the field and the value. :meth:`SamplingParams.to_sampler` narrows it to the
+:class:`~cluster.contract.messages.SamplerParams` the sampling kernel needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from cluster.contract.errors import UNKNOWN_PARAMETER, RequestError, RequestTypeError
+from cluster.contract.messages import SamplerParams
+
+_U64 = (1 << 64) - 1
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completion.
+
+    ``top_k`` of 0 or -1 disables top-k; ``top_p`` of 1 and ``min_p`` of 0
+    disable those filters; ``temperature`` 0 means greedy. ``seed`` makes the
+    request reproducible; when it is None the engine draws one (and keeps it,
+    so a replay after a failure produces the same tokens). ``logprobs`` asks
+    for the sampled token's logprob plus the ``logprobs`` most likely tokens.
+    ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list.
+    """
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        self._check_int("n", minimum=1)
+        self._check_int("max_tokens", minimum=1)
+        self._check_int("top_k", minimum=-1)
+        for name in ("temperature", "top_p", "min_p"):
+            v = getattr(self, name)
+            if not _is_number(v):
+                raise RequestTypeError(f"{name} must be a number, got {type(v).__name__} {v!r}", name)
+            setattr(self, name, float(v))
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise RequestError(f"temperature must be non-negative, got {self.temperature}", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise RequestTypeError(f"seed must be an integer or None, got {type(self.seed).__name__} "
+                                f"{self.seed!r}", "seed")
+            if not -(1 << 63) <= self.seed <= _U64:
+                raise RequestError(f"seed must fit in 64 bits, got {self.seed}", "seed")
+        if self.logprobs is not None:
+            self._check_int("logprobs", minimum=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestTypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__} "
+                            f"{self.ignore_eos!r}", "ignore_eos")
+        self.stop = self._normalise_stop(self.stop)
+        self.stop_token_ids = self._normalise_stop_ids(self.stop_token_ids)
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        v = getattr(self, name)
+        if not _is_int(v):
+            raise RequestTypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}", name)
+        if v < minimum:
+            raise RequestError(f"{name} must be at least {minimum}, got {v}", name)
+
+    @staticmethod
+    def _normalise_stop(stop: object) -> list[str]:
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise RequestTypeError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
+        if any(s == "" for s in stop):
+            raise RequestError(f"stop must not contain empty strings, got {list(stop)!r}", "stop")
+        return list(stop)
+
+    @staticmethod
+    def _normalise_stop_ids(ids: object) -> list[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
+            raise RequestTypeError(f"stop_token_ids must be a list of integers, got {ids!r}", "stop_token_ids")
+        if any(t < 0 for t in ids):
+            raise RequestError(f"stop_token_ids must be non-negative, got {list(ids)!r}", "stop_token_ids")
+        return list(ids)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """Build from a JSON-like dict, rejecting names this class does not know."""
+        if not isinstance(d, dict):
+            raise RequestTypeError(f"sampling parameters must be a mapping, got {type(d).__name__}", "params")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise RequestError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
+                             f"accepted: {', '.join(known)}", unknown[0], UNKNOWN_PARAMETER)
+        return cls(**d)
+
+    def to_sampler(self, seed: int) -> SamplerParams:
+        """The kernel's view of these parameters, with ``seed`` (the request's
+        seed, or the one the engine drew for it) reduced to an unsigned 64-bit
+        value. ``top_k`` 0 is mapped to -1 (off)."""
+        return SamplerParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=-1 if self.top_k in (0, -1) else self.top_k,
+            min_p=self.min_p,
+            seed=int(seed) & _U64,
+            logprobs=self.logprobs,
+        )

@@ -1,0 +1,138 @@
+"""Admission: the one place a request is checked and turned into sequences.
+
+Every front door (the offline ``LLM``, client handles, the HTTP API, batch jobs) reaches
+:meth:`Admission.admit` through ``Engine.add_request``. A request that cannot be served
+fails here with a typed :class:`~cluster.contract.errors.RequestError` naming the input at
+fault, before anything is queued, and the engine goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, DUPLICATE_REQUEST_ID, RequestError,
+                                     RequestTypeError)
+from cluster.contract.sampling import SamplingParams
+from cluster.engine.outputs import CompletionOutput, Detokenizer, RequestOutput
+from cluster.engine.sequence import Sequence
+
+_U64 = (1 << 64) - 1
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # the n completions of one request draw from distinct seeds
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[Detokenizer]
+    outputs: list[CompletionOutput]
+    arrival_time: float = field(default_factory=time.monotonic)
+    last_token_time: float | None = None  # when its latest token arrived (for TTFT/TPOT metrics)
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+    def snapshot(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             self.outputs, self.finished,
+                             max(s.num_cached_tokens for s in self.seqs))
+
+
+class Admission:
+    """Checks requests against the model (vocabulary, context length, tokenizer)."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
+        self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
+
+    def admit(self, request_id: str, seq_ids, prompt=None, params=None, prompt_token_ids=None,
+              messages=None, priority: int = 0) -> Request:
+        """A checked request with its sequences (not yet queued)."""
+        params = sampling_params(params)
+        ids = self.prompt_ids(prompt, prompt_token_ids, messages)
+        base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seqs = [Sequence(next(seq_ids), list(ids), params,
+                         seed=(base_seed + i * _SEED_STRIDE) & _U64, priority=priority)
+                for i in range(params.n)]
+        return Request(request_id, prompt, list(ids), params, seqs,
+                       [Detokenizer(self.tokenizer, params.stop) for _ in seqs],
+                       [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None)
+                        for i in range(params.n)])
+
+    def prompt_ids(self, prompt, prompt_token_ids, messages=None) -> list[int]:
+        """The prompt as token ids, from exactly one of text, token ids or chat messages."""
+        given = [name for name, v in (("prompt", prompt), ("prompt_token_ids", prompt_token_ids),
+                                      ("messages", messages)) if v is not None]
+        if len(given) != 1:
+            raise RequestError("give exactly one of prompt, prompt_token_ids and messages"
+                               + (f" (got {', '.join(given)})" if given else ""),
+                               given[-1] if given else "prompt")
+        param = given[0]
+        if messages is not None:
+            ids = self.chat_token_ids(messages)
+        elif prompt is not None:
+            ids = self._encode(prompt)
+        else:
+            ids = self._checked_ids(prompt_token_ids)
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context holds "
+                               f"{self.max_model_len} (max_model_len), including at least one "
+                               "generated token", param, CONTEXT_LENGTH_EXCEEDED)
+        return list(ids)
+
+    def chat_token_ids(self, messages) -> list[int]:
+        """A conversation rendered with the tokenizer's chat template, as token ids."""
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer, so no chat template", "messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise RequestError("messages must be a non-empty list of {role, content} objects",
+                               "messages")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _encode(self, prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            raise RequestTypeError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
+        if not prompt:
+            raise RequestError("prompt is empty", "prompt")
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer: give prompt_token_ids", "prompt")
+        return self.tokenizer(prompt).input_ids
+
+    def _checked_ids(self, ids) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise RequestError("prompt_token_ids must be a non-empty list of token ids",
+                               "prompt_token_ids")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"prompt_token_ids hold ids outside the vocabulary "
+                               f"[0, {self.vocab_size}): {bad[:5]}", "prompt_token_ids")
+        return list(ids)
+
+
+def sampling_params(params) -> SamplingParams:
+    """A request's sampling parameters: a SamplingParams, a dict of them by name, or None."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, dict):
+        return SamplingParams.from_dict(params)
+    raise RequestTypeError(f"sampling_params must be SamplingParams or a dict, got "
+                           f"{type(params).__name__}", "sampling_params")
+
+
+def check_request_id(request_id, known) -> None:
+    if not isinstance(request_id, str) or not request_id:
+        raise RequestTypeError(f"request_id must be a non-empty string, got {request_id!r}",
+                               "request_id")
+    if request_id in known:
+        raise RequestError(f"request_id {request_id!r} is already in use", "request_id",
+                           DUPLICATE_REQUEST_ID)

@@ -1,0 +1,239 @@
+"""The engine: requests in, the scheduler and the worker gang stepping, tokens out.
+
+``add_request`` admits a request (:mod:`cluster.engine.admission`: a bad request fails there
+with a typed error and disturbs nothing else); ``step`` launches steps on the workers and
+finishes the oldest, returning the text deltas it produced; stop conditions are in
+:mod:`cluster.engine.stops`, recovery from a failed step in :mod:`cluster.engine.recovery`;
+``abort`` drops a request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+from cluster.contract.config import EngineConfig
+from cluster.contract.errors import CONTEXT_LENGTH_EXCEEDED, EngineUnavailable, RequestError
+from cluster.contract.messages import SampledToken, StepPlan
+from cluster.checkpoints.store import resolve_model
+from cluster.engine import recovery
+from cluster.engine.admission import Admission, Request, check_request_id
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.outputs import Delta, RequestOutput
+from cluster.engine.scheduler import Scheduler, SchedulerError
+from cluster.engine.sequence import SequenceStatus
+from cluster.engine.stops import StopRules, eos_ids
+from cluster.engine.supervisor import Supervisor
+from cluster.ray_utils import connect_ray
+from layers.models import LlamaArgs
+
+log = logging.getLogger("shardlm.engine")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model(config.model.model)
+        self.hf_config = json.loads((self.model_dir / "config.json").read_text())
+        self.args = LlamaArgs.from_hf_config(self.hf_config)  # unsupported models fail here
+        self.tokenizer = load_tokenizer(self.model_dir)
+        connect_ray(config.deployment.ray_address)
+        self.supervisor = Supervisor(config, self.model_dir)
+        self.group, self.num_blocks = self.supervisor.start_group()
+        self.status, self.reason = "ready", None  # "recovering" / "failed" after failures
+        self.max_model_len = self._max_model_len()
+        self.admission = Admission(self.tokenizer, self.args.vocab_size, self.max_model_len)
+        self.stops = StopRules(eos_ids(self.model_dir, self.hf_config, self.tokenizer),
+                               self.max_model_len)
+        self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.by_seq: dict[int, tuple[Request, int]] = {}  # live sequence -> (request, choice)
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self.step_id = 0
+        par = config.parallel
+        # async scheduling (one stage, no micro-batches): plan step N+1 while step N runs
+        self.async_scheduling = (config.scheduler.async_scheduling and par.pipeline_parallel_size == 1
+                                 and (par.pipeline_depth or 1) == 1)
+        # steps in flight at once: micro-batches under pipelining, two with async scheduling
+        self.max_in_flight = 2 if self.async_scheduling else (
+            par.pipeline_depth or par.pipeline_parallel_size)
+        self.in_flight: collections.deque = collections.deque()  # (plan, result refs, start)
+        self.deferred_aborts: set[int] = set()  # aborted while a step of theirs is in flight
+        self.recovered_at: float | None = None  # to time the replay after a recovery
+        self.kv_usage_peak = 0.0  # highest KV-cache usage right after scheduling a step
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                      "mixed_steps": 0}  # mixed: prefill and decode work in one step
+
+    def _max_model_len(self) -> int:
+        length = min(self.config.model.max_model_len or self.args.max_position_embeddings,
+                     self.args.max_position_embeddings)
+        capacity = self.num_blocks * self.config.cache.block_size
+        if capacity < length:
+            log.warning("KV cache holds %d tokens, less than max_model_len %d: capping", capacity, length)
+        return min(length, capacity)
+
+    # ---- admission -------------------------------------------------------------------------
+    def add_request(self, prompt: str | None = None, params=None,
+                    prompt_token_ids: list[int] | None = None, request_id: str | None = None,
+                    priority: int = 0, messages: list[dict] | None = None) -> str:
+        """Queue a request given by exactly one of ``prompt``, ``prompt_token_ids`` and chat
+        ``messages``; ``params``: SamplingParams, a dict of them, or None. Its id; a typed
+        RequestError (nothing queued) where it cannot be served."""
+        if self.status == "failed":
+            raise EngineUnavailable(f"the engine is not serving: {self.reason}")
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        check_request_id(request_id, self.requests)
+        request = self.admission.admit(request_id, self._seq_ids, prompt, params,
+                                       prompt_token_ids, messages, priority)
+        for i, seq in enumerate(request.seqs):
+            try:
+                self.scheduler.add(seq)
+            except SchedulerError as exc:
+                for earlier in request.seqs[:i]:
+                    self.scheduler.abort(earlier.seq_id)
+                    self.by_seq.pop(earlier.seq_id, None)
+                raise RequestError(str(exc), None, CONTEXT_LENGTH_EXCEEDED) from exc
+            self.by_seq[seq.seq_id] = (request, i)
+        self.requests[request_id] = request
+        self.stats["prompt_tokens"] += len(request.prompt_token_ids)
+        return request_id
+
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation rendered with the tokenizer's chat template, as token ids."""
+        return self.admission.chat_token_ids(messages)
+
+    def reset_measurement(self) -> None:
+        """Before a measured run (``shardlm bench``): forget cached prompt prefixes (runs send
+        the same prompts again) and restart ``kv_usage_peak`` from the usage now."""
+        self.block_manager.reset_prefix_cache()
+        self.kv_usage_peak = self.block_manager.usage
+
+    # ---- stepping --------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self.in_flight)
+
+    def step(self) -> list[Delta]:
+        """Advance by one step: launch steps until the pipeline is full (one at a time
+        without pipeline parallelism), then finish the oldest; the deltas it produced."""
+        deltas: list[Delta] = []
+        while len(self.in_flight) < self.max_in_flight and self._launch(deltas):
+            pass
+        if not self.in_flight:
+            return deltas
+        out, refs, started = self.in_flight.popleft()
+        try:
+            result = self.group.collect(refs, timeout=self.config.fault.step_timeout_s)
+        except Exception as exc:  # a dead or hung worker: the whole gang restarts
+            return deltas + recovery.recover(self, exc, started)
+        self.scheduler.commit(out)
+        if self.recovered_at is not None and result.tokens:  # the first token after a recovery
+            recovery.time_replay(self)
+        aborted = {s.seq_id for s in out.seqs} & self.deferred_aborts
+        for seq_id in aborted:  # aborted while this step was in flight: free them now
+            self.deferred_aborts.discard(seq_id)
+            self.scheduler.abort(seq_id)
+            self.by_seq.pop(seq_id, None)
+        # a token for a sequence that ended meanwhile (an async follow-up step) is dropped
+        deltas += [self._on_token(t) for t in result.tokens
+                   if t.seq_id in self.by_seq and t.seq_id not in aborted]
+        return deltas
+
+    def _launch(self, deltas: list[Delta]) -> bool:
+        """Plan and submit one step (a micro-batch under pipelining); False if nothing to run."""
+        busy = frozenset(s.seq_id for out, _, _ in self.in_flight for s in out.seqs)
+        limit, follow = None, frozenset()
+        if self.async_scheduling:
+            follow = self._followers()
+        elif self.max_in_flight > 1:  # split the batch so that every stage has work
+            pending = len(self.scheduler.running) + len(self.scheduler.waiting)
+            limit = max(1, -(-pending // self.max_in_flight))
+        try:
+            out = self.scheduler.schedule(busy, limit, follow)
+        except SchedulerError as exc:  # one sequence can never fit: fail it, keep the rest
+            deltas += recovery.fail_seq(self, exc.seq_id, str(exc))
+            return True
+        if out.is_empty:
+            return False
+        self.step_id += 1
+        self.stats["steps"] += 1
+        self.stats["mixed_steps"] += bool(out.num_prefill_tokens and out.num_decode_tokens)
+        self.kv_usage_peak = max(self.kv_usage_peak, self.block_manager.usage)
+        refs = self.group.submit(StepPlan(self.step_id, out.chunks).encode())
+        self.in_flight.append((out, refs, time.monotonic()))
+        return True
+
+    def _followers(self) -> frozenset:
+        """Sequences whose in-flight chunk samples a token that cannot end them by length:
+        async scheduling plans their next decode step now. (A token that stops them, EOS or
+        a stop string, costs that step one wasted row.)"""
+        return frozenset(
+            seq.seq_id for out, _, _ in self.in_flight for seq, chunk in zip(out.seqs, out.chunks)
+            if chunk.sample and seq.status is SequenceStatus.RUNNING
+            and seq.seq_id in self.by_seq and seq.seq_id not in self.deferred_aborts
+            and not self.stops.length_reached(seq, ahead=1))
+
+    def _on_token(self, sampled: SampledToken) -> Delta:
+        request, index = self.by_seq[sampled.seq_id]
+        seq, detok, output = request.seqs[index], request.detoks[index], request.outputs[index]
+        seq.append_token(sampled.token_id)
+        self.stats["generation_tokens"] += 1
+        step_logprobs = None
+        if output.logprobs is not None:
+            step_logprobs = [dict(sampled.top_logprobs or []) | {sampled.token_id: sampled.logprob}]
+            output.logprobs += step_logprobs
+        reason, stop_reason = self.stops.check(request.params, seq, detok, sampled.token_id)
+        if reason:
+            self._finish(request, index, reason, stop_reason)
+        output.token_ids = seq.output_token_ids  # the live list: no copy per token
+        delta = detok.release(final=reason is not None)
+        output.text += delta
+        return Delta(request.request_id, index, delta, [sampled.token_id], step_logprobs, reason)
+
+    def _finish(self, request: Request, index: int, reason: str, stop_reason=None) -> None:
+        seq, output = request.seqs[index], request.outputs[index]
+        self.scheduler.finish(seq, reason)
+        output.finish_reason, output.stop_reason = reason, stop_reason
+        del self.by_seq[seq.seq_id]
+
+    # ---- results and aborts ----------------------------------------------------------------
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        """The final output of a finished request, forgetting it."""
+        request = self.requests.pop(request_id)
+        return request.snapshot()
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        busy = {s.seq_id for out, _, _ in self.in_flight for s in out.seqs}
+        for seq, output in zip(request.seqs, request.outputs):
+            if not output.finished:
+                output.finish_reason = "abort"
+                if seq.seq_id in busy:  # its blocks are freed once that step is back
+                    self.deferred_aborts.add(seq.seq_id)
+                    continue
+                self.scheduler.abort(seq.seq_id)
+                self.by_seq.pop(seq.seq_id, None)
+        return True
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer, or None for a weights-only checkpoint (token ids only)."""
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer: only prompt_token_ids are accepted", model_dir)
+        return None
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,0 +1,303 @@
+"""The OpenAI-compatible HTTP API: a Ray Serve application with a FastAPI ingress.
+
+Each replica is a thin HTTP front: it validates requests (:mod:`cluster.serving.http.protocol`),
+forwards them to the engine service (the detached actor of :mod:`cluster.serving.service`,
+created on first use) and turns its events into OpenAI responses
+(:mod:`cluster.serving.http.format`). Routes: ``POST /v1/completions``, ``POST
+/v1/chat/completions`` (both with ``stream: true`` as server-sent events), ``GET
+/v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``, and FastAPI's
+``/openapi.json`` and ``/docs``.
+
+- API keys (``api_key``/``api_keys`` or ``$SHARDLM_API_KEY``, comma-separated) guard
+  ``/v1/*`` with ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open
+  for probes and scrapers. Without keys the API is open, and the replica logs so.
+- Bodies over ``max_body_bytes`` (default 4 MiB: a full 128K-token context as text or as
+  token ids, with room to spare) get 413 before any route reads them.
+- Errors have OpenAI's shape ``{"error": {message, type, param, code}}``: 400 bad input,
+  401 key, 404 model, 413 body, 503 (with ``Retry-After``) while the engine starts or failed.
+- A streaming client that disconnects aborts its request; its KV blocks are freed.
+
+KubeRay's ``serveConfigV2`` names ``cluster.serving.http.deploy:app_builder``; ``shardlm serve``
+calls :func:`cluster.serving.http.deploy.deploy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import ray
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from cluster.contract.config import EngineConfig
+from cluster.contract.errors import EngineUnavailable, RequestError, ServiceError
+from cluster.serving.http.format import (ApiError, ChatStream, CompletionStream, ResponseInfo,
+                                         api_error, chat_response, completion_response, sse,
+                                         validation_error)
+from cluster.serving.http.gate import KeyAndSizeGate
+from cluster.serving.http.protocol import (ERROR_RESPONSES, ChatCompletionChunk,
+                                           ChatCompletionRequest, ChatCompletionResponse,
+                                           CompletionRequest, CompletionResponse, ErrorResponse,
+                                           Health, ModelCard, ModelList, finish_openapi,
+                                           streamed_responses)
+from cluster.serving.stream import RequestStream
+
+log = logging.getLogger("shardlm.serve")
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+READY_TTL_S = 2.0  # a replica trusts a "ready" answer this long before asking again
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: dict  # EngineConfig.to_dict()
+    served_model_name: str
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+# ---- the deployment ------------------------------------------------------------------------
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress()
+class OpenAIServer:
+    def __init__(self, settings: Settings):
+        from cluster.serving.service import get_or_start_service
+
+        self.settings = settings
+        self.model = settings.served_model_name
+        self.service = get_or_start_service(EngineConfig.from_dict(settings.config))
+        self._ready_at = -1e9
+        self._info: dict | None = None
+        if not settings.api_keys:  # Serve's logger: the line lands in the replica's log
+            logging.getLogger("ray.serve").warning(
+                "shardlm: no API key configured: the API is open to anyone who can reach it")
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self)
+
+    # ---- engine state ----------------------------------------------------------------------
+    async def health(self) -> dict:
+        try:
+            state = await asyncio.wait_for(self.service.health.remote(), 10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            return {"status": "unavailable", "reason": f"the engine service does not answer: {exc}"}
+        if state.get("status") not in ("starting", "ready", "recovering", "failed"):
+            return {"status": "unavailable", "reason": f"unknown engine state {state!r}"}
+        return state
+
+    async def require_ready(self) -> None:
+        """Requests are queued while the engine recovers; refused while it starts or failed."""
+        if time.monotonic() - self._ready_at < READY_TTL_S:
+            return
+        health = await self.health()
+        if health["status"] == "ready":
+            self._ready_at = time.monotonic()
+        elif health["status"] != "recovering":
+            raise ApiError(503, f"the engine is {health['status']}: {health.get('reason')}",
+                           code=f"engine_{health['status']}")
+
+    async def model_info(self) -> dict:
+        if self._info is None:
+            try:
+                info = await asyncio.wait_for(self.service.model_info.remote(), 10)
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+                raise ApiError(503, f"the engine service does not answer: {exc}") from exc
+            if not info.get("max_model_len"):
+                return info
+            self._info = info
+        return self._info
+
+    def check_model(self, name: str) -> None:
+        if name != self.model:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{self.model!r}", "model", "model_not_found")
+
+    # ---- generation ------------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest):
+        self.check_model(body.model)
+        await self.require_ready()
+        info = ResponseInfo(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
+        params = body.sampling_params(body.max_tokens or 16, body.logprobs)
+        requests = [dict(request_id=f"{info.id}-{i}", params=params, prompt=text,
+                         prompt_token_ids=ids) for i, (text, ids) in enumerate(body.prompts())]
+        if body.stream:
+            return await self.stream(requests, CompletionStream(info, body.include_usage), "prompt")
+        finals = await self.collect(requests, "prompt")
+        return JSONResponse(completion_response(info, finals).model_dump(mode="json"))
+
+    async def chat(self, body: ChatCompletionRequest):
+        self.check_model(body.model)
+        await self.require_ready()
+        context = (await self.model_info()).get("max_model_len")
+        if not context:
+            raise ApiError(503, "the engine is not ready", code="engine_starting")
+        info = ResponseInfo(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
+        params = body.sampling_params(body.max_new_tokens(context), body.engine_logprobs)
+        request = dict(request_id=info.id, params=params,
+                       messages=[m.as_template_message() for m in body.messages])
+        if body.stream:
+            return await self.stream([request], ChatStream(info, body.include_usage), "messages")
+        (final,) = await self.collect([request], "messages")
+        return JSONResponse(chat_response(info, final).model_dump(mode="json"))
+
+    async def collect(self, requests: list[dict], field: str) -> list[dict]:
+        """Each request's ``final`` event; ``field``: the API's name of the prompt input."""
+        calls = [RequestStream(self.service, **r) for r in requests]
+        tasks = [asyncio.ensure_future(_final(c, field)) for c in calls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # one failed, or the client went away: stop the others
+            for task, call in zip(tasks, calls):
+                task.cancel()
+                call.cancel()
+
+    async def stream(self, requests: list[dict], fmt: CompletionStream, field: str):
+        """Wait for every request's admission (so that a bad one is an HTTP error, not a
+        broken stream), then stream all of them as server-sent events."""
+        calls = [RequestStream(self.service, **r) for r in requests]
+        events: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(_pump(i, c, events, field)) for i, c in enumerate(calls)]
+
+        def close() -> None:
+            for task in tasks:
+                task.cancel()
+            for call in calls:
+                call.cancel()
+
+        first: list[tuple[int, dict]] = []
+        try:
+            while len({i for i, _ in first}) < len(calls):
+                i, event, error = await events.get()
+                if error is not None:
+                    raise error
+                first.append((i, event))
+        except BaseException:
+            close()
+            raise
+
+        async def body():
+            try:
+                for chunk in fmt.start():
+                    yield chunk
+                pending, finals = list(first), 0
+                while finals < len(calls):
+                    if pending:
+                        i, event = pending.pop(0)
+                    else:
+                        i, event, error = await events.get()
+                        if error is not None:
+                            yield sse(error.body())
+                            break
+                    finals += event["type"] == "final"
+                    for chunk in fmt.on_event(i, event):
+                        yield chunk
+                else:
+                    for chunk in fmt.end():
+                        yield chunk
+                yield sse("[DONE]")
+            finally:  # also when the client went away: abort what still runs
+                close()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+
+async def _final(call: RequestStream, field: str) -> dict:
+    try:
+        return await call.afinal()
+    except Exception as exc:
+        raise api_error(exc, field) from exc
+
+
+async def _pump(index: int, call: RequestStream, events: asyncio.Queue, field: str) -> None:
+    """Move one request's events into ``events`` as (index, event, None), or end with
+    (index, None, the ApiError)."""
+    try:
+        async for event in call:
+            events.put_nowait((index, event, None))
+    except Exception as exc:
+        if not isinstance(exc, (RequestError, EngineUnavailable, ServiceError)):
+            log.exception("engine stream failed")
+        events.put_nowait((index, None, api_error(exc, field)))
+
+
+# ---- routes --------------------------------------------------------------------------------
+def build_app(server: OpenAIServer) -> FastAPI:
+    app = FastAPI(title="shardlm", version="0.1.0",
+                  description="OpenAI-compatible API of a tensor-parallel shardlm engine")
+    app.add_middleware(KeyAndSizeGate, max_body_bytes=server.settings.max_body_bytes,
+                       api_keys=server.settings.api_keys)
+    keyed = [Security(HTTPBearer(auto_error=False))] if server.settings.api_keys else []
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":
+            message = "the body is not valid JSON (or not UTF-8)"
+        return ApiError(exc.status_code, message, code="http_error").response()
+
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=keyed,
+              responses=streamed_responses(CompletionResponse), summary="Complete prompts")
+    async def completions(body: CompletionRequest):
+        return await server.completions(body)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=keyed,
+              responses=streamed_responses(ChatCompletionChunk), summary="Answer a conversation")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await server.chat(body)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=keyed, responses=ERROR_RESPONSES)
+    async def list_models():
+        return ModelList(data=[await _card(server)])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=keyed,
+             responses=ERROR_RESPONSES)
+    async def get_model(model: str):
+        server.check_model(model)
+        return await _card(server)
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health():
+        state = await server.health()
+        if state["status"] == "ready":
+            return Health(**state)
+        return JSONResponse(Health(**state).model_dump(), status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 503: {"model": ErrorResponse}})
+    async def metrics():
+        try:
+            text = await asyncio.wait_for(server.service.metrics_text.remote(), 10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            raise ApiError(503, f"the engine service does not answer: {exc}") from exc
+        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
+
+    generate = app.openapi
+    app.openapi = lambda: finish_openapi(generate(), server.model)
+    return app
+
+
+async def _card(server: OpenAIServer) -> ModelCard:
+    try:
+        info = await server.model_info()
+    except ApiError:
+        info = {}
+    return ModelCard(id=server.model, created=int(info.get("created") or time.time()),
+                     max_model_len=info.get("max_model_len"))

@@ -1,0 +1,228 @@
+"""Engine-service events turned into OpenAI responses, and errors in OpenAI's shape.
+
+The service (:mod:`cluster.serving.service`) streams ``delta`` events and ends each
+request with a ``final`` event or an ``error`` event; the functions here build the
+:mod:`cluster.serving.http.protocol` objects from them. A choice's index is
+``prompt_index * n + index``, as in OpenAI's API. :func:`api_error` maps the typed errors
+of :mod:`cluster.contract.errors` to HTTP statuses, by class and kind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from cluster.contract.errors import EngineUnavailable, RequestError
+from cluster.serving.http.protocol import (
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
+    ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
+    CompletionResponse, ErrorDetail, ErrorResponse, PromptTokensDetails, TopLogprob, Usage)
+
+RETRY_AFTER_S = 5
+PROMPT_INPUTS = ("prompt", "prompt_token_ids", "messages")  # the engine's names of a prompt
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
+_MIN_LOGPROB = -9999.0  # JSON has no -Infinity
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, retry: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry = retry or status == 503
+
+    def body(self) -> dict:
+        detail = ErrorDetail(message=self.message, type=_TYPES.get(self.status, "invalid_request_error"),
+                             param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.retry else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def api_error(exc: BaseException, field: str) -> ApiError:
+    """The HTTP answer to an error of the engine or its stream: a RequestError is 400 with
+    its kind as the code and its parameter (the engine's prompt inputs, or none, named as
+    the request's ``field`` that carried the prompt); EngineUnavailable is 503; anything
+    else 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestError):
+        param = field if exc.param in (None, *PROMPT_INPUTS) else exc.param
+        return ApiError(400, exc.message, param, exc.kind)
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, str(exc), code="engine_unavailable")
+    return ApiError(500, f"internal error: {exc}", code="internal_error")
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's 422 as OpenAI's 400, naming the first offending field."""
+    errors = list(exc.errors())
+    kinds = {e.get("type") for e in errors}
+    if "json_invalid" in kinds:
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        return ApiError(400, f"the body is not valid JSON: {detail.get('ctx', {}).get('error', '')}",
+                        code="invalid_json")
+    unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:
+        return ApiError(400, f"unknown field(s): {', '.join(unknown)}", unknown[0], "unknown_field")
+    whole = [e for e in errors if tuple(e.get("loc", ())) == ("body",)]
+    if whole and whole[0].get("type") != "value_error":
+        return ApiError(400, "the body must be a JSON object: " + whole[0].get("msg", ""))
+    parts, param = [], None
+    for e in errors[:6]:
+        loc = [str(x) for x in e.get("loc", ())[1:]]
+        param = param or (loc[0] if loc else None)
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return ApiError(400, "; ".join(parts), param, "invalid_value")
+
+
+def sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _logprob(x: float) -> float:
+    return x if math.isfinite(x) else _MIN_LOGPROB
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+def completion_logprobs(entries: list[dict], offset: int = 0) -> CompletionLogprobs:
+    """The completions shape: parallel lists, ``top_logprobs`` one dict per token
+    (the top N by text, plus the sampled token); ``text_offset`` counts from ``offset``."""
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for e in entries:
+        out.tokens.append(e["token"])
+        out.token_logprobs.append(_logprob(e["logprob"]))
+        top = {t["token"]: _logprob(t["logprob"]) for t in e.get("top") or []}
+        top.setdefault(e["token"], _logprob(e["logprob"]))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(e["token"])
+    return out
+
+
+def chat_logprobs(entries: list[dict]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=e["token"], logprob=_logprob(e["logprob"]), bytes=e.get("bytes"),
+                         top_logprobs=[TopLogprob(token=t["token"], logprob=_logprob(t["logprob"]),
+                                                  bytes=t.get("bytes")) for t in e.get("top") or []])
+        for e in entries])
+
+
+@dataclass
+class ResponseInfo:
+    """What every response object of one request shares."""
+
+    id: str
+    created: int
+    model: str
+    n: int = 1
+
+    def index(self, prompt_index: int, event: dict) -> int:
+        return prompt_index * self.n + int(event["index"])
+
+
+def total_usage(finals: list[dict]) -> Usage:
+    return usage(sum(f["prompt_tokens"] for f in finals), sum(f["completion_tokens"] for f in finals),
+                 sum(f.get("cached_tokens", 0) for f in finals))
+
+
+def completion_response(meta: ResponseInfo, finals: list[dict]) -> CompletionResponse:
+    """``finals``: one ``final`` event per prompt, in prompt order."""
+    choices = []
+    for p, final in enumerate(finals):
+        for o in final["outputs"]:
+            lp = completion_logprobs(o["logprobs"]) if o.get("logprobs") is not None else None
+            choices.append(CompletionChoice(index=meta.index(p, o), text=o["text"], logprobs=lp,
+                                            finish_reason=o["finish_reason"]))
+    choices.sort(key=lambda c: c.index)
+    return CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=choices,
+                              usage=total_usage(finals))
+
+
+def chat_response(meta: ResponseInfo, final: dict) -> ChatCompletionResponse:
+    choices = [ChatChoice(index=o["index"], message=ChatResponseMessage(content=o["text"]),
+                          logprobs=chat_logprobs(o["logprobs"]) if o.get("logprobs") is not None
+                          else None, finish_reason=o["finish_reason"])
+               for o in sorted(final["outputs"], key=lambda o: o["index"])]
+    return ChatCompletionResponse(id=meta.id, created=meta.created, model=meta.model,
+                                  choices=choices, usage=total_usage([final]))
+
+
+class CompletionStream:
+    """Server-sent events of a streamed completion: one chunk per delta with text,
+    logprobs or a finish reason; a last chunk with usage and no choices when asked."""
+
+    def __init__(self, meta: ResponseInfo, include_usage: bool):
+        self.meta, self.include_usage = meta, include_usage
+        self.offsets: dict[int, int] = {}
+        self.finals: list[dict] = []
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def _worth_sending(self, event: dict) -> bool:
+        """Keeps final events for the usage chunk; False for events with nothing to send."""
+        if event["type"] == "final":
+            self.finals.append(event)
+            return False
+        return bool(event["text"] or event["finish_reason"] or event.get("logprobs"))
+
+    def on_event(self, prompt_index: int, event: dict) -> list[bytes]:
+        if not self._worth_sending(event):
+            return []
+        index = self.meta.index(prompt_index, event)
+        lp = None
+        if event.get("logprobs") is not None:
+            lp = completion_logprobs(event["logprobs"], self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in lp.tokens)
+        choice = CompletionChoice(index=index, text=event["text"], logprobs=lp,
+                                  finish_reason=event["finish_reason"])
+        return [self._chunk([choice])]
+
+    def _chunk(self, choices: list, usage_: Usage | None = None) -> bytes:
+        chunk = CompletionResponse(id=self.meta.id, created=self.meta.created, model=self.meta.model,
+                                   choices=choices, usage=usage_)
+        return sse(chunk.model_dump(mode="json"))
+
+    def end(self) -> list[bytes]:
+        return [self._chunk([], total_usage(self.finals))] if self.include_usage else []
+
+
+class ChatStream(CompletionStream):
+    """Chat chunks: each choice opens with ``{"role": "assistant", "content": ""}``."""
+
+    def start(self) -> list[bytes]:
+        return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                             for i in range(self.meta.n)])]
+
+    def on_event(self, prompt_index: int, event: dict) -> list[bytes]:
+        if not self._worth_sending(event):
+            return []
+        lp = chat_logprobs(event["logprobs"]) if event.get("logprobs") is not None else None
+        delta = ChatDelta(content=event["text"]) if event["text"] else ChatDelta()
+        choice = ChatChunkChoice(index=int(event["index"]), delta=delta, logprobs=lp,
+                                 finish_reason=event["finish_reason"])
+        return [self._chunk([choice])]
+
+    def _chunk(self, choices: list, usage_: Usage | None = None) -> bytes:
+        chunk = ChatCompletionChunk(id=self.meta.id, created=self.meta.created, model=self.meta.model,
+                                    choices=choices, usage=usage_).model_dump(mode="json")
+        for choice in chunk["choices"]:  # OpenAI leaves unset delta fields out
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return sse(chunk)

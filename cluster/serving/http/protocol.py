@@ -1,0 +1,363 @@
+"""OpenAI-compatible request and response models for :mod:`cluster.serving.http.app`.
+
+Requests are strict: a field of the wrong JSON type is an error (``"5"`` is not
+an integer, ``true`` is not a number), an unknown field is an error that names
+it, and every number has the range the engine can serve. OpenAI fields that
+shardlm does not implement are accepted only with their neutral value
+(``echo: false``, ``frequency_penalty: 0``, ``logit_bias: {}``, ...), so a client
+that sends the defaults works and one that relies on the feature is told. The
+sampling extensions ``top_k``, ``min_p``, ``stop_token_ids`` and ``ignore_eos``
+are the vLLM names.
+
+Responses are the shapes the OpenAI API returns, so the ``openai`` client parses them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import models_json_schema
+
+MAX_CHOICES = 64  # prompts x n in one request
+MAX_STOP = 16  # stop strings in one request
+MAX_LOGPROBS = 20  # top logprobs per token
+_I32 = (1 << 31) - 1
+
+STRICT = ConfigDict(extra="forbid", strict=True)  # requests: exact JSON types, no unknown fields
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema's integers include 2.0: take it as 2 (strings and booleans stay errors)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _int(lo: int, hi: int) -> Any:
+    """An integer in [lo, hi] (the bounds before the validator, so the schema shows them)."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+TokenId = _int(0, _I32)
+MaxTokens = _int(1, _I32)
+Seed = _int(-(1 << 63), (1 << 64) - 1)
+TopN = _int(0, MAX_LOGPROBS)
+StopString = Annotated[str, Field(min_length=1)]
+ZERO_OR_NULL = {"anyOf": [{"const": 0}, {"type": "null"}]}
+
+
+def _real(default, **bounds) -> Any:
+    return Field(default, allow_inf_nan=False, **bounds)
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields the completions and chat endpoints share."""
+
+    model_config = STRICT
+    model: str = Field(description="the served model's id (see /v1/models)")
+    n: _int(1, MAX_CHOICES) = Field(1, description="completions per prompt")
+    temperature: float | None = _real(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
+    top_p: float | None = _real(None, gt=0.0, le=1.0)
+    top_k: _int(-1, _I32) | None = Field(None, description="extension; -1 or 0: off")
+    min_p: float | None = _real(None, ge=0.0, le=1.0, description="extension")
+    seed: Seed | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = Field(
+        None, description="extension")
+    ignore_eos: bool = Field(False, description="extension")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+    frequency_penalty: float | None = _real(None, description="only 0 is supported",
+                                            json_schema_extra=ZERO_OR_NULL)
+    presence_penalty: float | None = _real(None, description="only 0 is supported",
+                                           json_schema_extra=ZERO_OR_NULL)
+    logit_bias: dict[str, Int] | None = Field(None, description="only {} is supported",
+                                              json_schema_extra={"anyOf": [
+                                                  {"type": "object", "maxProperties": 0},
+                                                  {"type": "null"}]})
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 0.0):
+            raise ValueError("penalties are not supported; only 0 is accepted")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict | None) -> dict | None:
+        if v:
+            raise ValueError("logit_bias is not supported; only {} is accepted")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> dict:
+        """The engine's SamplingParams fields (see cluster.contract.sampling)."""
+        params = {"n": self.n, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos,
+                  "logprobs": logprobs, "seed": self.seed, "stop": self.stop,
+                  "stop_token_ids": self.stop_token_ids}
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)
+        return params
+
+
+PromptText = Annotated[str, Field(min_length=1)]
+PromptList = Annotated[list[PromptText], Field(min_length=1, max_length=MAX_CHOICES)]
+TokenList = Annotated[list[TokenId], Field(min_length=1)]
+TokenLists = Annotated[list[TokenList], Field(min_length=1, max_length=MAX_CHOICES)]
+
+
+class CompletionRequest(_Sampling):
+    prompt: PromptText | PromptList | TokenList | TokenLists = Field(
+        description="a string, a list of strings, token ids, or a list of token-id lists; "
+                    "each prompt gets n choices")
+    max_tokens: MaxTokens | None = Field(16, description="default 16")
+    logprobs: TopN | None = Field(None, description="logprobs of the sampled token and the top N")
+    echo: bool = Field(False, description="only false is supported",
+                       json_schema_extra={"const": False})
+    suffix: str | None = Field(None, description="not supported: null only",
+                               json_schema_extra={"anyOf": [{"type": "null"}]})
+    best_of: _int(1, MAX_CHOICES) | None = Field(None, description="must equal n")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo=true is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @model_validator(mode="after")
+    def _choices(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported unless it equals n")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}")
+        return self
+
+    def prompts(self) -> list[tuple[str | None, list[int] | None]]:
+        """One (text, token ids) pair per prompt, exactly one of them set."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [(p, None)]
+        if all(isinstance(x, str) for x in p):
+            return [(x, None) for x in p]
+        if all(isinstance(x, int) for x in p):
+            return [(None, list(p))]
+        return [(None, list(x)) for x in p]
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = Field(None, description="accepted and ignored")
+
+    def as_template_message(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: MaxTokens | None = Field(None, description="deprecated name of "
+                                            "max_completion_tokens")
+    max_completion_tokens: MaxTokens | None = Field(
+        None, description="default: up to the model's context length")
+    logprobs: bool = False
+    top_logprobs: TopN | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def max_new_tokens(self, max_model_len: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or max_model_len
+
+
+# ---- responses -----------------------------------------------------------------------------
+FinishReason = Literal["stop", "length", "abort"] | None
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class CompletionResponse(BaseModel):
+    """Also each event of a stream (``finish_reason`` null until the last one)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "shardlm"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["starting", "ready", "recovering", "failed", "unavailable"]
+    reason: str | None = None
+
+
+# ---- the OpenAPI description -----------------------------------------------------------------
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+def streamed_responses(model: type[BaseModel]) -> dict:
+    """FastAPI ``responses`` of a route that can stream: each server-sent event's ``data`` is
+    a ``model`` as JSON (or an error, should the engine fail mid-stream), the last one
+    ``[DONE]``. (Open API 3.1: an event-stream media type's schema describes one event.)"""
+    def event(data: dict) -> dict:
+        return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+    def json_of(name: str) -> dict:
+        return event({"type": "string", "contentMediaType": "application/json",
+                      "contentSchema": {"$ref": f"#/components/schemas/{name}"}})
+
+    schema = {"anyOf": [json_of(model.__name__), json_of("ErrorResponse"),
+                        event({"const": "[DONE]"})]}
+    return {200: {"content": {"text/event-stream": {"schema": schema}}}, **ERROR_RESPONSES}
+
+
+def finish_openapi(schema: dict, model: str) -> dict:
+    """Add the chat chunk schemas (only streams refer to them), and say which ``model`` the
+    deployment accepts (others get 404)."""
+    components = schema["components"]["schemas"]
+    if "ChatCompletionChunk" not in components:
+        _, defs = models_json_schema([(ChatCompletionChunk, "serialization")],
+                                     ref_template="#/components/schemas/{model}")
+        for name, definition in defs["$defs"].items():
+            components.setdefault(name, definition)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        components[name]["properties"]["model"]["enum"] = [model]
+    return schema

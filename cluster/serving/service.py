@@ -1,0 +1,246 @@
+"""The engine as a long-lived service: a detached, named Ray actor.
+
+One thread owns the Engine and runs its step loop; the actor's asyncio side
+takes requests from many callers at once (the Serve app, ``connect()``
+handles in other processes; both through :class:`cluster.serving.stream.RequestStream`)
+and streams their events back (:mod:`cluster.contract.events`).
+
+Cancelling a caller's stream aborts its request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+
+import ray
+
+from cluster.contract import events
+from cluster.contract.config import EngineConfig
+from cluster.contract.errors import EngineUnavailable
+from cluster.engine.engine import Engine
+from cluster.serving.metrics import EngineMetrics
+from cluster.serving.output_events import delta_event, final_event
+
+log = logging.getLogger("shardlm.service")
+
+
+class EngineService:
+    """Body of the detached actor; see :func:`get_or_start_service`."""
+
+    def __init__(self, config: dict):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        self.config = EngineConfig.from_dict(config)
+        self.engine: Engine | None = None
+        self.status, self.reason = "starting", "loading the model onto the workers"
+        self.metrics = EngineMetrics(self.config.model.model)
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._started = time.time()
+        self._thread = threading.Thread(target=self._main, name="shardlm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.engine = Engine(self.config)
+        except Exception as exc:  # the service stays up to say why
+            self.status, self.reason = "failed", f"engine start failed: {exc}"
+            log.error("%s\n%s", self.reason, traceback.format_exc())
+            return
+        self.status, self.reason = "ready", None
+        log.info("engine ready: %s at tp=%d", self.config.model.model,
+                 self.config.parallel.tensor_parallel_size)
+        while True:
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                self._step()
+            self.metrics.observe_engine(self.engine)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        deltas = self.engine.step()
+        now = time.monotonic()
+        for delta in deltas:
+            request = self.engine.requests.get(delta.request_id)
+            if request is None:
+                continue
+            self._observe_token(request, now)
+            top_n = request.params.logprobs
+            self._send(delta.request_id, delta_event(delta, self.engine.tokenizer, top_n))
+            if request.finished:
+                self._finish(request, now)
+
+    def _observe_token(self, request, now: float) -> None:
+        self.metrics.generation_tokens.inc()
+        last = request.last_token_time
+        if last is None:
+            self.metrics.ttft.observe(now - request.arrival_time)
+        else:
+            self.metrics.tpot.observe(now - last)
+        request.last_token_time = now
+
+    def _finish(self, request, now: float) -> None:
+        self.metrics.e2e.observe(now - request.arrival_time)
+        output = self.engine.pop_finished(request.request_id)
+        errors = [o.error for o in output.outputs if o.error]
+        if errors:  # the engine could not finish it (e.g. it gave up recovering)
+            event = events.error_event(EngineUnavailable(errors[0]))
+        else:
+            event = final_event(output, self.engine.tokenizer, request.params.logprobs)
+        self._send(request.request_id, event, close=True)
+
+    def _send(self, request_id: str, event: dict, close: bool = False) -> None:
+        target = self._streams.pop(request_id, None) if close else self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, event)
+
+    # ---- the actor's API -------------------------------------------------------------------
+    async def generate(self, request: bytes):
+        """Stream one request's events (encoded, see :mod:`cluster.contract.events`)."""
+        try:
+            self._refuse_if_unavailable()
+            body = events.decode_request(request)
+        except Exception as exc:
+            yield events.encode(events.error_event(exc))
+            return
+        loop, queue_ = asyncio.get_running_loop(), asyncio.Queue()
+        admitted = loop.create_future()
+        self._commands.put(lambda: self._admit(body, loop, queue_, admitted))
+        request_id = await admitted
+        if isinstance(request_id, dict):  # an error event
+            yield events.encode(request_id)
+            return
+        finished = False
+        try:
+            while not finished:
+                event = await queue_.get()
+                finished = event["type"] != "delta"
+                yield events.encode(event)
+        finally:
+            if not finished:  # the caller went away: free its blocks
+                self._commands.put(lambda: self.engine.abort(request_id))
+
+    def _refuse_if_unavailable(self) -> None:
+        """EngineUnavailable when the engine cannot take a request now."""
+        status, reason = self._status()
+        if status == "failed":
+            raise EngineUnavailable(f"the engine is not serving: {reason}")
+        if status != "ready" and self._commands.qsize() >= self.config.fault.max_queued_requests:
+            raise EngineUnavailable(
+                f"the engine is {status} ({reason}) and {self._commands.qsize()} requests are "
+                "already queued (fault.max_queued_requests); retry later")
+
+    def _status(self) -> tuple[str, str | None]:
+        if self.engine is None:
+            return self.status, self.reason
+        return self.engine.status, self.engine.reason
+
+    def _admit(self, body: dict, loop, queue_: asyncio.Queue, admitted: asyncio.Future) -> None:
+        """On the engine thread: admit the request (its id) or say why not (an error event)."""
+        try:
+            request_id = self.engine.add_request(
+                body["prompt"], body["params"] or {}, body["prompt_token_ids"],
+                body["request_id"], body["priority"] or 0, body["messages"])
+            self._streams[request_id] = (loop, queue_)
+            self.metrics.prompt_tokens.inc(len(self.engine.requests[request_id].prompt_token_ids))
+            result = request_id
+        except Exception as exc:  # typed errors keep their kind; never leave a caller waiting
+            if not isinstance(exc, (ValueError, EngineUnavailable)):
+                log.exception("admission failed")
+            result = events.error_event(exc)
+        loop.call_soon_threadsafe(admitted.set_result, result)
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self.engine.abort(request_id))
+
+    def health(self) -> dict:
+        status, reason = self._status()
+        return {"status": status, "reason": reason}
+
+    def metrics_text(self) -> str:
+        return self.metrics.text()
+
+    def model_info(self) -> dict:
+        return {"id": self.config.model.model, "created": int(self._started),
+                "max_model_len": self.engine.max_model_len if self.engine else None}
+
+    def recovery(self) -> dict:
+        """Timings of the last recovery (detect/placement/spawn/load/total seconds)."""
+        return dict(self.engine.supervisor.last_recovery) if self.engine else {}
+
+    def stats(self) -> dict:
+        engine = self.engine
+        if engine is None:
+            return {"status": self.status}
+        sched, bm = engine.scheduler, engine.block_manager
+        return {"status": self.status, "num_running": len(sched.running),
+                "num_waiting": len(sched.waiting), "num_free_blocks": bm.num_free_blocks,
+                "num_blocks": engine.num_blocks, "num_preemptions": sched.num_preemptions,
+                "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,
+                "kv_usage_peak": engine.kv_usage_peak,
+                "device": engine.group.device, "backend": engine.group.backend,
+                "dtype": engine.group.dtype_name(), **engine.stats}
+
+    async def reset_for_benchmark(self) -> None:
+        """Forget cached prompt prefixes and start a new ``stats()["kv_usage_peak"]``, on the
+        engine thread between steps (``shardlm bench`` sends the same prompts again)."""
+        if self.engine is None:
+            return
+        loop, done = asyncio.get_running_loop(), asyncio.Event()
+
+        def reset() -> None:
+            self.engine.reset_measurement()
+            loop.call_soon_threadsafe(done.set)
+
+        self._commands.put(reset)
+        await done.wait()
+
+    async def worker_rss(self) -> dict:
+        """Each worker's resident memory now (bytes), by actor name."""
+        group = self.engine.group if self.engine else None
+        if group is None:
+            return {}
+        pongs = await asyncio.gather(*[w.ping.remote() for w in group.workers])
+        return {info.name: pong["rss"] for info, pong in zip(group.ranks, pongs)}
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def get_or_start_service(config: EngineConfig):
+    """The engine actor named by the config's deployment, created (detached) if absent."""
+    dep = config.deployment
+    actor = ray.remote(EngineService).options(
+        name=dep.name, namespace=dep.namespace, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_concurrency=1000)
+    return actor.remote(config.to_dict())
+
+
+def stop_service(name: str = "shardlm", namespace: str = "shardlm") -> bool:
+    try:
+        actor = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(actor, no_restart=True)
+    return True

@@ -1,0 +1,130 @@
+"""A decode step's decoder layer in two C calls around the all-reduces
+(``layers/cpu/csrc/decode_layer.c``, built with the other kernels by ``layers.cpu.kernels``);
+:meth:`layers.cpu.ops.CpuOps.fused_decode` runs a layer through it.
+
+At batch 1 a layer's arithmetic takes about 0.6 ms; checking a dozen tensors per call from
+Python cost a noticeable share of that. So the arguments are checked once: a layer's weights
+and cache when the kernel is set up (``DecodeLayer``), a step's positions and block tables
+once per step for all layers (``DecodeStep``); a call then checks only its hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from layers.cpu.kernels import PANEL, check_slots, i64_rows, float32_kernels, load
+
+
+class DecodeStep:
+    """A decode step's arguments shared by every layer: rotary cos/sin (rows, hd / 2), the
+    cache slots of the new tokens and the context lengths (rows,), block tables
+    (rows, max_blocks); the tensors are held so that their memory stays put."""
+
+    def __init__(self, cos, sin, slots, block_tables, context_lens):
+        self.rows, self.half_hd = cos.shape
+        self.tensors = (cos, sin, slots, block_tables, context_lens)
+        self.max_blocks = block_tables.shape[1]
+
+    @classmethod
+    def make(cls, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+             block_tables: torch.Tensor, context_lens: torch.Tensor) -> "DecodeStep | None":
+        """None where the kernels do not apply."""
+        if load() is None or cos.dim() != 2 or sin.shape != cos.shape or block_tables.dim() != 2:
+            return None
+        rows = cos.shape[0]
+        if not (float32_kernels(cos, sin) and all(i64_rows(t, rows) for t in (slots, block_tables, context_lens))
+                and slots.dim() == 1 and context_lens.dim() == 1):
+            return None
+        return cls(cos, sin, slots, block_tables, context_lens)
+
+
+@dataclass
+class DecodeLayer:
+    """A decoder layer's weights and KV cache as ``decode_layer.c`` takes them (packed
+    panels, no biases), checked once; ``make`` answers None where the kernel does not apply.
+
+    cache: (2, num_blocks, block_size, num_kv, hd); qkv panels: ((num_q + 2 num_kv) hd / 16,
+    hidden, 16); o: (hidden / 16, num_q hd, 16); gate_up: (2 inter / 16, hidden, 16);
+    down: (hidden / 16, inter, 16); norms: (hidden,)."""
+
+    input_norm: torch.Tensor
+    input_eps: float
+    qkv: torch.Tensor
+    num_q: int
+    num_kv: int
+    hd: int
+    scale: float
+    cache: torch.Tensor
+    num_blocks: int
+    block_size: int
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    post_eps: float
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    hidden: int
+    inter: int
+
+    @classmethod
+    def make(cls, input_norm: torch.Tensor, input_eps: float, qkv: torch.Tensor, num_q: int,
+             num_kv: int, scale: float, cache: torch.Tensor, o: torch.Tensor,
+             post_norm: torch.Tensor, post_eps: float, gate_up: torch.Tensor,
+             down: torch.Tensor) -> "DecodeLayer | None":
+        if float32_kernels(input_norm, qkv, cache, o, post_norm, gate_up, down) is None or cache.dim() != 5:
+            return None
+        hidden = input_norm.shape[0]
+        _, num_blocks, block_size, kv_heads, hd = cache.shape
+        width, inter = (num_q + 2 * num_kv) * hd, gate_up.shape[0] * PANEL // 2
+        shapes_ok = (input_norm.shape == post_norm.shape == (hidden,) and kv_heads == num_kv
+                     and width % PANEL == 0 and qkv.shape == (width // PANEL, hidden, PANEL)
+                     and o.shape == (hidden // PANEL, num_q * hd, PANEL)
+                     and gate_up.shape == (2 * inter // PANEL, hidden, PANEL)
+                     and down.shape == (hidden // PANEL, inter, PANEL))
+        if not shapes_ok:
+            return None
+        return cls(input_norm=input_norm, input_eps=input_eps, qkv=qkv, num_q=num_q, num_kv=num_kv,
+                   hd=hd, scale=scale, cache=cache, num_blocks=num_blocks, block_size=block_size,
+                   o=o, post_norm=post_norm, post_eps=post_eps, gate_up=gate_up, down=down,
+                   hidden=hidden, inter=inter)
+
+    def _fits(self, step: DecodeStep, *xs: torch.Tensor) -> bool:
+        return (step.half_hd * 2 == self.hd and all(
+            x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and x.shape == (step.rows, self.hidden) for x in xs))
+
+    def attention_half(self, x: torch.Tensor, step: DecodeStep) -> torch.Tensor | None:
+        """o_proj(paged attention(rotary(qkv(rms_norm(x))))) for one new token per sequence,
+        writing the new keys and values into the cache; None (nothing written) where the
+        kernel does not apply. Before tensor parallelism's all-reduce: this rank's partial sum.
+
+        x: (seqs, hidden) -> (seqs, hidden)"""
+        if not self._fits(step, x):
+            return None
+        cos, sin, slots, tables, lens = step.tensors
+        out = x.new_empty(step.rows, self.hidden)
+        rc = load().decode_attention_half(
+            x.data_ptr(), step.rows, self.hidden, self.input_norm.data_ptr(), self.input_eps,
+            self.qkv.data_ptr(), self.num_q, self.num_kv, self.hd, cos.data_ptr(), sin.data_ptr(),
+            self.cache.data_ptr(), slots.data_ptr(), self.num_blocks, self.block_size,
+            tables.data_ptr(), step.max_blocks, lens.data_ptr(), self.scale, self.o.data_ptr(),
+            out.data_ptr(), torch.get_num_threads())
+        check_slots(rc, self.num_blocks * self.block_size)
+        return out if rc == 0 else None
+
+    def mlp_half(self, attn: torch.Tensor, x: torch.Tensor, step: DecodeStep, add_residual: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(down(silu(gate) * up of rms_norm(attn + x)), attn + x), or with ``add_residual``
+        (the layer's output, the sum of both, attn + x); None where the kernel does not apply.
+        Without ``add_residual``, the first is before tensor parallelism's all-reduce.
+
+        attn, x: (rows, hidden) -> both (rows, hidden)"""
+        if not self._fits(step, attn, x):
+            return None
+        h, out = torch.empty_like(x), torch.empty_like(x)
+        rc = load().decode_mlp_half(
+            attn.data_ptr(), x.data_ptr(), step.rows, self.hidden, self.post_norm.data_ptr(),
+            self.post_eps, self.gate_up.data_ptr(), self.inter, self.down.data_ptr(), h.data_ptr(),
+            out.data_ptr(), int(add_residual), torch.get_num_threads())
+        return (out, h) if rc == 0 else None

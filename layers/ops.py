@@ -1,0 +1,185 @@
+"""The device-generic path: every op a layer needs, in torch's own kernels.
+
+The platform is chosen once per worker (:func:`layers.platform.select_ops`), not per
+call: the layers call ``self.ops.<op>`` and never look at the device themselves.
+:class:`TorchOps` runs on any device torch runs on (CPU, CUDA) and is the reference the
+CPU path (:class:`layers.cpu.ops.CpuOps`, C kernels) is tested against. A layer's
+``ops`` is :data:`NATIVE` until :func:`layers.platform.use_ops` sets the worker's choice.
+
+Paged KV cache layout per layer: (2, num_blocks, block_size, local_kv_heads, head_dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The decode path gathers keys per group of sequences: small enough that a layer's gathered
+# K/V (tokens x kv heads x head_dim x 2) stays in the CPU's cache between the gather and
+# the attention reading it.
+DECODE_GROUP_TOKENS = 4096
+
+
+class TorchOps:
+    """torch's kernels, on whatever device the tensors live on."""
+
+    name = "torch"
+
+    def prepare(self, model: nn.Module) -> int:
+        """Rearrange loaded weights for this platform's kernels; how many were changed."""
+        return 0
+
+    # ---- matmuls and lookups -----------------------------------------------------------------
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        # x: (rows, in); weight: (out, in) -> (rows, out)
+        return F.linear(x, weight, bias)
+
+    def embedding(self, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # index: (n,); weight: (rows, hidden) -> (n, hidden)
+        return F.embedding(index, weight)
+
+    # ---- small per-layer ops ------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # x: (tokens, hidden); normalised in float32 like the reference implementation
+        if x.dtype == torch.float32 == weight.dtype:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual); all (tokens, hidden)."""
+        total = x + residual
+        return self.rms_norm(total, weight, eps), total
+
+    def rotate_(self, heads: torch.Tensor, rotary, positions: torch.Tensor) -> None:
+        """Rotate ``heads`` (tokens, n, head_dim) in place by ``rotary``'s angles at
+        ``positions`` (tokens,)."""
+        cos, sin = rotary.cos_sin(positions, full=True)  # (tokens, 1, head_dim) each
+        heads.copy_(rotate(heads, cos, sin))
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # gate_up: (rows, 2 * inter) -> (rows, inter)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def fused_decode(self, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, batch
+                     ) -> torch.Tensor | None:
+        """A whole decoder layer for a step where every sequence decodes one token, where the
+        platform has such a kernel; None: run the layer op by op."""
+        return None
+
+    # ---- attention over the paged KV cache -------------------------------------------------
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        # k, v: (tokens, num_kv, hd); slots: (tokens,) int64 block * block_size + offset
+        flat = cache.view(2, -1, *cache.shape[3:])  # (2, slots, num_kv, hd)
+        flat[0].index_copy_(0, slots, k)
+        flat[1].index_copy_(0, slots, v)
+
+    def paged_decode(self, q: torch.Tensor, cache: torch.Tensor, batch, scale: float
+                     ) -> torch.Tensor:
+        """One new token per sequence of ``batch`` attending over its cached context.
+
+        q: (seqs, num_q, hd) -> (seqs, num_q, hd)"""
+        groups = batch.decode_groups(cache.shape[2])
+        if len(groups) == 1 and groups[0].rows is None:
+            return _decode_group(q, cache, groups[0], scale)
+        out = torch.empty_like(q)
+        for group in groups:
+            rows = group.rows
+            out.index_copy_(0, rows, _decode_group(q.index_select(0, rows), cache, group, scale))
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               causal_offset: int) -> torch.Tensor:
+        """Causal attention of n queries over ctx keys, query j at key position offset + j.
+
+        q: (n, num_q, hd); k, v: (ctx, num_kv, hd) -> (n, num_q, hd)"""
+        n, ctx = q.shape[0], k.shape[0]
+        mask = None
+        if causal_offset:
+            new = torch.arange(n, device=q.device) + causal_offset
+            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= new.unsqueeze(1)
+        out = F.scaled_dot_product_attention(  # 4-d inputs: the flash kernel, not the math path
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, heads, len, hd)
+            attn_mask=mask, is_causal=not causal_offset, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)  # (n, num_q, hd)
+
+
+NATIVE = TorchOps()  # stateless: the default of every layer
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's half rotation. x: (..., hd); cos, sin broadcast to it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the first ``length`` cached tokens of each listed sequence.
+
+    block_tables: (seqs, max_blocks) -> k, v each (seqs, length, num_kv, hd)"""
+    _, _, block_size, num_kv, hd = cache.shape
+    needed = -(-length // block_size)
+    blocks = block_tables[:, :needed].reshape(-1)  # (seqs * needed,)
+    rows = cache.flatten(2).index_select(1, blocks)  # (2, seqs * needed, bs * kv * hd)
+    kv = rows.view(2, block_tables.shape[0], needed * block_size, num_kv, hd)[:, :, :length]
+    return kv[0], kv[1]
+
+
+@dataclass
+class DecodeGroup:
+    """Decoding sequences of similar context length, attended together (padded to the longest)."""
+
+    rows: torch.Tensor | None  # (n,) their rows in the batch; None: all rows, in order
+    block_tables: torch.Tensor  # (n, blocks)
+    length: int  # the longest context among them
+    mask: torch.Tensor  # (n, 1, 1, length) bool, True for keys inside each sequence's context
+
+
+def decode_groups(context_lens: list[int], block_tables: torch.Tensor, block_size: int,
+                  budget: int = DECODE_GROUP_TOKENS) -> list[DecodeGroup]:
+    """Sort the sequences by context length and cut them into groups of at most ``budget``
+    padded keys (at least one sequence each), so that padding stays small and each group's
+    gathered keys fit in cache."""
+    order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
+    groups, members = [], []
+    for i in order:  # ascending: the newest member is the group's longest
+        if members and (len(members) + 1) * context_lens[i] > budget:
+            groups.append(members)
+            members = []
+        members.append(i)
+    groups.append(members)
+    return [_group(g, context_lens, block_tables, block_size, len(groups) == 1
+                   and g == list(range(len(context_lens))))
+            for g in groups]
+
+
+def _group(members: list[int], context_lens: list[int], block_tables: torch.Tensor,
+           block_size: int, whole_batch: bool) -> DecodeGroup:
+    device = block_tables.device
+    lens = torch.tensor([context_lens[i] for i in members], device=device)
+    longest = max(context_lens[i] for i in members)
+    rows = None if whole_batch else torch.tensor(members, device=device)
+    tables = block_tables if rows is None else block_tables.index_select(0, rows)
+    mask = torch.arange(longest, device=device).unsqueeze(0) < lens.unsqueeze(1)  # (n, longest)
+    return DecodeGroup(rows, tables[:, :-(-longest // block_size)], longest, mask[:, None, None, :])
+
+
+def _decode_group(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float
+                  ) -> torch.Tensor:
+    # q: (n, num_q, hd) -> (n, num_q, hd); contexts padded to the group's longest, masked
+    k, v = gather_kv(cache, group.block_tables, group.length)  # (n, length, num_kv, hd)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # (n, num_q, 1, hd)
+        k.transpose(1, 2), v.transpose(1, 2),  # (n, num_kv, length, hd)
+        attn_mask=group.mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
