@@ -46,10 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from cluster.contract.config import ConfigError
+    from cluster.contract.errors import RequestError
+
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except (ConfigError, RequestError) as exc:  # bad input: say what, without a traceback
+        print(f"shardlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _fetch(args) -> int:
@@ -115,8 +121,8 @@ def engine_config(args):
 def _generate(args) -> int:
     import json
 
-    from cluster.engine.llm import LLM
     from cluster.contract.sampling import SamplingParams
+    from cluster.engine.llm import LLM
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)

@@ -176,7 +176,7 @@ def set_socket_ifname(override: str | None) -> None:
     """Point Gloo and NCCL at the interface that carries this node's Ray IP.
 
     Gloo otherwise resolves the host name, which can map to 127.0.0.1 and break
-    rendezvous across hosts (see DESIGN.md, "Across hosts").
+    rendezvous across hosts (see docs/ARCHITECTURE.md, "Across hosts").
     """
     import ray
 

@@ -6,10 +6,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from cluster.bench.main import BenchOptions
+from cluster.bench.options import BenchOptions
 
 
 def progress(opts: "BenchOptions", message: str) -> None:

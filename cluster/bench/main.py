@@ -39,44 +39,13 @@ import argparse
 import json
 import math
 import os
-import random
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
-from cluster.bench.drive import (drive, engine_config, progress, summarize,
-                                 worker_vmhwm)
+from cluster.bench.drive import drive, engine_config, progress, summarize, worker_vmhwm
 from cluster.bench.online import rate_label
+from cluster.bench.options import BenchOptions, make_prompts
 from cluster.bench.probes import PROBE_PROMPT
-
-
-@dataclass
-class BenchOptions:
-    model: str | None = None
-    config: str | None = None
-    tp: list[int] = field(default_factory=lambda: [1])
-    num_requests: int = 64
-    prompt_len: tuple[int, int] = (32, 512)
-    output_len: int = 128
-    seed: int = 0
-    max_num_seqs: int | None = None
-    threads_per_worker: int | str = "auto"  # "auto": this machine's cores shared by the tp workers
-    concurrency: list[int] | None = None  # None: all requests at once
-    mode: str = "offline"  # "offline": through LLM in this process; "online": over HTTP
-    request_rate: list[float] = field(default_factory=lambda: [math.inf])  # online arrivals per s
-    baseline: str | None = None  # "transformers"
-    baseline_batch_size: int = 16
-    probes: bool = True
-    probe_rounds: int = 5  # probes and ceilings, measured in turns (cluster.bench.probes)
-    ray_address: str | None = None
-    overrides: dict = field(default_factory=dict)  # further config fields by name
-    quiet: bool = False
-
-
-def make_prompts(opts: BenchOptions, vocab_size: int) -> list[list[int]]:
-    rng = random.Random(opts.seed)
-    lo, hi = opts.prompt_len
-    return [[rng.randrange(vocab_size) for _ in range(rng.randint(lo, hi))]
-            for _ in range(opts.num_requests)]
 
 
 def start_engine(opts: BenchOptions, tp: int, prompts_for):

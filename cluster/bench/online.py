@@ -22,12 +22,9 @@ import math
 import os
 import random
 import time
-from typing import TYPE_CHECKING
 
 from cluster.bench.drive import engine_config, progress, summarize
-
-if TYPE_CHECKING:
-    from cluster.bench.main import BenchOptions
+from cluster.bench.options import BenchOptions
 
 
 class RequestFailed(RuntimeError):

@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import random
 import statistics
-from typing import TYPE_CHECKING
 
 from cluster.bench.drive import _median_step, drive, progress
-
-if TYPE_CHECKING:
-    from cluster.bench.main import BenchOptions
+from cluster.bench.options import BenchOptions
 
 PROBE_PROMPT = 16  # prompt tokens of the decode probes
 B1_STEPS, BATCH_STEPS = 32, 16  # decode steps timed per probe (the median is kept)

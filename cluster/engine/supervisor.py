@@ -1,4 +1,4 @@
-"""Failure handling for the worker gang (DESIGN.md, "Failures").
+"""Failure handling for the worker gang (docs/ARCHITECTURE.md, "Failures").
 
 The gang is one unit: when a worker dies or a step overruns its deadline, the
 Supervisor kills the survivors, builds a fresh gang (new placement group,

@@ -1,4 +1,4 @@
-"""A dead or hung worker costs a pause, never a request (DESIGN.md, "Failures").
+"""A dead or hung worker costs a pause, never a request (docs/ARCHITECTURE.md, "Failures").
 
 The engine service runs the default model at tp=2; callers stream through client handles
 (the real user path) while workers are SIGKILLed or made to hang. Every request must
@@ -44,11 +44,11 @@ class Round:
 
     def _one(self, handle: Handle, i: int) -> None:
         try:
-            gen = handle._call(PROMPTS[i], **_params(i))
-            for event in handle._events(gen):
-                if event["type"] == "delta":
-                    self.texts[i] += event["text"]
-                    self.tokens[i] += len(event["token_ids"])
+            with handle.request(PROMPTS[i], **_params(i)) as stream:
+                for event in stream:
+                    if event["type"] == "delta":
+                        self.texts[i] += event["text"]
+                        self.tokens[i] += len(event["token_ids"])
             self.done[i] = True
         except BaseException as exc:  # recorded, the test fails on it
             self.errors.append(exc)

@@ -59,3 +59,72 @@ def test_actors_are_named_and_laid_out(ray_session, checkpoints):
         assert group.backend == "shm"  # auto: both ranks on this one node
     finally:
         group.shutdown()
+
+
+# ---- through the paged KV cache: chunked prefill, then decode steps -----------------------
+PAGED_GROUPS = [(1, "gloo"), (2, "shm"), (3, "gloo")]
+BLOCK = 4
+TOP = 5
+
+
+def _chunk(seq_id, ids, start, table, sample, logprobs):
+    from cluster.contract.messages import SamplerParams, SeqChunk
+
+    return SeqChunk(seq_id, ids, start, table, sample, SamplerParams(temperature=0.0, seed=seq_id,
+                                                                      logprobs=logprobs))
+
+
+@pytest.mark.parametrize("tp,backend", PAGED_GROUPS, ids=[f"tp{t}-{b}" for t, b in PAGED_GROUPS])
+def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend):
+    """The step protocol end to end: sequence 0's prompt prefilled in two chunks (the second
+    attends over the first through the cache), the others in one, the steps mixing prefill
+    and decode, then decode steps of one token each. Every sampled (greedy) token is
+    transformers' argmax at that position, and the top logprobs of sequences 0 and 1 are
+    transformers' log-softmax there; sequence 2 asks for none (the argmax-only path)."""
+    import torch
+
+    from cluster.contract.messages import StepPlan
+
+    path, _ = checkpoints["llama-gqa"]
+    config = EngineConfig().with_overrides(
+        model=str(path), tensor_parallel_size=tp, backend=backend, cpus_per_worker=0.5,
+        block_size=BLOCK, kv_cache_bytes=1 << 20, name=f"paged-tp{tp}-{backend}")
+    group = WorkerGroup(config, path).start()
+    try:
+        num_blocks = group.init_cache()
+        # scattered, non-contiguous blocks per sequence, room for 24 tokens each
+        tables = [list(range(num_blocks - 1 - s, -1, -3))[:6] for s in range(3)]
+        logprobs = [TOP, TOP, None]
+        seqs = [list(p) for p in PROMPTS]
+        cut = 6  # sequence 0's first chunk
+        steps = [[_chunk(0, seqs[0][:cut], 0, tables[0], False, TOP)]
+                 + [_chunk(s, seqs[s], 0, tables[s], True, logprobs[s]) for s in (1, 2)],
+                 [_chunk(0, seqs[0][cut:], cut, tables[0], True, TOP)]]
+        results = []
+        for step_id in range(1, 8):
+            chunks = steps[step_id - 1] if step_id <= len(steps) else []
+            if step_id > 1:  # every sequence that sampled last step decodes its token now
+                ready = {c.seq_id for c in chunks}
+                chunks = chunks + [_chunk(s, seqs[s][-1:], len(seqs[s]) - 1, tables[s], True,
+                                          logprobs[s]) for s in range(3)
+                                   if s not in ready and sampled_last.get(s)]
+            result = group.collect(group.submit(StepPlan(step_id, chunks).encode()))
+            sampled_last = {}
+            for token in result.tokens:
+                results.append((token.seq_id, len(seqs[token.seq_id]), token))
+                seqs[token.seq_id].append(token.token_id)
+                sampled_last[token.seq_id] = True
+        reference = [torch.log_softmax(hf_logits(path, [s[:-1]]), dim=-1) for s in seqs]
+        assert len(results) >= 3 * 5
+        for seq_id, position, token in results:
+            expected = reference[seq_id][position - 1]  # the distribution after `position` tokens
+            assert token.token_id == int(expected.argmax()), (seq_id, position)
+            if logprobs[seq_id] is None:
+                assert token.logprob is None and token.top_logprobs is None
+                continue
+            assert abs(token.logprob - float(expected[token.token_id])) < 1e-4
+            top_v, top_i = torch.topk(expected, TOP)
+            assert [t for t, _ in token.top_logprobs] == top_i.tolist()
+            assert max(abs(v - r) for (_, v), r in zip(token.top_logprobs, top_v.tolist())) < 1e-4
+    finally:
+        group.shutdown()

@@ -4,6 +4,7 @@ them (an image built with ``pip install .`` runs what ``make test`` tested)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -47,8 +48,11 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def test_wheel_installs_and_its_kernels_compile_and_run(tmp_path):
+    source = tmp_path / "src"  # a copy: building writes build/ and egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "tests"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(ROOT)])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(source)])
     (wheel,) = wheels.glob("shardlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     sources = {n.rsplit("/", 1)[-1] for n in names if n.startswith("layers/cpu/csrc/")}

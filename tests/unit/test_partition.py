@@ -1,4 +1,5 @@
-"""Head and row splits (DESIGN.md: whole KV heads per rank, unequal shares, replication)."""
+"""Head and row splits (docs/ARCHITECTURE.md, "The forward pass": whole KV heads per rank,
+unequal shares, replication)."""
 
 from __future__ import annotations
 

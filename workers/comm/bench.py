@@ -40,7 +40,7 @@ class BenchRank:
         ip = ray.util.get_node_ip_address()
         ifname = next((name for name, addrs in psutil.net_if_addrs().items()
                        if any(a.address == ip for a in addrs)), None)
-        if ifname:  # Gloo must use the interface of the Ray node IP (DESIGN.md)
+        if ifname:  # Gloo must use the interface of the Ray node IP (docs/ARCHITECTURE.md)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
         self.comm = create_communicator(backend, rank, world_size, rdv, timeout_s=60)
 

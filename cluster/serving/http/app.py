@@ -43,11 +43,11 @@ from cluster.serving.http.format import (ApiError, ChatStream, CompletionStream,
                                          api_error, chat_response, completion_response, sse,
                                          validation_error)
 from cluster.serving.http.gate import KeyAndSizeGate
-from cluster.serving.http.protocol import (ERROR_RESPONSES, ChatCompletionChunk,
-                                           ChatCompletionRequest, ChatCompletionResponse,
-                                           CompletionRequest, CompletionResponse, ErrorResponse,
-                                           Health, ModelCard, ModelList, finish_openapi,
-                                           streamed_responses)
+from cluster.serving.http.openapi import ERROR_RESPONSES, finish_openapi, streamed_responses
+from cluster.serving.http.protocol import (ChatCompletionChunk, ChatCompletionRequest,
+                                           ChatCompletionResponse, CompletionRequest,
+                                           CompletionResponse, ErrorResponse, Health, ModelCard,
+                                           ModelList)
 from cluster.serving.stream import RequestStream
 
 log = logging.getLogger("shardlm.serve")

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydantic.json_schema import models_json_schema
 
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_STOP = 16  # stop strings in one request
@@ -327,37 +326,3 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["starting", "ready", "recovering", "failed", "unavailable"]
     reason: str | None = None
-
-
-# ---- the OpenAPI description -----------------------------------------------------------------
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
-
-
-def streamed_responses(model: type[BaseModel]) -> dict:
-    """FastAPI ``responses`` of a route that can stream: each server-sent event's ``data`` is
-    a ``model`` as JSON (or an error, should the engine fail mid-stream), the last one
-    ``[DONE]``. (Open API 3.1: an event-stream media type's schema describes one event.)"""
-    def event(data: dict) -> dict:
-        return {"type": "object", "required": ["data"], "properties": {"data": data}}
-
-    def json_of(name: str) -> dict:
-        return event({"type": "string", "contentMediaType": "application/json",
-                      "contentSchema": {"$ref": f"#/components/schemas/{name}"}})
-
-    schema = {"anyOf": [json_of(model.__name__), json_of("ErrorResponse"),
-                        event({"const": "[DONE]"})]}
-    return {200: {"content": {"text/event-stream": {"schema": schema}}}, **ERROR_RESPONSES}
-
-
-def finish_openapi(schema: dict, model: str) -> dict:
-    """Add the chat chunk schemas (only streams refer to them), and say which ``model`` the
-    deployment accepts (others get 404)."""
-    components = schema["components"]["schemas"]
-    if "ChatCompletionChunk" not in components:
-        _, defs = models_json_schema([(ChatCompletionChunk, "serialization")],
-                                     ref_template="#/components/schemas/{model}")
-        for name, definition in defs["$defs"].items():
-            components.setdefault(name, definition)
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
-        components[name]["properties"]["model"]["enum"] = [model]
-    return schema
