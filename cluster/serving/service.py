@@ -22,7 +22,6 @@ import ray
 from cluster.contract import events
 from cluster.contract.config import EngineConfig
 from cluster.contract.errors import EngineUnavailable
-from cluster.engine.engine import Engine
 from cluster.serving.metrics import EngineMetrics
 from cluster.serving.output_events import delta_event, final_event
 
@@ -35,7 +34,7 @@ class EngineService:
     def __init__(self, config: dict):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.config = EngineConfig.from_dict(config)
-        self.engine: Engine | None = None
+        self.engine = None  # cluster.engine.engine.Engine, once started
         self.status, self.reason = "starting", "loading the model onto the workers"
         self.metrics = EngineMetrics(self.config.model.model)
         self._commands: queue.Queue = queue.Queue()
@@ -46,6 +45,10 @@ class EngineService:
 
     # ---- the engine thread -----------------------------------------------------------------
     def _main(self) -> None:
+        # imported here, not at the top: a client's ray.get_actor unpickles this class, which
+        # imports this module, and a client needs no torch (docs/ARCHITECTURE.md)
+        from cluster.engine.engine import Engine
+
         try:
             self.engine = Engine(self.config)
         except Exception as exc:  # the service stays up to say why

@@ -1,0 +1,2 @@
+"""Operator tools: ``shardlm batch`` (resumable JSONL jobs) and ``shardlm chaos`` (fault
+injection)."""

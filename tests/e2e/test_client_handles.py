@@ -1,5 +1,6 @@
 """Client handles: a second Python process attaches to the running deployment with
-`connect()` and generates and streams, while HTTP requests run against the same engine."""
+`connect()` and generates and streams, while HTTP requests run against the same engine; it
+never loads torch."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ try:
     h.generate("", max_tokens=4)
 except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"
+    out["error_param"] = getattr(exc, "param", None)
+out["heavy_modules"] = sorted(m for m in ("torch", "transformers", "layers", "workers") if m in sys.modules)
 print("RESULT " + json.dumps(out))
 """
 
@@ -86,4 +89,5 @@ def test_second_process_shares_the_engine_with_http(deployment):
     assert "".join(out["astream"]) == reference
     assert out["agenerate_tokens"] == [6] * 6
     assert out["chat"]
-    assert out["error"].startswith("RequestError: prompt is empty")
+    assert out["error"].startswith("RequestError: prompt is empty") and out["error_param"] == "prompt"
+    assert out["heavy_modules"] == []  # a client process: connect, generate, stream, no torch

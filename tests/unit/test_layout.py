@@ -35,10 +35,15 @@ def _resolve(name: str) -> str:
     return name
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, module_level: bool = False) -> set[str]:
+    """What ``path`` imports; with ``module_level``, only what importing it runs (not the
+    imports inside functions)."""
     tree = ast.parse(path.read_text(), str(path))
     skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
             and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+    if module_level:
+        skip |= {id(n) for node in ast.walk(tree)
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(node)}
     found = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -51,6 +56,7 @@ def _imports(path: Path) -> set[str]:
 
 
 GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+ON_IMPORT = {name: _imports(path, module_level=True) for name, path in MODULES.items()}
 
 
 def _top(name: str) -> str:
@@ -118,15 +124,15 @@ def test_driver_tiers_import_downwards(tier, above):
     assert _violations(lambda m: m.startswith(tier), lambda d: d.startswith(above)) == []
 
 
-def _closure(start: str) -> set[str]:
+def _closure(start: str, graph: dict = GRAPH) -> set[str]:
     seen, todo = set(), [start]
     while todo:
         module = todo.pop()
         if module in seen:
             continue
         seen.add(module)
-        todo.extend(d for d in GRAPH.get(module, ()) if d in GRAPH)
-    return seen | {d for m in seen for d in GRAPH.get(m, ())}
+        todo.extend(d for d in graph.get(module, ()) if d in graph)
+    return seen | {d for m in seen for d in graph.get(m, ())}
 
 
 @pytest.mark.parametrize("entry", ["cluster.serving.client", "cluster.contract.sampling",
@@ -138,11 +144,20 @@ def test_the_client_side_needs_no_torch(entry):
     assert heavy == [], heavy
 
 
+def test_the_service_class_unpickles_without_torch():
+    """A client's ``ray.get_actor`` unpickles the engine service's class, importing its
+    module: importing it must not reach torch (the engine itself is imported when the
+    service starts it)."""
+    heavy = sorted(d for d in _closure("cluster.serving.service", ON_IMPORT)
+                   if _top(d) in ("torch", "transformers", "workers", "layers"))
+    assert heavy == [], heavy
+
+
 def test_import_cluster_and_connect_load_no_torch():
     """In a fresh interpreter: ``import cluster`` and resolving ``cluster.connect`` (which
     imports the client and its stream reader) load neither torch nor transformers."""
     code = ("import sys, cluster; from cluster import SamplingParams; cluster.connect; "
-            "import cluster.serving.client; "
+            "import cluster.serving.client, cluster.serving.service; "
             "print(sorted(m for m in ('torch', 'transformers', 'layers', 'workers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
