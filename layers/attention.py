@@ -40,15 +40,17 @@ class AttnBatch:
 
     def context_lens_tensor(self) -> torch.Tensor:
         if self._context_lens is None:
-            self._context_lens = torch.tensor(self.context_lens, dtype=torch.int64)
+            self._context_lens = torch.tensor(self.context_lens, dtype=torch.int64,
+                                              device=self.block_tables.device)
         return self._context_lens
 
     def last_tokens(self, seqs: list[int]) -> "AttnBatch":
         """The last new token of each of sequences ``seqs``, attending over their whole
         context from the cache (the final layer where only sampled rows go on)."""
         lens = self.context_lens
+        index = torch.tensor(seqs, dtype=torch.int64, device=self.block_tables.device)
         return AttnBatch([1] * len(seqs), [lens[i] - 1 for i in seqs],
-                         self.block_tables.index_select(0, torch.tensor(seqs, dtype=torch.int64)))
+                         self.block_tables.index_select(0, index))
 
     def split(self) -> "SplitBatch":
         """Single-token sequences (attended together) apart from longer chunks; built once."""
@@ -91,7 +93,8 @@ class SplitBatch:
         if not ones:
             return cls(None, None, chunks)
         decode = batch.last_tokens([i for i, _ in ones])
-        return cls(decode, torch.tensor([row for _, row in ones]), chunks)
+        rows = torch.tensor([row for _, row in ones], device=batch.block_tables.device)
+        return cls(decode, rows, chunks)
 
 
 class Attention(nn.Module):

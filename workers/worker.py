@@ -120,7 +120,8 @@ class Worker:
         """
         seqs = msgpack.unpackb(request)
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(self.device)
+        positions = torch.tensor([p for s in seqs for p in range(len(s))], dtype=torch.int64,
+                                 device=self.device)
         batch = AttnBatch([len(s) for s in seqs], [0] * len(seqs))
         hidden = run_stage(self.model, self.pp_comm, ids, positions, batch)
         if hidden is None:  # not the last stage: handed on to the next one

@@ -42,7 +42,7 @@ def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...])
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m-instruct"  # the default model's name, or a local HF directory
-    dtype: str = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs (WorkerGroup.dtype_name)
+    dtype: str = "auto"  # auto: float32 on CPUs; on GPUs the checkpoint's 16-bit dtype (bf16 for fp32)
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
 
     def __post_init__(self) -> None:

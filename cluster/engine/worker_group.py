@@ -115,9 +115,9 @@ class WorkerGroup:
         return device
 
     def dtype_name(self) -> str:
-        dtype = self.config.model.dtype
-        return "float32" if dtype == "auto" and self.device == "cpu" else (
-            "bfloat16" if dtype == "auto" else dtype)
+        """The weights' dtype on the workers (``model.dtype``, resolved for "auto")."""
+        hf_config = json.loads((Path(self.checkpoint) / "config.json").read_text())
+        return resolve_dtype(self.config.model.dtype, self.device, hf_config)
 
     def _bundle(self) -> dict[str, float]:
         if self.device == "cuda":
@@ -286,3 +286,14 @@ def _sum_resources(bundles: list[dict]) -> dict[str, float]:
 
 def _fmt(resources: dict) -> dict:
     return {k: round(v, 2) for k, v in resources.items() if k in ("CPU", "GPU")}
+
+
+def resolve_dtype(configured: str, device: str, hf_config: dict) -> str:
+    """``model.dtype`` for a device: "auto" is float32 on CPUs (the kernels' precision) and
+    the checkpoint's own 16-bit dtype on GPUs (bfloat16 for a float32 checkpoint)."""
+    if configured != "auto":
+        return configured
+    if device == "cpu":
+        return "float32"
+    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return stored if stored in ("bfloat16", "float16") else "bfloat16"

@@ -302,6 +302,9 @@ def test_resolve_backend_rules():
         resolve_backend("shm", "cpu", False)
     with pytest.raises(ValueError, match="nccl"):
         resolve_backend("nccl", "cpu", True)
+    for cpu_only in ("shm", "gloo"):  # their collectives carry CPU tensors
+        with pytest.raises(ValueError, match=f"backend '{cpu_only}' carries CPU tensors"):
+            resolve_backend(cpu_only, "cuda", True)
 
 
 def test_bad_backend_name_in_create():
@@ -326,7 +329,7 @@ def test_world_size_one_is_trivial():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                    reason="nccl needs at least two CUDA devices")
+                    reason="nccl needs at least two CUDA devices (visible with SHARDLM_TEST_GPU=1)")
 def test_nccl_all_reduce_two_gpus():
     rdv, ctx = _rdv(), mp.get_context("spawn")
     results = ctx.Queue()

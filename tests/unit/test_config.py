@@ -68,3 +68,19 @@ def test_default_yaml_equals_builtin_defaults():
 
     path = Path(__file__).parents[2] / "configs" / "smollm2-135m.yaml"
     assert EngineConfig.from_yaml(path) == EngineConfig()
+
+
+@pytest.mark.parametrize("configured,device,stored,expected", [
+    ("auto", "cpu", "bfloat16", "float32"),  # CPUs: the kernels' precision
+    ("auto", "cuda", "bfloat16", "bfloat16"),  # GPUs: the checkpoint's own 16-bit dtype
+    ("auto", "cuda", "float16", "float16"),
+    ("auto", "cuda", "float32", "bfloat16"),  # a float32 checkpoint runs in bf16 on GPUs
+    ("auto", "cuda", None, "bfloat16"),
+    ("float32", "cuda", "bfloat16", "float32"),  # an explicit dtype wins
+    ("bfloat16", "cpu", "float32", "bfloat16"),
+])
+def test_auto_dtype_follows_device_and_checkpoint(configured, device, stored, expected):
+    from cluster.engine.worker_group import resolve_dtype
+
+    hf_config = {} if stored is None else {"torch_dtype": stored}
+    assert resolve_dtype(configured, device, hf_config) == expected

@@ -41,6 +41,9 @@ def resolve_backend(backend: str, device_type: str, same_node: bool) -> str:
         return "shm" if same_node else "gloo"
     if backend == "shm" and not same_node:
         raise ValueError("backend 'shm' needs every rank on the same node (same_node=False)")
+    if backend in ("shm", "gloo") and device_type != "cpu":
+        raise ValueError(f"backend {backend!r} carries CPU tensors; device_type {device_type!r} "
+                         "needs 'nccl' (or 'auto')")
     if backend == "nccl" and device_type != "cuda":
         raise ValueError(f"backend 'nccl' needs device_type 'cuda', got {device_type!r}")
     return backend
