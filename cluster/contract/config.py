@@ -132,12 +132,16 @@ class DeploymentConfig:
     name: str = "shardlm"  # worker actors are <name>-worker-<pp_rank>-<tp_rank>
     namespace: str = "shardlm"
     ray_address: str | None = None  # None: join a running cluster or start a local one
+    # requests the engine service holds at once (streaming, or waiting for admission); past
+    # it a request is refused at once (HTTP 503 with Retry-After) instead of queueing
+    max_open_requests: int = 1000
 
     def __post_init__(self) -> None:
         for key in ("name", "namespace"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value or any(c.isspace() for c in value):
                 _fail("deployment", key, value, "must be a non-empty name without spaces")
+        _check_int("deployment", "max_open_requests", self.max_open_requests, 1)
 
 
 @dataclass

@@ -26,6 +26,12 @@ from cluster.serving.metrics import EngineMetrics
 from cluster.serving.output_events import delta_event, final_event
 
 log = logging.getLogger("shardlm.service")
+# Control calls (health, abort, stats, metrics, ...) run in a concurrency group of their own,
+# so that streams never starve them; generate() gets max_open_requests slots plus a few in
+# which to refuse the requests past the bound at once.
+CONTROL_CALLS = 16
+REFUSAL_SLOTS = 32
+control = ray.method(concurrency_group="control")
 
 
 class EngineService:
@@ -39,6 +45,7 @@ class EngineService:
         self.metrics = EngineMetrics(self.config.model.model)
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._open = 0  # generate() calls in progress (see deployment.max_open_requests)
         self._started = time.time()
         self._thread = threading.Thread(target=self._main, name="shardlm-engine", daemon=True)
         self._thread.start()
@@ -117,34 +124,47 @@ class EngineService:
     # ---- the actor's API -------------------------------------------------------------------
     async def generate(self, request: bytes):
         """Stream one request's events (encoded, see :mod:`cluster.contract.events`)."""
+        self._open += 1
         try:
             self._refuse_if_unavailable()
             body = events.decode_request(request)
         except Exception as exc:
+            self._open -= 1
             yield events.encode(events.error_event(exc))
             return
         loop, queue_ = asyncio.get_running_loop(), asyncio.Queue()
         admitted = loop.create_future()
         self._commands.put(lambda: self._admit(body, loop, queue_, admitted))
-        request_id = await admitted
-        if isinstance(request_id, dict):  # an error event
-            yield events.encode(request_id)
-            return
         finished = False
         try:
+            request_id = await asyncio.shield(admitted)  # a cancelled caller must not cancel it
+            if isinstance(request_id, dict):  # an error event
+                finished = True
+                yield events.encode(request_id)
+                return
             while not finished:
                 event = await queue_.get()
                 finished = event["type"] != "delta"
                 yield events.encode(event)
         finally:
-            if not finished:  # the caller went away: free its blocks
-                self._commands.put(lambda: self.engine.abort(request_id))
+            self._open -= 1
+            if not finished:  # the caller went away (perhaps before admission): free its blocks
+                admitted.add_done_callback(self._abort_admitted)
+
+    def _abort_admitted(self, admitted: asyncio.Future) -> None:
+        request_id = admitted.result()
+        if isinstance(request_id, str):
+            self._commands.put(lambda: self.engine.abort(request_id))
 
     def _refuse_if_unavailable(self) -> None:
         """EngineUnavailable when the engine cannot take a request now."""
         status, reason = self._status()
         if status == "failed":
             raise EngineUnavailable(f"the engine is not serving: {reason}")
+        bound = self.config.deployment.max_open_requests
+        if self._open > bound:
+            raise EngineUnavailable(f"the engine service holds {self._open - 1} open requests "
+                                    f"(deployment.max_open_requests={bound}); retry later")
         if status != "ready" and self._commands.qsize() >= self.config.fault.max_queued_requests:
             raise EngineUnavailable(
                 f"the engine is {status} ({reason}) and {self._commands.qsize()} requests are "
@@ -170,30 +190,36 @@ class EngineService:
             result = events.error_event(exc)
         loop.call_soon_threadsafe(admitted.set_result, result)
 
+    @control
     async def abort(self, request_id: str) -> None:
         self._commands.put(lambda: self.engine.abort(request_id))
 
+    @control
     def health(self) -> dict:
         status, reason = self._status()
         return {"status": status, "reason": reason}
 
+    @control
     def metrics_text(self) -> str:
         return self.metrics.text()
 
+    @control
     def model_info(self) -> dict:
         return {"id": self.config.model.model, "created": int(self._started),
                 "max_model_len": self.engine.max_model_len if self.engine else None}
 
+    @control
     def recovery(self) -> dict:
         """Timings of the last recovery (detect/placement/spawn/load/total seconds)."""
         return dict(self.engine.supervisor.last_recovery) if self.engine else {}
 
+    @control
     def stats(self) -> dict:
         engine = self.engine
         if engine is None:
-            return {"status": self.status}
+            return {"status": self.status, "open_requests": self._open}
         sched, bm = engine.scheduler, engine.block_manager
-        return {"status": self.status, "num_running": len(sched.running),
+        return {"status": self.status, "open_requests": self._open, "num_running": len(sched.running),
                 "num_waiting": len(sched.waiting), "num_free_blocks": bm.num_free_blocks,
                 "num_blocks": engine.num_blocks, "num_preemptions": sched.num_preemptions,
                 "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,
@@ -201,6 +227,7 @@ class EngineService:
                 "device": engine.group.device, "backend": engine.group.backend,
                 "dtype": engine.group.dtype_name(), **engine.stats}
 
+    @control
     async def reset_for_benchmark(self) -> None:
         """Forget cached prompt prefixes and start a new ``stats()["kv_usage_peak"]``, on the
         engine thread between steps (``shardlm bench`` sends the same prompts again)."""
@@ -215,6 +242,7 @@ class EngineService:
         self._commands.put(reset)
         await done.wait()
 
+    @control
     async def worker_rss(self) -> dict:
         """Each worker's resident memory now (bytes), by actor name."""
         group = self.engine.group if self.engine else None
@@ -223,6 +251,7 @@ class EngineService:
         pongs = await asyncio.gather(*[w.ping.remote() for w in group.workers])
         return {info.name: pong["rss"] for info, pong in zip(group.ranks, pongs)}
 
+    @control
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -231,9 +260,9 @@ class EngineService:
 def get_or_start_service(config: EngineConfig):
     """The engine actor named by the config's deployment, created (detached) if absent."""
     dep = config.deployment
-    actor = ray.remote(EngineService).options(
+    actor = ray.remote(concurrency_groups={"control": CONTROL_CALLS})(EngineService).options(
         name=dep.name, namespace=dep.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_concurrency=1000)
+        num_cpus=0, max_concurrency=dep.max_open_requests + REFUSAL_SLOTS)
     return actor.remote(config.to_dict())
 
 

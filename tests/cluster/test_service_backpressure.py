@@ -1,0 +1,70 @@
+"""Backpressure on the engine service: control calls (health, stats) answer while every
+stream slot is taken and the engine thread is stuck in a step, and a request past
+``deployment.max_open_requests`` is refused at once with EngineUnavailable (HTTP 503 with
+Retry-After) instead of queueing; the held requests then finish whole."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+
+from cluster.contract.config import EngineConfig
+from cluster.contract.errors import EngineUnavailable
+from cluster.serving.client import Handle
+from cluster.serving.service import get_or_start_service, stop_service
+from cluster.tools import chaos
+from tests.checkpoints import write_tiny_checkpoint
+
+NAME = "backpressure"
+BOUND = 3
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    tiny = write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("backpressure"), seed=2)
+    config = EngineConfig().with_overrides(
+        model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5, block_size=4,
+        kv_cache_bytes=1 << 22, name=NAME, namespace=NAME, max_open_requests=BOUND)
+    actor = get_or_start_service(config)
+    deadline = time.monotonic() + 120
+    while ray.get(actor.health.remote())["status"] != "ready":
+        assert time.monotonic() < deadline, ray.get(actor.health.remote())
+        time.sleep(0.5)
+    yield Handle(actor)
+    stop_service(NAME, NAME)
+
+
+def _prompt(i: int) -> list[int]:
+    return [(5 * i + j) % 150 + 1 for j in range(6 + i)]
+
+
+def test_control_calls_answer_and_the_request_past_the_bound_is_refused(service):
+    expected = [service.generate(prompt_token_ids=_prompt(i), max_tokens=TOKENS, temperature=0,
+                                 ignore_eos=True).token_ids for i in range(BOUND)]
+    chaos.hang_worker(f"{NAME}-worker-0-0", namespace=NAME, seconds=6)  # the next step stalls
+    results: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        results[i] = service.generate(prompt_token_ids=_prompt(i), max_tokens=TOKENS,
+                                      temperature=0, ignore_eos=True).token_ids
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(BOUND)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while service.stats()["open_requests"] < BOUND:  # stats answers while streams are held
+        assert time.monotonic() < deadline, service.stats()
+        time.sleep(0.1)
+    assert service.health()["status"] == "ready"
+    with pytest.raises(EngineUnavailable, match="max_open_requests=3"):
+        service.generate(prompt_token_ids=_prompt(9), max_tokens=TOKENS)
+    assert not results  # the refusal came while every held request was still open
+    for t in threads:
+        t.join(120)
+    assert [results[i] for i in range(BOUND)] == expected  # the held requests finished whole
+    assert service.stats()["open_requests"] == 0
+    assert len(service.generate(prompt_token_ids=_prompt(0), max_tokens=2).token_ids) == 2
