@@ -100,7 +100,7 @@ def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend):
         steps = [[_chunk(0, seqs[0][:cut], 0, tables[0], False, TOP)]
                  + [_chunk(s, seqs[s], 0, tables[s], True, logprobs[s]) for s in (1, 2)],
                  [_chunk(0, seqs[0][cut:], cut, tables[0], True, TOP)]]
-        results = []
+        results, sampled_last = [], {}
         for step_id in range(1, 8):
             chunks = steps[step_id - 1] if step_id <= len(steps) else []
             if step_id > 1:  # every sequence that sampled last step decodes its token now
