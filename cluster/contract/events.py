@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import msgpack
 
-from cluster.contract.errors import (UNKNOWN_PARAMETER, EngineUnavailable, RequestError, RequestTypeError,
-                                     ServiceError)
+from cluster.contract.errors import (INVALID_VALUE, UNKNOWN_PARAMETER, EngineUnavailable,
+                                     RequestError, RequestTypeError, ServiceError)
 
 EVENT_VERSION = 1
 
@@ -78,7 +78,25 @@ def encode_request(**fields) -> bytes:
     if unknown:
         raise RequestError(f"unknown request field(s): {', '.join(unknown)}", unknown[0],
                            UNKNOWN_PARAMETER)
-    return msgpack.packb({"v": EVENT_VERSION, **{k: fields.get(k) for k in REQUEST_FIELDS}})
+    body = {"v": EVENT_VERSION, **{k: fields.get(k) for k in REQUEST_FIELDS}}
+    try:
+        return msgpack.packb(body)
+    except UnicodeEncodeError as exc:  # e.g. a lone surrogate ("\ud800") in JSON text
+        raise RequestError(f"{_unencodable(body)} holds text that is not valid Unicode "
+                           f"({exc.reason}: {exc.object[exc.start:exc.end]!r})",
+                           _unencodable(body), INVALID_VALUE) from None
+
+
+def _unencodable(body: dict) -> str:
+    """The request field (or sampling parameter) whose text cannot be encoded as UTF-8."""
+    for name, value in body.items():
+        parts = value.items() if name == "params" and isinstance(value, dict) else [(name, value)]
+        for part, item in parts:
+            try:
+                msgpack.packb(item)
+            except UnicodeEncodeError:
+                return part
+    return "request"
 
 
 def decode_request(data: bytes) -> dict:

@@ -38,7 +38,7 @@ class SamplingParams:
     """
 
     n: int = 1
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: as many as the context leaves after the prompt
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -51,7 +51,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self._check_int("n", minimum=1)
-        self._check_int("max_tokens", minimum=1)
+        if self.max_tokens is not None:
+            self._check_int("max_tokens", minimum=1)
         self._check_int("top_k", minimum=-1)
         for name in ("temperature", "top_p", "min_p"):
             v = getattr(self, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, DUPLICATE_REQUEST_ID, RequestError,
                                      RequestTypeError)
@@ -55,6 +55,7 @@ class Admission:
         """A checked request with its sequences (not yet queued)."""
         params = sampling_params(params)
         ids = self.prompt_ids(prompt, prompt_token_ids, messages)
+        params = self._bounded(params, ids)
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [Sequence(next(seq_ids), list(ids), params,
                          seed=(base_seed + i * _SEED_STRIDE) & _U64, priority=priority)
@@ -84,6 +85,20 @@ class Admission:
                                f"{self.max_model_len} (max_model_len), including at least one "
                                "generated token", param, CONTEXT_LENGTH_EXCEEDED)
         return list(ids)
+
+    def _bounded(self, params: SamplingParams, ids: list[int]) -> SamplingParams:
+        """``params`` with ``max_tokens`` the context's room when it is None; a RequestError
+        naming both numbers when the prompt and ``max_tokens`` do not fit the context."""
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is None:
+            return replace(params, max_tokens=room)
+        if params.max_tokens > room:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"{len(ids) + params.max_tokens} tokens, over the context of {self.max_model_len} "
+                "(max_model_len); lower max_tokens or shorten the prompt", "max_tokens",
+                CONTEXT_LENGTH_EXCEEDED)
+        return params
 
     def chat_token_ids(self, messages) -> list[int]:
         """A conversation rendered with the tokenizer's chat template, as token ids."""

@@ -86,6 +86,7 @@ class EngineService:
     def _step(self) -> None:
         deltas = self.engine.step()
         now = time.monotonic()
+        finished = {}
         for delta in deltas:
             request = self.engine.requests.get(delta.request_id)
             if request is None:
@@ -93,8 +94,10 @@ class EngineService:
             self._observe_token(request, now)
             top_n = request.params.logprobs
             self._send(delta.request_id, delta_event(delta, self.engine.tokenizer, top_n))
-            if request.finished:
-                self._finish(request, now)
+            if request.finished:  # closed once every delta of this step is sent (n > 1)
+                finished[request.request_id] = request
+        for request in finished.values():
+            self._finish(request, now)
 
     def _observe_token(self, request, now: float) -> None:
         self.metrics.generation_tokens.inc()
@@ -154,7 +157,12 @@ class EngineService:
     def _abort_admitted(self, admitted: asyncio.Future) -> None:
         request_id = admitted.result()
         if isinstance(request_id, str):
-            self._commands.put(lambda: self.engine.abort(request_id))
+            self._commands.put(lambda: self._forget(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        """On the engine thread: abort a request whose caller went away, and drop its stream."""
+        self.engine.abort(request_id)
+        self._streams.pop(request_id, None)
 
     def _refuse_if_unavailable(self) -> None:
         """EngineUnavailable when the engine cannot take a request now."""
@@ -192,7 +200,7 @@ class EngineService:
 
     @control
     async def abort(self, request_id: str) -> None:
-        self._commands.put(lambda: self.engine.abort(request_id))
+        self._commands.put(lambda: self._forget(request_id))
 
     @control
     def health(self) -> dict:
@@ -219,7 +227,8 @@ class EngineService:
         if engine is None:
             return {"status": self.status, "open_requests": self._open}
         sched, bm = engine.scheduler, engine.block_manager
-        return {"status": self.status, "open_requests": self._open, "num_running": len(sched.running),
+        return {"status": self.status, "open_requests": self._open, "streams": len(self._streams),
+                "num_running": len(sched.running),
                 "num_waiting": len(sched.waiting), "num_free_blocks": bm.num_free_blocks,
                 "num_blocks": engine.num_blocks, "num_preemptions": sched.num_preemptions,
                 "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,

@@ -153,6 +153,8 @@ def test_seeded_sampling_is_independent_of_batch_and_tp(llm, tiny):
     ({"prompt_token_ids": [5], "params": [1]}, "sampling_params", "invalid_type", "SamplingParams"),
     ({"prompt_token_ids": [5], "request_id": "taken"}, "request_id", "duplicate_request_id",
      "already in use"),
+    ({"prompt_token_ids": [5] * 200, "params": {"max_tokens": 100}}, "max_tokens",
+     "context_length_exceeded", "200 tokens and max_tokens is 100: 300 tokens, over the context"),
 ])
 def test_bad_requests_fail_at_admission_and_disturb_nothing(llm, reference, request_args, param,
                                                              kind, message):
@@ -173,6 +175,17 @@ def test_bad_requests_fail_at_admission_and_disturb_nothing(llm, reference, requ
         engine.step()
     assert engine.pop_finished(running).outputs[0].token_ids == reference[tuple(PROMPTS[0])]
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_max_tokens_none_fills_the_context(llm):
+    """max_tokens None (what a chat request without one sends): as many tokens as the
+    context leaves after the prompt, then "length"."""
+    engine = llm.engine
+    prompt = PROMPTS[6]  # 40 tokens
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        max_tokens=None, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == engine.max_model_len - len(prompt)
+    assert out.finish_reason == "length"
 
 
 def test_offline_llm_names_the_prompt_at_fault(llm):

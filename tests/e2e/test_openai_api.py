@@ -315,6 +315,35 @@ def test_bad_inputs_get_openai_errors(server):
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_text_that_is_not_unicode_is_a_400(server):
+    """A lone surrogate ("\\ud800" in the JSON) is valid JSON but not Unicode text: 400 naming
+    the field, and the server goes on serving (it was a 500)."""
+    JSON = {"Content-Type": "application/json"}
+    chat = ('{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "a\\ud800"}]}'
+            % DEFAULT_MODEL)
+    assert "Unicode" in _error(server.post("/v1/chat/completions", chat, headers=JSON), 400, "messages")["message"]
+    prompt = '{"model": "%s", "max_tokens": 2, "prompt": "a\\udfff b"}' % DEFAULT_MODEL
+    _error(server.post("/v1/completions", prompt, headers=JSON), 400, "prompt")
+    stop = '{"model": "%s", "max_tokens": 2, "prompt": "a", "stop": ["\\ud800"]}' % DEFAULT_MODEL
+    _error(server.post("/v1/completions", stop, headers=JSON), 400, "stop")
+    streamed = chat.replace('"max_tokens": 2', '"max_tokens": 2, "stream": true')
+    _error(server.post("/v1/chat/completions", streamed, headers=JSON), 400, "messages")
+    ok = server.post("/v1/completions", _body())
+    assert ok.status_code == 200, ok.text
+
+
+def test_max_tokens_past_the_context_is_a_400(server):
+    """As OpenAI and vLLM answer: 400 naming both numbers, not a reply cut at the context."""
+    max_len = server.client.models.list().data[0].model_extra["max_model_len"]
+    error = _error(server.post("/v1/completions", _body(max_tokens=10 ** 9)), 400, "max_tokens")
+    assert error["code"] == "context_length_exceeded"
+    assert "max_tokens is 1000000000" in error["message"] and str(max_len) in error["message"]
+    chat = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}],
+            "max_completion_tokens": max_len}
+    assert _error(server.post("/v1/chat/completions", chat), 400, "max_tokens")["code"] == (
+        "context_length_exceeded")
+
+
 def test_openapi_describes_every_route(server):
     spec = requests.get(server.base + "/openapi.json", timeout=30).json()
     paths = spec["paths"]

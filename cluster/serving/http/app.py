@@ -136,11 +136,8 @@ class OpenAIServer:
     async def chat(self, body: ChatCompletionRequest):
         self.check_model(body.model)
         await self.require_ready()
-        context = (await self.model_info()).get("max_model_len")
-        if not context:
-            raise ApiError(503, "the engine is not ready", code="engine_starting")
         info = ResponseInfo(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
-        params = body.sampling_params(body.max_new_tokens(context), body.engine_logprobs)
+        params = body.sampling_params(body.max_new_tokens(), body.engine_logprobs)
         request = dict(request_id=info.id, params=params,
                        messages=[m.as_template_message() for m in body.messages])
         if body.stream:
@@ -148,9 +145,22 @@ class OpenAIServer:
         (final,) = await self.collect([request], "messages")
         return JSONResponse(chat_response(info, final).model_dump(mode="json"))
 
+    def open_streams(self, requests: list[dict], field: str) -> list[RequestStream]:
+        """One stream per request; if one cannot be sent (its text is not valid Unicode),
+        none is left running and the caller gets the error."""
+        calls: list[RequestStream] = []
+        try:
+            for request in requests:
+                calls.append(RequestStream(self.service, **request))
+        except Exception as exc:
+            for call in calls:
+                call.cancel()
+            raise api_error(exc, field) from exc
+        return calls
+
     async def collect(self, requests: list[dict], field: str) -> list[dict]:
         """Each request's ``final`` event; ``field``: the API's name of the prompt input."""
-        calls = [RequestStream(self.service, **r) for r in requests]
+        calls = self.open_streams(requests, field)
         tasks = [asyncio.ensure_future(_final(c, field)) for c in calls]
         try:
             return list(await asyncio.gather(*tasks))
@@ -162,7 +172,7 @@ class OpenAIServer:
     async def stream(self, requests: list[dict], fmt: CompletionStream, field: str):
         """Wait for every request's admission (so that a bad one is an HTTP error, not a
         broken stream), then stream all of them as server-sent events."""
-        calls = [RequestStream(self.service, **r) for r in requests]
+        calls = self.open_streams(requests, field)
         events: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(_pump(i, c, events, field)) for i, c in enumerate(calls)]
 

@@ -99,7 +99,7 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> dict:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> dict:
         """The engine's SamplingParams fields (see cluster.contract.sampling)."""
         params = {"n": self.n, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos,
                   "logprobs": logprobs, "seed": self.seed, "stop": self.stop,
@@ -199,8 +199,9 @@ class ChatCompletionRequest(_Sampling):
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def max_new_tokens(self, max_model_len: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or max_model_len
+    def max_new_tokens(self) -> int | None:
+        """None: as many as the context leaves after the prompt (the engine works it out)."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 # ---- responses -----------------------------------------------------------------------------

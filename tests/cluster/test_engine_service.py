@@ -1,7 +1,10 @@
-"""Backpressure on the engine service: control calls (health, stats) answer while every
-stream slot is taken and the engine thread is stuck in a step, and a request past
-``deployment.max_open_requests`` is refused at once with EngineUnavailable (HTTP 503 with
-Retry-After) instead of queueing; the held requests then finish whole."""
+"""The engine service through client handles, on a tiny checkpoint.
+
+Backpressure: control calls (health, stats) answer while every stream slot is taken and the
+engine thread is stuck in a step, and a request past ``deployment.max_open_requests`` is
+refused at once with EngineUnavailable (HTTP 503 with Retry-After) instead of queueing; the
+held requests then finish whole. Streams: every choice of an n > 1 request streams to its
+end, and a caller that leaves leaves nothing behind in the service."""
 
 from __future__ import annotations
 
@@ -68,3 +71,39 @@ def test_control_calls_answer_and_the_request_past_the_bound_is_refused(service)
     assert [results[i] for i in range(BOUND)] == expected  # the held requests finished whole
     assert service.stats()["open_requests"] == 0
     assert len(service.generate(prompt_token_ids=_prompt(0), max_tokens=2).token_ids) == 2
+
+
+def test_every_choice_streams_to_its_end_when_they_finish_together(service):
+    """n=2, greedy: both choices end in the same step; each one's deltas carry all its tokens
+    and its finish reason."""
+    with service.request(prompt_token_ids=_prompt(1), n=2, max_tokens=TOKENS, temperature=0,
+                         ignore_eos=True) as stream:
+        events = list(stream)
+    final = events[-1]
+    assert final["type"] == "final" and len(final["outputs"]) == 2
+    for index in (0, 1):
+        deltas = [e for e in events[:-1] if e["index"] == index]
+        assert [t for e in deltas for t in e["token_ids"]] == final["outputs"][index]["token_ids"]
+        assert len(final["outputs"][index]["token_ids"]) == TOKENS
+        assert deltas[-1]["finish_reason"] == "length"
+
+
+def test_a_caller_that_leaves_leaves_nothing_behind(service):
+    """Cancelled mid-request (its step held by a hung worker, so it cannot finish first): the
+    request is aborted, its KV blocks freed, and its stream forgotten by the service."""
+    before = service.stats()
+    chaos.hang_worker(f"{NAME}-worker-0-0", namespace=NAME, seconds=3)
+    stream = service.request(prompt_token_ids=_prompt(2), max_tokens=200, temperature=0,
+                             ignore_eos=True)
+    deadline = time.monotonic() + 60
+    while service.stats()["streams"] < 1:  # admitted: its first step is on the hung worker
+        assert time.monotonic() < deadline, service.stats()
+        time.sleep(0.1)
+    stream.cancel()
+    while True:
+        stats = service.stats()
+        if stats["streams"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+    assert stats["num_free_blocks"] == before["num_free_blocks"] == stats["num_blocks"]
