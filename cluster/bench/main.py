@@ -66,7 +66,7 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for):
         llm.shutdown()
         raise
     return llm, {"engine": "shardlm", "tp": tp, "device": engine.group.device,
-                 "backend": engine.group.backend, "dtype": engine.group.dtype_name(),
+                 "backend": engine.group.backend, "dtype": engine.group.dtype,
                  "threads": par.world_size * par.threads_per_worker,
                  "num_kv_blocks": engine.num_blocks, "model": engine.config.model.model,
                  "model_dir": str(engine.model_dir),

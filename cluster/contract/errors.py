@@ -15,8 +15,6 @@ INVALID_TYPE = "invalid_type"  # a value of the wrong type
 UNKNOWN_PARAMETER = "unknown_parameter"  # a name the API does not know
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # the prompt leaves no room to generate
 DUPLICATE_REQUEST_ID = "duplicate_request_id"
-REQUEST_KINDS = (INVALID_VALUE, INVALID_TYPE, UNKNOWN_PARAMETER, CONTEXT_LENGTH_EXCEEDED,
-                 DUPLICATE_REQUEST_ID)
 
 
 class RequestError(ValueError):

@@ -82,9 +82,10 @@ def encode_request(**fields) -> bytes:
     try:
         return msgpack.packb(body)
     except UnicodeEncodeError as exc:  # e.g. a lone surrogate ("\ud800") in JSON text
-        raise RequestError(f"{_unencodable(body)} holds text that is not valid Unicode "
+        field = _unencodable(body)
+        raise RequestError(f"{field} holds text that is not valid Unicode "
                            f"({exc.reason}: {exc.object[exc.start:exc.end]!r})",
-                           _unencodable(body), INVALID_VALUE) from None
+                           field, INVALID_VALUE) from None
 
 
 def _unencodable(body: dict) -> str:

@@ -57,25 +57,28 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p"):
             v = getattr(self, name)
             if not _is_number(v):
-                raise RequestTypeError(f"{name} must be a number, got {type(v).__name__} {v!r}", name)
+                raise RequestTypeError(f"{name} must be a number, got {type(v).__name__} {v!r}",
+                                       name)
             setattr(self, name, float(v))
         if not self.temperature >= 0.0:  # also rejects NaN
-            raise RequestError(f"temperature must be non-negative, got {self.temperature}", "temperature")
+            raise RequestError(f"temperature must be non-negative, got {self.temperature}",
+                               "temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not 0.0 <= self.min_p <= 1.0:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if self.seed is not None:
             if not _is_int(self.seed):
-                raise RequestTypeError(f"seed must be an integer or None, got {type(self.seed).__name__} "
-                                f"{self.seed!r}", "seed")
+                raise RequestTypeError(f"seed must be an integer or None, got "
+                                       f"{type(self.seed).__name__} {self.seed!r}", "seed")
             if not -(1 << 63) <= self.seed <= _U64:
                 raise RequestError(f"seed must fit in 64 bits, got {self.seed}", "seed")
         if self.logprobs is not None:
             self._check_int("logprobs", minimum=0)
         if not isinstance(self.ignore_eos, bool):
-            raise RequestTypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__} "
-                            f"{self.ignore_eos!r}", "ignore_eos")
+            raise RequestTypeError(f"ignore_eos must be a bool, got "
+                                   f"{type(self.ignore_eos).__name__} {self.ignore_eos!r}",
+                                   "ignore_eos")
         self.stop = self._normalise_stop(self.stop)
         self.stop_token_ids = self._normalise_stop_ids(self.stop_token_ids)
 
@@ -93,7 +96,8 @@ class SamplingParams:
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise RequestTypeError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
+            raise RequestTypeError(f"stop must be a string or a list of strings, got {stop!r}",
+                                   "stop")
         if any(s == "" for s in stop):
             raise RequestError(f"stop must not contain empty strings, got {list(stop)!r}", "stop")
         return list(stop)
@@ -103,21 +107,24 @@ class SamplingParams:
         if ids is None:
             return []
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
-            raise RequestTypeError(f"stop_token_ids must be a list of integers, got {ids!r}", "stop_token_ids")
+            raise RequestTypeError(f"stop_token_ids must be a list of integers, got {ids!r}",
+                                   "stop_token_ids")
         if any(t < 0 for t in ids):
-            raise RequestError(f"stop_token_ids must be non-negative, got {list(ids)!r}", "stop_token_ids")
+            raise RequestError(f"stop_token_ids must be non-negative, got {list(ids)!r}",
+                               "stop_token_ids")
         return list(ids)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
         """Build from a JSON-like dict, rejecting names this class does not know."""
         if not isinstance(d, dict):
-            raise RequestTypeError(f"sampling parameters must be a mapping, got {type(d).__name__}", "params")
+            raise RequestTypeError(f"sampling parameters must be a mapping, got "
+                                   f"{type(d).__name__}", "params")
         known = [f.name for f in fields(cls)]
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
             raise RequestError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
-                             f"accepted: {', '.join(known)}", unknown[0], UNKNOWN_PARAMETER)
+                               f"accepted: {', '.join(known)}", unknown[0], UNKNOWN_PARAMETER)
         return cls(**d)
 
     def to_sampler(self, seed: int) -> SamplerParams:

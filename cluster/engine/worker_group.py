@@ -71,11 +71,13 @@ class WorkerGroup:
     def __init__(self, config: EngineConfig, checkpoint: str | Path):
         self.config = config
         self.checkpoint = str(checkpoint)
+        self.hf_config = json.loads((Path(self.checkpoint) / "config.json").read_text())
         self.pg = None
         self.workers: list = []  # actor handles, index = global rank
         self.ranks: list[RankInfo] = []
         self.backend = ""
         self.device = ""
+        self.dtype = ""  # the weights' dtype on the workers (model.dtype, "auto" resolved)
         self.load_stats: list[dict] = []
         self.timings: dict[str, float] = {}
 
@@ -84,6 +86,7 @@ class WorkerGroup:
         """Place, spawn, rendezvous and load. ``deadline`` (monotonic) caps the placement wait."""
         par = self.config.parallel
         self.device = self._pick_device()
+        self.dtype = resolve_dtype(self.config.model.dtype, self.device, self.hf_config)
         bundles = [self._bundle()] * par.world_size
         began = time.monotonic()
         self.pg = placement_group(bundles, strategy=par.placement_strategy)
@@ -95,7 +98,7 @@ class WorkerGroup:
         self._spawn_actors()
         self._rendezvous()
         joined = time.monotonic()
-        self.load_stats = self.call_all("load", self.checkpoint, self.dtype_name())
+        self.load_stats = self.call_all("load", self.checkpoint, self.dtype)
         self.timings = {"placement_s": placed - began, "spawn_s": joined - placed,
                         "load_s": time.monotonic() - joined}
         log.info("worker group %s ready: %s", self.config.deployment.name, self.summary())
@@ -113,11 +116,6 @@ class WorkerGroup:
         if device == "auto":
             return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
         return device
-
-    def dtype_name(self) -> str:
-        """The weights' dtype on the workers (``model.dtype``, resolved for "auto")."""
-        hf_config = json.loads((Path(self.checkpoint) / "config.json").read_text())
-        return resolve_dtype(self.config.model.dtype, self.device, hf_config)
 
     def _bundle(self) -> dict[str, float]:
         if self.device == "cuda":
@@ -163,8 +161,7 @@ class WorkerGroup:
             info.ip, info.node_id, info.pid = addr["ip"], addr["node_id"], addr["pid"]
 
     def _num_layers(self) -> int:
-        config = json.loads((Path(self.checkpoint) / "config.json").read_text())
-        return config["num_hidden_layers"]
+        return self.hf_config["num_hidden_layers"]
 
     def _bundle_order(self) -> list[int]:
         """Bundle index for each global rank: bundles grouped by node, so the TP ranks of a

@@ -128,18 +128,18 @@ class EngineService:
     async def generate(self, request: bytes):
         """Stream one request's events (encoded, see :mod:`cluster.contract.events`)."""
         self._open += 1
+        admitted, finished = None, False
         try:
-            self._refuse_if_unavailable()
-            body = events.decode_request(request)
-        except Exception as exc:
-            self._open -= 1
-            yield events.encode(events.error_event(exc))
-            return
-        loop, queue_ = asyncio.get_running_loop(), asyncio.Queue()
-        admitted = loop.create_future()
-        self._commands.put(lambda: self._admit(body, loop, queue_, admitted))
-        finished = False
-        try:
+            try:
+                self._refuse_if_unavailable()
+                body = events.decode_request(request)
+            except Exception as exc:
+                finished = True
+                yield events.encode(events.error_event(exc))
+                return
+            loop, queue_ = asyncio.get_running_loop(), asyncio.Queue()
+            admitted = loop.create_future()
+            self._commands.put(lambda: self._admit(body, loop, queue_, admitted))
             request_id = await asyncio.shield(admitted)  # a cancelled caller must not cancel it
             if isinstance(request_id, dict):  # an error event
                 finished = True
@@ -151,8 +151,8 @@ class EngineService:
                 yield events.encode(event)
         finally:
             self._open -= 1
-            if not finished:  # the caller went away (perhaps before admission): free its blocks
-                admitted.add_done_callback(self._abort_admitted)
+            if not finished and admitted is not None:  # the caller went away, perhaps before
+                admitted.add_done_callback(self._abort_admitted)  # admission: free its blocks
 
     def _abort_admitted(self, admitted: asyncio.Future) -> None:
         request_id = admitted.result()
@@ -234,7 +234,7 @@ class EngineService:
                 "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,
                 "kv_usage_peak": engine.kv_usage_peak,
                 "device": engine.group.device, "backend": engine.group.backend,
-                "dtype": engine.group.dtype_name(), **engine.stats}
+                "dtype": engine.group.dtype, **engine.stats}
 
     @control
     async def reset_for_benchmark(self) -> None:

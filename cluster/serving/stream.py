@@ -67,11 +67,17 @@ class RequestStream:
         return self._accept(data)
 
     def final(self) -> dict:
-        """Read to the end; the ``final`` event."""
-        return _last(list(self))
+        """Read to the end (keeping no deltas); the ``final`` event."""
+        event = None
+        for event in self:
+            pass
+        return _final(event)
 
     async def afinal(self) -> dict:
-        return _last([event async for event in self])
+        event = None
+        async for event in self:
+            pass
+        return _final(event)
 
     def _accept(self, data: bytes) -> dict:
         event = events.decode(data)
@@ -109,7 +115,7 @@ class RequestStream:
         self.cancel()
 
 
-def _last(seen: list[dict]) -> dict:
-    if not seen or seen[-1]["type"] != "final":
+def _final(last: dict | None) -> dict:
+    if last is None or last["type"] != "final":
         raise ServiceError("the engine closed the stream without a final result")
-    return seen[-1]
+    return last
