@@ -4,9 +4,9 @@ A step's tokens arrive flattened: sequence i contributes ``query_lens[i]`` new
 tokens at positions ``start_pos[i] ..``. Without a KV cache (a plain forward of
 whole sequences) attention is causal within each sequence. With a cache, the
 new keys/values are first written into the cache through ``slot_mapping``, then
-each sequence attends over the blocks listed in its block table: sequences with one
-new token all together, longer chunks one by one (a prompt's first chunk over its own
-keys, no gather). The arithmetic is the platform's (``self.ops``, see ``layers.ops``).
+each sequence attends over the blocks listed in its block table. How is the platform's
+(``self.ops``, see ``layers.ops``): the torch reference attends sequences with one new token
+all together and longer chunks one by one; the CUDA kernels take the whole step in one call.
 
 Cache layout per layer: (2, num_blocks, block_size, local_kv_heads, head_dim).
 """
@@ -14,11 +14,12 @@ Cache layout per layer: (2, num_blocks, block_size, local_kv_heads, head_dim).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import nn
 
-from layers.ops import NATIVE, DecodeGroup, decode_groups, gather_kv
+from layers.ops import NATIVE, DecodeGroup, decode_groups
 
 
 @dataclass
@@ -29,6 +30,7 @@ class AttnBatch:
     slot_mapping: torch.Tensor | None = None  # (tokens,) int64: block * block_size + offset
     _decode_groups: list | None = field(default=None, repr=False)  # built once, used by every layer
     _context_lens: torch.Tensor | None = field(default=None, repr=False)
+    _query_starts: torch.Tensor | None = field(default=None, repr=False)
     _split: "SplitBatch | None" = field(default=None, repr=False)
     # what the platform's ops work out once per step for every layer (e.g. the CPU kernels'
     # decode-step arguments)
@@ -43,6 +45,17 @@ class AttnBatch:
             self._context_lens = torch.tensor(self.context_lens, dtype=torch.int64,
                                               device=self.block_tables.device)
         return self._context_lens
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens, default=0)
+
+    def query_starts_tensor(self) -> torch.Tensor:
+        """(seqs + 1,) int64: sequence i's new tokens are rows [starts[i], starts[i+1])."""
+        if self._query_starts is None:
+            self._query_starts = torch.tensor(list(accumulate(self.query_lens, initial=0)),
+                                              dtype=torch.int64, device=self.block_tables.device)
+        return self._query_starts
 
     def last_tokens(self, seqs: list[int]) -> "AttnBatch":
         """The last new token of each of sequences ``seqs``, attending over their whole
@@ -113,7 +126,7 @@ class Attention(nn.Module):
             out = self._no_cache(q, k, v, batch)
         else:
             self.ops.write_kv(k, v, self.kv_cache, batch.slot_mapping)
-            out = self._paged(q, k, v, batch)
+            out = self.ops.paged_attention(q, k, v, self.kv_cache, batch, self.scale)
         return out.reshape(out.shape[0], self.num_q * self.head_dim)
 
     def forward_last(self, q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -134,22 +147,3 @@ class Attention(nn.Module):
             outs.append(self.ops.attend(q[begin:end], k[begin:end], v[begin:end], self.scale, 0))
             begin = end
         return torch.cat(outs)
-
-    def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch
-               ) -> torch.Tensor:
-        split = batch.split()
-        if split.decode is batch:  # every sequence decodes one token
-            return self.ops.paged_decode(q, self.kv_cache, batch, self.scale)
-        out = torch.empty_like(q)  # (tokens, num_q, hd)
-        if split.decode is not None:  # the single-token sequences of a mixed step, together
-            rows = split.decode_rows
-            decoded = self.ops.paged_decode(q.index_select(0, rows), self.kv_cache, split.decode,
-                                            self.scale)
-            out.index_copy_(0, rows, decoded)
-        for i, begin, n, ctx in split.chunks:
-            if ctx == n:  # a prompt's first chunk: its own keys are the whole context
-                keys, values = k[begin:begin + n], v[begin:begin + n]
-            else:  # continues a sequence: read the earlier tokens from the cache
-                keys, values = (t[0] for t in gather_kv(self.kv_cache, batch.block_tables[i:i + 1], ctx))
-            out[begin:begin + n] = self.ops.attend(q[begin:begin + n], keys, values, self.scale, ctx - n)
-        return out

@@ -27,6 +27,7 @@ class TorchOps:
     """torch's kernels, on whatever device the tensors live on."""
 
     name = "torch"
+    graph_safe = False  # decode steps read host values (Python lists): never graph-captured
 
     def prepare(self, model: nn.Module) -> int:
         """Rearrange loaded weights for this platform's kernels; how many were changed."""
@@ -94,6 +95,29 @@ class TorchOps:
         for group in groups:
             rows = group.rows
             out.index_copy_(0, rows, _decode_group(q.index_select(0, rows), cache, group, scale))
+        return out
+
+    def paged_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cache: torch.Tensor, batch, scale: float) -> torch.Tensor:
+        """Every sequence of a step (its new keys and values already written to ``cache``)
+        attending over its context: the single-token sequences together, each longer chunk
+        on its own (a prompt's first chunk over its own keys, no gather).
+
+        q: (tokens, num_q, hd); k, v: (tokens, num_kv, hd) -> (tokens, num_q, hd)"""
+        split = batch.split()
+        if split.decode is batch:  # every sequence decodes one token
+            return self.paged_decode(q, cache, batch, scale)
+        out = torch.empty_like(q)
+        if split.decode is not None:  # the single-token sequences of a mixed step, together
+            rows = split.decode_rows
+            out.index_copy_(0, rows, self.paged_decode(q.index_select(0, rows), cache,
+                                                       split.decode, scale))
+        for i, begin, n, ctx in split.chunks:
+            if ctx == n:  # a prompt's first chunk: its own keys are the whole context
+                keys, values = k[begin:begin + n], v[begin:begin + n]
+            else:  # continues a sequence: read the earlier tokens from the cache
+                keys, values = (t[0] for t in gather_kv(cache, batch.block_tables[i:i + 1], ctx))
+            out[begin:begin + n] = self.attend(q[begin:begin + n], keys, values, scale, ctx - n)
         return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -1,14 +1,19 @@
 """The platform, chosen once per worker: which implementation of the layers' ops it runs.
 
 - ``cpu`` with float32 weights and the C kernels built (:mod:`layers.cpu`): :class:`CpuOps`.
-- anything else (CUDA, other dtypes, kernels off with ``SHARDLM_CPU_KERNELS=0`` or no C
-  compiler): the device-generic :class:`layers.ops.TorchOps`, torch's own kernels.
+- ``cuda`` where triton imports (it comes with torch's CUDA wheels):
+  :class:`layers.cuda.ops.CudaOps`, triton kernels over the paged KV cache.
+- anything else (CPU with other dtypes, kernels off with ``SHARDLM_CPU_KERNELS=0`` or no C
+  compiler, CUDA without triton): the device-generic :class:`layers.ops.TorchOps`, torch's
+  own kernels, with one log line saying why on CUDA.
 
 :func:`use_ops` hands the choice to every layer of a model and lets it rearrange the
 loaded weights (the CPU path packs them into panels).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -22,6 +27,15 @@ def select_ops(device: torch.device | str, dtype: torch.dtype) -> TorchOps:
 
         if kernels_available():
             return CpuOps()
+    if torch.device(device).type == "cuda":
+        try:
+            from layers.cuda.ops import CudaOps  # only CUDA workers load triton
+        except ImportError as exc:
+            logging.getLogger(__name__).warning(
+                "triton is not importable (%s): attention runs on torch's reference path, "
+                "without CUDA graphs", exc)
+            return NATIVE
+        return CudaOps()
     return NATIVE
 
 

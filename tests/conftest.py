@@ -17,6 +17,9 @@ RAY_NUM_CPUS = int(os.environ.get("SHARDLM_TEST_RAY_CPUS", "4"))
 GPU_TESTS = os.environ.get("SHARDLM_TEST_GPU") == "1"
 if not GPU_TESTS:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # the CUDA path's triton kernels run here in triton's interpreter, on CPU tensors
+    # (tests/layers/test_cuda_kernels.py); read when triton is first imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

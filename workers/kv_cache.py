@@ -32,10 +32,36 @@ def available_bytes(device: torch.device) -> int:
 
 
 def blocks_that_fit(model: torch.nn.Module, block_size: int, dtype: torch.dtype,
-                    device: torch.device, cache_bytes: int | None, fraction: float) -> int:
-    """How many blocks this rank can hold: a fixed byte budget, or a share of free memory."""
-    budget = cache_bytes if cache_bytes is not None else int(available_bytes(device) * fraction)
-    return budget // bytes_per_block(model, block_size, dtype)
+                    budget: int) -> int:
+    """How many blocks of this rank's KV fit in ``budget`` bytes."""
+    return max(0, budget) // bytes_per_block(model, block_size, dtype)
+
+
+def host_budget(device: torch.device, fraction: float) -> int:
+    """A CPU worker's KV budget: its share of the memory free now."""
+    return int(available_bytes(device) * fraction)
+
+
+def gpu_budget(total: int, free: int, allocated: int, peak_allocated: int,
+               utilization: float) -> int:
+    """A GPU worker's KV budget, in bytes: of ``utilization`` x the GPU's ``total`` memory,
+    what is left once everything in use now (``total - free``: the weights, the CUDA
+    context, communicator buffers, other processes) and the activations' peak above it
+    (``peak_allocated - allocated``, measured by a profiling forward pass) are counted.
+
+    Raises ValueError, naming the figures, when nothing is left."""
+    in_use = total - free
+    activations = max(0, peak_allocated - allocated)
+    budget = int(total * utilization) - in_use - activations
+    if budget <= 0:
+        gib = 1 << 30
+        raise ValueError(
+            f"cache.gpu_memory_utilization={utilization} allows {total * utilization / gib:.2f} "
+            f"GiB of the GPU's {total / gib:.2f} GiB, but {in_use / gib:.2f} GiB are in use "
+            f"(weights, CUDA context, other processes) and the activations of a full step "
+            f"peak at {activations / gib:.2f} GiB more: nothing is left for the KV cache; "
+            "raise gpu_memory_utilization, lower scheduler.max_num_batched_tokens, or add GPUs")
+    return budget
 
 
 def allocate(model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,

@@ -65,8 +65,9 @@ def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
-                 pp_comm=None, tp_comm=None):
+                 pp_comm=None, tp_comm=None, graphs=None):
         self.model = model
+        self.graphs = graphs  # workers.cuda_graphs.DecodeGraphs, or None: every step eager
         self.block_size = block_size
         self.device = device
         self.pp_comm = pp_comm
@@ -87,8 +88,11 @@ class ModelRunner:
         keep = None
         if batch.sample_chunks and len(batch.sample_chunks) < batch.input_ids.shape[0]:
             keep = KeepRows(batch.sample_rows, batch.sample_seqs)
-        hidden = run_stage(self.model, self.pp_comm, batch.input_ids, batch.positions, batch.attn,
-                           keep)
+        if keep is None and self.graphs is not None and self.graphs.handles(batch.attn):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.attn)
+        else:
+            hidden = run_stage(self.model, self.pp_comm, batch.input_ids, batch.positions,
+                               batch.attn, keep)
         if hidden is None:  # an earlier pipeline stage: the last one samples
             return None
         if not batch.sample_chunks:  # same plan on every rank, so all skip together

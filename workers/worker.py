@@ -7,7 +7,9 @@ them. Everything the worker returns is msgpack bytes or plain numbers.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,11 +25,13 @@ from layers.models import build_model
 from layers.platform import select_ops, use_ops
 from workers.host_memory import HugePageArena, retain_freed_memory
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
+from workers.cuda_graphs import DecodeGraphs
 from workers import kv_cache
 from workers.loader import load_shard
 from workers.model_runner import ModelRunner, run_stage
 from cluster.contract.messages import StepPlan
 
+log = logging.getLogger("shardlm.worker")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -64,6 +68,7 @@ class Worker:
         self.dtype = torch.float32
         self.hf_config: dict | None = None
         self.runner: ModelRunner | None = None
+        self.ops = None  # the platform's ops (layers.platform.select_ops), chosen at load
         self.hang_next_step_s = 0.0  # fault injection (cluster.tools.chaos): stall inside a step
 
     # ---- layout and rendezvous -------------------------------------------------------------
@@ -97,15 +102,18 @@ class Worker:
         started = time.perf_counter()
         self.hf_config = json.loads((Path(checkpoint) / "config.json").read_text())
         layer_range = tuple(self.spec.layer_range) if self.spec.layer_range else None
-        zeros = HugePageArena().zeros if self.device.type == "cpu" else torch.zeros
-        with param_memory(zeros):  # weights on huge pages (a CPU pass streams them all)
+        # CPU weights on huge pages (a CPU pass streams them all); GPU weights made on the GPU
+        # and filled there shard by shard, never whole on the host
+        zeros = (HugePageArena().zeros if self.device.type == "cpu"
+                 else functools.partial(torch.zeros, device=self.device))
+        with param_memory(zeros):
             model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype], layer_range)
         stats = load_shard(model, checkpoint)
-        self.model = model.to(self.device).eval()
-        ops = select_ops(self.device, self.dtype)  # the platform, once for this worker
-        packed = use_ops(self.model, ops)
+        self.model = model.to(self.device).eval()  # the buffers (rotary frequencies)
+        self.ops = select_ops(self.device, self.dtype)  # the platform, once for this worker
+        packed = use_ops(self.model, self.ops)
         return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
-                "packed_weights": packed, "ops": ops.name,
+                "packed_weights": packed, "ops": self.ops.name,
                 "rss_before": rss_before, "rss_after": rss_bytes(),
                 "load_s": time.perf_counter() - started,
                 "loaded": sorted(name for name, _ in stats.loaded)}
@@ -133,17 +141,62 @@ class Worker:
         return msgpack.packb({"shape": list(logits.shape), "data": logits.numpy().tobytes()})
 
     # ---- KV cache and steps -----------------------------------------------------------------
-    def cache_capacity(self, block_size: int, cache_bytes: int | None, fraction: float) -> int:
-        """Blocks this rank could hold (the driver allocates the minimum over all ranks)."""
-        return kv_cache.blocks_that_fit(self.model, block_size, self.dtype, self.device,
-                                        cache_bytes, fraction)
+    def cache_capacity(self, block_size: int, sizing: dict) -> int:
+        """Blocks this rank could hold (the driver allocates the minimum over all ranks).
 
-    def allocate_cache(self, num_blocks: int, block_size: int) -> int:
+        sizing: ``cache_bytes`` (a fixed budget, or None), ``fraction`` (CPU: of free
+        memory), ``gpu_memory_utilization``, and the largest step (``profile_tokens``,
+        ``profile_seqs``) that a GPU worker runs once to measure its activations' peak."""
+        if sizing["cache_bytes"] is not None:
+            budget = sizing["cache_bytes"]
+        elif self.device.type == "cuda":
+            budget = self._profile_gpu_budget(sizing)
+        else:
+            budget = kv_cache.host_budget(self.device, sizing["fraction"])
+        return kv_cache.blocks_that_fit(self.model, block_size, self.dtype, budget)
+
+    @torch.inference_mode()
+    def _profile_gpu_budget(self, sizing: dict) -> int:
+        kv_cache.release(self.model)
+        self.runner = None
+        torch.cuda.empty_cache()
+        allocated = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        profile_forward(self.model, self.pp_comm, sizing["profile_tokens"],
+                        sizing["profile_seqs"], self.device)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return kv_cache.gpu_budget(total, free, allocated, peak, sizing["gpu_memory_utilization"])
+
+    def allocate_cache(self, num_blocks: int, block_size: int, graphs: dict | None = None) -> dict:
+        """Allocate the KV cache and set up the step runner. graphs: ``max_batch`` and
+        ``max_blocks`` of the decode steps to capture in CUDA graphs (None: eager)."""
+        self.runner = None
         kv_cache.release(self.model)
         allocated = kv_cache.allocate(self.model, num_blocks, block_size, self.dtype, self.device)
+        decode_graphs = None
+        if graphs is not None and self._graphs_possible():
+            started = time.perf_counter()
+            decode_graphs = DecodeGraphs(self.model, graphs["max_batch"], graphs["max_blocks"],
+                                         self.device)
+            decode_graphs.capture_all()
+            log.info("captured %d decode graphs in %.1f s", len(decode_graphs.sizes),
+                     time.perf_counter() - started)
         self.runner = ModelRunner(self.model, block_size, self.device, self.pp_comm,
-                                  self.tp_comm)
-        return allocated
+                                  self.tp_comm, decode_graphs)
+        return {"bytes": allocated,
+                "cuda_graphs": decode_graphs.sizes if decode_graphs is not None else []}
+
+    def _graphs_possible(self) -> bool:
+        """CUDA graphs need a CUDA worker, ops that read no host value in a decode step, one
+        pipeline stage (the hand-off between stages stays outside graphs) and a tensor-
+        parallel communicator whose calls run on torch's current stream."""
+        return (self.device.type == "cuda" and self.ops.graph_safe
+                and (self.pp_comm is None or self.pp_comm.world_size == 1)
+                and (self.tp_comm is None or self.tp_comm.world_size == 1
+                     or getattr(self.tp_comm, "graph_safe", False)))
 
     def execute(self, plan: bytes) -> bytes | None:
         """Run one step; the sampling rank answers StepResult bytes, the others None."""
@@ -167,6 +220,19 @@ class Worker:
             if comm is not None:
                 comm.close()
                 setattr(self, f"{kind}_comm", None)
+
+
+def profile_forward(model, pp_comm, tokens: int, seqs: int, device: torch.device) -> None:
+    """The largest step the scheduler may send, without a KV cache: ``tokens`` prompt tokens
+    (as one sequence per ``seqs`` share) through every layer, then logits for ``seqs`` rows
+    (measures the activations' peak; every rank runs it together)."""
+    seqs = max(1, min(seqs, tokens))
+    lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
+    ids = torch.zeros(tokens, dtype=torch.int64, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    hidden = run_stage(model, pp_comm, ids, positions, AttnBatch(lens, [0] * seqs))
+    if hidden is not None:
+        model.compute_logits(hidden[:seqs])
 
 
 def rss_bytes() -> int:

@@ -44,6 +44,7 @@ class ModelConfig:
     model: str = "smollm2-135m-instruct"  # the default model's name, or a local HF directory
     dtype: str = "auto"  # auto: float32 on CPUs; on GPUs the checkpoint's 16-bit dtype (bf16 for fp32)
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enforce_eager: bool = False  # GPUs: run decode steps eagerly instead of from CUDA graphs
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -51,6 +52,8 @@ class ModelConfig:
         _check_choice("model", "dtype", self.dtype, DTYPES)
         if self.max_model_len is not None:
             _check_int("model", "max_model_len", self.max_model_len, 1)
+        if not isinstance(self.enforce_eager, bool):
+            _fail("model", "enforce_eager", self.enforce_eager, "must be true or false")
 
 
 @dataclass
@@ -98,8 +101,11 @@ class ParallelConfig:
 @dataclass
 class CacheConfig:
     block_size: int = 16
-    kv_cache_bytes: int | None = None  # per worker; None: use kv_cache_memory_fraction
-    kv_cache_memory_fraction: float = 0.1  # of free device memory (CPU: shared by a node's workers)
+    kv_cache_bytes: int | None = None  # per worker; None: sized from memory, as below
+    kv_cache_memory_fraction: float = 0.1  # CPUs: of free memory, shared by a node's workers
+    # GPUs: the fraction of each GPU's total memory the worker may use; the KV cache gets what
+    # is left of it after the weights and the peak of a profiling forward pass
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -109,6 +115,11 @@ class CacheConfig:
         if not (isinstance(self.kv_cache_memory_fraction, (int, float))
                 and 0 < self.kv_cache_memory_fraction <= 1):
             _fail("cache", "kv_cache_memory_fraction", self.kv_cache_memory_fraction,
+                  "must be in (0, 1]")
+        if not (isinstance(self.gpu_memory_utilization, (int, float))
+                and not isinstance(self.gpu_memory_utilization, bool)
+                and 0 < self.gpu_memory_utilization <= 1):
+            _fail("cache", "gpu_memory_utilization", self.gpu_memory_utilization,
                   "must be in (0, 1]")
 
 

@@ -78,6 +78,7 @@ class WorkerGroup:
         self.backend = ""
         self.device = ""
         self.dtype = ""  # the weights' dtype on the workers (model.dtype, "auto" resolved)
+        self.cuda_graphs: list[int] = []  # the decode batch sizes captured (GPU workers)
         self.load_stats: list[dict] = []
         self.timings: dict[str, float] = {}
 
@@ -206,20 +207,34 @@ class WorkerGroup:
 
     def init_cache(self) -> int:
         """Size the KV cache (the minimum over ranks), allocate it everywhere; returns blocks."""
-        cache = self.config.cache
+        cache, sched = self.config.cache, self.config.scheduler
         per_node = {}
         for info in self.ranks:  # CPU workers of one node share its memory (GPUs have their own)
             per_node[info.node_id] = per_node.get(info.node_id, 0) + (self.device == "cpu")
-        fits = ray.get([w.cache_capacity.remote(
-            cache.block_size, cache.kv_cache_bytes,
-            cache.kv_cache_memory_fraction / max(1, per_node[info.node_id]))
+        fits = ray.get([w.cache_capacity.remote(cache.block_size, {
+            "cache_bytes": cache.kv_cache_bytes,
+            "fraction": cache.kv_cache_memory_fraction / max(1, per_node[info.node_id]),
+            "gpu_memory_utilization": cache.gpu_memory_utilization,
+            "profile_tokens": sched.max_num_batched_tokens, "profile_seqs": sched.max_num_seqs})
             for w, info in zip(self.workers, self.ranks)])
         num_blocks = min(fits)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget holds no block of {cache.block_size} tokens "
                              f"(cache.kv_cache_bytes={cache.kv_cache_bytes}); raise it")
-        self.call_all("allocate_cache", num_blocks, cache.block_size)
+        allocated = self.call_all("allocate_cache", num_blocks, cache.block_size,
+                                  self._graph_shape(num_blocks))
+        self.cuda_graphs = allocated[0]["cuda_graphs"]
         return num_blocks
+
+    def _graph_shape(self, num_blocks: int) -> dict | None:
+        """The decode steps a GPU worker captures in CUDA graphs (None: eager everywhere)."""
+        if self.device != "cuda" or self.config.model.enforce_eager:
+            return None
+        block_size = self.config.cache.block_size
+        longest = self.config.model.max_model_len or self.hf_config.get("max_position_embeddings",
+                                                                        2048)
+        return {"max_batch": min(self.config.scheduler.max_num_seqs, 256),
+                "max_blocks": min(num_blocks, -(-longest // block_size))}
 
     def submit(self, plan: bytes) -> list:
         """Start a step on every worker (the same plan bytes); returns its result refs.

@@ -1,0 +1,44 @@
+"""The CUDA platform's ops: the paged KV cache through the triton kernels of
+:mod:`layers.cuda.kernels`, the rest torch's own kernels (:class:`layers.ops.TorchOps`).
+
+A step's attention is one launch for the whole batch (decode rows, prompt chunks and
+continued chunks alike) plus one for the KV append, whatever the batch holds; the tensors
+the kernels read (query starts, context lengths) are made once per step on the device and
+shared by every layer. A cache whose block size the kernels do not take (below 16 or not a
+power of two) falls back to the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layers.cuda import kernels
+from layers.ops import TorchOps
+
+
+class CudaOps(TorchOps):
+    name = "cuda-triton"
+    graph_safe = True  # a decode step reads no host value: CUDA graphs may capture it
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        # k, v: (tokens, num_kv, hd); slots: (tokens,) int64, -1: skip the row
+        if not kernels.supports(cache):
+            return super().write_kv(k, v, cache, slots)
+        kernels.write_kv(k, v, cache, slots)
+
+    def paged_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cache: torch.Tensor, batch, scale: float) -> torch.Tensor:
+        # q: (tokens, num_q, hd) -> (tokens, num_q, hd), one launch for the step
+        if not kernels.supports(cache):
+            return super().paged_attention(q, k, v, cache, batch, scale)
+        return kernels.paged_attention(q, cache, batch.block_tables, batch.query_starts_tensor(),
+                                       batch.context_lens_tensor(), scale, batch.max_query_len)
+
+    def paged_decode(self, q: torch.Tensor, cache: torch.Tensor, batch, scale: float
+                     ) -> torch.Tensor:
+        # q: (seqs, num_q, hd), one new token per sequence of ``batch`` -> (seqs, num_q, hd)
+        if not kernels.supports(cache):
+            return super().paged_decode(q, cache, batch, scale)
+        return kernels.paged_attention(q, cache, batch.block_tables, batch.query_starts_tensor(),
+                                       batch.context_lens_tensor(), scale, 1)
