@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 TP ?= 2
 
-.PHONY: install run test clean
+.PHONY: install run test gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -q --durations=20
+
+# the CUDA path on this machine's GPUs, with the Python it has (no virtualenv, nothing
+# downloaded: `make gpu-check PY=python3` on a GPU machine); without CUDA it says so and exits 0
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m cluster.tools.gpu_check --out gpu-check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

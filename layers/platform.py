@@ -14,6 +14,7 @@ loaded weights (the CPU path packs them into panels).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -22,6 +23,18 @@ from layers.ops import NATIVE, TorchOps
 
 
 def select_ops(device: torch.device | str, dtype: torch.dtype) -> TorchOps:
+    """The platform for a worker on ``device`` with weights of ``dtype``. ``SHARDLM_OPS``
+    overrides the choice: ``torch`` (the reference) or ``triton`` (the CUDA kernels; on a
+    CPU only under ``TRITON_INTERPRET=1``, how ``gpu-check --device cpu`` runs them)."""
+    forced = os.environ.get("SHARDLM_OPS", "")
+    if forced not in ("", "torch", "triton"):
+        raise ValueError(f"SHARDLM_OPS={forced!r}: expected 'torch' or 'triton'")
+    if forced == "torch":
+        return NATIVE
+    if forced == "triton":
+        from layers.cuda.ops import CudaOps
+
+        return CudaOps()
     if torch.device(device).type == "cpu" and dtype == torch.float32:
         from layers.cpu.ops import CpuOps, kernels_available  # only CPU workers load it
 

@@ -180,7 +180,7 @@ class Worker:
         if graphs is not None and self._graphs_possible():
             started = time.perf_counter()
             decode_graphs = DecodeGraphs(self.model, graphs["max_batch"], graphs["max_blocks"],
-                                         self.device)
+                                         self.device, capture=self.device.type == "cuda")
             decode_graphs.capture_all()
             log.info("captured %d decode graphs in %.1f s", len(decode_graphs.sizes),
                      time.perf_counter() - started)
@@ -190,10 +190,12 @@ class Worker:
                 "cuda_graphs": decode_graphs.sizes if decode_graphs is not None else []}
 
     def _graphs_possible(self) -> bool:
-        """CUDA graphs need a CUDA worker, ops that read no host value in a decode step, one
-        pipeline stage (the hand-off between stages stays outside graphs) and a tensor-
-        parallel communicator whose calls run on torch's current stream."""
-        return (self.device.type == "cuda" and self.ops.graph_safe
+        """CUDA graphs need ops that read no host value in a decode step, one pipeline stage
+        (the hand-off between stages stays outside graphs) and a tensor-parallel
+        communicator whose calls run on torch's current stream. (A CPU worker gets them only
+        with the CUDA kernels forced, ``SHARDLM_OPS=triton``: then the same padded buffers
+        run eagerly.)"""
+        return (self.ops.graph_safe
                 and (self.pp_comm is None or self.pp_comm.world_size == 1)
                 and (self.tp_comm is None or self.tp_comm.world_size == 1
                      or getattr(self.tp_comm, "graph_safe", False)))

@@ -227,8 +227,9 @@ class WorkerGroup:
         return num_blocks
 
     def _graph_shape(self, num_blocks: int) -> dict | None:
-        """The decode steps a GPU worker captures in CUDA graphs (None: eager everywhere)."""
-        if self.device != "cuda" or self.config.model.enforce_eager:
+        """The decode steps a worker may capture in CUDA graphs (None: eager everywhere);
+        each worker decides whether its platform can (``Worker._graphs_possible``)."""
+        if self.config.model.enforce_eager:
             return None
         block_size = self.config.cache.block_size
         longest = self.config.model.max_model_len or self.hf_config.get("max_position_embeddings",

@@ -330,34 +330,45 @@ def test_world_size_one_is_trivial():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                     reason="nccl needs at least two CUDA devices (visible with SHARDLM_TEST_GPU=1)")
-def test_nccl_all_reduce_two_gpus():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nccl_collectives_two_gpus(dtype):
+    """Every collective the model uses, in fp32 and bf16, through the NCCL communicator the
+    worker gets (cupy's where installed, else torch.distributed's)."""
     rdv, ctx = _rdv(), mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_nccl_rank, args=(r, rdv, results)) for r in range(2)]
+    procs = [ctx.Process(target=_nccl_rank, args=(r, rdv, results, dtype)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(results.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(30)
-    assert got == {0: True, 1: True}, got
+    assert got == {0: [], 1: []}, got
 
 
-def _nccl_rank(rank, rdv, results) -> None:
+def _nccl_rank(rank, rdv, results, dtype) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     dev = torch.device("cuda", rank)
     comm = create_communicator("nccl", rank, 2, rdv, device=dev, timeout_s=60)
-    t = torch.full((576,), float(rank + 1), device=dev)
-    comm.all_reduce(t)
-    ok = bool((t == 3).all())
-    ag = comm.all_gather(torch.full((2,), float(rank), device=dev))
-    ok &= ag.tolist() == [0.0, 0.0, 1.0, 1.0]
-    x = torch.full((3,), float(rank), device=dev)
-    ok &= comm.broadcast(x, src=1).tolist() == [1.0] * 3
+    failed = []
+
+    def check(name, got, expected):
+        if got != expected:
+            failed.append((name, got, expected))
+
+    t = torch.full((576,), float(rank + 1), device=dev, dtype=dtype)
+    check("all_reduce", comm.all_reduce(t).unique().tolist(), [3.0])
+    check("all_gather", comm.all_gather(torch.full((2,), float(rank), device=dev, dtype=dtype)
+                                        ).tolist(), [0.0, 0.0, 1.0, 1.0])
+    g = comm.gather(torch.full((1, 2), float(rank), device=dev, dtype=dtype), dst=0, dim=1)
+    check("gather", None if g is None else g.tolist(), [[0.0, 0.0, 1.0, 1.0]] if rank == 0 else None)
+    x = torch.full((3,), float(rank), device=dev, dtype=dtype)
+    check("broadcast", comm.broadcast(x, src=1).tolist(), [1.0] * 3)
     if rank == 0:
-        comm.send(torch.arange(4.0, device=dev), 1)
+        comm.send(torch.arange(4.0, device=dev, dtype=dtype), 1)
     else:
-        ok &= comm.recv(torch.empty(4, device=dev), 0).tolist() == [0.0, 1.0, 2.0, 3.0]
+        check("recv", comm.recv(torch.empty(4, device=dev, dtype=dtype), 0).tolist(),
+              [0.0, 1.0, 2.0, 3.0])
     comm.barrier()
     comm.close()
-    results.put((rank, ok))
+    results.put((rank, failed))

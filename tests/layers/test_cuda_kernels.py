@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layers.attention import Attention, AttnBatch
+from layers.attention import AttnBatch
 from layers.cuda import kernels
 from layers.cuda.ops import CudaOps
 from layers.models import build_model

@@ -15,6 +15,8 @@ from cluster.contract.config import ConfigError, EngineConfig, ParallelConfig
     ({"cpus_per_worker": 0}, "parallel.cpus_per_worker", "0"),
     ({"block_size": 0}, "cache.block_size", "0"),
     ({"kv_cache_memory_fraction": 1.5}, "cache.kv_cache_memory_fraction", "1.5"),
+    ({"gpu_memory_utilization": 0}, "cache.gpu_memory_utilization", "0"),
+    ({"enforce_eager": "no"}, "model.enforce_eager", "'no'"),
     ({"max_num_seqs": 0}, "scheduler.max_num_seqs", "0"),
     ({"async_scheduling": "yes"}, "scheduler.async_scheduling", "'yes'"),
     ({"dtype": "int3"}, "model.dtype", "'int3'"),

@@ -5,7 +5,9 @@ One interface (`Communicator`) with four implementations:
 - ``gloo``: torch.distributed Gloo over TCP; CPU tensors, any nodes.
 - ``shm``:  POSIX shared memory between ranks on one node; CPU tensors
   (see `workers.comm.shm`). Tens of microseconds for small all-reduces.
-- ``nccl``: torch.distributed NCCL; CUDA tensors.
+- ``nccl``: NCCL for CUDA tensors: through cupy where it is installed (calls on torch's
+  current stream, so CUDA graphs can hold them; `workers.comm.cupy_nccl`), else
+  torch.distributed's NCCL.
 - trivial:  ``world_size == 1``; every op is a no-op or the identity.
 
 Groups are objects, never module-level state: a process may hold several
@@ -72,6 +74,10 @@ def create_communicator(backend: str, rank: int, world_size: int, rendezvous: Re
 
         return create_gloo(rank, world_size, rendezvous, timeout_s)
     if backend == "nccl":
+        from workers.comm import cupy_nccl
+
+        if device.type == "cuda" and cupy_nccl.available():
+            return cupy_nccl.create_cupy_nccl(rank, world_size, rendezvous, device, timeout_s)
         from workers.comm.torch_dist import create_nccl
 
         return create_nccl(rank, world_size, rendezvous, device, timeout_s)

@@ -78,7 +78,7 @@ class TorchDistCommunicator(Communicator):
         self._pg = self._store = None
 
 
-def _make_store(rank: int, world_size: int, rdv: Rendezvous, timeout: datetime.timedelta):
+def make_store(rank: int, world_size: int, rdv: Rendezvous, timeout: datetime.timedelta):
     """TCPStore hosted by rank 0 at rdv.host:rdv.port, prefixed with the group id."""
     store = torch.distributed.TCPStore(
         rdv.host, rdv.port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
@@ -90,7 +90,7 @@ def create_gloo(rank: int, world_size: int, rdv: Rendezvous, timeout_s: float) -
     sets (to the interface of its Ray node IP) before calling; Gloo's default
     device reads it."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = _make_store(rank, world_size, rdv, timeout)
+    store = make_store(rank, world_size, rdv, timeout)
     pg = torch.distributed.ProcessGroupGloo(store, rank, world_size, timeout)
     return TorchDistCommunicator("gloo", pg, store, rank, world_size, torch.device("cpu"))
 
@@ -105,7 +105,7 @@ def create_nccl(rank: int, world_size: int, rdv: Rendezvous, device: torch.devic
     if device.index is not None:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = _make_store(rank, world_size, rdv, timeout)
+    store = make_store(rank, world_size, rdv, timeout)
     opts = torch.distributed.ProcessGroupNCCL.Options()
     opts.is_high_priority_stream = False
     opts._timeout = timeout
