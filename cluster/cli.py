@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(batch)
     batch.add_argument("--input", required=True, help="JSONL: prompt | messages | prompt_token_ids, id, params")
     batch.add_argument("--output", required=True, help="JSONL results; re-running resumes it")
-    chaos = sub.add_parser("chaos", help="fault injection: kill or hang a worker of a running engine")
-    chaos.add_argument("action", choices=["kill-worker", "hang-worker"])
-    chaos.add_argument("--worker", required=True, help="actor name, e.g. shardlm-worker-0-1")
+    chaos = sub.add_parser("chaos", help="fault injection: kill or hang a worker of a running "
+                                         "engine, or kill the engine itself")
+    chaos.add_argument("action", choices=["kill-worker", "hang-worker", "kill-engine"])
+    chaos.add_argument("--worker", help="kill-worker, hang-worker: the actor name, e.g. "
+                                        "shardlm-worker-0-1")
+    chaos.add_argument("--deployment", default="shardlm",
+                       help="kill-engine: the deployment name (the engine actor's name)")
     chaos.add_argument("--namespace", default="shardlm")
     chaos.add_argument("--seconds", type=float, default=3600.0, help="hang-worker: stall length")
     chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
@@ -189,8 +193,15 @@ def _chaos(args) -> int:
 
     from cluster.tools import chaos
 
+    if args.action != "kill-engine" and not args.worker:
+        print("shardlm chaos: error: --worker is required for kill-worker and hang-worker",
+              file=sys.stderr)
+        return 2
     ray.init(address=args.address, log_to_driver=False)
-    if args.action == "kill-worker":
+    if args.action == "kill-engine":
+        pid = chaos.kill_engine(args.deployment, args.namespace)
+        print(f"sent SIGKILL to the engine {args.deployment!r} (pid {pid}); Ray restarts it")
+    elif args.action == "kill-worker":
         pid = chaos.kill_worker(args.worker, args.namespace)
         print(f"sent SIGKILL to {args.worker} (pid {pid})")
     else:

@@ -19,7 +19,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from layers.ops import NATIVE, DecodeGroup, decode_groups
+from layers.ops import NATIVE, DecodeGroup, decode_groups, host_tensor
 
 
 @dataclass
@@ -42,8 +42,7 @@ class AttnBatch:
 
     def context_lens_tensor(self) -> torch.Tensor:
         if self._context_lens is None:
-            self._context_lens = torch.tensor(self.context_lens, dtype=torch.int64,
-                                              device=self.block_tables.device)
+            self._context_lens = host_tensor(self.context_lens, self.block_tables.device)
         return self._context_lens
 
     @property
@@ -53,15 +52,15 @@ class AttnBatch:
     def query_starts_tensor(self) -> torch.Tensor:
         """(seqs + 1,) int64: sequence i's new tokens are rows [starts[i], starts[i+1])."""
         if self._query_starts is None:
-            self._query_starts = torch.tensor(list(accumulate(self.query_lens, initial=0)),
-                                              dtype=torch.int64, device=self.block_tables.device)
+            self._query_starts = host_tensor(list(accumulate(self.query_lens, initial=0)),
+                                             self.block_tables.device)
         return self._query_starts
 
     def last_tokens(self, seqs: list[int]) -> "AttnBatch":
         """The last new token of each of sequences ``seqs``, attending over their whole
         context from the cache (the final layer where only sampled rows go on)."""
         lens = self.context_lens
-        index = torch.tensor(seqs, dtype=torch.int64, device=self.block_tables.device)
+        index = host_tensor(seqs, self.block_tables.device)
         return AttnBatch([1] * len(seqs), [lens[i] - 1 for i in seqs],
                          self.block_tables.index_select(0, index))
 
@@ -106,7 +105,7 @@ class SplitBatch:
         if not ones:
             return cls(None, None, chunks)
         decode = batch.last_tokens([i for i, _ in ones])
-        rows = torch.tensor([row for _, row in ones], device=batch.block_tables.device)
+        rows = host_tensor([row for _, row in ones], batch.block_tables.device)
         return cls(decode, rows, chunks)
 
 

@@ -139,6 +139,16 @@ class TorchOps:
 NATIVE = TorchOps()  # stateless: the default of every layer
 
 
+def host_tensor(values: list, device: torch.device, dtype: torch.dtype = torch.int64
+                ) -> torch.Tensor:
+    """A step's host-side values (indices, lengths) as a tensor on ``device``: on CUDA built
+    in pinned host memory and copied without blocking the host, elsewhere made in place."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Llama's half rotation. x: (..., hd); cos, sin broadcast to it."""
     half = x.shape[-1] // 2
@@ -190,9 +200,9 @@ def decode_groups(context_lens: list[int], block_tables: torch.Tensor, block_siz
 def _group(members: list[int], context_lens: list[int], block_tables: torch.Tensor,
            block_size: int, whole_batch: bool) -> DecodeGroup:
     device = block_tables.device
-    lens = torch.tensor([context_lens[i] for i in members], device=device)
+    lens = host_tensor([context_lens[i] for i in members], device)
     longest = max(context_lens[i] for i in members)
-    rows = None if whole_batch else torch.tensor(members, device=device)
+    rows = None if whole_batch else host_tensor(members, device)
     tables = block_tables if rows is None else block_tables.index_select(0, rows)
     mask = torch.arange(longest, device=device).unsqueeze(0) < lens.unsqueeze(1)  # (n, longest)
     return DecodeGroup(rows, tables[:, :-(-longest // block_size)], longest, mask[:, None, None, :])

@@ -8,6 +8,7 @@ import torch
 
 from cluster.contract.messages import FOLLOW, ProtocolError, SampledToken, StepPlan, StepResult
 from layers.attention import AttnBatch, KeepRows
+from layers.ops import host_tensor
 from layers.sampler import argmax_suffices, sample
 
 
@@ -37,7 +38,7 @@ def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBa
     tables = [c.block_table + [0] * (width - len(c.block_table)) for c in plan.chunks]
 
     def tensor(values):
-        return torch.tensor(values, dtype=torch.int64, device=device)
+        return host_tensor(values, device)
 
     attn = AttnBatch([len(c.token_ids) for c in plan.chunks], [c.start_pos for c in plan.chunks],
                      tensor(tables), tensor(slots))

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from cluster.contract.config import EngineConfig
-from cluster.contract.errors import CONTEXT_LENGTH_EXCEEDED, EngineUnavailable, RequestError
+from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, INVALID_VALUE, EngineUnavailable,
+                                     RequestError)
 from cluster.contract.messages import SampledToken, StepPlan
 from cluster.checkpoints.store import resolve_model
 from cluster.engine import recovery
@@ -69,6 +70,7 @@ class Engine:
         self.in_flight: collections.deque = collections.deque()  # (plan, result refs, start)
         self.deferred_aborts: set[int] = set()  # aborted while a step of theirs is in flight
         self.recovered_at: float | None = None  # to time the replay after a recovery
+        self.poisoned: set[str] = set()  # fault injection: requests whose next token fails
         self.kv_usage_peak = 0.0  # highest KV-cache usage right after scheduling a step
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                       "mixed_steps": 0}  # mixed: prefill and decode work in one step
@@ -84,17 +86,27 @@ class Engine:
     # ---- admission -------------------------------------------------------------------------
     def add_request(self, prompt: str | None = None, params=None,
                     prompt_token_ids: list[int] | None = None, request_id: str | None = None,
-                    priority: int = 0, messages: list[dict] | None = None) -> str:
+                    priority: int = 0, messages: list[dict] | None = None,
+                    resume: list[dict] | None = None) -> str:
         """Queue a request given by exactly one of ``prompt``, ``prompt_token_ids`` and chat
         ``messages``; ``params``: SamplingParams, a dict of them, or None. Its id; a typed
-        RequestError (nothing queued) where it cannot be served."""
+        RequestError (nothing queued) where it cannot be served.
+
+        ``resume``: the request continues where a lost engine left it, one entry per choice
+        (``token_ids`` already sent to the caller, ``finish_reason`` if that choice ended):
+        those tokens become the choice's output, as if generated here (no delta is sent for
+        them), and generation goes on from there."""
         if self.status == "failed":
             raise EngineUnavailable(f"the engine is not serving: {self.reason}")
         request_id = request_id or f"req-{next(self._request_ids)}"
         check_request_id(request_id, self.requests)
         request = self.admission.admit(request_id, self._seq_ids, prompt, params,
                                        prompt_token_ids, messages, priority)
+        if resume:
+            self._resume(request, resume)
         for i, seq in enumerate(request.seqs):
+            if request.outputs[i].finished:  # a resumed choice that had already ended
+                continue
             try:
                 self.scheduler.add(seq)
             except SchedulerError as exc:
@@ -106,6 +118,27 @@ class Engine:
         self.requests[request_id] = request
         self.stats["prompt_tokens"] += len(request.prompt_token_ids)
         return request_id
+
+    def _resume(self, request: Request, resume: list[dict]) -> None:
+        """Replay each choice's sent tokens into its sequence, detokenizer and output."""
+        if len(resume) != len(request.seqs):
+            raise RequestError(f"resume has {len(resume)} choices, the request {len(request.seqs)}",
+                               "resume", INVALID_VALUE)
+        for index, entry in enumerate(resume):
+            seq, detok = request.seqs[index], request.detoks[index]
+            output = request.outputs[index]
+            for token in entry.get("token_ids") or []:
+                seq.append_token(token)
+                self.stops.check(request.params, seq, detok, token)
+                if output.logprobs is not None:  # the caller holds the sent ones
+                    output.logprobs.append({token: float("nan")})
+            output.token_ids = seq.output_token_ids
+            output.text += detok.release(final=bool(entry.get("finish_reason")))
+            if entry.get("finish_reason"):
+                output.finish_reason = entry["finish_reason"]
+            elif self.stops.length_reached(seq):
+                raise RequestError("resume: the sent tokens already reach the request's length",
+                                   "resume", INVALID_VALUE)
 
     def chat_token_ids(self, messages: list[dict]) -> list[int]:
         """A conversation rendered with the tokenizer's chat template, as token ids."""
@@ -143,9 +176,25 @@ class Engine:
             self.scheduler.abort(seq_id)
             self.by_seq.pop(seq_id, None)
         # a token for a sequence that ended meanwhile (an async follow-up step) is dropped
-        deltas += [self._on_token(t) for t in result.tokens
-                   if t.seq_id in self.by_seq and t.seq_id not in aborted]
+        for token in result.tokens:
+            if token.seq_id in self.by_seq and token.seq_id not in aborted:
+                deltas += self._take_token(token)
         return deltas
+
+    def _take_token(self, sampled: SampledToken) -> list[Delta]:
+        """One sequence's new token; a request whose token cannot be processed (its stop
+        rules, its detokenization, an injected fault) fails alone, with the reason."""
+        try:
+            request, _ = self.by_seq[sampled.seq_id]
+            if request.request_id in self.poisoned:
+                self.poisoned.discard(request.request_id)
+                raise RuntimeError("fault injected (chaos poison)")
+            return [self._on_token(sampled)]
+        except Exception as exc:
+            log.exception("request failed on its token")
+            return recovery.fail_seq(self, sampled.seq_id,
+                                     f"the engine could not process this request's token: "
+                                     f"{type(exc).__name__}: {exc}", internal=True)
 
     def _launch(self, deltas: list[Delta]) -> bool:
         """Plan and submit one step (a micro-batch under pipelining); False if nothing to run."""

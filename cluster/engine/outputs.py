@@ -14,6 +14,9 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per generated token: top-n plus the chosen
     error: str | None = None  # why an aborted sequence could not be served
+    # the error is this request's alone (the engine serves others): an internal error, not
+    # "unavailable"
+    error_is_internal: bool = False
 
     @property
     def finished(self) -> bool:

@@ -62,11 +62,13 @@ def fail_all(engine, why: str) -> list[Delta]:
     return [d for seq_id in list(engine.by_seq) for d in fail_seq(engine, seq_id, why)]
 
 
-def fail_seq(engine, seq_id: int, why: str) -> list[Delta]:
-    """End one sequence with ``finish_reason`` "abort" and ``why`` as its error."""
+def fail_seq(engine, seq_id: int, why: str, internal: bool = False) -> list[Delta]:
+    """End one sequence with ``finish_reason`` "abort" and ``why`` as its error (``internal``:
+    an error of this request alone, while the engine keeps serving)."""
     request, index = engine.by_seq.pop(seq_id)
     engine.scheduler.abort(seq_id)
     request.outputs[index].finish_reason = "abort"
     request.outputs[index].error = why
+    request.outputs[index].error_is_internal = internal
     log.error("request %s failed: %s", request.request_id, why)
     return [Delta(request.request_id, index, "", [], None, "abort")]

@@ -156,6 +156,7 @@ class WorkerGroup:
                     self.pg, placement_group_bundle_index=bundles[rank]))
             options.update({"num_gpus": 1, "num_cpus": 0} if self.device == "cuda"
                            else {"num_cpus": par.cpus_per_worker})
+            _reap_stale(spec.name, dep.namespace)
             self.workers.append(actor_cls.options(**options).remote(asdict(spec)))
             self.ranks.append(RankInfo(pp_rank, tp_rank, spec.name, layers=list(ranges[pp_rank])))
         for info, addr in zip(self.ranks, self.call_all("address")):
@@ -287,6 +288,24 @@ class WorkerGroup:
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def _reap_stale(name: str, namespace: str) -> None:
+    """Kill a worker actor left under ``name`` by an engine that died (Ray ends an owner's
+    actors with it, but not always before its replacement starts a new gang)."""
+    try:
+        stale = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return
+    log.warning("killing the stale worker actor %s left by a lost engine", name)
+    ray.kill(stale, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        time.sleep(0.2)
 
 
 def _sum_resources(bundles: list[dict]) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,7 +22,7 @@ import ray
 
 from cluster.contract import events
 from cluster.contract.config import EngineConfig
-from cluster.contract.errors import EngineUnavailable
+from cluster.contract.errors import EngineUnavailable, ServiceError
 from cluster.serving.metrics import EngineMetrics
 from cluster.serving.output_events import delta_event, final_event
 
@@ -66,10 +67,23 @@ class EngineService:
         log.info("engine ready: %s at tp=%d", self.config.model.model,
                  self.config.parallel.tensor_parallel_size)
         while True:
-            self._drain_commands(block=not self.engine.has_unfinished())
-            if self.engine.has_unfinished():
-                self._step()
-            self.metrics.observe_engine(self.engine)
+            try:
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    self._step()
+                self.metrics.observe_engine(self.engine)
+            except BaseException:  # the barrier: never a silent dead thread behind "ready"
+                self._die("the engine thread failed")
+
+    def _die(self, why: str) -> None:
+        """An error the engine cannot contain (its state is no longer trusted): end the actor's
+        process. Ray restarts the actor with a new engine, and every caller's stream resumes
+        its request there from its journal (cluster.serving.stream)."""
+        self.status, self.reason = "failed", why
+        log.critical("%s; exiting so that Ray restarts the engine\n%s", why,
+                     traceback.format_exc())
+        logging.shutdown()
+        os._exit(70)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -111,9 +125,10 @@ class EngineService:
     def _finish(self, request, now: float) -> None:
         self.metrics.e2e.observe(now - request.arrival_time)
         output = self.engine.pop_finished(request.request_id)
-        errors = [o.error for o in output.outputs if o.error]
-        if errors:  # the engine could not finish it (e.g. it gave up recovering)
-            event = events.error_event(EngineUnavailable(errors[0]))
+        failed = [o for o in output.outputs if o.error]
+        if failed:  # the engine could not finish it: this request alone, or it gave up recovering
+            kind = ServiceError if failed[0].error_is_internal else EngineUnavailable
+            event = events.error_event(kind(failed[0].error))
         else:
             event = final_event(output, self.engine.tokenizer, request.params.logprobs)
         self._send(request.request_id, event, close=True)
@@ -188,7 +203,7 @@ class EngineService:
         try:
             request_id = self.engine.add_request(
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
-                body["request_id"], body["priority"] or 0, body["messages"])
+                body["request_id"], body["priority"] or 0, body["messages"], body["resume"])
             self._streams[request_id] = (loop, queue_)
             self.metrics.prompt_tokens.inc(len(self.engine.requests[request_id].prompt_token_ids))
             result = request_id
@@ -261,6 +276,16 @@ class EngineService:
         return {info.name: pong["rss"] for info, pong in zip(group.ranks, pongs)}
 
     @control
+    async def poison(self, request_id: str) -> None:
+        """Fault injection: the request's next token fails on the engine thread."""
+        self._commands.put(lambda: self.engine.poisoned.add(request_id))
+
+    @control
+    def pid(self) -> dict:
+        """Where the engine actor runs (for ``shardlm chaos kill-engine``)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    @control
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -269,9 +294,13 @@ class EngineService:
 def get_or_start_service(config: EngineConfig):
     """The engine actor named by the config's deployment, created (detached) if absent."""
     dep = config.deployment
+    # a dead engine actor (its process or its node lost) is restarted by Ray, without end, and
+    # starts a new engine; calls in flight fail (max_task_retries=0) and each caller's
+    # RequestStream resumes its request on the new engine from what it already received
     actor = ray.remote(concurrency_groups={"control": CONTROL_CALLS})(EngineService).options(
         name=dep.name, namespace=dep.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_concurrency=dep.max_open_requests + REFUSAL_SLOTS)
+        num_cpus=0, max_concurrency=dep.max_open_requests + REFUSAL_SLOTS,
+        max_restarts=-1, max_task_retries=0)
     return actor.remote(config.to_dict())
 
 

@@ -9,11 +9,20 @@ read its events (:mod:`cluster.contract.events`) from it, synchronously or with 
   EngineUnavailable, a broken stream ServiceError;
 - one cancellation rule: :meth:`RequestStream.cancel` (also on leaving a ``with`` block or
   dropping the stream early) cancels the Ray stream and aborts the request on the engine,
-  which frees its KV blocks. Cancelling a finished request does nothing.
+  which frees its KV blocks. Cancelling a finished request does nothing;
+- the request's journal: what was asked and, per choice, every token already handed to the
+  caller. When the engine actor is lost (its process or node dies; Ray restarts it), the
+  stream waits for the new engine to be ready and sends the request again with the journal
+  (``resume``): the engine takes the sent tokens as already generated and goes on, so the
+  caller receives no token twice and none missing, and greedy or seeded output equals a run
+  without the failure. It gives up (EngineUnavailable) after ``resume_timeout_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from contextlib import contextmanager
 
@@ -23,6 +32,9 @@ from cluster.contract import events
 from cluster.contract.errors import EngineUnavailable, ServiceError
 
 _UNAVAILABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+RESUME_TIMEOUT_S = 600.0  # how long a stream waits for a lost engine's replacement
+_POLL_S = 0.5
+log = logging.getLogger("shardlm.stream")
 
 
 class RequestStream:
@@ -30,41 +42,64 @@ class RequestStream:
     the last being the ``final`` one."""
 
     def __init__(self, service, prompt=None, messages=None, prompt_token_ids=None,
-                 params: dict | None = None, request_id: str | None = None, priority: int = 0):
+                 params: dict | None = None, request_id: str | None = None, priority: int = 0,
+                 resume_timeout_s: float = RESUME_TIMEOUT_S):
         self.service = service
         self.request_id = request_id or f"req-{uuid.uuid4().hex}"
-        body = events.encode_request(request_id=self.request_id, prompt=prompt, messages=messages,
-                                     prompt_token_ids=prompt_token_ids, params=params or {},
-                                     priority=priority)
-        self._events = service.generate.options(num_returns="streaming").remote(body)
+        self._fields = dict(request_id=self.request_id, prompt=prompt, messages=messages,
+                            prompt_token_ids=prompt_token_ids, params=params or {},
+                            priority=priority)
+        events.encode_request(**self._fields)  # bad text fails here, before anything is sent
+        self.resume_timeout_s = resume_timeout_s
+        self.journal: dict[int, dict] = {}  # choice -> token_ids, logprobs, finish_reason sent
+        self.resumes = 0  # how many times the request moved to a new engine
+        self._lost_at: float | None = None  # when the engine was found lost
+        # the last resume's moments (time.monotonic): the loss seen, the new engine ready, the
+        # first event from it
+        self.last_resume: dict[str, float] = {}
         self.done = False
+        self._events = self._submit()
+
+    def _submit(self):
+        resume = None
+        if self.journal:
+            n = int(self._fields["params"].get("n") or 1)
+            resume = [{"token_ids": self.journal.get(i, {}).get("token_ids", []),
+                       "finish_reason": self.journal.get(i, {}).get("finish_reason")}
+                      for i in range(n)]
+        body = events.encode_request(**self._fields, resume=resume)
+        return self.service.generate.options(num_returns="streaming").remote(body)
 
     # ---- reading ---------------------------------------------------------------------------
     def __iter__(self) -> "RequestStream":
         return self
 
     def __next__(self) -> dict:
-        if self.done:
-            raise StopIteration
-        with self._errors():
-            try:
-                data = ray.get(next(self._events))
-            except StopIteration:
-                raise ServiceError("the engine ended the request without a result") from None
-        return self._accept(data)
+        while not self.done:
+            with self._errors():  # a lost engine is swallowed here when the request can move
+                try:
+                    data = ray.get(next(self._events))
+                except StopIteration:
+                    raise ServiceError("the engine ended the request without a result") from None
+                return self._accept(data)
+            self._wait_for_engine()
+            self._events = self._submit()
+        raise StopIteration
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> dict:
-        if self.done:
-            raise StopAsyncIteration
-        with self._errors():
-            try:
-                data = await (await self._events.__anext__())
-            except StopAsyncIteration:
-                raise ServiceError("the engine ended the request without a result") from None
-        return self._accept(data)
+        while not self.done:
+            with self._errors():
+                try:
+                    data = await (await self._events.__anext__())
+                except StopAsyncIteration:
+                    raise ServiceError("the engine ended the request without a result") from None
+                return self._accept(data)
+            await self._await_engine()
+            self._events = self._submit()
+        raise StopAsyncIteration
 
     def final(self) -> dict:
         """Read to the end (keeping no deltas); the ``final`` event."""
@@ -82,7 +117,73 @@ class RequestStream:
     def _accept(self, data: bytes) -> dict:
         event = events.decode(data)
         self.done = event["type"] != "delta"
+        if self._lost_at is not None:
+            self.last_resume["first_event"] = time.monotonic()
+        self._lost_at = None
+        if event["type"] == "delta":
+            self._record(event)
+        elif event["type"] == "final" and self.resumes:
+            self._restore_logprobs(event)
         return events.raise_if_error(event)
+
+    def _record(self, delta: dict) -> None:
+        entry = self.journal.setdefault(delta["index"], {"token_ids": [], "logprobs": [],
+                                                         "finish_reason": None})
+        entry["token_ids"] += delta["token_ids"]
+        entry["logprobs"] += delta.get("logprobs") or []
+        entry["finish_reason"] = delta.get("finish_reason") or entry["finish_reason"]
+
+    def _restore_logprobs(self, final: dict) -> None:
+        """A resumed engine knows only the logprobs of the tokens it made: the ones sent
+        before come from the journal."""
+        for output in final["outputs"]:
+            sent = self.journal.get(output["index"], {}).get("logprobs")
+            if output.get("logprobs") is not None and sent:
+                output["logprobs"][:len(sent)] = sent
+
+    # ---- an engine lost and replaced ----------------------------------------------------------
+    def _may_resume(self) -> bool:
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at = now
+        return now - self._lost_at < self.resume_timeout_s
+
+    def _engine_state(self, state: dict | None) -> bool:
+        """Whether the replacement engine is ready; raises when it will not be."""
+        if state is not None and state.get("status") == "failed":
+            self.done = True
+            raise EngineUnavailable(f"the engine did not come back: {state.get('reason')}")
+        if state is not None and state.get("status") == "ready":
+            self.resumes += 1
+            self.last_resume = {"lost": self._lost_at, "ready": time.monotonic()}
+            log.warning("request %s resumes on a new engine after %.1f s (resume %d)",
+                        self.request_id, time.monotonic() - self._lost_at, self.resumes)
+            return True
+        if time.monotonic() - self._lost_at > self.resume_timeout_s:
+            self.done = True
+            raise EngineUnavailable(f"the engine was lost and not back within "
+                                    f"{self.resume_timeout_s:.0f} s")
+        return False
+
+    def _wait_for_engine(self) -> None:
+        while True:
+            try:
+                state = ray.get(self.service.health.remote(), timeout=_POLL_S * 4)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                state = None
+            if self._engine_state(state):
+                return
+            time.sleep(_POLL_S)
+
+    async def _await_engine(self) -> None:
+        while True:
+            try:
+                state = await asyncio.wait_for(self.service.health.remote(), _POLL_S * 4)
+            except (ray.exceptions.RayError, asyncio.TimeoutError):
+                state = None
+            if self._engine_state(state):
+                return
+            await asyncio.sleep(_POLL_S)
 
     @contextmanager
     def _errors(self):
@@ -94,8 +195,12 @@ class RequestStream:
             self.done = True
             raise
         except _UNAVAILABLE as exc:
+            if self._may_resume():  # swallowed: the reader waits for the new engine
+                log.warning("request %s: the engine was lost (%s); waiting for its replacement",
+                            self.request_id, type(exc).__name__)
+                return
             self.done = True
-            raise EngineUnavailable(f"the engine service is unavailable: {exc}") from exc
+            raise EngineUnavailable("the engine service is unavailable") from exc
         except ray.exceptions.RayError as exc:
             self.done = True
             raise ServiceError(f"the engine failed: {exc}") from exc

@@ -2,6 +2,8 @@
 
 - ``kill_worker``: SIGKILL a worker actor's process, found by its actor name,
   on whichever node it runs (a one-off task pinned to that node sends the signal).
+- ``kill_engine``: SIGKILL the engine service actor's process (the driver); Ray restarts it
+  and each request resumes from its caller's journal (``cluster.serving.stream``).
 - ``hang_worker``: make a worker stall inside its next step, so its peers wait in
   a collective and the engine's step deadline has to catch it.
 - Losing a whole node: ``ray.cluster_utils.Cluster.remove_node`` in tests, or stop
@@ -38,6 +40,19 @@ def _send_signal(pid: int, sig: int) -> None:
 def kill_worker(name: str, namespace: str = "shardlm", sig: int = signal.SIGKILL) -> int:
     """Send ``sig`` (default SIGKILL) to the worker's process; returns its pid."""
     where = _where(name, namespace)
+    strategy = NodeAffinitySchedulingStrategy(where["node_id"], soft=False)
+    ray.get(_send_signal.options(scheduling_strategy=strategy).remote(where["pid"], int(sig)))
+    return where["pid"]
+
+
+def kill_engine(deployment: str = "shardlm", namespace: str = "shardlm",
+                sig: int = signal.SIGKILL) -> int:
+    """Send ``sig`` (default SIGKILL) to the engine service actor's process; returns its pid."""
+    try:
+        actor = ray.get_actor(deployment, namespace=namespace)
+    except ValueError as exc:
+        raise ValueError(f"no engine service named {deployment!r} in namespace {namespace!r}") from exc
+    where = ray.get(actor.pid.remote(), timeout=60)
     strategy = NodeAffinitySchedulingStrategy(where["node_id"], soft=False)
     ray.get(_send_signal.options(scheduling_strategy=strategy).remote(where["pid"], int(sig)))
     return where["pid"]

@@ -405,6 +405,38 @@ def test_schemathesis_finds_no_server_errors(server):
     assert server.wait_idle()["num_free_blocks"] == server.stats()["num_blocks"]
 
 
+def test_a_stream_outlives_the_engine_and_health_comes_back_by_itself(server):
+    """SIGKILL the engine actor (shardlm chaos kill-engine) while an HTTP stream is open: the
+    stream goes on with the same text as a run without the failure, /health says recovering
+    with a short public reason (no pid, address or trace), then ready without intervention.
+    (Last in this module: the engine is replaced.)"""
+    from cluster.tools import chaos
+
+    body = {"model": "smollm2-135m-instruct", "prompt": PROMPT, "max_tokens": 200,
+            "temperature": 0, "extra_body": {"ignore_eos": True}}
+    want = server.client.completions.create(**body).choices[0].text
+    stream = server.client.completions.create(**body, stream=True)
+    pieces, seen = [], []
+    for chunk in stream:
+        pieces.append(chunk.choices[0].text)
+        if len(pieces) == 8:
+            chaos.kill_engine(NAME, NAME)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not seen:
+                health = requests.get(server.base + "/health", timeout=30)
+                if health.status_code != 200:
+                    seen.append(health)
+    assert "".join(pieces) == want
+    assert seen and seen[0].status_code == 503 and seen[0].headers.get("retry-after")
+    state = seen[0].json()
+    assert state["status"] in ("recovering", "starting"), state
+    assert not any(c.isdigit() for c in state["reason"]), state  # no pid, IP or port
+    deadline = time.monotonic() + 120
+    while requests.get(server.base + "/health", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the engine did not come back"
+        time.sleep(0.5)
+
+
 def test_app_builder_takes_serve_config_args(monkeypatch):
     """What KubeRay's serveConfigV2 (or `serve run cluster.serving.http.deploy:app_builder k=v`) passes."""
     from cluster.contract.config import ConfigError

@@ -64,6 +64,16 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
+HEALTH_TIMEOUT_S = 2.0
+PUBLIC_REASONS = {
+    "starting": "loading the model onto the workers",
+    "recovering": "replacing lost workers; requests wait and resume",
+    "restarting": "the engine is restarting; requests wait and resume",
+    "failed": "the engine failed; the engine service's log says why",
+    "unavailable": "the engine service is gone",
+}
+
+
 # ---- the deployment ------------------------------------------------------------------------
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress()
@@ -85,13 +95,19 @@ class OpenAIServer:
 
     # ---- engine state ----------------------------------------------------------------------
     async def health(self) -> dict:
+        """The engine's state with a short public reason: /health is open to anyone, so it
+        names no process, address or error text (the service's log has them). An engine
+        actor that does not answer is being restarted by Ray (or its node is gone)."""
         try:
-            state = await asyncio.wait_for(self.service.health.remote(), 10)
-        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
-            return {"status": "unavailable", "reason": f"the engine service does not answer: {exc}"}
-        if state.get("status") not in ("starting", "ready", "recovering", "failed"):
-            return {"status": "unavailable", "reason": f"unknown engine state {state!r}"}
-        return state
+            state = await asyncio.wait_for(self.service.health.remote(), HEALTH_TIMEOUT_S)
+        except ray.exceptions.ActorDiedError:
+            return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
+        except (ray.exceptions.RayError, asyncio.TimeoutError):
+            return {"status": "recovering", "reason": PUBLIC_REASONS["restarting"]}
+        status = state.get("status")
+        if status not in ("starting", "ready", "recovering", "failed"):
+            return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
+        return {"status": status, "reason": PUBLIC_REASONS.get(status)}
 
     async def require_ready(self) -> None:
         """Requests are queued while the engine recovers; refused while it starts or failed."""
