@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--api-key", action="append", help="required Bearer key (repeatable; "
                      "also $SHARDLM_API_KEY); none: the API is open")
     srv.add_argument("--served-model-name", help="the model id clients use (default: --model)")
+    srv.add_argument("--replicas", type=int, help="engines (each a gang of tp x pp workers) "
+                     "behind the endpoint (deployment.replicas)")
     batch = sub.add_parser("batch", help="offline batch inference over a JSONL file (resumable)")
     _engine_args(batch)
     batch.add_argument("--input", required=True, help="JSONL: prompt | messages | prompt_token_ids, id, params")
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "shardlm-worker-0-1")
     chaos.add_argument("--deployment", default="shardlm",
                        help="kill-engine: the deployment name (the engine actor's name)")
+    chaos.add_argument("--replica", type=int, default=0,
+                       help="kill-engine: which engine of a deployment with replicas (0-based)")
     chaos.add_argument("--namespace", default="shardlm")
     chaos.add_argument("--seconds", type=float, default=3600.0, help="hang-worker: stall length")
     chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
@@ -118,7 +122,7 @@ def engine_config(args):
 
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     overrides = {"model": args.model, "tensor_parallel_size": args.tp,
-                 "pipeline_parallel_size": args.pp}
+                 "pipeline_parallel_size": args.pp, "replicas": getattr(args, "replicas", None)}
     return config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -170,7 +174,8 @@ def _serve(args) -> int:
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:
-        serve.shutdown(config.deployment.name, config.deployment.namespace)
+        serve.shutdown(config.deployment.name, config.deployment.namespace,
+                       config.deployment.replicas)
     return 0
 
 
@@ -199,8 +204,11 @@ def _chaos(args) -> int:
         return 2
     ray.init(address=args.address, log_to_driver=False)
     if args.action == "kill-engine":
-        pid = chaos.kill_engine(args.deployment, args.namespace)
-        print(f"sent SIGKILL to the engine {args.deployment!r} (pid {pid}); Ray restarts it")
+        from cluster.serving.service import replica_name
+
+        name = replica_name(args.deployment, args.replica)
+        pid = chaos.kill_engine(name, args.namespace)
+        print(f"sent SIGKILL to the engine {name!r} (pid {pid}); Ray restarts it")
     elif args.action == "kill-worker":
         pid = chaos.kill_worker(args.worker, args.namespace)
         print(f"sent SIGKILL to {args.worker} (pid {pid})")

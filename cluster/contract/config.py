@@ -146,8 +146,16 @@ class DeploymentConfig:
     # requests the engine service holds at once (streaming, or waiting for admission); past
     # it a request is refused at once (HTTP 503 with Retry-After) instead of queueing
     max_open_requests: int = 1000
+    # engines (each a gang of tp x pp workers) behind one endpoint; replica k > 0 is the
+    # engine service "<name>-<k>" with workers "<name>-<k>-worker-<pp>-<tp>"
+    replicas: int = 1
+    # how the HTTP front picks an engine: "prefix" (the one that holds the prompt's prefix in
+    # its cache, unless it is much busier) or "random"
+    routing: str = "prefix"
 
     def __post_init__(self) -> None:
+        _check_int("deployment", "replicas", self.replicas, 1)
+        _check_choice("deployment", "routing", self.routing, ("prefix", "random"))
         for key in ("name", "namespace"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value or any(c.isspace() for c in value):

@@ -9,19 +9,21 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, engine: str = "shardlm"):
+        """``engine``: the engine service's name (one per replica), a label of every metric."""
         self.registry = CollectorRegistry()
-        labels = ["model_name"]
+        labels, values = ["model_name", "engine"], (model_name, engine)
         r = self.registry
 
         def gauge(name, doc):
-            return Gauge(f"shardlm:{name}", doc, labels, registry=r).labels(model_name)
+            return Gauge(f"shardlm:{name}", doc, labels, registry=r).labels(*values)
 
         def counter(name, doc):
-            return Counter(f"shardlm:{name}", doc, labels, registry=r).labels(model_name)
+            return Counter(f"shardlm:{name}", doc, labels, registry=r).labels(*values)
 
         def histogram(name, doc, buckets):
-            return Histogram(f"shardlm:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(f"shardlm:{name}", doc, labels, buckets=buckets,
+                             registry=r).labels(*values)
 
         self.running = gauge("num_requests_running", "Sequences in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Sequences waiting for admission.")
@@ -54,3 +56,22 @@ class EngineMetrics:
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+def merge_exposition(texts: list[str]) -> str:
+    """Several engines' metrics as one Prometheus text: each family's HELP and TYPE once,
+    then every engine's samples (they differ by their ``engine`` label)."""
+    headers: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for text in texts:
+        family = None
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                family = line.split(" ", 3)[2]
+                heads = headers.setdefault(family, [])
+                if line not in heads:
+                    heads.append(line)
+                samples.setdefault(family, [])
+            elif line and family is not None:
+                samples[family].append(line)
+    return "".join("\n".join(headers[f] + samples[f]) + "\n" for f in headers)

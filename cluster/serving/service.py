@@ -43,7 +43,7 @@ class EngineService:
         self.config = EngineConfig.from_dict(config)
         self.engine = None  # cluster.engine.engine.Engine, once started
         self.status, self.reason = "starting", "loading the model onto the workers"
-        self.metrics = EngineMetrics(self.config.model.model)
+        self.metrics = EngineMetrics(self.config.model.model, self.config.deployment.name)
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._open = 0  # generate() calls in progress (see deployment.max_open_requests)
@@ -302,6 +302,28 @@ def get_or_start_service(config: EngineConfig):
         num_cpus=0, max_concurrency=dep.max_open_requests + REFUSAL_SLOTS,
         max_restarts=-1, max_task_retries=0)
     return actor.remote(config.to_dict())
+
+
+def replica_name(name: str, replica: int) -> str:
+    """The engine service actor of replica ``replica`` of deployment ``name``."""
+    return name if replica == 0 else f"{name}-{replica}"
+
+
+def replica_config(config: EngineConfig, replica: int) -> EngineConfig:
+    """Replica ``replica``'s config: its own actor name, and so its own worker names."""
+    return config.with_overrides(name=replica_name(config.deployment.name, replica))
+
+
+def get_or_start_services(config: EngineConfig) -> list:
+    """One engine service per replica (``deployment.replicas``), created where absent."""
+    return [get_or_start_service(replica_config(config, k))
+            for k in range(config.deployment.replicas)]
+
+
+def stop_services(config: EngineConfig) -> None:
+    dep = config.deployment
+    for k in range(dep.replicas):
+        stop_service(replica_name(dep.name, k), dep.namespace)
 
 
 def stop_service(name: str = "shardlm", namespace: str = "shardlm") -> bool:

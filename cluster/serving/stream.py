@@ -57,8 +57,19 @@ class RequestStream:
         # the last resume's moments (time.monotonic): the loss seen, the new engine ready, the
         # first event from it
         self.last_resume: dict[str, float] = {}
-        self.done = False
+        self.on_close = None  # called once when the stream ends or is cancelled (a router's count)
+        self._done = False
         self._events = self._submit()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        if value and not self._done and self.on_close is not None:
+            self.on_close()
+        self._done = value
 
     def _submit(self):
         resume = None

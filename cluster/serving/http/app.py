@@ -48,6 +48,8 @@ from cluster.serving.http.protocol import (ChatCompletionChunk, ChatCompletionRe
                                            ChatCompletionResponse, CompletionRequest,
                                            CompletionResponse, ErrorResponse, Health, ModelCard,
                                            ModelList)
+from cluster.serving.metrics import merge_exposition
+from cluster.serving.router import Router, routing_key
 from cluster.serving.stream import RequestStream
 
 log = logging.getLogger("shardlm.serve")
@@ -65,12 +67,28 @@ class Settings:
 
 
 HEALTH_TIMEOUT_S = 2.0
+
+
+async def _engine_health(service) -> dict:
+    """One engine service's state, with its public reason. An actor that does not answer is
+    being restarted by Ray (or its node is gone)."""
+    try:
+        state = await asyncio.wait_for(service.health.remote(), HEALTH_TIMEOUT_S)
+    except ray.exceptions.ActorDiedError:
+        return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
+    except (ray.exceptions.RayError, asyncio.TimeoutError):
+        return {"status": "recovering", "reason": PUBLIC_REASONS["restarting"]}
+    status = state.get("status")
+    if status not in ("starting", "ready", "recovering", "failed"):
+        return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
+    return {"status": status, "reason": PUBLIC_REASONS.get(status)}
 PUBLIC_REASONS = {
     "starting": "loading the model onto the workers",
     "recovering": "replacing lost workers; requests wait and resume",
     "restarting": "the engine is restarting; requests wait and resume",
     "failed": "the engine failed; the engine service's log says why",
     "unavailable": "the engine service is gone",
+    "some_ready": "some engines are recovering; requests go to the others",
 }
 
 
@@ -79,11 +97,14 @@ PUBLIC_REASONS = {
 @serve.ingress()
 class OpenAIServer:
     def __init__(self, settings: Settings):
-        from cluster.serving.service import get_or_start_service
+        from cluster.serving.service import get_or_start_services
 
         self.settings = settings
         self.model = settings.served_model_name
-        self.service = get_or_start_service(EngineConfig.from_dict(settings.config))
+        config = EngineConfig.from_dict(settings.config)
+        self.services = get_or_start_services(config)  # one engine service per replica
+        self.service = self.services[0]  # the one asked for the model's facts
+        self.router = Router(len(self.services), config.deployment.routing)
         self._ready_at = -1e9
         self._info: dict | None = None
         if not settings.api_keys:  # Serve's logger: the line lands in the replica's log
@@ -95,19 +116,16 @@ class OpenAIServer:
 
     # ---- engine state ----------------------------------------------------------------------
     async def health(self) -> dict:
-        """The engine's state with a short public reason: /health is open to anyone, so it
-        names no process, address or error text (the service's log has them). An engine
-        actor that does not answer is being restarted by Ray (or its node is gone)."""
-        try:
-            state = await asyncio.wait_for(self.service.health.remote(), HEALTH_TIMEOUT_S)
-        except ray.exceptions.ActorDiedError:
-            return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
-        except (ray.exceptions.RayError, asyncio.TimeoutError):
-            return {"status": "recovering", "reason": PUBLIC_REASONS["restarting"]}
-        status = state.get("status")
-        if status not in ("starting", "ready", "recovering", "failed"):
-            return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
-        return {"status": status, "reason": PUBLIC_REASONS.get(status)}
+        """The engines' state with a short public reason: /health is open to anyone, so it
+        names no process, address or error text (the services' logs have them). Ready while
+        any engine is ready (requests go to the others meanwhile)."""
+        states = await asyncio.gather(*[_engine_health(s) for s in self.services])
+        if len(states) == 1:
+            return states[0]
+        ready = [s for s in states if s["status"] == "ready"]
+        if ready and len(ready) < len(states):
+            return {"status": "ready", "reason": PUBLIC_REASONS["some_ready"]}
+        return ready[0] if ready else states[0]
 
     async def require_ready(self) -> None:
         """Requests are queued while the engine recovers; refused while it starts or failed."""
@@ -167,12 +185,21 @@ class OpenAIServer:
         calls: list[RequestStream] = []
         try:
             for request in requests:
-                calls.append(RequestStream(self.service, **request))
+                calls.append(self._routed(request))
         except Exception as exc:
             for call in calls:
                 call.cancel()
             raise api_error(exc, field) from exc
         return calls
+
+    def _routed(self, request: dict) -> RequestStream:
+        """A request's stream on the engine the router picks (counted open until it ends)."""
+        replica = self.router.pick(routing_key(request.get("prompt"), request.get("messages"),
+                                               request.get("prompt_token_ids")))
+        stream = RequestStream(self.services[replica], **request)
+        self.router.opened(replica)
+        stream.on_close = lambda: self.router.closed(replica)
+        return stream
 
     async def collect(self, requests: list[dict], field: str) -> list[dict]:
         """Each request's ``final`` event; ``field``: the API's name of the prompt input."""
@@ -310,10 +337,11 @@ def build_app(server: OpenAIServer) -> FastAPI:
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 503: {"model": ErrorResponse}})
     async def metrics():
         try:
-            text = await asyncio.wait_for(server.service.metrics_text.remote(), 10)
+            texts = await asyncio.wait_for(asyncio.gather(
+                *[s.metrics_text.remote() for s in server.services]), 10)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
-            raise ApiError(503, f"the engine service does not answer: {exc}") from exc
-        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
+            raise ApiError(503, "an engine service does not answer; retry later") from exc
+        return PlainTextResponse(merge_exposition(texts), media_type=METRICS_CONTENT_TYPE)
 
     generate = app.openapi
     app.openapi = lambda: finish_openapi(generate(), server.model)

@@ -62,12 +62,13 @@ def deploy(config: EngineConfig | str | Path, host: str = "127.0.0.1", port: int
     return url
 
 
-def shutdown(name: str = "shardlm", namespace: str = "shardlm") -> None:
-    """Stop Serve and the engine service ``name``."""
-    from cluster.serving.service import stop_service
+def shutdown(name: str = "shardlm", namespace: str = "shardlm", replicas: int = 1) -> None:
+    """Stop Serve and the engine services of deployment ``name`` (each of its replicas)."""
+    from cluster.serving.service import replica_name, stop_service
 
     serve.shutdown()
-    stop_service(name, namespace)
+    for replica in range(replicas):
+        stop_service(replica_name(name, replica), namespace)
 
 
 def _keys(value) -> list[str]:

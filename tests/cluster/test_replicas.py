@@ -1,0 +1,181 @@
+"""Several engines behind one endpoint (``deployment.replicas``).
+
+- Routing by prefix: a workload of requests sharing a few long prompt prefixes, each engine's
+  KV cache too small to hold every prefix, goes through the router with ``prefix`` and then
+  with ``random`` routing; the engines' own prefix-cache counters (blocks found in the cache
+  at admission) must show a clearly higher hit rate for prefix routing. Both rates printed.
+- The HTTP API over two engines: every request answered identically to a single engine,
+  /metrics carries both engines' samples, and SIGKILL of one engine under load (16 open
+  streams) loses no request while /health stays ready (the other engine serves)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import openai
+import pytest
+import ray
+import requests
+
+from cluster.contract.config import EngineConfig
+from cluster.serving.router import Router, routing_key
+from cluster.serving.service import (get_or_start_services, replica_name, stop_services)
+from cluster.serving.stream import RequestStream
+from cluster.tools import chaos
+from tests.checkpoints import write_tiny_checkpoint
+from workers.comm import find_free_port
+
+NAME = "replicas"
+BLOCK = 4
+PREFIX_BLOCKS = 16  # a shared prefix: 64 tokens
+PREFIXES, PER_PREFIX = 8, 6
+
+
+def _wait_ready(actors, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    for actor in actors:
+        while True:
+            try:
+                if ray.get(actor.health.remote(), timeout=5)["status"] == "ready":
+                    break
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass
+            assert time.monotonic() < deadline, "an engine did not become ready"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("replicas"), seed=4)
+
+
+def _config(tiny, **overrides) -> EngineConfig:
+    # per engine, room for about 5 of the 8 prefixes' blocks
+    per_block = 2 * 2 * BLOCK * 3 * 8 * 4  # K and V x layers x tokens x kv heads x dim x fp32
+    return EngineConfig().with_overrides(**{
+        "model": str(tiny), "tensor_parallel_size": 1, "cpus_per_worker": 0.5,
+        "block_size": BLOCK, "kv_cache_bytes": per_block * PREFIX_BLOCKS * 5, "name": NAME,
+        "namespace": NAME, "replicas": 2, **overrides})
+
+
+def _workload() -> list[list[int]]:
+    rng = random.Random(11)
+    prefixes = [[rng.randrange(1, 150) for _ in range(BLOCK * PREFIX_BLOCKS)]
+                for _ in range(PREFIXES)]
+    prompts = [p + [rng.randrange(1, 150) for _ in range(6)] for p in prefixes
+               for _ in range(PER_PREFIX)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def _hit_rate(services, policy: str, prompts: list[list[int]]) -> float:
+    for s in services:  # forget cached prefixes, start counting from here
+        ray.get(s.reset_for_benchmark.remote())
+    before = sum(ray.get(s.stats.remote())["prefix_cache_hits"] for s in services)
+    router = Router(len(services), policy, seed=3)
+    for ids in prompts:
+        replica = router.pick(routing_key(prompt_token_ids=ids))
+        RequestStream(services[replica], prompt_token_ids=ids,
+                      params={"max_tokens": 2, "temperature": 0}).final()
+    hits = sum(ray.get(s.stats.remote())["prefix_cache_hits"] for s in services) - before
+    return hits / (len(prompts) * PREFIX_BLOCKS)
+
+
+def test_prefix_routing_finds_more_cached_prefixes_than_random(ray_session, tiny):
+    config = _config(tiny)
+    services = get_or_start_services(config)
+    try:
+        _wait_ready(services)
+        prompts = _workload()
+        by_prefix = _hit_rate(services, "prefix", prompts)
+        by_chance = _hit_rate(services, "random", prompts)
+        print(f"prefix-cache hit rate over {len(prompts)} requests, 2 engines: prefix routing "
+              f"{by_prefix:.2f}, random routing {by_chance:.2f}")
+        assert by_prefix > by_chance + 0.15
+    finally:
+        stop_services(config)
+
+
+def test_router_passes_over_a_much_busier_engine():
+    router = Router(2, "prefix")
+    key = routing_key(prompt="a long shared system prompt, " * 8)
+    home = router.pick(key)
+    assert all(router.pick(key) == home for _ in range(5))  # stable
+    for _ in range(4):
+        router.opened(home)
+    assert router.pick(key) == home  # 4 open against 0: within 2 x 0 + SLACK
+    router.opened(home)
+    assert router.pick(key) == 1 - home  # 5 open against 0: much busier, the other engine
+
+
+@pytest.fixture(scope="module")
+def http(ray_session, tiny):
+    from cluster.serving.http.deploy import deploy, shutdown
+
+    port = find_free_port("127.0.0.1")
+    config = _config(tiny, kv_cache_bytes=1 << 22)
+    url = deploy(config, port=port)
+    services = [ray.get_actor(replica_name(NAME, k), namespace=NAME) for k in range(2)]
+    _wait_ready(services)
+    yield url, openai.OpenAI(base_url=url, api_key="unused", max_retries=0), str(tiny), services
+    shutdown(NAME, NAME, replicas=2)
+
+
+def _prompt(i: int) -> list[int]:
+    return [(11 * i + 5 * j) % 150 + 1 for j in range(4 + 3 * i)]
+
+
+def test_two_engines_behind_one_endpoint_lose_nothing_when_one_dies(http):
+    """16 streams routed over both engines (the HTTP app's router and RequestStream); one
+    engine is killed mid-generation: every stream ends with exactly the tokens of a run
+    without the failure, and /health stays ready while the other engine serves."""
+    url, client, model, services = http
+    router = Router(2, "prefix")
+
+    def routed(i: int) -> RequestStream:
+        replica = router.pick(routing_key(prompt_token_ids=_prompt(i)))
+        return RequestStream(services[replica], prompt_token_ids=_prompt(i),
+                             params={"max_tokens": 150, "temperature": 0, "ignore_eos": True})
+
+    expected = [routed(i).final()["outputs"][0]["token_ids"] for i in range(16)]
+    assert {router.pick(routing_key(prompt_token_ids=_prompt(i))) for i in range(16)} == {0, 1}
+    received: dict[int, list[int]] = {i: [] for i in range(16)}
+    errors: list[BaseException] = []
+    counted = threading.Semaphore(0)
+
+    def one(i: int) -> None:
+        try:
+            for event in routed(i):
+                if event["type"] == "delta":
+                    received[i] += event["token_ids"]
+                    counted.release()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for _ in range(100):
+        assert counted.acquire(timeout=120)
+    chaos.kill_engine(replica_name(NAME, 1), NAME)
+    health = requests.get(url.removesuffix("/v1") + "/health", timeout=30)
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert [received[i] for i in range(16)] == expected
+    assert health.status_code == 200, health.text  # the other engine serves meanwhile
+    _wait_ready(services)
+
+
+def test_the_api_over_two_engines(http):
+    url, client, model, services = http
+    for i in range(6):  # token-id prompts spread over both engines
+        out = client.completions.create(model=model, prompt=_prompt(i), max_tokens=5,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5
+    metrics = requests.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    for name in (NAME, replica_name(NAME, 1)):
+        assert f'shardlm:generation_tokens_total{{engine="{name}"' in metrics
+    assert metrics.count("# TYPE shardlm:generation_tokens_total counter") == 1
