@@ -47,6 +47,7 @@ class WorkerSpec:
     device: str  # "cpu" or "cuda"
     threads: int = 1
     layer_range: tuple[int, int] | None = None  # this stage's layers [first, end); None: all
+    poison_token: int | None = None  # fault injection: a step holding this token raises
 
     @property
     def name(self) -> str:
@@ -205,7 +206,12 @@ class Worker:
         if self.hang_next_step_s:  # injected hang: the peers wait in their first collective
             time.sleep(self.hang_next_step_s)
             self.hang_next_step_s = 0.0
-        result = self.runner.execute(StepPlan.decode(plan))
+        step = StepPlan.decode(plan)
+        poison = self.spec.poison_token
+        if poison is not None and any(poison in c.token_ids for c in step.chunks):
+            raise RuntimeError(f"fault injected: the step holds token {poison} "
+                               "(fault.poison_token_id)")
+        result = self.runner.execute(step)
         return None if result is None else result.encode()
 
     # ---- health ----------------------------------------------------------------------------

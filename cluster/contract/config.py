@@ -173,6 +173,9 @@ class FaultConfig:
     recovery_timeout_s: float = 300.0  # how long one recovery waits for capacity
     restart_backoff_s: float = 1.0  # first wait between restart attempts (doubles, max 30 s)
     max_queued_requests: int = 1024  # new requests held while recovering; more get 503
+    # fault injection for tests and drills: every worker raises in a step that holds this
+    # token id (a request that fails deterministically; see cluster/engine/isolation.py)
+    poison_token_id: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("step_timeout_s", "restart_window_s", "recovery_timeout_s", "restart_backoff_s"):
@@ -181,6 +184,8 @@ class FaultConfig:
                 _fail("fault", key, value, "must be a positive number of seconds")
         _check_int("fault", "max_restarts", self.max_restarts, 0)
         _check_int("fault", "max_queued_requests", self.max_queued_requests, 0)
+        if self.poison_token_id is not None:
+            _check_int("fault", "poison_token_id", self.poison_token_id, 0)
 
 
 SECTIONS = {

@@ -24,11 +24,13 @@ from cluster.checkpoints.store import resolve_model
 from cluster.engine import recovery
 from cluster.engine.admission import Admission, Request, check_request_id
 from cluster.engine.block_manager import BlockManager
+from cluster.engine.isolation import Isolation
 from cluster.engine.outputs import Delta, RequestOutput
 from cluster.engine.scheduler import Scheduler, SchedulerError
 from cluster.engine.sequence import SequenceStatus
 from cluster.engine.stops import StopRules, eos_ids
 from cluster.engine.supervisor import Supervisor
+from cluster.engine.worker_group import step_raised
 from cluster.ray_utils import connect_ray
 from layers.models import LlamaArgs
 
@@ -71,6 +73,7 @@ class Engine:
         self.deferred_aborts: set[int] = set()  # aborted while a step of theirs is in flight
         self.recovered_at: float | None = None  # to time the replay after a recovery
         self.poisoned: set[str] = set()  # fault injection: requests whose next token fails
+        self.isolation = Isolation()  # the request behind a step that fails every time
         self.kv_usage_peak = 0.0  # highest KV-cache usage right after scheduling a step
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                       "mixed_steps": 0}  # mixed: prefill and decode work in one step
@@ -165,9 +168,14 @@ class Engine:
         out, refs, started = self.in_flight.popleft()
         try:
             result = self.group.collect(refs, timeout=self.config.fault.step_timeout_s)
-        except Exception as exc:  # a dead or hung worker: the whole gang restarts
-            return deltas + recovery.recover(self, exc, started)
+        except Exception as exc:  # a dead or hung worker, or a step that raised: a new gang
+            if step_raised(exc):  # a worker raised: which request causes it, if it repeats?
+                deltas += self.isolation.on_failure(self, exc, out.seqs)
+            deltas += recovery.recover(self, exc, started)
+            self.isolation.after_recovery(self)
+            return deltas
         self.scheduler.commit(out)
+        self.isolation.on_success(self, out.seqs)
         if self.recovered_at is not None and result.tokens:  # the first token after a recovery
             recovery.time_replay(self)
         aborted = {s.seq_id for s in out.seqs} & self.deferred_aborts

@@ -37,6 +37,13 @@ class StepTimeout(RuntimeError):
     """A step did not finish within its deadline (a worker hung)."""
 
 
+def step_raised(error: BaseException) -> bool:
+    """Whether a step failed because a worker raised (it is alive), not because one died or
+    hung."""
+    return (isinstance(error, ray.exceptions.RayTaskError)
+            and not isinstance(error, ray.exceptions.RayActorError))
+
+
 class PlacementError(RuntimeError):
     """The cluster cannot host the requested workers."""
 
@@ -149,7 +156,7 @@ class WorkerGroup:
             pp_rank, tp_rank = divmod(rank, par.tensor_parallel_size)
             spec = WorkerSpec(dep.name, pp_rank, tp_rank, par.tensor_parallel_size,
                               par.pipeline_parallel_size, self.device, par.threads_per_worker,
-                              ranges[pp_rank])
+                              ranges[pp_rank], self.config.fault.poison_token_id)
             options = dict(
                 name=spec.name, namespace=dep.namespace,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(

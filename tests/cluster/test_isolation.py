@@ -1,0 +1,44 @@
+"""A request that makes every step it is in fail (a worker raises; here the fault injection
+``fault.poison_token_id``) is found by bisecting the batch and failed alone, with the error;
+every other request of the same batch finishes exactly as in a run without it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import LLM, SamplingParams
+from tests.checkpoints import write_tiny_checkpoint
+
+POISON = 149
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("isolation"), seed=6)
+
+
+def _prompts() -> list[list[int]]:
+    prompts = [[(13 * i + 7 * j) % 140 + 1 for j in range(6 + i)] for i in range(7)]
+    prompts[4][2] = POISON  # only this prompt holds the poisoned token
+    return prompts
+
+
+def test_the_poisoned_request_fails_alone(ray_session, tiny):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    common = dict(model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5,
+                  kv_cache_bytes=1 << 22, name="isolation", namespace="isolation",
+                  restart_backoff_s=0.1)
+    clean = [p for i, p in enumerate(_prompts()) if i != 4]
+    with LLM(**common) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=clean,
+                                                            sampling_params=params)]
+    with LLM(**common, poison_token_id=POISON) as llm:
+        outputs = llm.generate(prompt_token_ids=_prompts(), sampling_params=params)
+        restarts = llm.engine.stats.get("restarts", 0)
+    poisoned = outputs.pop(4).outputs[0]
+    assert poisoned.finish_reason == "abort"
+    assert "isolated and failed alone" in poisoned.error and "fault injected" in poisoned.error
+    assert [o.outputs[0].token_ids for o in outputs] == want
+    assert all(o.outputs[0].error is None for o in outputs)
+    print(f"7 requests, one poisoned: isolated after {restarts} gang restarts")
+    assert restarts <= 5  # bisection: about log2(7) + 1 rounds, not one per request
