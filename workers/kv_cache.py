@@ -7,6 +7,8 @@ heads. The driver's block manager decides which blocks a sequence uses.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import psutil
 import torch
 
@@ -79,6 +81,21 @@ def allocate(model: torch.nn.Module, num_blocks: int, block_size: int, dtype: to
             attn.kv_cache = arena.zeros(shape, dtype).zero_()
         total += attn.kv_cache.numel() * attn.kv_cache.element_size()
     return total
+
+
+@contextmanager
+def set_aside(model: torch.nn.Module):
+    """Within the block the attention layers see no KV cache (a whole-sequence forward on a
+    worker whose cache is allocated); the caches come back untouched after it."""
+    layers = attention_modules(model)
+    caches = [a.kv_cache for a in layers]
+    for attn in layers:
+        attn.kv_cache = None
+    try:
+        yield
+    finally:
+        for attn, cache in zip(layers, caches):
+            attn.kv_cache = cache
 
 
 def release(model: torch.nn.Module) -> None:

@@ -45,7 +45,7 @@ class WorkerSpec:
     tp_size: int
     pp_size: int
     device: str  # "cpu" or "cuda"
-    threads: int = 1
+    threads: int | None = 1  # None: set later by share_cores
     layer_range: tuple[int, int] | None = None  # this stage's layers [first, end); None: all
     poison_token: int | None = None  # fault injection: a step holding this token raises
 
@@ -60,7 +60,7 @@ class Worker:
     def __init__(self, spec: dict):
         self.spec = WorkerSpec(**spec)
         if self.spec.device == "cpu":
-            torch.set_num_threads(self.spec.threads)
+            torch.set_num_threads(self.spec.threads or 1)
             retain_freed_memory()
         self.device = torch.device("cuda", 0) if self.spec.device == "cuda" else torch.device("cpu")
         self.tp_comm: Communicator | None = None
@@ -93,6 +93,15 @@ class Worker:
                                    shm_slot_bytes=shm_slot_bytes)
         setattr(self, f"{kind}_comm", comm)
         return comm.backend
+
+    def share_cores(self, workers_on_node: int) -> int:
+        """Use this node's share of cores: the cores this process may run on, split over the
+        ``workers_on_node`` workers of the gang here; returns the threads set."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // max(1, workers_on_node))
+        if self.spec.device == "cpu":
+            torch.set_num_threads(threads)
+        return threads
 
     # ---- weights ---------------------------------------------------------------------------
     def load(self, checkpoint: str, dtype: str = "float32") -> dict:
@@ -132,7 +141,8 @@ class Worker:
         positions = torch.tensor([p for s in seqs for p in range(len(s))], dtype=torch.int64,
                                  device=self.device)
         batch = AttnBatch([len(s) for s in seqs], [0] * len(seqs))
-        hidden = run_stage(self.model, self.pp_comm, ids, positions, batch)
+        with kv_cache.set_aside(self.model):  # a running engine's cache stays as it was
+            hidden = run_stage(self.model, self.pp_comm, ids, positions, batch)
         if hidden is None:  # not the last stage: handed on to the next one
             return None
         logits = self.model.compute_logits(hidden)  # (tokens, vocab) on TP rank 0
@@ -216,7 +226,7 @@ class Worker:
 
     # ---- health ----------------------------------------------------------------------------
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "rss": rss_bytes()}
+        return {"pid": os.getpid(), "rss": rss_bytes(), "threads": torch.get_num_threads()}
 
     def chaos_hang(self, seconds: float) -> None:
         """Fault injection: make the next step stall for ``seconds`` (see cluster.tools.chaos)."""

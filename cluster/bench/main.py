@@ -67,7 +67,7 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for):
         raise
     return llm, {"engine": "shardlm", "tp": tp, "device": engine.group.device,
                  "backend": engine.group.backend, "dtype": engine.group.dtype,
-                 "threads": par.world_size * par.threads_per_worker,
+                 "threads": sum(engine.group.threads),
                  "num_kv_blocks": engine.num_blocks, "model": engine.config.model.model,
                  "model_dir": str(engine.model_dir),
                  "hf_config": engine.hf_config, "points": [], "tokens": {}}

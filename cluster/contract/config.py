@@ -65,7 +65,9 @@ class ParallelConfig:
     backend: str = "auto"  # auto: nccl on GPUs; shm within a node, gloo across nodes on CPUs
     device: str = "auto"  # auto: cuda when Ray offers GPUs, else cpu
     cpus_per_worker: float = 1.0  # CPU share of each worker's placement-group bundle on CPUs
-    threads_per_worker: int = 1  # torch.set_num_threads in each CPU worker
+    # torch threads of each CPU worker; None: the node's cores split over this gang's workers
+    # on that node (tp=1 on a 2-core machine: 2 threads; tp=2: 1 each)
+    threads_per_worker: int | None = None
     placement_strategy: str = "PACK"
     placement_timeout_s: float = 60.0
     shm_slot_bytes: int = 32 << 20
@@ -88,7 +90,8 @@ class ParallelConfig:
                       ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         if not isinstance(self.cpus_per_worker, (int, float)) or self.cpus_per_worker <= 0:
             _fail("parallel", "cpus_per_worker", self.cpus_per_worker, "must be a positive number")
-        _check_int("parallel", "threads_per_worker", self.threads_per_worker, 1)
+        if self.threads_per_worker is not None:
+            _check_int("parallel", "threads_per_worker", self.threads_per_worker, 1)
         if not isinstance(self.placement_timeout_s, (int, float)) or self.placement_timeout_s <= 0:
             _fail("parallel", "placement_timeout_s", self.placement_timeout_s, "must be positive")
         _check_int("parallel", "shm_slot_bytes", self.shm_slot_bytes, 4096)

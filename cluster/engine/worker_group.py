@@ -86,6 +86,7 @@ class WorkerGroup:
         self.device = ""
         self.dtype = ""  # the weights' dtype on the workers (model.dtype, "auto" resolved)
         self.cuda_graphs: list[int] = []  # the decode batch sizes captured (GPU workers)
+        self.threads: list[int] = []  # torch threads of each worker (CPU)
         self.load_stats: list[dict] = []
         self.timings: dict[str, float] = {}
 
@@ -117,7 +118,8 @@ class WorkerGroup:
         ranks = ", ".join(f"{r.name}@{r.ip} pid {r.pid} layers {r.layers[0]}-{r.layers[1] - 1}"
                           for r in self.ranks)
         return (f"{len(self.ranks)} workers (tp={par.tensor_parallel_size}, "
-                f"pp={par.pipeline_parallel_size}) on {self.device} over {self.backend}: {ranks}")
+                f"pp={par.pipeline_parallel_size}) on {self.device} over {self.backend}, "
+                f"{self.threads} threads: {ranks}")
 
     def _pick_device(self) -> str:
         device = self.config.parallel.device
@@ -168,6 +170,12 @@ class WorkerGroup:
             self.ranks.append(RankInfo(pp_rank, tp_rank, spec.name, layers=list(ranges[pp_rank])))
         for info, addr in zip(self.ranks, self.call_all("address")):
             info.ip, info.node_id, info.pid = addr["ip"], addr["node_id"], addr["pid"]
+        if self.device == "cpu" and par.threads_per_worker is None:
+            here = {n: sum(r.node_id == n for r in self.ranks) for n in {r.node_id for r in self.ranks}}
+            self.threads = ray.get([w.share_cores.remote(here[r.node_id])
+                                    for w, r in zip(self.workers, self.ranks)])
+        else:
+            self.threads = [par.threads_per_worker or 1] * len(self.workers)
 
     def _num_layers(self) -> int:
         return self.hf_config["num_hidden_layers"]

@@ -1,7 +1,7 @@
 """The engine cannot be lost: SIGKILL of the engine service actor's process mid-generation
 (``shardlm chaos kill-engine``) costs a pause, never a request.
 
-16 greedy streams run through client handles; at a random moment of each trial the engine
+16 streams (greedy, one seeded) run through client handles; at a random moment of each trial the engine
 actor is killed. Ray restarts the actor, which starts a new engine (and a new worker gang);
 each RequestStream resumes its request there from its journal. Every stream must receive
 exactly the tokens of a run without the failure, none twice and none missing, and the
@@ -57,6 +57,10 @@ def _prompt(i: int) -> list[int]:
 
 
 def _sampling(i: int) -> dict:
+    """Greedy; stream 0 with logprobs, stream 1 seeded random sampling (a pure function of
+    seed and position, so it too must come out unchanged)."""
+    if i == 1:
+        return dict(max_tokens=TOKENS, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
     extra = {"logprobs": 2} if i == 0 else {}
     return dict(max_tokens=TOKENS, temperature=0, ignore_eos=True, **extra)
 

@@ -57,7 +57,7 @@ def _config(tiny, **overrides) -> EngineConfig:
     return EngineConfig().with_overrides(**{
         "model": str(tiny), "tensor_parallel_size": 1, "cpus_per_worker": 0.5,
         "block_size": BLOCK, "kv_cache_bytes": per_block * PREFIX_BLOCKS * 5, "name": NAME,
-        "namespace": NAME, "replicas": 2, **overrides})
+        "namespace": NAME, "replicas": 2, "threads_per_worker": 1, **overrides})
 
 
 def _workload() -> list[list[int]]:
