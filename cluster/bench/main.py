@@ -56,7 +56,7 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for):
     llm = LLM(config=engine_config(opts, tp, f"bench-{os.getpid()}-tp{tp}"))
     try:
         engine = llm.engine
-        par, vocab = engine.config.parallel, engine.args.vocab_size
+        vocab = engine.args.vocab_size
         if opts.prompt_len[1] + opts.output_len > engine.max_model_len:
             raise ValueError(f"prompts of up to {opts.prompt_len[1]} tokens + {opts.output_len} output "
                              f"tokens exceed the context ({engine.max_model_len} tokens)")

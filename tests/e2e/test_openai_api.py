@@ -313,6 +313,10 @@ def test_bad_inputs_get_openai_errors(server):
 
     ok = server.post("/v1/completions", _body())
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    # vLLM's benchmark client sends repetition_penalty 1.0 (no penalty) with every request
+    assert server.post("/v1/completions", _body(repetition_penalty=1.0)).status_code == 200
+    assert "not supported" in _error(server.post("/v1/completions", _body(
+        repetition_penalty=1.2)), 400, "repetition_penalty")["message"]
 
 
 def test_text_that_is_not_unicode_is_a_400(server):

@@ -4,7 +4,8 @@ Requests are strict: a field of the wrong JSON type is an error (``"5"`` is not
 an integer, ``true`` is not a number), an unknown field is an error that names
 it, and every number has the range the engine can serve. OpenAI fields that
 shardlm does not implement are accepted only with their neutral value
-(``echo: false``, ``frequency_penalty: 0``, ``logit_bias: {}``, ...), so a client
+(``echo: false``, ``frequency_penalty: 0``, ``repetition_penalty: 1``, ``logit_bias: {}``,
+...), so a client
 that sends the defaults works and one that relies on the feature is told. The
 sampling extensions ``top_k``, ``min_p``, ``stop_token_ids`` and ``ignore_eos``
 are the vLLM names.
@@ -43,6 +44,7 @@ Seed = _int(-(1 << 63), (1 << 64) - 1)
 TopN = _int(0, MAX_LOGPROBS)
 StopString = Annotated[str, Field(min_length=1)]
 ZERO_OR_NULL = {"anyOf": [{"const": 0}, {"type": "null"}]}
+ONE_OR_NULL = {"anyOf": [{"const": 1}, {"type": "null"}]}
 
 
 def _real(default, **bounds) -> Any:
@@ -76,6 +78,8 @@ class _Sampling(BaseModel):
                                             json_schema_extra=ZERO_OR_NULL)
     presence_penalty: float | None = _real(None, description="only 0 is supported",
                                            json_schema_extra=ZERO_OR_NULL)
+    repetition_penalty: float | None = _real(None, description="vLLM's extension; only 1 (off) "
+                                             "is supported", json_schema_extra=ONE_OR_NULL)
     logit_bias: dict[str, Int] | None = Field(None, description="only {} is supported",
                                               json_schema_extra={"anyOf": [
                                                   {"type": "object", "maxProperties": 0},
@@ -86,6 +90,14 @@ class _Sampling(BaseModel):
     def _no_penalty(cls, v: float | None) -> float | None:
         if v not in (None, 0.0):
             raise ValueError("penalties are not supported; only 0 is accepted")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _no_repetition_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 1.0):
+            raise ValueError("repetition penalties are not supported yet; only 1 (no penalty) "
+                             "is accepted")
         return v
 
     @field_validator("logit_bias")
