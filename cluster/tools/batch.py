@@ -6,23 +6,36 @@ parameters by their vLLM names). Output, one line per input line, in completion 
 ``id``, ``text``, ``token_ids``, ``finish_reason``, ``usage``; or ``id``, ``line`` and
 ``error`` for a line that could not be served (the other lines go on).
 
-Re-running with the same output file resumes: ids already in it are not generated again;
-a line cut short by an interruption is dropped and redone.
+Re-running with the same output file resumes: lines already answered in it are not
+generated again. A line counts as answered when a row with its id and its fingerprint (a
+hash of the line's content, so an edited input line is redone even under a positional id)
+is in the output, unless that row failed because the engine did (``"retry": true``): those
+are redone, and the later row for an id supersedes the earlier. Every row is flushed to
+disk (fsync) as it is written. A last row cut short by an interruption is dropped and
+redone; a complete last row missing its newline gets one. An output file holding anything
+else (another JSONL, the input itself) is refused, never cut.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.contract.config import ConfigError
 from cluster.contract.errors import RequestError
 
 log = logging.getLogger("shardlm.batch")
 ENGINE_KEYS = ("prompt", "messages", "prompt_token_ids")
+
+
+class BatchFileError(ConfigError):
+    """An input or output file that ``shardlm batch`` will not use as given (exit status 2)."""
 
 
 @dataclass
@@ -33,6 +46,25 @@ class BatchItem:
     messages: list | None = None
     prompt_token_ids: list[int] | None = None
     params: dict = field(default_factory=dict)
+    fingerprint: str = ""  # of the line's content (see fingerprint())
+
+
+def fingerprint(text: str) -> str:
+    """A hash of an input line's content, ignoring its id and its JSON spacing."""
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict):
+            obj = {k: v for k, v in obj.items() if k != "id"}
+        text = json.dumps(obj, sort_keys=True, ensure_ascii=False)
+    except ValueError:
+        pass
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def input_lines(path: Path) -> list[str]:
+    """The input's lines, split at newlines only (a JSON string may hold U+2028 or U+0085,
+    which ``str.splitlines`` would split at)."""
+    return [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
 
 
 @dataclass
@@ -62,24 +94,54 @@ are checked where every request's are: at the engine's admission)."""
     if not isinstance(item_id, (str, int)):
         raise ValueError("id must be a string or an integer")
     return BatchItem(number, str(item_id), obj.get("prompt"), obj.get("messages"),
-                     obj.get("prompt_token_ids"), params)
+                     obj.get("prompt_token_ids"), params, fingerprint(text))
 
 
-def read_done(output: Path) -> set[str]:
-    """Ids already answered in ``output``; drops a last line cut short by an interruption."""
+def read_done(output: Path) -> dict[str, str | None]:
+    """The lines already answered in ``output``: id -> the fingerprint of the line answered
+    (None in rows written before fingerprints). Drops a last row cut short by an
+    interruption, ends a complete last row with its missing newline, and refuses (without
+    touching it) a file that holds anything but result rows."""
     if not output.exists():
-        return set()
-    done, keep = set(), 0
-    with output.open("rb") as f:
-        for raw in f:
-            try:
-                done.add(str(json.loads(raw)["id"]))
-            except (ValueError, KeyError, TypeError):
-                break  # a torn line: everything from here is redone
-            keep += len(raw)
-    with output.open("r+b") as f:
-        f.truncate(keep)
+        return {}
+    data = output.read_bytes()
+    done: dict[str, str | None] = {}
+    offset = 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        end = offset + len(raw)
+        last = end >= len(data)  # no newline after it
+        if not raw.strip():
+            offset = end + 1
+            continue
+        row = _result_row(raw)
+        if row is None:
+            if last:  # torn by an interruption: redone
+                with output.open("r+b") as f:
+                    f.truncate(offset)
+                break
+            raise BatchFileError(
+                f"--output {str(output)!r}: line {number} is not a result row of shardlm batch; "
+                "refusing to resume into a file that would have to be cut (choose another "
+                "--output)")
+        if row.get("retry"):
+            done.pop(str(row["id"]), None)  # failed because the engine did: redone
+        else:
+            done[str(row["id"])] = row.get("fingerprint")
+        if last:  # complete, but the newline never made it to disk
+            with output.open("ab") as f:
+                f.write(b"\n")
+        offset = end + 1
     return done
+
+
+def _result_row(raw: bytes) -> dict | None:
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        return None
+    ours = isinstance(row, dict) and "id" in row and (
+        "finish_reason" in row or "error" in row)
+    return row if ours else None
 
 
 class Progress:
@@ -113,10 +175,13 @@ class Progress:
 def run_batch(llm, input_path: str | Path, output_path: str | Path, window: int | None = None
               ) -> BatchSummary:
     """Serve every line of ``input_path`` not yet in ``output_path`` with ``llm`` (cluster.LLM)."""
-    output = Path(output_path)
+    output, source = Path(output_path), Path(input_path)
+    if output.exists() and source.exists() and os.path.samefile(output, source):
+        raise BatchFileError(f"--output {str(output)!r} is the input file; results would be "
+                             "appended to it: choose another --output")
     window = window or 4 * llm.config.scheduler.max_num_seqs  # requests admitted at a time
     done = read_done(output)
-    lines = Path(input_path).read_text(encoding="utf-8").splitlines()
+    lines = input_lines(source)
     summary = BatchSummary(total=sum(1 for t in lines if t.strip()))
     todo, seen = [], set()
     with output.open("a", encoding="utf-8") as out:
@@ -129,14 +194,15 @@ def run_batch(llm, input_path: str | Path, output_path: str | Path, window: int 
                     raise ValueError(f"duplicate id {item.id!r}")
                 seen.add(item.id)
             except ValueError as exc:
-                item = BatchItem(number, f"line-{number}")
-                if item.id not in done:
-                    _write(out, {"id": item.id, "line": number, "error": str(exc)})
+                item = BatchItem(number, f"line-{number}", fingerprint=fingerprint(text))
+                if not _answered(item, done):
+                    _write(out, {"id": item.id, "line": number, "error": str(exc),
+                                 "fingerprint": item.fingerprint})
                     summary.errors += 1
                 else:
                     summary.skipped += 1
                 continue
-            if item.id in done:
+            if _answered(item, done):
                 summary.skipped += 1
             else:
                 todo.append(item)
@@ -150,6 +216,13 @@ def run_batch(llm, input_path: str | Path, output_path: str | Path, window: int 
     return summary
 
 
+def _answered(item: BatchItem, done: dict[str, str | None]) -> bool:
+    if item.id not in done:
+        return False
+    answered = done[item.id]
+    return answered is None or answered == item.fingerprint
+
+
 def _generate(llm, todo: list[BatchItem], out, summary: BatchSummary, progress: Progress,
               window: int) -> None:
     engine = llm.engine
@@ -161,7 +234,8 @@ def _generate(llm, todo: list[BatchItem], out, summary: BatchSummary, progress: 
             try:
                 pending[_submit(llm, item)] = item
             except RequestError as exc:
-                _write(out, {"id": item.id, "line": item.line, "error": str(exc)})
+                _write(out, {"id": item.id, "line": item.line, "error": str(exc),
+                             "fingerprint": item.fingerprint})
                 summary.errors += 1
                 progress.advance()
         engine.step()
@@ -180,7 +254,8 @@ def _submit(llm, item: BatchItem) -> str:
 def _result(item: BatchItem, output) -> dict:
     first = output.outputs[0]
     completion = sum(len(o.token_ids) for o in output.outputs)
-    row = {"id": item.id, "text": first.text, "token_ids": first.token_ids,
+    row = {"id": item.id, "fingerprint": item.fingerprint, "text": first.text,
+           "token_ids": first.token_ids,
            "finish_reason": first.finish_reason,
            "usage": {"prompt_tokens": len(output.prompt_token_ids), "completion_tokens": completion,
                      "total_tokens": len(output.prompt_token_ids) + completion}}
@@ -189,9 +264,11 @@ def _result(item: BatchItem, output) -> dict:
                            "finish_reason": o.finish_reason} for o in output.outputs]
     if first.error:
         row["error"] = first.error
+        row["retry"] = not first.error_is_internal  # the engine failed, not this request
     return row
 
 
 def _write(out, row: dict) -> None:
     out.write(json.dumps(row, ensure_ascii=False) + "\n")
     out.flush()
+    os.fsync(out.fileno())  # a row reported written survives a crash of the machine
