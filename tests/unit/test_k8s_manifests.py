@@ -227,6 +227,35 @@ def test_embedded_configs_match_configs_dir_and_fit_the_cluster(name):
             assert par.tensor_parallel_size <= max(gpus_per_pod), f"{name}: a TP group spans pods"
 
 
+def _pinned_shardlm(pip: list[str]) -> bool:
+    """shardlm is installed at an exact version (whoever controls a bare name on the package
+    index would run code on the pods)."""
+    return any(re.fullmatch(r"shardlm==\d+(\.\d+)*", entry) for entry in pip) and not any(
+        re.fullmatch(r"shardlm\s*(>=.*)?", entry) for entry in pip)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_ray_clusters_require_tokens_and_pods_run_unprivileged(name):
+    cluster = _cluster_spec(_ray_object(name))
+    assert cluster["authOptions"]["mode"] == "token"
+    for pod_name, pod in _pod_specs(cluster):
+        for container in pod["containers"]:
+            sec = container.get("securityContext") or {}
+            assert sec.get("runAsNonRoot") is True, (pod_name, container["name"])
+            assert sec.get("allowPrivilegeEscalation") is False, (pod_name, container["name"])
+            assert "ALL" in sec.get("capabilities", {}).get("drop", []), (pod_name, container["name"])
+
+
+def test_rayservice_takes_its_api_key_from_a_secret():
+    service = _ray_object("rayservice.yaml")
+    assert "api_key" not in service["spec"]["serveConfigV2"]  # not in the visible config
+    for pod_name, pod in _pod_specs(service["spec"]["rayClusterConfig"]):
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            ref = env["SHARDLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "shardlm-api-key", "key": "api-key"}, pod_name
+
+
 def test_rayservice_serve_config_names_the_shardlm_application():
     with warnings.catch_warnings():  # pydantic deprecation noise from Ray Serve's models
         warnings.simplefilter("ignore")
@@ -239,7 +268,7 @@ def test_rayservice_serve_config_names_the_shardlm_application():
     assert app["name"] == "shardlm"
     assert app["import_path"] == SERVE_IMPORT_PATH
     assert app["route_prefix"] == "/"
-    assert "shardlm" in app["runtime_env"]["pip"]
+    assert _pinned_shardlm(app["runtime_env"]["pip"])
     config_maps = _config_maps("rayservice.yaml")
     for pod_name, pod in _pod_specs(service["spec"]["rayClusterConfig"]):
         text = _resolve_config(app["args"]["config"], pod, config_maps)
@@ -257,7 +286,7 @@ def test_rayjob_runs_shardlm_batch_with_its_config_on_the_head():
     assert set(options) >= {"--input", "--output", "--config"}
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert "shardlm" in runtime_env["pip"]
+    assert _pinned_shardlm(runtime_env["pip"])
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]  # the entrypoint runs here
     config = EngineConfig.from_dict(yaml.safe_load(
         _resolve_config(options["--config"], head, _config_maps("rayjob.yaml"))))
