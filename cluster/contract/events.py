@@ -68,15 +68,17 @@ def raise_if_error(event: dict) -> dict:
 
 # ---- the request a front door sends (the service's generate() argument) -------------------
 REQUEST_FIELDS = ("request_id", "prompt", "messages", "prompt_token_ids", "params", "priority",
-                  "resume")
+                  "resume", "final_logprobs")
 
 
 def encode_request(**fields) -> bytes:
     """A request to the engine service: exactly one of ``prompt``, ``messages`` and
     ``prompt_token_ids``, ``params`` (sampling parameters by name), ``request_id`` and
     ``priority``; ``resume`` (sent by :class:`cluster.serving.stream.RequestStream` only): per
-    choice, the tokens its caller already has from an engine that was lost. The engine
-    checks the values at admission."""
+    choice, the tokens its caller already has from an engine that was lost;
+    ``final_logprobs: false``: a caller that reads the deltas (which carry every token's
+    logprobs) needs none in the final event, so the engine keeps none (memory bounded by a
+    step, not by the output). The engine checks the values at admission."""
     unknown = sorted(set(fields) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(f"unknown request field(s): {', '.join(unknown)}", unknown[0],

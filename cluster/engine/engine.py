@@ -90,7 +90,7 @@ class Engine:
     def add_request(self, prompt: str | None = None, params=None,
                     prompt_token_ids: list[int] | None = None, request_id: str | None = None,
                     priority: int = 0, messages: list[dict] | None = None,
-                    resume: list[dict] | None = None) -> str:
+                    resume: list[dict] | None = None, keep_logprobs: bool = True) -> str:
         """Queue a request given by exactly one of ``prompt``, ``prompt_token_ids`` and chat
         ``messages``; ``params``: SamplingParams, a dict of them, or None. Its id; a typed
         RequestError (nothing queued) where it cannot be served.
@@ -98,13 +98,17 @@ class Engine:
         ``resume``: the request continues where a lost engine left it, one entry per choice
         (``token_ids`` already sent to the caller, ``finish_reason`` if that choice ended):
         those tokens become the choice's output, as if generated here (no delta is sent for
-        them), and generation goes on from there."""
+        them), and generation goes on from there. ``keep_logprobs=False``: the caller reads
+        each token's logprobs from the deltas; the outputs keep none (bounded memory)."""
         if self.status == "failed":
             raise EngineUnavailable(f"the engine is not serving: {self.reason}")
         request_id = request_id or f"req-{next(self._request_ids)}"
         check_request_id(request_id, self.requests)
         request = self.admission.admit(request_id, self._seq_ids, prompt, params,
                                        prompt_token_ids, messages, priority)
+        if not keep_logprobs:
+            for output in request.outputs:
+                output.logprobs = None
         if resume:
             self._resume(request, resume)
         for i, seq in enumerate(request.seqs):
@@ -244,9 +248,10 @@ class Engine:
         seq.append_token(sampled.token_id)
         self.stats["generation_tokens"] += 1
         step_logprobs = None
-        if output.logprobs is not None:
+        if request.params.logprobs is not None:
             step_logprobs = [dict(sampled.top_logprobs or []) | {sampled.token_id: sampled.logprob}]
-            output.logprobs += step_logprobs
+            if output.logprobs is not None:  # kept for the final output
+                output.logprobs += step_logprobs
         reason, stop_reason = self.stops.check(request.params, seq, detok, sampled.token_id)
         if reason:
             self._finish(request, index, reason, stop_reason)

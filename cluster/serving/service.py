@@ -203,7 +203,8 @@ class EngineService:
         try:
             request_id = self.engine.add_request(
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
-                body["request_id"], body["priority"] or 0, body["messages"], body["resume"])
+                body["request_id"], body["priority"] or 0, body["messages"], body["resume"],
+                keep_logprobs=body["final_logprobs"] is not False)
             self._streams[request_id] = (loop, queue_)
             self.metrics.prompt_tokens.inc(len(self.engine.requests[request_id].prompt_token_ids))
             result = request_id

@@ -107,3 +107,25 @@ def test_a_caller_that_leaves_leaves_nothing_behind(service):
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
     assert stats["num_free_blocks"] == before["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_a_stream_that_reads_deltas_leaves_no_logprobs_in_the_engine(service):
+    """``final_logprobs=False`` (the HTTP API's streams): every token's logprobs arrive in its
+    delta, and the engine keeps none for the final event (memory bounded by a step, not by
+    n x output length x top-n); the default keeps them for the final event."""
+    from cluster.serving.stream import RequestStream
+
+    sampling = dict(n=2, max_tokens=TOKENS, temperature=0, ignore_eos=True, logprobs=2)
+    lean = list(RequestStream(service.actor, prompt_token_ids=_prompt(3), params=sampling,
+                              final_logprobs=False))
+    full = list(RequestStream(service.actor, prompt_token_ids=_prompt(3), params=sampling))
+    for events in (lean, full):
+        deltas = [e for e in events if e["type"] == "delta"]
+        for index in (0, 1):
+            mine = [e for e in deltas if e["index"] == index]
+            entries = [lp for e in mine for lp in e["logprobs"]]
+            assert [lp["token_id"] for lp in entries] == [t for e in mine for t in e["token_ids"]]
+            assert len(entries) == TOKENS
+    assert all(o["logprobs"] is None for o in lean[-1]["outputs"])
+    assert [len(o["logprobs"]) for o in full[-1]["outputs"]] == [TOKENS, TOKENS]
+    assert [o["token_ids"] for o in lean[-1]["outputs"]] == [o["token_ids"] for o in full[-1]["outputs"]]

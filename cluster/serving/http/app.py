@@ -179,24 +179,25 @@ class OpenAIServer:
         (final,) = await self.collect([request], "messages")
         return JSONResponse(chat_response(info, final).model_dump(mode="json"))
 
-    def open_streams(self, requests: list[dict], field: str) -> list[RequestStream]:
+    def open_streams(self, requests: list[dict], field: str, final_logprobs: bool = True
+                     ) -> list[RequestStream]:
         """One stream per request; if one cannot be sent (its text is not valid Unicode),
         none is left running and the caller gets the error."""
         calls: list[RequestStream] = []
         try:
             for request in requests:
-                calls.append(self._routed(request))
+                calls.append(self._routed(request, final_logprobs))
         except Exception as exc:
             for call in calls:
                 call.cancel()
             raise api_error(exc, field) from exc
         return calls
 
-    def _routed(self, request: dict) -> RequestStream:
+    def _routed(self, request: dict, final_logprobs: bool = True) -> RequestStream:
         """A request's stream on the engine the router picks (counted open until it ends)."""
         replica = self.router.pick(routing_key(request.get("prompt"), request.get("messages"),
                                                request.get("prompt_token_ids")))
-        stream = RequestStream(self.services[replica], **request)
+        stream = RequestStream(self.services[replica], **request, final_logprobs=final_logprobs)
         self.router.opened(replica)
         stream.on_close = lambda: self.router.closed(replica)
         return stream
@@ -215,7 +216,8 @@ class OpenAIServer:
     async def stream(self, requests: list[dict], fmt: CompletionStream, field: str):
         """Wait for every request's admission (so that a bad one is an HTTP error, not a
         broken stream), then stream all of them as server-sent events."""
-        calls = self.open_streams(requests, field)
+        # the deltas carry each token's logprobs: the final event (usage only) needs none
+        calls = self.open_streams(requests, field, final_logprobs=False)
         events: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(_pump(i, c, events, field)) for i, c in enumerate(calls)]
 
