@@ -46,11 +46,15 @@ class Delta:
 
 
 class Detokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas, incrementally.
 
-    Text is only released once it is stable: never while it ends in an
-    incomplete UTF-8 sequence (the tokenizer's U+FFFD), and never the last
-    characters that could still turn out to be the start of a stop string.
+    Each update decodes only the tokens added since the last one, beside the group of
+    tokens before them as context (a tokenizer may render a token differently at the start
+    of a text: a leading space, a byte of a multi-byte character), so a whole generation
+    costs linear, not quadratic, decoding. New tokens whose text ends in an incomplete UTF-8
+    sequence (the tokenizer's U+FFFD) wait for the next token. Text is only released once
+    it is stable: never the last characters that could still turn out to be the start of a
+    stop string; stop strings are searched for only where new text could complete one.
     """
 
     def __init__(self, tokenizer, stop: list[str]):
@@ -59,25 +63,46 @@ class Detokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything decoded so far (stop string cut off when found)
         self.emitted = 0  # characters of self.text already released
+        self._prefix = 0  # first token of the context decoded beside the new ones
+        self._read = 0  # tokens whose text is in self.text
+        self._tokens: list[int] = []  # the output tokens (the caller's live list)
+        self._stopped = False
 
     def update(self, token_ids: list[int]) -> str | None:
-        """Decode all output tokens; returns the stop string if one appeared."""
+        """Decode the output tokens not decoded yet; returns the stop string if one appeared."""
         if self.tokenizer is None:  # a weights-only checkpoint: token ids, no text
             return None
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        found = [(at, stop) for stop in self.stop if (at := text.find(stop)) != -1]
+        self._tokens = token_ids
+        window = self._window(token_ids)
+        if window is None or window.endswith("\ufffd"):
+            return None  # an incomplete character (or nothing visible yet): wait
+        searched_from = max(0, len(self.text) - self.hold)
+        self.text += window
+        self._prefix, self._read = self._read, len(token_ids)
+        found = [(at, stop) for stop in self.stop
+                 if (at := self.text.find(stop, searched_from)) != -1]
         if found:
             at, stop = min(found)
-            self.text = text[:at]
+            self.text = self.text[:at]
+            self._stopped = True
             return stop
-        self.text = text
         return None
 
+    def _window(self, token_ids: list[int]) -> str | None:
+        """The text the tokens after ``_read`` add (decoded beside their context); None when
+        they add nothing visible."""
+        decode = self.tokenizer.decode
+        context = decode(token_ids[self._prefix:self._read], skip_special_tokens=True)
+        window = decode(token_ids[self._prefix:], skip_special_tokens=True)
+        return window[len(context):] if len(window) > len(context) else None
+
     def release(self, final: bool) -> str:
+        if final and not self._stopped and self.tokenizer is not None \
+                and self._read < len(self._tokens):  # the end: even an incomplete character
+            self.text += self._window(self._tokens) or ""
+            self._read = len(self._tokens)
         end = len(self.text)
         if not final:
-            while end > self.emitted and self.text[end - 1] == "\ufffd":
-                end -= 1
             end = max(self.emitted, end - self.hold)
         delta = self.text[self.emitted:end]
         self.emitted = end
