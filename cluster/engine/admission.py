@@ -51,10 +51,12 @@ class Admission:
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
 
     def admit(self, request_id: str, seq_ids, prompt=None, params=None, prompt_token_ids=None,
-              messages=None, priority: int = 0) -> Request:
-        """A checked request with its sequences (not yet queued)."""
+              messages=None, priority: int = 0, tokenized: list[int] | None = None) -> Request:
+        """A checked request with its sequences (not yet queued). ``tokenized``: the prompt's
+        ids as :meth:`prompt_ids` made them beforehand (off the engine thread)."""
         params = sampling_params(params)
-        ids = self.prompt_ids(prompt, prompt_token_ids, messages)
+        ids = tokenized if tokenized is not None else self.prompt_ids(prompt, prompt_token_ids,
+                                                                      messages)
         params = self._bounded(params, ids)
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [Sequence(next(seq_ids), list(ids), params,

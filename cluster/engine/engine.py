@@ -90,7 +90,8 @@ class Engine:
     def add_request(self, prompt: str | None = None, params=None,
                     prompt_token_ids: list[int] | None = None, request_id: str | None = None,
                     priority: int = 0, messages: list[dict] | None = None,
-                    resume: list[dict] | None = None, keep_logprobs: bool = True) -> str:
+                    resume: list[dict] | None = None, keep_logprobs: bool = True,
+                    tokenized: list[int] | None = None) -> str:
         """Queue a request given by exactly one of ``prompt``, ``prompt_token_ids`` and chat
         ``messages``; ``params``: SamplingParams, a dict of them, or None. Its id; a typed
         RequestError (nothing queued) where it cannot be served.
@@ -105,7 +106,7 @@ class Engine:
         request_id = request_id or f"req-{next(self._request_ids)}"
         check_request_id(request_id, self.requests)
         request = self.admission.admit(request_id, self._seq_ids, prompt, params,
-                                       prompt_token_ids, messages, priority)
+                                       prompt_token_ids, messages, priority, tokenized)
         if not keep_logprobs:
             for output in request.outputs:
                 output.logprobs = None

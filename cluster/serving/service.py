@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import queue
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 import traceback
@@ -48,6 +49,7 @@ class EngineService:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._open = 0  # generate() calls in progress (see deployment.max_open_requests)
         self._started = time.time()
+        self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="shardlm-tokenize")
         self._thread = threading.Thread(target=self._main, name="shardlm-engine", daemon=True)
         self._thread.start()
 
@@ -153,6 +155,12 @@ class EngineService:
                 yield events.encode(events.error_event(exc))
                 return
             loop, queue_ = asyncio.get_running_loop(), asyncio.Queue()
+            try:  # tokenized here, in a pool: a huge prompt does not hold up the engine thread
+                body["tokenized"] = await self._tokenize(loop, body)
+            except Exception as exc:
+                finished = True
+                yield events.encode(events.error_event(exc))
+                return
             admitted = loop.create_future()
             self._commands.put(lambda: self._admit(body, loop, queue_, admitted))
             request_id = await asyncio.shield(admitted)  # a cancelled caller must not cancel it
@@ -168,6 +176,16 @@ class EngineService:
             self._open -= 1
             if not finished and admitted is not None:  # the caller went away, perhaps before
                 admitted.add_done_callback(self._abort_admitted)  # admission: free its blocks
+
+    async def _tokenize(self, loop, body: dict) -> list[int] | None:
+        """The prompt's token ids from text or chat messages, made in the tokenizer pool
+        (None: token ids given, or the engine not started yet: admission makes them)."""
+        engine = self.engine
+        if engine is None or (body["prompt"] is None and body["messages"] is None):
+            return None
+        return await loop.run_in_executor(self._tokenizers, engine.admission.prompt_ids,
+                                          body["prompt"], body["prompt_token_ids"],
+                                          body["messages"])
 
     def _abort_admitted(self, admitted: asyncio.Future) -> None:
         request_id = admitted.result()
@@ -204,7 +222,7 @@ class EngineService:
             request_id = self.engine.add_request(
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
                 body["request_id"], body["priority"] or 0, body["messages"], body["resume"],
-                keep_logprobs=body["final_logprobs"] is not False)
+                keep_logprobs=body["final_logprobs"] is not False, tokenized=body.get("tokenized"))
             self._streams[request_id] = (loop, queue_)
             self.metrics.prompt_tokens.inc(len(self.engine.requests[request_id].prompt_token_ids))
             result = request_id

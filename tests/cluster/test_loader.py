@@ -42,7 +42,9 @@ def test_resident_memory_grows_by_about_one_over_tp(ray_session, big_checkpoint)
           f"tp=2 {[round(g / MIB, 1) for g in growth_two]} MiB")
     assert growth_one > 0.8 * size  # the measurement sees the whole model at tp=1
     for stats, growth in zip(two, growth_two):
-        assert growth < 0.65 * size, f"a tp=2 rank grew by {growth / MIB:.1f} MiB"
+        # half the weights plus slack (huge-page rounding, allocator state: measured 69.6 and
+        # 79.7 MiB of 122.5 on the same machine); a rank holding the whole model grows >= 1x
+        assert growth < 0.75 * size, f"a tp=2 rank grew by {growth / MIB:.1f} MiB"
         assert 0.4 * size < stats["bytes_read"] < 0.6 * size
 
 
