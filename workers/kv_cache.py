@@ -26,22 +26,15 @@ def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype)
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return psutil.virtual_memory().available
-
-
 def blocks_that_fit(model: torch.nn.Module, block_size: int, dtype: torch.dtype,
                     budget: int) -> int:
     """How many blocks of this rank's KV fit in ``budget`` bytes."""
     return max(0, budget) // bytes_per_block(model, block_size, dtype)
 
 
-def host_budget(device: torch.device, fraction: float) -> int:
-    """A CPU worker's KV budget: its share of the memory free now."""
-    return int(available_bytes(device) * fraction)
+def host_budget(fraction: float) -> int:
+    """A CPU worker's KV budget: its share of the host memory free now."""
+    return int(psutil.virtual_memory().available * fraction)
 
 
 def gpu_budget(total: int, free: int, allocated: int, peak_allocated: int,

@@ -163,7 +163,7 @@ class Worker:
         elif self.device.type == "cuda":
             budget = self._profile_gpu_budget(sizing)
         else:
-            budget = kv_cache.host_budget(self.device, sizing["fraction"])
+            budget = kv_cache.host_budget(sizing["fraction"])
         return kv_cache.blocks_that_fit(self.model, block_size, self.dtype, budget)
 
     @torch.inference_mode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ def percentiles(values: list[float]) -> dict | None:
     return {"p50": p50, "p90": p90, "p99": p99, "mean": float(np.mean(values))}
 
 
-def worker_threads(setting: int | str, tp: int) -> int:
-    """Torch threads per worker: a number, or "auto" = this machine's cores split over tp."""
-    if setting == "auto":
-        return max(1, (os.cpu_count() or 1) // tp)
-    return int(setting)
+def worker_threads(setting: int | str) -> int | None:
+    """``threads_per_worker`` for the engine: a number, or None for "auto" (the engine's own
+    rule: each node's cores split over the gang's workers on it)."""
+    return None if setting == "auto" else int(setting)
 
 
 def engine_config(opts: "BenchOptions", tp: int, name: str):
@@ -37,7 +35,7 @@ def engine_config(opts: "BenchOptions", tp: int, name: str):
 
     config = EngineConfig.from_yaml(opts.config) if opts.config else EngineConfig()
     overrides = dict(opts.overrides, tensor_parallel_size=tp, name=name,
-                     threads_per_worker=worker_threads(opts.threads_per_worker, tp))
+                     threads_per_worker=worker_threads(opts.threads_per_worker))
     if opts.model:
         overrides["model"] = opts.model
     if opts.max_num_seqs:

@@ -174,9 +174,7 @@ def run_online(opts: BenchOptions, tp: int, prompts: list[list[int]]) -> dict:
     port = find_free_port("127.0.0.1")
     progress(opts, f"tp={tp}: deploying the HTTP API on port {port}")
     url = deploy(config, host="127.0.0.1", port=port)
-    par = config.parallel
-    result = {"engine": "shardlm http", "mode": "online", "tp": tp,
-              "threads": par.world_size * par.threads_per_worker, "points": []}
+    result = {"engine": "shardlm http", "mode": "online", "tp": tp, "points": []}
     try:
         _wait_ready(url)
         import ray
@@ -184,6 +182,7 @@ def run_online(opts: BenchOptions, tp: int, prompts: list[list[int]]) -> dict:
         dep = config.deployment
         stats = ray.get(ray.get_actor(dep.name, namespace=dep.namespace).stats.remote())
         result |= {k: stats[k] for k in ("device", "backend", "dtype")}
+        result["threads"] = sum(stats["threads"])
         for rate in opts.request_rate:
             for cap in opts.concurrency or [len(prompts)]:
                 label = f"shardlm http tp={tp} rate={rate:g}/s concurrency={cap}"

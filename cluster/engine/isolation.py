@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 from cluster.engine.outputs import Delta
+from cluster.engine.recovery import fail_seq
 from cluster.engine.sequence import Sequence
 
 log = logging.getLogger("shardlm.engine")
@@ -43,8 +44,6 @@ class Isolation:
                    ) -> list[Delta]:
         """A step failed with ``error`` (no worker died); before the gang recovers. The
         deltas of a request failed here as the cause."""
-        from cluster.engine.recovery import fail_seq
-
         sig = signature(error)
         live = {s.seq_id for s in step_seqs if s.seq_id in engine.by_seq}
         same = sig == self.signature

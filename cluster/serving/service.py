@@ -268,7 +268,7 @@ class EngineService:
                 "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,
                 "kv_usage_peak": engine.kv_usage_peak,
                 "device": engine.group.device, "backend": engine.group.backend,
-                "dtype": engine.group.dtype, **engine.stats}
+                "dtype": engine.group.dtype, "threads": engine.group.threads, **engine.stats}
 
     @control
     async def reset_for_benchmark(self) -> None:
@@ -339,10 +339,10 @@ def get_or_start_services(config: EngineConfig) -> list:
             for k in range(config.deployment.replicas)]
 
 
-def stop_services(config: EngineConfig) -> None:
-    dep = config.deployment
-    for k in range(dep.replicas):
-        stop_service(replica_name(dep.name, k), dep.namespace)
+def stop_services(name: str, namespace: str, replicas: int = 1) -> None:
+    """Stop every engine service (replica) of deployment ``name``."""
+    for replica in range(replicas):
+        stop_service(replica_name(name, replica), namespace)
 
 
 def stop_service(name: str = "shardlm", namespace: str = "shardlm") -> bool:

@@ -49,15 +49,20 @@ class BatchItem:
     fingerprint: str = ""  # of the line's content (see fingerprint())
 
 
-def fingerprint(text: str) -> str:
-    """A hash of an input line's content, ignoring its id and its JSON spacing."""
-    try:
-        obj = json.loads(text)
-        if isinstance(obj, dict):
-            obj = {k: v for k, v in obj.items() if k != "id"}
-        text = json.dumps(obj, sort_keys=True, ensure_ascii=False)
-    except ValueError:
-        pass
+def fingerprint(text: str, obj=None) -> str:
+    """A hash of an input line's content, ignoring its id and its JSON spacing; ``obj``: the
+    line already parsed (else it is parsed here; a line that is not JSON hashes as text)."""
+    if obj is None:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return _digest(text)
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != "id"}
+    return _digest(json.dumps(obj, sort_keys=True, ensure_ascii=False))
+
+
+def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -94,7 +99,7 @@ are checked where every request's are: at the engine's admission)."""
     if not isinstance(item_id, (str, int)):
         raise ValueError("id must be a string or an integer")
     return BatchItem(number, str(item_id), obj.get("prompt"), obj.get("messages"),
-                     obj.get("prompt_token_ids"), params, fingerprint(text))
+                     obj.get("prompt_token_ids"), params, fingerprint(text, obj))
 
 
 def read_done(output: Path) -> dict[str, str | None]:

@@ -112,8 +112,7 @@ class GpuCheck:
     def generate(self, prompt_ids: list[list[int]], params=None, **overrides) -> tuple[list, dict]:
         from cluster import LLM, SamplingParams
 
-        settings = dict(device=self.device, dtype="float32", threads_per_worker=1,
-                        kv_cache_bytes=None if self.device == "cuda" else 64 << 20) | overrides
+        settings = self.settings("float32", threads_per_worker=1) | overrides
         params = params or SamplingParams(temperature=0.0, max_tokens=self.new_tokens,
                                           ignore_eos=True)
         with LLM(model=str(self.checkpoint), **settings) as llm:
@@ -123,6 +122,12 @@ class GpuCheck:
                     "preemptions": engine.scheduler.num_preemptions,
                     "mixed_steps": engine.stats["mixed_steps"], "blocks": engine.num_blocks}
         return [o.outputs[0].token_ids for o in outputs], info
+
+    def settings(self, dtype: str, **extra) -> dict:
+        """LLM overrides of every run: this device, ``dtype``, a KV cache sized by memory on a
+        GPU (64 MiB on a CPU)."""
+        return dict(device=self.device, dtype=dtype,
+                    kv_cache_bytes=None if self.device == "cuda" else 64 << 20, **extra)
 
     def check(self, name: str, fn) -> None:
         started = time.perf_counter()
@@ -207,8 +212,7 @@ class GpuCheck:
         count, out_len = (256, 128) if self.device == "cuda" else (4, 4)  # a dry run: 4 x 4
         prompt_ids = prompts(count, 128 if self.device == "cuda" else 16, seed=11)
         params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
-        settings = dict(device=self.device, dtype="bfloat16" if self.device == "cuda" else "float32",
-                        kv_cache_bytes=None if self.device == "cuda" else 64 << 20)
+        settings = self.settings("bfloat16" if self.device == "cuda" else "float32")
         with LLM(model=str(self.checkpoint), **settings) as llm:
             llm.generate(prompt_token_ids=prompt_ids[:2], sampling_params=params)  # warm up
             started = time.perf_counter()

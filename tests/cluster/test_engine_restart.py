@@ -22,22 +22,11 @@ from cluster.serving.client import Handle
 from cluster.serving.service import get_or_start_service, stop_service
 from cluster.tools import chaos
 from tests.checkpoints import write_tiny_checkpoint
+from tests.services import wait_ready
 
 NAME = "restart"
 STREAMS = 16
 TOKENS = 200  # with the prompts, up to 235 of the tiny model's 256 positions
-
-
-def _wait_ready(actor, timeout: float = 180) -> float:
-    started = time.monotonic()
-    while True:
-        try:
-            if ray.get(actor.health.remote(), timeout=5)["status"] == "ready":
-                return time.monotonic() - started
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-            pass
-        assert time.monotonic() - started < timeout, "the engine did not come back"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +36,7 @@ def service(ray_session, tmp_path_factory):
         model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5, block_size=4,
         kv_cache_bytes=1 << 22, name=NAME, namespace=NAME)
     actor = get_or_start_service(config)
-    _wait_ready(actor)
+    wait_ready(actor)
     yield Handle(actor)
     stop_service(NAME, NAME)
 
@@ -98,7 +87,7 @@ def test_killing_the_engine_loses_no_request(service):
             assert counted.acquire(timeout=120)
         chaos.kill_engine(NAME, NAME)
         killed = time.monotonic()
-        back = _wait_ready(service.actor)
+        back = wait_ready(service.actor)
         for t in threads:
             t.join(300)
         assert not errors, errors

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 
 from cluster.contract.config import EngineConfig
 from cluster.contract.errors import EngineUnavailable
@@ -16,6 +15,7 @@ from cluster.serving.client import Handle
 from cluster.serving.service import get_or_start_service, stop_service
 from cluster.tools import chaos
 from tests.checkpoints import write_tiny_checkpoint
+from tests.services import wait_ready
 
 NAME = "open-streams"
 BOUND = 1000
@@ -28,10 +28,7 @@ def service(ray_session, tmp_path_factory):
         model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5, block_size=4,
         kv_cache_bytes=1 << 22, name=NAME, namespace=NAME, max_open_requests=BOUND)
     actor = get_or_start_service(config)
-    deadline = time.monotonic() + 120
-    while ray.get(actor.health.remote())["status"] != "ready":
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_ready(actor, timeout=120)
     yield Handle(actor)
     stop_service(NAME, NAME)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import openai
 import pytest
@@ -25,25 +24,13 @@ from cluster.serving.service import (get_or_start_services, replica_name, stop_s
 from cluster.serving.stream import RequestStream
 from cluster.tools import chaos
 from tests.checkpoints import write_tiny_checkpoint
+from tests.services import wait_ready
 from workers.comm import find_free_port
 
 NAME = "replicas"
 BLOCK = 4
 PREFIX_BLOCKS = 16  # a shared prefix: 64 tokens
 PREFIXES, PER_PREFIX = 8, 6
-
-
-def _wait_ready(actors, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    for actor in actors:
-        while True:
-            try:
-                if ray.get(actor.health.remote(), timeout=5)["status"] == "ready":
-                    break
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                pass
-            assert time.monotonic() < deadline, "an engine did not become ready"
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +74,7 @@ def test_prefix_routing_finds_more_cached_prefixes_than_random(ray_session, tiny
     config = _config(tiny)
     services = get_or_start_services(config)
     try:
-        _wait_ready(services)
+        wait_ready(*services)
         prompts = _workload()
         by_prefix = _hit_rate(services, "prefix", prompts)
         by_chance = _hit_rate(services, "random", prompts)
@@ -95,7 +82,7 @@ def test_prefix_routing_finds_more_cached_prefixes_than_random(ray_session, tiny
               f"{by_prefix:.2f}, random routing {by_chance:.2f}")
         assert by_prefix > by_chance + 0.15
     finally:
-        stop_services(config)
+        stop_services(NAME, NAME, replicas=2)
 
 
 def test_router_passes_over_a_much_busier_engine():
@@ -118,7 +105,7 @@ def http(ray_session, tiny):
     config = _config(tiny, kv_cache_bytes=1 << 22)
     url = deploy(config, port=port)
     services = [ray.get_actor(replica_name(NAME, k), namespace=NAME) for k in range(2)]
-    _wait_ready(services)
+    wait_ready(*services)
     yield url, openai.OpenAI(base_url=url, api_key="unused", max_retries=0), str(tiny), services
     shutdown(NAME, NAME, replicas=2)
 
@@ -166,7 +153,7 @@ def test_two_engines_behind_one_endpoint_lose_nothing_when_one_dies(http):
     assert not errors, errors
     assert [received[i] for i in range(16)] == expected
     assert health.status_code == 200, health.text  # the other engine serves meanwhile
-    _wait_ready(services)
+    wait_ready(*services)
 
 
 def test_the_api_over_two_engines(http):

@@ -67,6 +67,14 @@ class Settings:
 
 
 HEALTH_TIMEOUT_S = 2.0
+PUBLIC_REASONS = {
+    "starting": "loading the model onto the workers",
+    "recovering": "replacing lost workers; requests wait and resume",
+    "restarting": "the engine is restarting; requests wait and resume",
+    "failed": "the engine failed; the engine service's log says why",
+    "unavailable": "the engine service is gone",
+    "some_ready": "some engines are recovering; requests go to the others",
+}
 
 
 async def _engine_health(service) -> dict:
@@ -82,14 +90,6 @@ async def _engine_health(service) -> dict:
     if status not in ("starting", "ready", "recovering", "failed"):
         return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
     return {"status": status, "reason": PUBLIC_REASONS.get(status)}
-PUBLIC_REASONS = {
-    "starting": "loading the model onto the workers",
-    "recovering": "replacing lost workers; requests wait and resume",
-    "restarting": "the engine is restarting; requests wait and resume",
-    "failed": "the engine failed; the engine service's log says why",
-    "unavailable": "the engine service is gone",
-    "some_ready": "some engines are recovering; requests go to the others",
-}
 
 
 # ---- the deployment ------------------------------------------------------------------------

@@ -64,11 +64,10 @@ def deploy(config: EngineConfig | str | Path, host: str = "127.0.0.1", port: int
 
 def shutdown(name: str = "shardlm", namespace: str = "shardlm", replicas: int = 1) -> None:
     """Stop Serve and the engine services of deployment ``name`` (each of its replicas)."""
-    from cluster.serving.service import replica_name, stop_service
+    from cluster.serving.service import stop_services
 
     serve.shutdown()
-    for replica in range(replicas):
-        stop_service(replica_name(name, replica), namespace)
+    stop_services(name, namespace, replicas)
 
 
 def _keys(value) -> list[str]:
