@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     from cluster.bench.main import add_arguments as bench_arguments
 
-    bench_arguments(sub.add_parser("bench", help="throughput and latency on a seeded workload"))
+    bench = sub.add_parser("bench", help="throughput and latency on a seeded workload")
+    bench_arguments(bench)
+    _precision_args(bench)
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)")
     _engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
@@ -115,6 +117,17 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name or local Hugging Face checkpoint directory")
     parser.add_argument("--tp", type=int, help="tensor_parallel_size")
     parser.add_argument("--pp", type=int, help="pipeline_parallel_size")
+    _precision_args(parser)
+
+
+def _precision_args(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantization, as vLLM names them (shared with ``shardlm bench``)."""
+    from cluster.contract.config import DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=DTYPES, help="model.dtype (default auto: bfloat16 "
+                        "on CPUs with bf16 dot products, else float32; 16-bit on GPUs)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS,
+                        help="model.quantization: int8 linear weights (CPU workers)")
 
 
 def engine_config(args):
@@ -122,7 +135,8 @@ def engine_config(args):
 
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     overrides = {"model": args.model, "tensor_parallel_size": args.tp,
-                 "pipeline_parallel_size": args.pp, "replicas": getattr(args, "replicas", None)}
+                 "pipeline_parallel_size": args.pp, "replicas": getattr(args, "replicas", None),
+                 "dtype": args.dtype, "quantization": args.quantization}
     return config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
 
 

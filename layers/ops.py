@@ -28,6 +28,8 @@ class TorchOps:
 
     name = "torch"
     graph_safe = False  # decode steps read host values (Python lists): never graph-captured
+    activation_dtype: torch.dtype | None = None  # hidden states: None, the weights' dtype
+    kv_cache_dtype: torch.dtype | None = None  # None: the activations' dtype
 
     def prepare(self, model: nn.Module) -> int:
         """Rearrange loaded weights for this platform's kernels; how many were changed."""
@@ -80,8 +82,8 @@ class TorchOps:
                  slots: torch.Tensor) -> None:
         # k, v: (tokens, num_kv, hd); slots: (tokens,) int64 block * block_size + offset
         flat = cache.view(2, -1, *cache.shape[3:])  # (2, slots, num_kv, hd)
-        flat[0].index_copy_(0, slots, k)
-        flat[1].index_copy_(0, slots, v)
+        flat[0].index_copy_(0, slots, k.to(cache.dtype))  # a narrower cache: rounded here
+        flat[1].index_copy_(0, slots, v.to(cache.dtype))
 
     def paged_decode(self, q: torch.Tensor, cache: torch.Tensor, batch, scale: float
                      ) -> torch.Tensor:
@@ -212,6 +214,7 @@ def _decode_group(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scal
                   ) -> torch.Tensor:
     # q: (n, num_q, hd) -> (n, num_q, hd); contexts padded to the group's longest, masked
     k, v = gather_kv(cache, group.block_tables, group.length)  # (n, length, num_kv, hd)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the cache is narrower than q
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # (n, num_q, 1, hd)
         k.transpose(1, 2), v.transpose(1, 2),  # (n, num_kv, length, hd)

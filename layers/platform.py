@@ -1,9 +1,11 @@
 """The platform, chosen once per worker: which implementation of the layers' ops it runs.
 
-- ``cpu`` with float32 weights and the C kernels built (:mod:`layers.cpu`): :class:`CpuOps`.
+- ``cpu`` with float32 weights and the C kernels built, or bfloat16 or int8 weights
+  (:mod:`layers.cpu`): :class:`CpuOps`, float32 activations in each case, the KV cache in
+  bfloat16 where ``dtype`` is.
 - ``cuda`` where triton imports (it comes with torch's CUDA wheels):
   :class:`layers.cuda.ops.CudaOps`, triton kernels over the paged KV cache.
-- anything else (CPU with other dtypes, kernels off with ``SHARDLM_CPU_KERNELS=0`` or no C
+- anything else (CPU float16, float32 with the kernels off with ``SHARDLM_CPU_KERNELS=0`` or no C
   compiler, CUDA without triton): the device-generic :class:`layers.ops.TorchOps`, torch's
   own kernels, with one log line saying why on CUDA.
 
@@ -22,24 +24,50 @@ from torch import nn
 from layers.ops import NATIVE, TorchOps
 
 
-def select_ops(device: torch.device | str, dtype: torch.dtype) -> TorchOps:
-    """The platform for a worker on ``device`` with weights of ``dtype``. ``SHARDLM_OPS``
-    overrides the choice: ``torch`` (the reference) or ``triton`` (the CUDA kernels; on a
-    CPU only under ``TRITON_INTERPRET=1``, how ``gpu-check --device cpu`` runs them)."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``), empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((l for l in info if l.startswith(("flags", "Features"))), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_dtype(flags: set[str] | None = None) -> str:
+    """``model.dtype: auto`` on a CPU: bfloat16 where the CPU has native bf16 dot products
+    (AVX512-BF16 or AMX-BF16), float32 elsewhere."""
+    flags = cpu_flags() if flags is None else flags
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+def select_ops(device: torch.device | str, dtype: torch.dtype, quantization: str | None = None
+               ) -> TorchOps:
+    """The platform for a worker on ``device`` with weights of ``dtype`` (``quantization``
+    int8: CPU workers only). ``SHARDLM_OPS`` overrides the choice: ``torch`` (the reference)
+    or ``triton`` (the CUDA kernels; on a CPU only under ``TRITON_INTERPRET=1``, how
+    ``gpu-check --device cpu`` runs them)."""
     forced = os.environ.get("SHARDLM_OPS", "")
     if forced not in ("", "torch", "triton"):
         raise ValueError(f"SHARDLM_OPS={forced!r}: expected 'torch' or 'triton'")
-    if forced == "torch":
+    is_cpu = torch.device(device).type == "cpu"
+    if quantization not in (None, "int8"):
+        raise ValueError(f"quantization {quantization!r}: expected int8 or none")
+    if quantization and not is_cpu:
+        raise ValueError("quantization int8 runs on CPU workers only")
+    if forced == "torch" and not quantization:
         return NATIVE
     if forced == "triton":
         from layers.cuda.ops import CudaOps
 
         return CudaOps()
-    if torch.device(device).type == "cpu" and dtype == torch.float32:
+    if is_cpu and (quantization or dtype in (torch.float32, torch.bfloat16)):
         from layers.cpu.ops import CpuOps, kernels_available  # only CPU workers load it
 
-        if kernels_available():
-            return CpuOps()
+        weights = quantization or {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+        kv = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        if kernels_available() or weights != "float32":  # bf16 / int8 fall back op by op
+            return CpuOps(weights=weights, kv_cache_dtype=kv)
     if torch.device(device).type == "cuda":
         try:
             from layers.cuda.ops import CudaOps  # only CUDA workers load triton

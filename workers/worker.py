@@ -22,7 +22,7 @@ import torch
 from layers.attention import AttnBatch
 from layers.linear import param_memory
 from layers.models import build_model
-from layers.platform import select_ops, use_ops
+from layers.platform import cpu_dtype, select_ops, use_ops
 from workers.host_memory import HugePageArena, retain_freed_memory
 from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
 from workers.cuda_graphs import DecodeGraphs
@@ -104,10 +104,17 @@ class Worker:
         return threads
 
     # ---- weights ---------------------------------------------------------------------------
-    def load(self, checkpoint: str, dtype: str = "float32") -> dict:
-        """Build this rank's piece of the model and fill it from the checkpoint."""
+    def load(self, checkpoint: str, dtype: str = "float32", quantization: str | None = None) -> dict:
+        """Build this rank's piece of the model and fill it from the checkpoint. ``dtype``
+        "auto" (CPU workers: the driver resolves it for GPUs) is this CPU's own choice
+        (:func:`layers.platform.cpu_dtype`); ``quantization`` int8 quantizes the linear
+        weights after loading them in bf16."""
         self.model = self.runner = None  # drop a previous model before measuring
-        self.dtype = DTYPES[dtype]
+        if dtype == "auto":
+            dtype = cpu_dtype() if self.device.type == "cpu" else "bfloat16"
+        weights_dtype = DTYPES[dtype]
+        ops = select_ops(self.device, weights_dtype, quantization)
+        build_dtype = torch.bfloat16 if quantization else weights_dtype  # int8 made from bf16
         rss_before = rss_bytes()
         started = time.perf_counter()
         self.hf_config = json.loads((Path(checkpoint) / "config.json").read_text())
@@ -117,14 +124,15 @@ class Worker:
         zeros = (HugePageArena().zeros if self.device.type == "cpu"
                  else functools.partial(torch.zeros, device=self.device))
         with param_memory(zeros):
-            model = build_model(self.hf_config, self.tp_comm, DTYPES[dtype], layer_range)
+            model = build_model(self.hf_config, self.tp_comm, build_dtype, layer_range)
         stats = load_shard(model, checkpoint)
         self.model = model.to(self.device).eval()  # the buffers (rotary frequencies)
-        self.ops = select_ops(self.device, self.dtype)  # the platform, once for this worker
+        self.ops = ops  # the platform, once for this worker
         packed = use_ops(self.model, self.ops)
+        self.dtype = ops.kv_cache_dtype or ops.activation_dtype or build_dtype  # the KV cache's
         return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
-                "packed_weights": packed, "ops": self.ops.name,
-                "rss_before": rss_before, "rss_after": rss_bytes(),
+                "packed_weights": packed, "ops": self.ops.name, "dtype": dtype,
+                "quantization": quantization, "rss_before": rss_before, "rss_after": rss_bytes(),
                 "load_s": time.perf_counter() - started,
                 "loaded": sorted(name for name, _ in stats.loaded)}
 

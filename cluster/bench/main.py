@@ -67,6 +67,7 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for):
         raise
     return llm, {"engine": "shardlm", "tp": tp, "device": engine.group.device,
                  "backend": engine.group.backend, "dtype": engine.group.dtype,
+                 "quantization": engine.config.model.quantization,
                  "threads": sum(engine.group.threads),
                  "num_kv_blocks": engine.num_blocks, "model": engine.config.model.model,
                  "model_dir": str(engine.model_dir),
@@ -328,8 +329,10 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     names = {f.name for f in fields(BenchOptions)}
+    precision = {k: getattr(args, k, None) for k in ("dtype", "quantization")}
     opts = BenchOptions(probes=not args.no_probes,
-                        **{k: v for k, v in vars(args).items() if k in names})
+                        overrides={k: v for k, v in precision.items() if v is not None},
+                        **{k: v for k, v in vars(args).items() if k in names and k != "overrides"})
     from cluster.bench.report import format_report, plot
 
     result = run(opts)

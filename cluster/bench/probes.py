@@ -92,7 +92,7 @@ def summarize_rounds(runs: list[dict], ceilings: list[dict], counts: dict) -> di
 
     for r in runs:
         if "probe_rounds" in r:
-            dtype_bytes = {"float32": 4}.get(r["dtype"], 2)
+            dtype_bytes = 1 if r.get("quantization") == "int8" else {"float32": 4}.get(r["dtype"], 2)
             per_round = [roofline(p, counts, dtype_bytes, c) for p, c in r.pop("probe_rounds")]
             r["roofline"] = median_fields(per_round) | {"rounds": per_round}
     by_threads: dict[str, list] = {}

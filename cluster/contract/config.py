@@ -17,6 +17,7 @@ import yaml
 BACKENDS = ("auto", "gloo", "shm", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("int8",)
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,10 @@ def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...])
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m-instruct"  # the default model's name, or a local HF directory
-    dtype: str = "auto"  # auto: float32 on CPUs; on GPUs the checkpoint's 16-bit dtype (bf16 for fp32)
+    # auto: on CPUs bfloat16 where the CPU has bf16 dot products (AVX512-BF16, AMX), else
+    # float32; on GPUs the checkpoint's 16-bit dtype (bf16 for a float32 checkpoint)
+    dtype: str = "auto"
+    quantization: str | None = None  # int8: linear weights int8, a scale per output (CPUs)
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enforce_eager: bool = False  # GPUs: run decode steps eagerly instead of from CUDA graphs
 
@@ -50,6 +54,8 @@ class ModelConfig:
         if not isinstance(self.model, str) or not self.model:
             _fail("model", "model", self.model, "must be a model name or a checkpoint directory")
         _check_choice("model", "dtype", self.dtype, DTYPES)
+        if self.quantization is not None:
+            _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
         if self.max_model_len is not None:
             _check_int("model", "max_model_len", self.max_model_len, 1)
         if not isinstance(self.enforce_eager, bool):

@@ -107,7 +107,9 @@ class WorkerGroup:
         self._spawn_actors()
         self._rendezvous()
         joined = time.monotonic()
-        self.load_stats = self.call_all("load", self.checkpoint, self.dtype)
+        self.load_stats = self.call_all("load", self.checkpoint, self.dtype,
+                                        self.config.model.quantization)
+        self.dtype = self.load_stats[0]["dtype"]  # "auto" on CPUs: each worker's CPU decides
         self.timings = {"placement_s": placed - began, "spawn_s": joined - placed,
                         "load_s": time.monotonic() - joined}
         log.info("worker group %s ready: %s", self.config.deployment.name, self.summary())
@@ -336,11 +338,11 @@ def _fmt(resources: dict) -> dict:
 
 
 def resolve_dtype(configured: str, device: str, hf_config: dict) -> str:
-    """``model.dtype`` for a device: "auto" is float32 on CPUs (the kernels' precision) and
-    the checkpoint's own 16-bit dtype on GPUs (bfloat16 for a float32 checkpoint)."""
-    if configured != "auto":
+    """``model.dtype`` for a device: on GPUs "auto" is the checkpoint's own 16-bit dtype
+    (bfloat16 for a float32 checkpoint); on CPUs it stays "auto", for each worker to decide
+    by its own CPU (bfloat16 where it has bf16 dot products, else float32:
+    ``layers.platform.cpu_dtype``)."""
+    if configured != "auto" or device == "cpu":
         return configured
-    if device == "cpu":
-        return "float32"
     stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
     return stored if stored in ("bfloat16", "float16") else "bfloat16"

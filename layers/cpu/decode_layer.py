@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layers.cpu.kernels import PANEL, check_slots, i64_rows, float32_kernels, load
+from layers.cpu.kernels import KV_DTYPES, LOWP_FORMATS, PANEL, check_slots, i64_rows, float32_kernels, load
 
 
 class DecodeStep:
@@ -43,11 +43,13 @@ class DecodeStep:
 @dataclass
 class DecodeLayer:
     """A decoder layer's weights and KV cache as ``decode_layer.c`` takes them (packed
-    panels, no biases), checked once; ``make`` answers None where the kernel does not apply.
+    float32 panels, or bf16 / int8 matrices; no biases), checked once; ``make`` answers None
+    where the kernel does not apply.
 
-    cache: (2, num_blocks, block_size, num_kv, hd); qkv panels: ((num_q + 2 num_kv) hd / 16,
+    cache: (2, num_blocks, block_size, num_kv, hd) float32 or bf16; qkv panels: ((num_q + 2 num_kv) hd / 16,
     hidden, 16); o: (hidden / 16, num_q hd, 16); gate_up: (2 inter / 16, hidden, 16);
-    down: (hidden / 16, inter, 16); norms: (hidden,)."""
+    down: (hidden / 16, inter, 16); or each (out, in) in bf16 or int8, with ``scales`` the
+    int8 weights' (out,) float32 scales in that order; norms: (hidden,)."""
 
     input_norm: torch.Tensor
     input_eps: float
@@ -66,28 +68,45 @@ class DecodeLayer:
     down: torch.Tensor
     hidden: int
     inter: int
+    format: int = 0  # 0 packed float32 panels, 1 bf16, 2 int8 (lowp_linear.c)
+    scales: tuple = (None, None, None, None)  # int8: qkv, o, gate_up, down scales
 
     @classmethod
     def make(cls, input_norm: torch.Tensor, input_eps: float, qkv: torch.Tensor, num_q: int,
              num_kv: int, scale: float, cache: torch.Tensor, o: torch.Tensor,
              post_norm: torch.Tensor, post_eps: float, gate_up: torch.Tensor,
-             down: torch.Tensor) -> "DecodeLayer | None":
-        if float32_kernels(input_norm, qkv, cache, o, post_norm, gate_up, down) is None or cache.dim() != 5:
+             down: torch.Tensor, scales: tuple | None = None) -> "DecodeLayer | None":
+        weights = (qkv, o, gate_up, down)
+        if (float32_kernels(input_norm, post_norm) is None or cache.dim() != 5
+                or cache.dtype not in KV_DTYPES or not cache.is_contiguous()):
             return None
+        fmt = LOWP_FORMATS.get(qkv.dtype, 0)
         hidden = input_norm.shape[0]
         _, num_blocks, block_size, kv_heads, hd = cache.shape
-        width, inter = (num_q + 2 * num_kv) * hd, gate_up.shape[0] * PANEL // 2
+        width = (num_q + 2 * num_kv) * hd
+        inter = gate_up.shape[0] // 2 if fmt else gate_up.shape[0] * PANEL // 2
+        if fmt:  # natural (out, in) matrices of one format, int8 with a scale vector each
+            shapes = [(width, hidden), (hidden, num_q * hd), (2 * inter, hidden), (hidden, inter)]
+            scales = tuple(scales or (None,) * 4)
+            formats_ok = (all(w.dtype == qkv.dtype and w.is_contiguous() for w in weights)
+                          and all((s is not None) == (fmt == 2) for s in scales)
+                          and (fmt == 1 or float32_kernels(*scales) is not None))
+        else:
+            shapes = [(width // PANEL, hidden, PANEL), (hidden // PANEL, num_q * hd, PANEL),
+                      (2 * inter // PANEL, hidden, PANEL), (hidden // PANEL, inter, PANEL)]
+            scales, formats_ok = (None,) * 4, float32_kernels(*weights) is not None
         shapes_ok = (input_norm.shape == post_norm.shape == (hidden,) and kv_heads == num_kv
-                     and width % PANEL == 0 and qkv.shape == (width // PANEL, hidden, PANEL)
-                     and o.shape == (hidden // PANEL, num_q * hd, PANEL)
-                     and gate_up.shape == (2 * inter // PANEL, hidden, PANEL)
-                     and down.shape == (hidden // PANEL, inter, PANEL))
-        if not shapes_ok:
+                     and width % PANEL == 0
+                     and all(tuple(w.shape) == shape for w, shape in zip(weights, shapes)))
+        if not (shapes_ok and formats_ok):
             return None
         return cls(input_norm=input_norm, input_eps=input_eps, qkv=qkv, num_q=num_q, num_kv=num_kv,
                    hd=hd, scale=scale, cache=cache, num_blocks=num_blocks, block_size=block_size,
                    o=o, post_norm=post_norm, post_eps=post_eps, gate_up=gate_up, down=down,
-                   hidden=hidden, inter=inter)
+                   hidden=hidden, inter=inter, format=fmt, scales=scales)
+
+    def _scale(self, i: int) -> int:
+        return 0 if self.scales[i] is None else self.scales[i].data_ptr()
 
     def _fits(self, step: DecodeStep, *xs: torch.Tensor) -> bool:
         return (step.half_hd * 2 == self.hd and all(
@@ -106,10 +125,11 @@ class DecodeLayer:
         out = x.new_empty(step.rows, self.hidden)
         rc = load().decode_attention_half(
             x.data_ptr(), step.rows, self.hidden, self.input_norm.data_ptr(), self.input_eps,
-            self.qkv.data_ptr(), self.num_q, self.num_kv, self.hd, cos.data_ptr(), sin.data_ptr(),
-            self.cache.data_ptr(), slots.data_ptr(), self.num_blocks, self.block_size,
-            tables.data_ptr(), step.max_blocks, lens.data_ptr(), self.scale, self.o.data_ptr(),
-            out.data_ptr(), torch.get_num_threads())
+            self.qkv.data_ptr(), self._scale(0), self.num_q, self.num_kv, self.hd, cos.data_ptr(),
+            sin.data_ptr(), self.cache.data_ptr(), slots.data_ptr(), self.num_blocks,
+            self.block_size, tables.data_ptr(), step.max_blocks, lens.data_ptr(), self.scale,
+            self.o.data_ptr(), self._scale(1), out.data_ptr(), self.format,
+            int(self.cache.dtype == torch.bfloat16), torch.get_num_threads())
         check_slots(rc, self.num_blocks * self.block_size)
         return out if rc == 0 else None
 
@@ -125,6 +145,7 @@ class DecodeLayer:
         h, out = torch.empty_like(x), torch.empty_like(x)
         rc = load().decode_mlp_half(
             attn.data_ptr(), x.data_ptr(), step.rows, self.hidden, self.post_norm.data_ptr(),
-            self.post_eps, self.gate_up.data_ptr(), self.inter, self.down.data_ptr(), h.data_ptr(),
-            out.data_ptr(), int(add_residual), torch.get_num_threads())
+            self.post_eps, self.gate_up.data_ptr(), self._scale(2), self.inter, self.down.data_ptr(),
+            self._scale(3), h.data_ptr(), out.data_ptr(), int(add_residual), self.format,
+            torch.get_num_threads())
         return (out, h) if rc == 0 else None

@@ -43,7 +43,8 @@ log = logging.getLogger("shardlm.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
-    "paged_decode.c", "packed_linear.c", "fused_ops.c", "prefill_attention.c", "decode_layer.c")]
+    "paged_decode.c", "packed_linear.c", "lowp_linear.c", "fused_ops.c", "prefill_attention.c",
+    "decode_layer.c")]
 HEADERS = [CSRC / name for name in ("vec.h", "microkernel.h", "kernels.h")]  # included by the sources: part of the cache key
 PANEL = 16  # output features per packed panel (NR in packed_linear.c)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
@@ -105,20 +106,21 @@ def load() -> ctypes.CDLL | None:
         return None
     _INT, _F32 = ctypes.c_int, ctypes.c_float
     signatures = {
-        "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT],
+        "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT, _INT],
         "pack_weight": [_F32P, _F32P, _I64, _I64],
         "packed_linear": [_F32P, _F32P, _F32P, _I64, _I64, _I64, _INT],
+        "lowp_linear": [_F32P, _F32P, _F32P, _F32P, _I64, _I64, _I64, _INT, _INT],
         "rms_norm": [_F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
         "add_rms_norm": [_F32P, _F32P, _F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
         "rope_inplace": [_F32P, _I64, _I64, _I64, _I64, _F32P, _F32P, _INT],
-        "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64],
+        "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64, _INT],
         "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
         "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT],
-        "decode_attention_half": [_F32P, _I64, _I64, _F32P, _F32, _F32P, _I64, _I64, _I64, _F32P,
-                                  _F32P, _F32P, _I64P, _I64, _I64, _I64P, _I64, _I64P, _F32, _F32P,
-                                  _F32P, _INT],
-        "decode_mlp_half": [_F32P, _F32P, _I64, _I64, _F32P, _F32, _F32P, _I64, _F32P, _F32P, _F32P,
-                            _INT, _INT],
+        "decode_attention_half": [_F32P, _I64, _I64, _F32P, _F32, _F32P, _F32P, _I64, _I64, _I64,
+                                  _F32P, _F32P, _F32P, _I64P, _I64, _I64, _I64P, _I64, _I64P, _F32,
+                                  _F32P, _F32P, _F32P, _INT, _INT, _INT],
+        "decode_mlp_half": [_F32P, _F32P, _I64, _I64, _F32P, _F32, _F32P, _F32P, _I64, _F32P, _F32P,
+                            _F32P, _F32P, _INT, _INT, _INT],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -163,15 +165,44 @@ def packed_linear(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
     return y
 
 
+LOWP_FORMATS = {torch.bfloat16: 1, torch.int8: 2}  # FMT_BF16, FMT_INT8 in lowp_linear.c
+KV_DTYPES = (torch.float32, torch.bfloat16)  # the KV caches the kernels read and write
+
+
+def lowp_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+    """``x @ weight.T`` for a bf16 weight, or an int8 weight times ``scales`` per output
+    feature, widened in registers against float32 activations; None where the kernel does
+    not apply (no AVX-512, widths not multiples of 16 and 4).
+
+    x: (rows, in) float32; weight: (out, in) bf16 or int8; scales: (out,) float32 -> (rows, out)
+    """
+    lib = load()
+    fmt = LOWP_FORMATS.get(weight.dtype)
+    if (lib is None or fmt is None or x.dim() != 2 or weight.dim() != 2 or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.shape[1] != weight.shape[1] or not weight.is_contiguous()
+            or (fmt == 2) != (scales is not None)):
+        return None
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    if not x.shape[0]:
+        return y
+    rc = lib.lowp_linear(x.data_ptr(), weight.data_ptr(), 0 if scales is None else scales.data_ptr(),
+                         y.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], fmt,
+                         torch.get_num_threads())
+    return y if rc == 0 else None
+
+
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
     """Decode attention through the C kernel; None where it does not apply (then use torch).
 
-    q: (seqs, num_q, hd) float32; cache: (2, blocks, block_size, num_kv, hd) float32;
+    q: (seqs, num_q, hd) float32; cache: (2, blocks, block_size, num_kv, hd) float32 or bf16;
     block_tables: (seqs, max_blocks) int64; context_lens: (seqs,) int64 -> (seqs, num_q, hd)
     """
     lib = load()
-    if lib is None or q.device.type != "cpu" or q.dtype != torch.float32 or cache.dtype != torch.float32:
+    if (lib is None or q.device.type != "cpu" or q.dtype != torch.float32
+            or cache.dtype not in KV_DTYPES):
         return None
     q, tables, lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
     if not cache.is_contiguous() or tables.dtype != torch.int64 or lens.dtype != torch.int64:
@@ -182,7 +213,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     rc = lib.paged_decode_attention(
         q.data_ptr(), cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
         seqs, num_q, num_kv, hd, num_blocks, block_size, tables.shape[1], scale,
-        torch.get_num_threads())
+        int(cache.dtype == torch.bfloat16), torch.get_num_threads())
     return out if rc == 0 else None
 
 
@@ -246,16 +277,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch
     """cache[0][slots[t]] = k[t], cache[1][slots[t]] = v[t]; False where the kernel does not
     apply. Slots out of range raise.
 
-    k, v: (tokens, num_kv, hd), rows the same stride apart, each row contiguous;
-    cache: (2, blocks, block_size, num_kv, hd); slots: (tokens,) int64"""
-    lib = float32_kernels(cache)
+    k, v: (tokens, num_kv, hd) float32, rows the same stride apart, each row contiguous;
+    cache: (2, blocks, block_size, num_kv, hd) float32, or bf16 (rounded to nearest even);
+    slots: (tokens,) int64"""
+    lib = load() if cache.device.type == "cpu" and cache.dtype in KV_DTYPES and cache.is_contiguous() else None
     tokens, num_kv, hd = k.shape
     if (lib is None or not _rows_of_heads(k) or not _rows_of_heads(v) or v.stride() != k.stride()
             or slots.dim() != 1 or not i64_rows(slots, tokens)):
         return False
     total = cache.shape[1] * cache.shape[2]
     rc = lib.write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), cache.data_ptr(), slots.data_ptr(),
-                      tokens, num_kv * hd, total)
+                      tokens, num_kv * hd, total, int(cache.dtype == torch.bfloat16))
     check_slots(rc, total)
     return rc == 0
 

@@ -1,7 +1,9 @@
 """The CPU path: the layers' ops through the C kernels of :mod:`layers.cpu.kernels`.
 
-Chosen once per worker (:func:`layers.platform.select_ops`) for float32 on a CPU where the
-kernels built. Each op runs its kernel; where a kernel declines a particular tensor (an
+Chosen once per worker (:func:`layers.platform.select_ops`) on a CPU where the kernels built.
+The linear layers' weights are float32 (packed panels), bfloat16 or int8 with a scale per
+output feature (``weights``); activations, norms and the KV cache stay float32 in every
+format, so each op but the matmuls is the same float32 kernel. Each op runs its kernel; where a kernel declines a particular tensor (an
 odd width, a weight that could not be packed), the op is the device-generic one of
 :class:`layers.ops.TorchOps`, which this class extends. A GPU worker never reaches this
 module.
@@ -9,6 +11,9 @@ module.
 
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import nn
 
 from layers.cpu import kernels
@@ -16,18 +21,46 @@ from layers.cpu.decode_layer import DecodeLayer, DecodeStep
 from layers.ops import TorchOps
 
 
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+
+# Below this many rows a bf16 matmul is the C kernel (bound by the weights' bytes), from it
+# torch's bf16 GEMM (oneDNN: AMX or AVX512-BF16 tiles, bound by arithmetic). Measured on the
+# default model's shapes (docs/ARCHITECTURE.md, "CPU precision"): the C kernel 1.5-3x ahead
+# at 1-4 rows, level at 8, torch 1.5-4x ahead from 16.
+BF16_KERNEL_ROWS = int(os.environ.get("SHARDLM_BF16_KERNEL_ROWS", "8"))
+
+
 class CpuOps(TorchOps):
     name = "cpu-kernels"
 
-    def __init__(self, fused_layers: bool = True):
+    def __init__(self, fused_layers: bool = True, weights: str = "float32",
+                 kv_cache_dtype: torch.dtype = torch.float32):
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"CpuOps: weights {weights!r}: expected one of {WEIGHT_FORMATS}")
+        if kv_cache_dtype not in kernels.KV_DTYPES:
+            raise ValueError(f"CpuOps: KV cache {kv_cache_dtype}: expected float32 or bfloat16")
+        self.kv_cache_dtype = kv_cache_dtype  # bf16: decode reads half the bytes per token
         self.fused_layers = fused_layers  # the two-call decode layer (tests compare both ways)
+        self.weights = weights
         self._layers: dict[int, DecodeLayer | None] = {}  # id(decoder layer) -> its kernel view
+        self._scales: dict[int, torch.Tensor] = {}  # id(int8 weight) -> (out,) float32 scales
+        self._blocked: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> oneDNN's blocked copy
+        if weights != "float32":
+            self.name = f"cpu-kernels-{weights}"
+
+    activation_dtype = torch.float32  # hidden states and norms in every format
 
     def prepare(self, model: nn.Module) -> int:
         """Repack, in place, the weight of every module that multiplies through ``linear``
         (those with ``packable = True``) into the kernel's panel layout where the kernel
         applies (rows a multiple of 16, AVX2). A weight shared by two modules (tied
-        embeddings) is packed once and serves both. Returns how many weights were packed."""
+        embeddings) is packed once and serves both. Returns how many weights were packed.
+
+        With ``weights`` bfloat16 or int8, those weights are converted instead (int8: each
+        output feature's largest magnitude maps to 127) and every other parameter (norms,
+        biases) becomes float32."""
+        if self.weights != "float32":
+            return self._convert(model)
         done: set[int] = set()
         for module in model.modules():
             param = getattr(module, "weight", None) if getattr(module, "packable", False) else None
@@ -39,15 +72,49 @@ class CpuOps(TorchOps):
                 done.add(id(param))
         return len(done)
 
+    def _convert(self, model: nn.Module) -> int:
+        matmul = {id(m.weight) for m in model.modules()  # a tied weight: packable in the head
+                  if getattr(m, "packable", False) and getattr(m, "weight", None) is not None
+                  and m.weight.dim() == 2}
+        for param in model.parameters():  # each shared parameter once
+            if id(param) not in matmul:
+                param.data = param.data.float()
+            elif self.weights == "bfloat16":
+                param.data = param.data.to(torch.bfloat16)
+                blocked = onednn_blocked(param.data)
+                if blocked is not None:
+                    self._blocked[id(param)] = blocked
+            else:
+                param.data, self._scales[id(param)] = quantize_int8(param.data)
+        if hasattr(model, "dtype"):
+            model.dtype = self.activation_dtype  # what travels between pipeline stages
+        return len(matmul)
+
     def linear(self, x, weight, bias=None):
-        # x: (rows, in); weight: (out, in), or packed (out / 16, in, 16) -> (rows, out)
-        if weight.dim() == 2:
+        # x: (rows, in) float32; weight: (out, in) float32, bf16 or int8, or packed float32
+        # panels (out / 16, in, 16) -> (rows, out)
+        if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+            y = kernels.lowp_linear(x, weight) if x.shape[0] < BF16_KERNEL_ROWS else None
+            if y is None:  # oneDNN's bf16 GEMM, the sums returned in float32
+                y = bf16_gemm(x, weight, self._blocked.get(id(weight)))
+        elif weight.dtype == torch.int8:
+            scales = self._scales[id(weight)]
+            y = kernels.lowp_linear(x.float(), weight, scales)
+            if y is None:
+                y = torch.nn.functional.linear(x.float(), weight.float() * scales[:, None])
+        elif weight.dim() == 2:
             return super().linear(x, weight, bias)
-        y = kernels.packed_linear(x, weight)
+        else:
+            y = kernels.packed_linear(x, weight)
         return y if bias is None else y + bias
 
     def embedding(self, index, weight):
-        # weight: (rows, hidden) or packed (rows / P, hidden, P); index: (n,) -> (n, hidden)
+        # weight: (rows, hidden) float32, bf16 or int8, or packed (rows / P, hidden, P);
+        # index: (n,) -> (n, hidden) float32 for the low-precision formats
+        if weight.dtype == torch.bfloat16:
+            return weight[index].float()
+        if weight.dtype == torch.int8:
+            return weight[index].float() * self._scales[id(weight)][index, None]
         if weight.dim() == 2:
             return super().embedding(index, weight)
         panel = weight.shape[2]
@@ -80,6 +147,8 @@ class CpuOps(TorchOps):
         return out if out is not None else super().paged_decode(q, cache, batch, scale)
 
     def attend(self, q, k, v, scale, causal_offset):
+        if k.dtype != q.dtype:  # keys and values read back from a bf16 cache
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if k.shape[0] == q.shape[0] + causal_offset:  # the causal case the kernel covers
             out = kernels.prefill_attention(q, k, v, scale)
             if out is not None:
@@ -93,7 +162,8 @@ class CpuOps(TorchOps):
         all-reduce, the residual added in C): at small batches dispatching the ops one by one
         cost about a fifth of the step. None where the kernels decline, before anything was
         written."""
-        kernel = self._kernel(layer) if self.fused_layers else None
+        small = self.weights != "bfloat16" or x.shape[0] < BF16_KERNEL_ROWS  # else torch's GEMM
+        kernel = self._kernel(layer) if self.fused_layers and small else None
         if kernel is None:
             return None
         if "decode_step" not in batch.platform_state:  # once per step, for every layer
@@ -126,11 +196,41 @@ class CpuOps(TorchOps):
         sa, mlp = layer.self_attn, layer.mlp
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        scales = tuple(self._scales.get(id(m.weight)) for m in linears)
         kernel = None if any(m.bias is not None for m in linears) else DecodeLayer.make(
             n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
-            sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+            sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight,
+            scales)
         self._layers[key] = kernel
         return kernel
+
+
+def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's own blocked layout of a bf16 weight (the tiles AMX or AVX512-BF16 read): its
+    GEMM on that copy ran 1.3-2x faster here than on the (out, in) matrix, which it
+    re-blocks on every call. None where this torch has no oneDNN linear."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 64)  # 64: the rows it is tuned for
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+    # x: (rows, in) float32; weight: (out, in) bf16, blocked: its oneDNN copy -> (rows, out) float32
+    if blocked is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, None, "none",
+                                                  [], "").float()
+    return torch.nn.functional.linear(x.to(torch.bfloat16), weight).float()
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-feature int8: each row's largest magnitude maps to 127.
+
+    weight: (out, in) -> (int8 (out, in), float32 scales (out,)); weight ~ q * scales[:, None]"""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.contiguous()
 
 
 def kernels_available() -> bool:

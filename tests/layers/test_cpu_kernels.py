@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from layers.attention import Attention, AttnBatch
 from layers.cpu import decode_layer as cpu_decode_layer
 from layers.cpu import kernels as cpu_kernels
-from layers.cpu.ops import CpuOps
+from layers.cpu.ops import CpuOps, quantize_int8
 from layers.ops import NATIVE
 from layers.platform import select_ops, use_ops
 
@@ -50,6 +50,18 @@ def test_kernel_matches_torch_attention(shape):
     got = cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), scale)
     assert got is not None, "the kernel did not build on this machine (a C compiler is required)"
     torch.testing.assert_close(got, _reference(q, cache, tables, lens, scale), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_reads_a_bf16_cache(shape):
+    """A bf16 cache: the same attention as torch's over the cache's bf16 values widened."""
+    q, cache, tables, lens = _case(*shape)
+    cache = cache.to(torch.bfloat16)
+    scale = shape[2] ** -0.5
+    got = cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), scale)
+    assert got is not None
+    torch.testing.assert_close(got, _reference(q, cache.float(), tables, lens, scale),
+                               atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -215,6 +227,73 @@ def test_write_kv_matches_index_copy_and_checks_slots():
         cpu_kernels.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 32]))
 
 
+def test_write_kv_into_a_bf16_cache_rounds_as_torch_does():
+    """Each value rounded to nearest even, as torch's own float32 -> bfloat16 conversion;
+    slots out of range are refused before anything is written."""
+    g = torch.Generator().manual_seed(3)
+    cache = torch.zeros(2, 8, 4, 3, 16, dtype=torch.bfloat16)
+    heads = (torch.randn(5, 15, 16, generator=g) * 10).view(5, 15, 16)
+    heads[0, 9, :4] = torch.tensor([1.00390625, 1.01171875, -2.0078125, 3.0e38])  # ties, huge
+    k, v = heads[:, 9:12], heads[:, 12:]
+    slots = torch.tensor([31, 0, 7, 8, 20])
+    want = cache.clone().view(2, 32, 3, 16)
+    want[0].index_copy_(0, slots, k.to(torch.bfloat16))
+    want[1].index_copy_(0, slots, v.to(torch.bfloat16))
+    assert cpu_kernels.write_kv(k, v, cache, slots)
+    assert torch.equal(cache.view(2, 32, 3, 16), want)
+    before = cache.clone()
+    with pytest.raises(IndexError):
+        cpu_kernels.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 32]))
+    assert torch.equal(cache, before)
+
+
+LOWP_ROWS = [1, 2, 3, 4, 5, 13, 64]
+LOWP_SHAPES = [(576, 960), (1536, 576), (48, 16)]  # in, out; 48: not a multiple of 32
+
+
+@pytest.mark.parametrize("rows", LOWP_ROWS)
+@pytest.mark.parametrize("in_features,out_features", LOWP_SHAPES)
+def test_bf16_linear_matches_torch(rows, in_features, out_features):
+    """bf16 weights widened against float32 activations: torch's float32 matmul of the same
+    bf16 values is the reference (the sums differ in order only)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+    got = cpu_kernels.lowp_linear(x, w)
+    assert got is not None, "the kernel did not build on this machine (AVX-512 is required)"
+    torch.testing.assert_close(got, x @ w.float().T, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", LOWP_ROWS)
+@pytest.mark.parametrize("in_features,out_features", LOWP_SHAPES)
+def test_int8_linear_matches_torch_int8_weight_matmul(rows, in_features, out_features):
+    """int8 weights with a scale per output feature against torch's own weight-only int8
+    matmul (``_weight_int8pack_mm``); the kernel's 14-bit activations cost at most about
+    1e-4 of the output's scale."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=g)
+    q, scales = quantize_int8(torch.randn(out_features, in_features, generator=g))
+    got = cpu_kernels.lowp_linear(x, q, scales)
+    assert got is not None
+    want = torch.ops.aten._weight_int8pack_mm(x, q, scales)
+    assert (got - want).abs().max() <= 3e-4 * want.abs().max()
+
+
+def test_quantize_int8_keeps_each_row_within_half_a_step():
+    w = torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different ranges
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-12).all()
+
+
+def test_lowp_linear_declines_what_it_does_not_handle():
+    x = torch.randn(2, 40)
+    assert cpu_kernels.lowp_linear(x, torch.randn(16, 40).to(torch.bfloat16)) is None  # in % 16
+    assert cpu_kernels.lowp_linear(torch.randn(2, 48), torch.randn(6, 48).to(torch.bfloat16)) is None
+    q, _ = quantize_int8(torch.randn(16, 48))
+    assert cpu_kernels.lowp_linear(torch.randn(2, 48), q) is None  # int8 without its scales
+
+
 @pytest.mark.parametrize("num_q,num_kv,hd", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
 @pytest.mark.parametrize("n,offset", [(1, 0), (7, 0), (48, 0), (100, 0), (5, 40), (49, 17)])
 def test_prefill_attention_matches_torch_sdpa(num_q, num_kv, hd, n, offset):
@@ -243,7 +322,8 @@ def test_prefill_attention_declines_unsupported_shapes():
 
 
 def _tiny_llama(seed: int, ops: CpuOps):
-    """A 2-layer Llama (GQA 6/2, head_dim 16) with random weights, packed, with a KV cache."""
+    """A 2-layer Llama (GQA 6/2, head_dim 16) with random weights, packed (or converted to the
+    ops' weight format), with a KV cache of the ops' dtype."""
     from layers.models import build_model
     from workers import kv_cache
     from workers.comm import TrivialCommunicator
@@ -256,12 +336,14 @@ def _tiny_llama(seed: int, ops: CpuOps):
     for param in model.parameters():
         param.data.normal_(0, 0.2)
     assert use_ops(model, ops) == 2 * 4 + 1
-    kv_cache.allocate(model, 16, 8, torch.float32, torch.device("cpu"))
+    kv_cache.allocate(model, 16, 8, ops.kv_cache_dtype, torch.device("cpu"))
     return model
 
 
+@pytest.mark.parametrize("weights,kv", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                        ("int8", torch.bfloat16), ("int8", torch.float32)])
 @pytest.mark.parametrize("seqs", [1, 3])
-def test_fused_decode_layer_matches_op_by_op(seqs, monkeypatch):
+def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
     """A decode step through the two-call C layers gives the hidden states and the cache
     contents of the op-by-op path (itself checked against transformers end to end)."""
     from layers.attention import AttnBatch
@@ -279,7 +361,8 @@ def test_fused_decode_layer_matches_op_by_op(seqs, monkeypatch):
     ids = torch.tensor([11, 57, 140])[:seqs]
     outs, caches = [], []
     for fused in (True, False):
-        model = _tiny_llama(seed=seqs, ops=CpuOps(fused_layers=fused))
+        model = _tiny_llama(seed=seqs, ops=CpuOps(fused_layers=fused, weights=weights,
+                                                  kv_cache_dtype=kv))
         batch = AttnBatch([1] * seqs, [n - 1 for n in lens], tables, slots)
         with torch.inference_mode():
             outs.append(model(ids, positions, batch))

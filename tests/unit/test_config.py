@@ -73,7 +73,7 @@ def test_default_yaml_equals_builtin_defaults():
 
 
 @pytest.mark.parametrize("configured,device,stored,expected", [
-    ("auto", "cpu", "bfloat16", "float32"),  # CPUs: the kernels' precision
+    ("auto", "cpu", "bfloat16", "auto"),  # CPUs: each worker decides by its own CPU
     ("auto", "cuda", "bfloat16", "bfloat16"),  # GPUs: the checkpoint's own 16-bit dtype
     ("auto", "cuda", "float16", "float16"),
     ("auto", "cuda", "float32", "bfloat16"),  # a float32 checkpoint runs in bf16 on GPUs
@@ -86,3 +86,20 @@ def test_auto_dtype_follows_device_and_checkpoint(configured, device, stored, ex
 
     hf_config = {} if stored is None else {"torch_dtype": stored}
     assert resolve_dtype(configured, device, hf_config) == expected
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),  # AVX512-BF16 (e.g. AMD Zen 4/5)
+    ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),  # AMX (Intel Sapphire Rapids on)
+    ({"avx2", "avx512f", "avx512_vnni"}, "float32"),  # no bf16 dot products
+    (set(), "float32"),
+])
+def test_auto_dtype_on_a_cpu_follows_its_bf16_dot_products(flags, expected):
+    from layers.platform import cpu_dtype
+
+    assert cpu_dtype(flags) == expected
+
+
+def test_quantization_must_be_known():
+    with pytest.raises(ConfigError, match="model.quantization='int4'"):
+        EngineConfig.from_dict({"model": {"quantization": "int4"}})

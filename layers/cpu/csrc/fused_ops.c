@@ -86,12 +86,22 @@ int rope_inplace(float *x, int64_t stride, int64_t tokens, int64_t heads, int64_
 
 /* k, v: tokens rows `stride` floats apart, each row `width` = num_kv * hd floats; cache
  * (2, total_slots, width): token t's keys go to cache[0][slots[t]], values to cache[1][slots[t]] */
-int write_kv(const float *k, const float *v, int64_t stride, float *cache, const int64_t *slots,
-             int64_t tokens, int64_t width, int64_t total_slots) {
+int write_kv(const float *k, const float *v, int64_t stride, void *cache, const int64_t *slots,
+             int64_t tokens, int64_t width, int64_t total_slots, int bf16) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= total_slots) return -3;  /* nothing written */
     for (int64_t t = 0; t < tokens; t++) {
-        if (slots[t] < 0 || slots[t] >= total_slots) return -3;
-        memcpy(cache + slots[t] * width, k + t * stride, width * sizeof(float));
-        memcpy(cache + (total_slots + slots[t]) * width, v + t * stride, width * sizeof(float));
+        const int64_t at_k = slots[t] * width, at_v = (total_slots + slots[t]) * width;
+        if (bf16) {  /* a bf16 cache: each value rounded to nearest even */
+            uint16_t *c = cache;
+            for (int64_t i = 0; i < width; i++) {
+                c[at_k + i] = to_bf16(k[t * stride + i]);
+                c[at_v + i] = to_bf16(v[t * stride + i]);
+            }
+        } else {
+            memcpy((float *)cache + at_k, k + t * stride, width * sizeof(float));
+            memcpy((float *)cache + at_v, v + t * stride, width * sizeof(float));
+        }
     }
     return 0;
 }

@@ -1,9 +1,10 @@
 /* Paged-attention decode on CPUs: one new query token per sequence attends over that
  * sequence's cached keys and values, read in place through its block table (no gather).
  *
- * Shapes (float32, contiguous):
+ * Shapes (contiguous; float32 but for a bf16 cache, widened as it is read):
  *   q            (seqs, num_q, head_dim)
- *   cache        (2, num_blocks, block_size, num_kv, head_dim)   [0] keys, [1] values
+ *   cache        (2, num_blocks, block_size, num_kv, head_dim)   [0] keys, [1] values; float32,
+ *                or bfloat16 (kv_bf16: half the bytes each step reads)
  *   block_tables (seqs, max_blocks) int64
  *   context_lens (seqs,) int64, each >= 1
  *   out          (seqs, num_q, head_dim)
@@ -29,22 +30,32 @@
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 
+/* W cached values at element i of a float32 or (bf16 != 0) bfloat16 cache */
+static inline __attribute__((always_inline)) vec load_kv(const void *base, int64_t i, const int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)base + i) : load((const float *)base + i);
+}
+
+static inline __attribute__((always_inline)) const void *kv_at(const void *base, int64_t i, const int bf16) {
+    return bf16 ? (const void *)((const uint16_t *)base + i) : (const void *)((const float *)base + i);
+}
+
 /* Scores of query heads [h0, h1) x g against one block's n tokens. */
 static inline __attribute__((always_inline)) void block_scores(
-        const float *q, const float *k, int64_t n, int64_t h0, int64_t h1, int64_t g,
+        const float *q, const void *k, int64_t n, int64_t h0, int64_t h1, int64_t g,
         int64_t hd, int64_t token_stride, float scale, float *scores, int64_t row_len,
-        float *maxv, const float *next) {
-    for (int64_t t = 0; t < n; t++, k += token_stride) {
+        float *maxv, const void *next, const int bf16) {
+    for (int64_t t = 0; t < n; t++) {
         if (next) /* the same token's row of the next block, a row at a time */
             for (int64_t i = h0 * hd; i < h1 * hd; i += 64 / sizeof(float))
-                __builtin_prefetch(next + t * token_stride + i);
+                __builtin_prefetch(kv_at(next, t * token_stride + i, bf16));
         for (int64_t h = h0; h < h1; h++)
             for (int64_t j = 0; j < g; j++) {
-                const float *qj = q + (h * g + j) * hd, *kh = k + h * hd;
+                const float *qj = q + (h * g + j) * hd;
+                const int64_t kh = t * token_stride + h * hd;
                 vec a = splat(0.0f), b = splat(0.0f);
                 for (int64_t d = 0; d < hd; d += 2 * W) {
-                    a += load(qj + d) * load(kh + d);
-                    b += load(qj + d + W) * load(kh + d + W);
+                    a += load(qj + d) * load_kv(k, kh + d, bf16);
+                    b += load(qj + d + W) * load_kv(k, kh + d + W, bf16);
                 }
                 const int64_t row = (h - h0) * g + j;
                 const float s = hsum(a + b) * scale;
@@ -57,20 +68,82 @@ static inline __attribute__((always_inline)) void block_scores(
 /* out[h*g + j] += sum over one block's n tokens of p[row][t] * v[t][h] for heads [h0, h1):
  * token by token (the block's rows in memory order), the output rows staying in L1. */
 static inline __attribute__((always_inline)) void block_values(
-        const float *p, int64_t row_len, const float *v, int64_t n, int64_t h0, int64_t h1,
-        int64_t g, int64_t hd, int64_t token_stride, float *out, const float *next) {
-    for (int64_t t = 0; t < n; t++, v += token_stride) {
+        const float *p, int64_t row_len, const void *v, int64_t n, int64_t h0, int64_t h1,
+        int64_t g, int64_t hd, int64_t token_stride, float *out, const void *next, const int bf16) {
+    for (int64_t t = 0; t < n; t++) {
         if (next) /* the same token's row of the next block */
             for (int64_t i = h0 * hd; i < h1 * hd; i += 64 / sizeof(float))
-                __builtin_prefetch(next + t * token_stride + i);
+                __builtin_prefetch(kv_at(next, t * token_stride + i, bf16));
         for (int64_t h = h0; h < h1; h++)
             for (int64_t j = 0; j < g; j++) {
                 const vec w = splat(p[((h - h0) * g + j) * row_len + t]);
                 float *o = out + (h * g + j) * hd;
-                for (int64_t c = 0; c < hd; c += W) store(o + c, load(o + c) + w * load(v + h * hd + c));
+                const int64_t vh = t * token_stride + h * hd;
+                for (int64_t c = 0; c < hd; c += W) store(o + c, load(o + c) + w * load_kv(v, vh + c, bf16));
             }
     }
 }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_512 1
+/* The same two passes with 16-float registers for head sizes that are multiples of 16: a
+ * KV head's g query rows stay in registers while a token's key (or value) is loaded once for
+ * all of them, so each score costs hd / 16 FMAs and one reduction, each value row hd / 16
+ * FMAs, and nothing goes through memory but the cache. */
+static inline __attribute__((always_inline)) __m512 load16_kv(const void *base, int64_t i, const int bf16) {
+    if (bf16) {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    }
+    return _mm512_loadu_ps((const float *)base + i);
+}
+
+static inline __attribute__((always_inline)) void block_scores16(
+        const float *q, const void *k, int64_t n, int64_t h, const int g, const int hd,
+        int64_t token_stride, float scale, float *scores, int64_t row_len, float *maxv,
+        const void *next, const int bf16) {
+    __m512 qv[MAX_GROUP][MAX_HEAD_DIM / 16];
+    _Pragma("GCC unroll 8") for (int j = 0; j < g; j++)
+        _Pragma("GCC unroll 8") for (int d = 0; d < hd / 16; d++)
+            qv[j][d] = _mm512_loadu_ps(q + (h * g + j) * hd + d * 16);
+    for (int64_t t = 0; t < n; t++) {
+        if (next)
+            for (int64_t i = h * hd; i < (h + 1) * hd; i += 64 / sizeof(float))
+                __builtin_prefetch(kv_at(next, t * token_stride + i, bf16));
+        __m512 acc[MAX_GROUP];
+        _Pragma("GCC unroll 8") for (int j = 0; j < g; j++) acc[j] = _mm512_setzero_ps();
+        _Pragma("GCC unroll 8") for (int d = 0; d < hd / 16; d++) {
+            const __m512 kv = load16_kv(k, t * token_stride + h * hd + d * 16, bf16);
+            _Pragma("GCC unroll 8") for (int j = 0; j < g; j++) acc[j] = _mm512_fmadd_ps(qv[j][d], kv, acc[j]);
+        }
+        _Pragma("GCC unroll 8") for (int j = 0; j < g; j++) {
+            const float sc = _mm512_reduce_add_ps(acc[j]) * scale;
+            scores[j * row_len + t] = sc;
+            maxv[j] = sc > maxv[j] ? sc : maxv[j];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void block_values16(
+        const float *p, int64_t row_len, const void *v, int64_t n, int64_t h, const int g,
+        const int hd, int64_t token_stride, __m512 out[MAX_GROUP][MAX_HEAD_DIM / 16],
+        const void *next, const int bf16) {
+    for (int64_t t = 0; t < n; t++) {
+        if (next)
+            for (int64_t i = h * hd; i < (h + 1) * hd; i += 64 / sizeof(float))
+                __builtin_prefetch(kv_at(next, t * token_stride + i, bf16));
+        __m512 w[MAX_GROUP];
+        _Pragma("GCC unroll 8") for (int j = 0; j < g; j++) w[j] = _mm512_set1_ps(p[j * row_len + t]);
+        _Pragma("GCC unroll 8") for (int d = 0; d < hd / 16; d++) {
+            const __m512 vv = load16_kv(v, t * token_stride + h * hd + d * 16, bf16);
+            _Pragma("GCC unroll 8") for (int j = 0; j < g; j++) out[j][d] = _mm512_fmadd_ps(w[j], vv, out[j][d]);
+        }
+    }
+}
+#else
+#define HAVE_512 0
+#endif
 
 /* softmax of each of `rows` score rows in place (len values each) */
 static void softmax_rows(float *scores, int64_t rows, int64_t len, const float *maxv) {
@@ -96,52 +169,85 @@ static void softmax_rows(float *scores, int64_t rows, int64_t len, const float *
 
 /* One task: KV heads [h0, h1) of one sequence. */
 static inline __attribute__((always_inline)) void attend(
-        const float *q, const float *keys, const float *values, const int64_t *table,
+        const float *q, const void *keys, const void *values, const int64_t *table,
         int64_t len, int64_t h0, int64_t h1, int64_t g, int64_t hd, int64_t block_size,
-        int64_t block_stride, int64_t token_stride, float scale, float *scores, float *out) {
+        int64_t block_stride, int64_t token_stride, float scale, float *scores, float *out,
+        const int bf16) {
     const int64_t rows = (h1 - h0) * g;
     float maxv[MAX_GROUP * 64];
     for (int64_t r = 0; r < rows; r++) maxv[r] = -INFINITY;
+#if HAVE_512
+    if (hd % 16 == 0 && hd <= MAX_HEAD_DIM) {
+        for (int64_t h = h0; h < h1; h++) {  /* one KV head at a time: its query rows in registers */
+            float *sh = scores + (h - h0) * g * len, *mh = maxv + (h - h0) * g;
+            for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+                const int64_t n = len - start < block_size ? len - start : block_size;
+                const void *next = start + block_size < len ? kv_at(keys, table[b + 1] * block_stride, bf16) : NULL;
+                block_scores16(q, kv_at(keys, table[b] * block_stride, bf16), n, h, g, hd,
+                               token_stride, scale, sh + start, len, mh, next, bf16);
+            }
+            softmax_rows(sh, g, len, mh);
+            __m512 acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+            for (int j = 0; j < g; j++)
+                for (int d = 0; d < hd / 16; d++) acc[j][d] = _mm512_setzero_ps();
+            for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
+                const int64_t n = len - start < block_size ? len - start : block_size;
+                const void *next = start + block_size < len ? kv_at(values, table[b + 1] * block_stride, bf16) : NULL;
+                block_values16(sh + start, len, kv_at(values, table[b] * block_stride, bf16), n, h,
+                               g, hd, token_stride, acc, next, bf16);
+            }
+            for (int j = 0; j < g; j++)
+                for (int d = 0; d < hd / 16; d++) _mm512_storeu_ps(out + (h * g + j) * hd + d * 16, acc[j][d]);
+        }
+        return;
+    }
+#endif
     for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
         const int64_t n = len - start < block_size ? len - start : block_size;
-        const float *next = start + block_size < len ? keys + table[b + 1] * block_stride : NULL;
-        block_scores(q, keys + table[b] * block_stride, n, h0, h1, g, hd, token_stride, scale,
-                     scores + start, len, maxv, next);
+        const void *next = start + block_size < len ? kv_at(keys, table[b + 1] * block_stride, bf16) : NULL;
+        block_scores(q, kv_at(keys, table[b] * block_stride, bf16), n, h0, h1, g, hd, token_stride,
+                     scale, scores + start, len, maxv, next, bf16);
     }
     softmax_rows(scores, rows, len, maxv);
     memset(out + h0 * g * hd, 0, sizeof(float) * rows * hd);
     for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
         const int64_t n = len - start < block_size ? len - start : block_size;
-        const float *next = start + block_size < len ? values + table[b + 1] * block_stride : NULL;
-        block_values(scores + start, len, values + table[b] * block_stride, n, h0, h1, g, hd,
-                     token_stride, out, next);
+        const void *next = start + block_size < len ? kv_at(values, table[b + 1] * block_stride, bf16) : NULL;
+        block_values(scores + start, len, kv_at(values, table[b] * block_stride, bf16), n, h0, h1,
+                     g, hd, token_stride, out, next, bf16);
     }
 }
 
 /* Constant group and head sizes let the compiler unroll the inner loops. */
-static void attend_task(const float *q, const float *keys, const float *values,
+static void attend_task(const float *q, const void *keys, const void *values,
                         const int64_t *table, int64_t len, int64_t h0, int64_t h1, int64_t g,
                         int64_t hd, int64_t block_size, int64_t block_stride,
-                        int64_t token_stride, float scale, float *scores, float *out) {
-#define CASE(G, HD) if (g == G && hd == HD) { attend(q, keys, values, table, len, h0, h1, G, HD, \
-        block_size, block_stride, token_stride, scale, scores, out); return; }
-    CASE(1, 64) CASE(2, 64) CASE(3, 64) CASE(4, 64) CASE(8, 64)
-    CASE(1, 128) CASE(2, 128) CASE(4, 128) CASE(8, 128)
+                        int64_t token_stride, float scale, float *scores, float *out, int bf16) {
+#define CASE(G, HD, BF) if (g == G && hd == HD && bf16 == BF) { attend(q, keys, values, table, len, \
+        h0, h1, G, HD, block_size, block_stride, token_stride, scale, scores, out, BF); return; }
+#define CASES(BF) CASE(1, 64, BF) CASE(2, 64, BF) CASE(3, 64, BF) CASE(4, 64, BF) CASE(8, 64, BF) \
+        CASE(1, 128, BF) CASE(2, 128, BF) CASE(4, 128, BF) CASE(8, 128, BF)
+    CASES(0) CASES(1)
+#undef CASES
 #undef CASE
-    attend(q, keys, values, table, len, h0, h1, g, hd, block_size, block_stride, token_stride,
-           scale, scores, out);
+    if (bf16)
+        attend(q, keys, values, table, len, h0, h1, g, hd, block_size, block_stride, token_stride,
+               scale, scores, out, 1);
+    else
+        attend(q, keys, values, table, len, h0, h1, g, hd, block_size, block_stride, token_stride,
+               scale, scores, out, 0);
 }
 
 /* Returns 0; -1 when the shapes are outside what this kernel handles; -2 out of memory. */
-int paged_decode_attention(const float *q, const float *cache, const int64_t *block_tables,
+int paged_decode_attention(const float *q, const void *cache, const int64_t *block_tables,
                            const int64_t *context_lens, float *out, int64_t seqs, int64_t num_q,
                            int64_t num_kv, int64_t hd, int64_t num_blocks, int64_t block_size,
-                           int64_t max_blocks, float scale, int threads) {
+                           int64_t max_blocks, float scale, int kv_bf16, int threads) {
     if (num_kv <= 0 || num_kv > 64 || num_q % num_kv || num_q / num_kv > MAX_GROUP ||
         hd > MAX_HEAD_DIM || hd % (2 * W))
         return -1;
     const int64_t g = num_q / num_kv, token_stride = num_kv * hd, block_stride = block_size * token_stride;
-    const float *keys = cache, *values = cache + num_blocks * block_stride;
+    const void *keys = cache, *values = kv_at(cache, num_blocks * block_stride, kv_bf16);
     /* tasks: whole sequences, or sequence x KV head when that leaves threads idle */
     const int64_t parts = seqs >= 2 * threads ? 1 : num_kv, per_part = num_kv / parts;
     int64_t longest = 1;
@@ -160,7 +266,7 @@ int paged_decode_attention(const float *q, const float *cache, const int64_t *bl
             if (scores)
                 attend_task(q + b * num_q * hd, keys, values, block_tables + b * max_blocks,
                             context_lens[b], h0, h0 + per_part, g, hd, block_size, block_stride,
-                            token_stride, scale, scores, out + b * num_q * hd);
+                            token_stride, scale, scores, out + b * num_q * hd, kv_bf16);
         }
         free(scores);
     }

@@ -11,7 +11,26 @@
 typedef float vec __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
 
+typedef uint16_t hvec __attribute__((vector_size(W * sizeof(uint16_t))));
+typedef uint32_t uvec __attribute__((vector_size(W * sizeof(uint32_t))));
+
 static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+/* W bfloat16 values widened to float32 (a bf16 is a float32's upper half) */
+static inline vec load_bf16(const uint16_t *p) {
+    hvec h;
+    memcpy(&h, p, sizeof h);
+    const uvec u = __builtin_convertvector(h, uvec) << 16;
+    vec v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+/* float32 -> bfloat16, rounded to nearest even (NaN stays NaN) */
+static inline uint16_t to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 static inline vec splat(float x) { return (vec){x, x, x, x, x, x, x, x}; }
 static inline float hsum(vec v) {
