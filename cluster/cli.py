@@ -8,6 +8,21 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from cluster.contract.config import ConfigError
+    from cluster.contract.errors import RequestError
+
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, RequestError) as exc:  # bad input: say what, without a traceback
+        print(f"shardlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardlm", description="Ray-based tensor-parallel LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="fetch and convert the default model into the model store")
@@ -54,18 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     chaos.add_argument("--namespace", default="shardlm")
     chaos.add_argument("--seconds", type=float, default=3600.0, help="hang-worker: stall length")
     chaos.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from cluster.contract.config import ConfigError
-    from cluster.contract.errors import RequestError
-
-    try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        return 130
-    except (ConfigError, RequestError) as exc:  # bad input: say what, without a traceback
-        print(f"shardlm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return parser
 
 
 def _fetch(args) -> int:

@@ -23,5 +23,4 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden)
-        gate_up = self.gate_up_proj.project(x)  # (tokens, 2 * intermediate_local)
-        return self.down_proj(self.ops.silu_mul(gate_up))  # silu(gate) * up: (tokens, intermediate_local)
+        return self.down_proj(self.ops.swiglu(self.gate_up_proj, x))  # via (tokens, intermediate_local)

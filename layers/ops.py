@@ -71,6 +71,13 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def swiglu(self, gate_up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the merged gate/up projection of ``x``, as the down projection
+        takes it (a platform may hand it over in a narrower dtype).
+
+        x: (rows, hidden) -> (rows, inter)"""
+        return self.silu_mul(gate_up.project(x))
+
     def fused_decode(self, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, batch
                      ) -> torch.Tensor | None:
         """A whole decoder layer for a step where every sequence decodes one token, where the

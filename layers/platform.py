@@ -24,20 +24,13 @@ from torch import nn
 from layers.ops import NATIVE, TorchOps
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (``/proc/cpuinfo``), empty where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            line = next((l for l in info if l.startswith(("flags", "Features"))), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
-
-
 def cpu_dtype(flags: set[str] | None = None) -> str:
     """``model.dtype: auto`` on a CPU: bfloat16 where the CPU has native bf16 dot products
     (AVX512-BF16 or AMX-BF16), float32 elsewhere."""
-    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        from layers.cpu.flags import cpu_flags  # CPU workers only: a GPU worker never loads layers.cpu
+
+        flags = cpu_flags()
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 

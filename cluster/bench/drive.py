@@ -29,13 +29,18 @@ def worker_threads(setting: int | str) -> int | None:
     return None if setting == "auto" else int(setting)
 
 
-def engine_config(opts: "BenchOptions", tp: int, name: str):
-    """A run's engine config: ``--config`` (or the defaults) with the benchmark's overrides."""
+def engine_config(opts: "BenchOptions", tp: int, name: str, precision: str | None = None):
+    """A run's engine config: ``--config`` (or the defaults) with the benchmark's overrides;
+    ``precision`` (one of ``--precision``) sets ``dtype``, or int8 ``quantization``."""
     from cluster.contract.config import EngineConfig
 
     config = EngineConfig.from_yaml(opts.config) if opts.config else EngineConfig()
     overrides = dict(opts.overrides, tensor_parallel_size=tp, name=name,
                      threads_per_worker=worker_threads(opts.threads_per_worker))
+    if precision == "int8":
+        overrides["quantization"] = "int8"
+    elif precision:
+        overrides |= {"dtype": precision, "quantization": None}
     if opts.model:
         overrides["model"] = opts.model
     if opts.max_num_seqs:
@@ -101,6 +106,30 @@ def worker_memory(engine, peaks: dict) -> None:
         peaks[info.name] = max(peaks.get(info.name, 0), pong["rss"])
 
 
+class MemorySampler:
+    """Worker RSS sampled about once a second without holding up the run: a ``ping`` queues
+    behind the step a worker is computing (the engine hands out the next step before it
+    returns the last), so waiting for it would idle the workers for a step; its answers are
+    folded in at a later step, when they have arrived."""
+
+    def __init__(self, engine, peaks: dict):
+        self.engine, self.peaks, self.pending, self.last = engine, peaks, None, 0.0
+
+    def poll(self, now: float) -> None:
+        import ray
+
+        if self.pending is not None:
+            ready, _ = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            if len(ready) < len(self.pending):
+                return
+            for info, pong in zip(self.engine.group.ranks, ray.get(self.pending)):
+                self.peaks[info.name] = max(self.peaks.get(info.name, 0), pong["rss"])
+            self.pending = None
+        if now - self.last >= 1.0:
+            self.pending = [w.ping.remote() for w in self.engine.group.workers]
+            self.last = now
+
+
 def worker_vmhwm(engine) -> dict:
     """Lifetime peak RSS (VmHWM) of the workers running on this node, from /proc."""
     import ray
@@ -129,9 +158,10 @@ def drive(engine, prompts: list[list[int]], output_len: int, concurrency: int,
     engine.reset_measurement()
     preempted_before = engine.scheduler.num_preemptions
     submitted = done = 0
+    sampler = MemorySampler(engine, rss) if sample_memory else None
     with StepTimer(engine) as timer:
         try:
-            started = last_sample = last_note = time.perf_counter()
+            started = last_note = time.perf_counter()
             while done < n:
                 while submitted < n and submitted - done < concurrency:
                     arrival[submitted] = time.perf_counter()
@@ -154,9 +184,8 @@ def drive(engine, prompts: list[list[int]], output_len: int, concurrency: int,
                         finish[i], done = now, done + 1
                         tokens[i] = engine.pop_finished(d.request_id).outputs[0].token_ids
                         del ids[d.request_id]
-                if sample_memory and now - last_sample >= 1.0:
-                    worker_memory(engine, rss)
-                    last_sample = time.perf_counter()
+                if sampler:
+                    sampler.poll(now)
                 if label and now - last_note >= 10.0:
                     progress(opts, f"{label}: {done}/{n} requests done, {sum(num_tokens)} tokens, "
                                    f"{now - started:.0f} s")

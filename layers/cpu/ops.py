@@ -19,6 +19,7 @@ from torch import nn
 from layers.cpu import kernels
 from layers.cpu.decode_layer import DecodeLayer, DecodeStep
 from layers.ops import TorchOps
+from layers.cpu.flags import cpu_flags
 
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
@@ -40,6 +41,9 @@ class CpuOps(TorchOps):
         if kv_cache_dtype not in kernels.KV_DTYPES:
             raise ValueError(f"CpuOps: KV cache {kv_cache_dtype}: expected float32 or bfloat16")
         self.kv_cache_dtype = kv_cache_dtype  # bf16: decode reads half the bytes per token
+        # prompt attention in bf16 through torch's flash kernel where AMX runs it: 2-3x the
+        # float32 C kernel at 128-512 tokens, fresh or continuing (docs/ARCHITECTURE.md)
+        self.bf16_prompt_attention = kv_cache_dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
         self.fused_layers = fused_layers  # the two-call decode layer (tests compare both ways)
         self.weights = weights
         self._layers: dict[int, DecodeLayer | None] = {}  # id(decoder layer) -> its kernel view
@@ -93,10 +97,10 @@ class CpuOps(TorchOps):
     def linear(self, x, weight, bias=None):
         # x: (rows, in) float32; weight: (out, in) float32, bf16 or int8, or packed float32
         # panels (out / 16, in, 16) -> (rows, out)
-        if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+        if weight.dtype == torch.bfloat16:
             y = kernels.lowp_linear(x, weight) if x.shape[0] < BF16_KERNEL_ROWS else None
             if y is None:  # oneDNN's bf16 GEMM, the sums returned in float32
-                y = bf16_gemm(x, weight, self._blocked.get(id(weight)))
+                y = bf16_gemm(x, weight, self._blocked.get(id(weight))).float()
         elif weight.dtype == torch.int8:
             scales = self._scales[id(weight)]
             y = kernels.lowp_linear(x.float(), weight, scales)
@@ -107,6 +111,14 @@ class CpuOps(TorchOps):
         else:
             y = kernels.packed_linear(x, weight)
         return y if bias is None else y + bias
+
+    def swiglu(self, gate_up, x):
+        # x: (rows, hidden) float32 -> (rows, inter): bf16 from oneDNN's GEMM (bf16 weights,
+        # rows >= BF16_KERNEL_ROWS), which the down projection's GEMM reads as it is; else float32
+        blocked = self._blocked.get(id(gate_up.weight))
+        if blocked is None or gate_up.bias is not None or x.shape[0] < BF16_KERNEL_ROWS:
+            return super().swiglu(gate_up, x)
+        return self.silu_mul(bf16_gemm(x, gate_up.weight, blocked))  # (rows, 2 * inter) bf16 in
 
     def embedding(self, index, weight):
         # weight: (rows, hidden) float32, bf16 or int8, or packed (rows / P, hidden, P);
@@ -147,6 +159,10 @@ class CpuOps(TorchOps):
         return out if out is not None else super().paged_decode(q, cache, batch, scale)
 
     def attend(self, q, k, v, scale, causal_offset):
+        # q: (n, num_q, hd) float32; k, v: (ctx, num_kv, hd) float32, or bf16 from the cache
+        if self.bf16_prompt_attention:
+            bf16 = torch.bfloat16
+            return super().attend(q.to(bf16), k.to(bf16), v.to(bf16), scale, causal_offset).float()
         if k.dtype != q.dtype:  # keys and values read back from a bf16 cache
             k, v = k.to(q.dtype), v.to(q.dtype)
         if k.shape[0] == q.shape[0] + causal_offset:  # the causal case the kernel covers
@@ -216,11 +232,11 @@ def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
-    # x: (rows, in) float32; weight: (out, in) bf16, blocked: its oneDNN copy -> (rows, out) float32
+    # x: (rows, in) float32 or bf16; weight: (out, in) bf16, blocked: its oneDNN copy
+    # -> (rows, out) bf16 (float32 sums rounded once)
     if blocked is not None:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, None, "none",
-                                                  [], "").float()
-    return torch.nn.functional.linear(x.to(torch.bfloat16), weight).float()
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, None, "none", [], "")
+    return torch.nn.functional.linear(x.to(torch.bfloat16), weight)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

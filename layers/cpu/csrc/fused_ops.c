@@ -92,7 +92,13 @@ int write_kv(const float *k, const float *v, int64_t stride, void *cache, const 
         if (slots[t] < 0 || slots[t] >= total_slots) return -3;  /* nothing written */
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t at_k = slots[t] * width, at_v = (total_slots + slots[t]) * width;
-        if (bf16) {  /* a bf16 cache: each value rounded to nearest even */
+        if (bf16 && width % W == 0) {  /* a bf16 cache: each value rounded to nearest even */
+            uint16_t *c = cache;
+            for (int64_t i = 0; i < width; i += W) {
+                store_bf16(c + at_k + i, load(k + t * stride + i));
+                store_bf16(c + at_v + i, load(v + t * stride + i));
+            }
+        } else if (bf16) {
             uint16_t *c = cache;
             for (int64_t i = 0; i < width; i++) {
                 c[at_k + i] = to_bf16(k[t * stride + i]);
@@ -134,6 +140,18 @@ int silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int 
         const float *g = gate_up + r * 2 * inter, *u = g + inter;
         float *o = out + r * inter;
         for (int64_t i = 0; i < inter; i += W) store(o + i, silu(load(g + i)) * load(u + i));
+    }
+    return 0;
+}
+
+/* the same on bf16 (a bf16 GEMM's output), in float32, each result rounded to bf16 once */
+int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int threads) {
+    if (inter % W) return -1;
+#pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
+        uint16_t *o = out + r * inter;
+        for (int64_t i = 0; i < inter; i += W) store_bf16(o + i, silu(load_bf16(g + i)) * load_bf16(u + i));
     }
     return 0;
 }

@@ -24,6 +24,16 @@ static inline vec load_bf16(const uint16_t *p) {
     memcpy(&v, &u, sizeof v);
     return v;
 }
+/* W float32 -> bfloat16 at p, each rounded to nearest even (NaN stays NaN) */
+static inline void store_bf16(uint16_t *p, vec v) {
+    uvec u;
+    memcpy(&u, &v, sizeof u);
+    const uvec rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet = (u >> 16) | 0x40u;
+    const uvec nan = (uvec)((u & 0x7fffffffu) > 0x7f800000u);  /* lanes: all ones where NaN */
+    const hvec h = __builtin_convertvector((nan & quiet) | (~nan & rounded), hvec);
+    memcpy(p, &h, sizeof h);
+}
+
 /* float32 -> bfloat16, rounded to nearest even (NaN stays NaN) */
 static inline uint16_t to_bf16(float x) {
     uint32_t u;

