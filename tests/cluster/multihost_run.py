@@ -124,7 +124,7 @@ def main() -> None:
         t = time.monotonic()
         expected = reference(checkpoint)
         timings["reference_s"] = time.monotonic() - t
-        config = EngineConfig().with_overrides(
+        config = EngineConfig().with_overrides(dtype="float32", 
             model=str(checkpoint), tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
             cpus_per_worker=1.0, placement_strategy="STRICT_SPREAD", placement_timeout_s=10.0,
             step_timeout_s=60.0, recovery_timeout_s=90.0, restart_backoff_s=1.0,

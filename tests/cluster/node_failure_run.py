@@ -53,7 +53,7 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     checkpoint = write_tiny_checkpoint("llama-gqa", Path(tempfile.mkdtemp()), seed=3)
-    config = EngineConfig().with_overrides(
+    config = EngineConfig().with_overrides(dtype="float32", 
         model=str(checkpoint), tensor_parallel_size=2, cpus_per_worker=1.0,
         placement_strategy="STRICT_SPREAD", placement_timeout_s=4.0, recovery_timeout_s=10.0,
         restart_backoff_s=0.5, block_size=4, kv_cache_bytes=1 << 22, name="nodes")

@@ -40,7 +40,8 @@ def _write_input(path: Path, n: int, bad: dict[int, str] | None = None) -> None:
 def test_results_match_offline_generate_and_bad_lines_are_reported(ray_session, tiny, tmp_path):
     _write_input(tmp_path / "in.jsonl", 6, bad={2: "{not json", 4: '{"prompt_token_ids": [1], "params": {"top_p": 7}}',
                                                 5: '{"id": "q0", "prompt_token_ids": [3]}'})
-    llm = LLM(model=str(tiny), cpus_per_worker=0.5, block_size=4, kv_cache_bytes=1 << 22, name="batch")
+    llm = LLM(dtype="float32", model=str(tiny), cpus_per_worker=0.5, block_size=4,
+              kv_cache_bytes=1 << 22, name="batch")
     try:
         summary = run_batch(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
         expected = llm.generate(prompt_token_ids=[_prompt(i) for i in range(6)],
@@ -63,7 +64,7 @@ def test_results_match_offline_generate_and_bad_lines_are_reported(ray_session, 
 def _small_config(tmp_path: Path) -> Path:
     """Few sequences at a time, so the run is still going when it is interrupted."""
     path = tmp_path / "small.yaml"
-    path.write_text("scheduler:\n  max_num_seqs: 2\ncache:\n  block_size: 4\n"
+    path.write_text("model:\n  dtype: float32\nscheduler:\n  max_num_seqs: 2\ncache:\n  block_size: 4\n"
                     "  kv_cache_bytes: 4194304\nparallel:\n  cpus_per_worker: 0.5\n"
                     "deployment:\n  name: batch-resume\n")
     return path

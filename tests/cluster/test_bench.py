@@ -29,7 +29,7 @@ def result(ray_session, tmp_path_factory):
                         output_len=OUTPUT_LEN, seed=7, concurrency=CONCURRENCY,
                         baseline="transformers", baseline_batch_size=2, quiet=True,
                         threads_per_worker=1, probe_rounds=ROUNDS,
-                        overrides={"cpus_per_worker": 0.5, "block_size": 4,
+                        overrides={"cpus_per_worker": 0.5, "block_size": 4, "dtype": "float32",
                                    "kv_cache_bytes": 1 << 22})
     started = time.monotonic()
     out = run(opts)
@@ -186,7 +186,7 @@ def online(ray_session, tmp_path_factory):
     opts = BenchOptions(model=str(tiny), tp=[1], num_requests=REQUESTS, prompt_len=(3, 20),
                         output_len=OUTPUT_LEN, seed=7, mode="online", request_rate=RATES,
                         concurrency=[3], quiet=True, threads_per_worker=1,
-                        overrides={"cpus_per_worker": 0.5, "block_size": 4,
+                        overrides={"cpus_per_worker": 0.5, "block_size": 4, "dtype": "float32",
                                    "kv_cache_bytes": 1 << 22})
     return run(opts)
 

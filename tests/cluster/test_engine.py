@@ -36,7 +36,7 @@ def reference(tiny):
 
 
 def _llm(path, tp, name, **overrides) -> LLM:
-    return LLM(model=str(path), tensor_parallel_size=tp, cpus_per_worker=0.5, name=name,
+    return LLM(dtype="float32", model=str(path), tensor_parallel_size=tp, cpus_per_worker=0.5, name=name,
                block_size=4, kv_cache_bytes=overrides.pop("kv_cache_bytes", 1 << 22), **overrides)
 
 
@@ -120,7 +120,7 @@ def test_seeded_sampling_is_independent_of_batch_and_tp(llm, tiny):
     mixed = [SamplingParams(max_tokens=10 + i, temperature=0.5 + 0.1 * i, seed=i) for i in range(7)]
     batch = llm.generate(prompt_token_ids=PROMPTS, sampling_params=mixed[:1] + [seeded] + mixed[1:])
     assert batch[1].outputs[0].token_ids == alone.outputs[0].token_ids
-    other = LLM(model=str(tiny), tensor_parallel_size=3 - llm.config.parallel.tensor_parallel_size,
+    other = LLM(dtype="float32", model=str(tiny), tensor_parallel_size=3 - llm.config.parallel.tensor_parallel_size,
                 cpus_per_worker=0.5, name="engine-other-tp", block_size=4, kv_cache_bytes=1 << 22)
     try:
         again = other.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=seeded)[0]

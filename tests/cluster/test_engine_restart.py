@@ -32,7 +32,7 @@ TOKENS = 200  # with the prompts, up to 235 of the tiny model's 256 positions
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tiny = write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("restart"), seed=3)
-    config = EngineConfig().with_overrides(
+    config = EngineConfig().with_overrides(dtype="float32", 
         model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5, block_size=4,
         kv_cache_bytes=1 << 22, name=NAME, namespace=NAME)
     actor = get_or_start_service(config)

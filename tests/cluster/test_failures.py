@@ -63,7 +63,7 @@ class Round:
 
 @pytest.fixture(scope="module")
 def service(ray_session):
-    config = EngineConfig().with_overrides(
+    config = EngineConfig().with_overrides(dtype="float32", 
         tensor_parallel_size=2, cpus_per_worker=0.5, kv_cache_bytes=64 << 20, name=NAME,
         step_timeout_s=8.0, restart_backoff_s=0.5)
     actor = get_or_start_service(config)

@@ -25,7 +25,7 @@ def _prompts() -> list[list[int]]:
 
 def test_the_poisoned_request_fails_alone(ray_session, tiny):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    common = dict(model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5,
+    common = dict(model=str(tiny), dtype="float32", tensor_parallel_size=1, cpus_per_worker=0.5,
                   kv_cache_bytes=1 << 22, name="isolation", namespace="isolation",
                   restart_backoff_s=0.1)
     clean = [p for i, p in enumerate(_prompts()) if i != 4]

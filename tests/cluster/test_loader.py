@@ -33,7 +33,7 @@ def _load_figures(config, path) -> list[dict]:
 
 def test_resident_memory_grows_by_about_one_over_tp(ray_session, big_checkpoint):
     size = sum(f.stat().st_size for f in big_checkpoint.glob("*.safetensors"))
-    base = EngineConfig().with_overrides(model=str(big_checkpoint), cpus_per_worker=0.5)
+    base = EngineConfig().with_overrides(dtype="float32", model=str(big_checkpoint), cpus_per_worker=0.5)
     one = _load_figures(base.with_overrides(name="mem-tp1"), big_checkpoint)
     two = _load_figures(base.with_overrides(name="mem-tp2", tensor_parallel_size=2), big_checkpoint)
     growth_one = one[0]["rss_after"] - one[0]["rss_before"]
@@ -61,7 +61,7 @@ def test_sharded_checkpoint_with_index(ray_session, tmp_path):
     weight_map = {k: file for file, keys in halves.items() for k in keys}
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = EngineConfig().with_overrides(model=str(path), tensor_parallel_size=2,
+    config = EngineConfig().with_overrides(dtype="float32", model=str(path), tensor_parallel_size=2,
                                            cpus_per_worker=0.5, name="sharded")
     group = WorkerGroup(config, path).start()
     try:

@@ -28,7 +28,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("tp,backend", GROUPS, ids=[f"tp{t}-{b}" for t, b in GROUPS])
 def test_logits_match_transformers(ray_session, checkpoints, tp, backend):
     first = next(iter(checkpoints.values()))[0]
-    config = EngineConfig().with_overrides(
+    config = EngineConfig().with_overrides(dtype="float32", 
         model=str(first), tensor_parallel_size=tp, backend=backend, cpus_per_worker=0.5,
         name=f"parity-tp{tp}-{backend}")
     group = WorkerGroup(config, first).start()
@@ -48,7 +48,7 @@ def test_actors_are_named_and_laid_out(ray_session, checkpoints):
     import ray
 
     path = next(iter(checkpoints.values()))[0]
-    config = EngineConfig().with_overrides(model=str(path), tensor_parallel_size=2,
+    config = EngineConfig().with_overrides(dtype="float32", model=str(path), tensor_parallel_size=2,
                                            cpus_per_worker=0.5, name="layout")
     group = WorkerGroup(config, path).start()
     try:
@@ -86,7 +86,7 @@ def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend):
     from cluster.contract.messages import StepPlan
 
     path, _ = checkpoints["llama-gqa"]
-    config = EngineConfig().with_overrides(
+    config = EngineConfig().with_overrides(dtype="float32", 
         model=str(path), tensor_parallel_size=tp, backend=backend, cpus_per_worker=0.5,
         block_size=BLOCK, kv_cache_bytes=1 << 20, name=f"paged-tp{tp}-{backend}")
     group = WorkerGroup(config, path).start()

@@ -24,7 +24,7 @@ BOUND = 1000
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tiny = write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("open"), seed=5)
-    config = EngineConfig().with_overrides(
+    config = EngineConfig().with_overrides(dtype="float32", 
         model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5, block_size=4,
         kv_cache_bytes=1 << 22, name=NAME, namespace=NAME, max_open_requests=BOUND)
     actor = get_or_start_service(config)

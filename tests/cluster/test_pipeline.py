@@ -34,7 +34,7 @@ def reference(tiny):
 @pytest.mark.parametrize("tp,pp,split", LAYOUTS, ids=[f"tp{t}-pp{p}-{s}" for t, p, s in LAYOUTS])
 def test_greedy_matches_transformers_and_stages_load_only_their_layers(
         ray_session, tiny, reference, tp, pp, split):
-    llm = LLM(model=str(tiny), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+    llm = LLM(dtype="float32", model=str(tiny), tensor_parallel_size=tp, pipeline_parallel_size=pp,
               pipeline_layer_split=split, cpus_per_worker=0.5, block_size=4,
               kv_cache_bytes=1 << 22, name=f"pp-{tp}-{pp}")
     try:
@@ -56,7 +56,7 @@ def test_greedy_matches_transformers_and_stages_load_only_their_layers(
 def test_micro_batching_keeps_outputs(ray_session, tiny, reference):
     """Several micro-batches in flight at pp=2 (and the same with it turned off)."""
     for depth in (2, 1):
-        llm = LLM(model=str(tiny), pipeline_parallel_size=2, pipeline_depth=depth,
+        llm = LLM(dtype="float32", model=str(tiny), pipeline_parallel_size=2, pipeline_depth=depth,
                   cpus_per_worker=0.5, block_size=4, kv_cache_bytes=1 << 22, name=f"pp-depth{depth}")
         try:
             engine = llm.engine
@@ -73,7 +73,7 @@ def test_micro_batching_keeps_outputs(ray_session, tiny, reference):
 
 
 def test_unplaceable_config_names_what_is_missing(ray_session, tiny):
-    config = EngineConfig().with_overrides(model=str(tiny), tensor_parallel_size=2,
+    config = EngineConfig().with_overrides(dtype="float32", model=str(tiny), tensor_parallel_size=2,
                                            pipeline_parallel_size=2, cpus_per_worker=3.0,
                                            placement_timeout_s=3.0, name="too-big")
     with pytest.raises(PlacementError) as err:
@@ -88,7 +88,7 @@ def test_bad_layer_split_is_named(tiny):
 
 
 def test_abort_while_a_micro_batch_is_in_flight(ray_session, tiny, reference):
-    llm = LLM(model=str(tiny), pipeline_parallel_size=2, cpus_per_worker=0.5, block_size=4,
+    llm = LLM(dtype="float32", model=str(tiny), pipeline_parallel_size=2, cpus_per_worker=0.5, block_size=4,
               kv_cache_bytes=1 << 22, name="pp-abort")
     try:
         engine = llm.engine

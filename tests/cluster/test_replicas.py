@@ -41,7 +41,7 @@ def tiny(tmp_path_factory):
 def _config(tiny, **overrides) -> EngineConfig:
     # per engine, room for about 5 of the 8 prefixes' blocks
     per_block = 2 * 2 * BLOCK * 3 * 8 * 4  # K and V x layers x tokens x kv heads x dim x fp32
-    return EngineConfig().with_overrides(**{
+    return EngineConfig().with_overrides(dtype="float32", **{
         "model": str(tiny), "tensor_parallel_size": 1, "cpus_per_worker": 0.5,
         "block_size": BLOCK, "kv_cache_bytes": per_block * PREFIX_BLOCKS * 5, "name": NAME,
         "namespace": NAME, "replicas": 2, "threads_per_worker": 1, **overrides})

@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("tp,setting,expected", [
     (1, None, max(1, CORES)), (2, None, max(1, CORES // 2)), (1, 1, 1)])
 def test_workers_take_their_share_of_the_cores(ray_session, tiny, tp, setting, expected):
-    with LLM(model=str(tiny), tensor_parallel_size=tp, cpus_per_worker=0.5,
+    with LLM(dtype="float32", model=str(tiny), tensor_parallel_size=tp, cpus_per_worker=0.5,
              kv_cache_bytes=1 << 20, threads_per_worker=setting, name="threads",
              namespace="threads") as llm:
         group = llm.engine.group

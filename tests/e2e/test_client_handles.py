@@ -53,7 +53,7 @@ def deployment(ray_session):
     from cluster.serving.http.deploy import deploy, shutdown
 
     port = find_free_port("127.0.0.1")
-    config = EngineConfig().with_overrides(tensor_parallel_size=2, cpus_per_worker=0.5,
+    config = EngineConfig().with_overrides(dtype="float32", tensor_parallel_size=2, cpus_per_worker=0.5,
                                            kv_cache_bytes=64 << 20, name=NAME, namespace=NAME)
     url = deploy(config, port=port)
     yield url, ray.get_runtime_context().gcs_address

@@ -73,7 +73,7 @@ def server(ray_session):
     from cluster.serving.http.deploy import deploy, shutdown
 
     port = find_free_port("127.0.0.1")
-    config = EngineConfig().with_overrides(tensor_parallel_size=2, cpus_per_worker=0.5,
+    config = EngineConfig().with_overrides(dtype="float32", tensor_parallel_size=2, cpus_per_worker=0.5,
                                            kv_cache_bytes=64 << 20, name=NAME, namespace=NAME)
     url = deploy(config, port=port, api_keys=[API_KEY])
     base = url.removesuffix("/v1")

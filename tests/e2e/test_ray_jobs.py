@@ -29,7 +29,8 @@ def test_batch_job_results_match_offline_generate(ray_session, head, tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(
         json.dumps({"id": i, "prompt_token_ids": p, "params": {"max_tokens": 10, "temperature": 0}}) + "\n"
         for i, p in enumerate(prompts)))
-    (tmp_path / "job.yaml").write_text("parallel:\n  cpus_per_worker: 0.5\ncache:\n  block_size: 4\n"
+    (tmp_path / "job.yaml").write_text("model:\n  dtype: float32\nparallel:\n  cpus_per_worker: 0.5\n"
+                                       "cache:\n  block_size: 4\n"
                                        "  kv_cache_bytes: 4194304\ndeployment:\n  name: batch-job\n")
     client = JobSubmissionClient(head[1])
     job_id = submit(client, (
@@ -40,8 +41,8 @@ def test_batch_job_results_match_offline_generate(ray_session, head, tmp_path):
     assert status == "SUCCEEDED", logs[-3000:]
     assert "5 generated" in logs
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
-    llm = LLM(model=str(tiny), tensor_parallel_size=2, cpus_per_worker=0.5, block_size=4,
-              kv_cache_bytes=1 << 22, name="batch-job-reference")
+    llm = LLM(dtype="float32", model=str(tiny), tensor_parallel_size=2, cpus_per_worker=0.5,
+              block_size=4, kv_cache_bytes=1 << 22, name="batch-job-reference")
     try:
         expected = llm.generate(prompt_token_ids=prompts,
                                 sampling_params=SamplingParams(max_tokens=10, temperature=0))
@@ -60,7 +61,7 @@ def test_serve_job_answers_openai_requests_and_stops_cleanly(head, tmp_path):
 
     port = find_free_port("127.0.0.1")
     (tmp_path / "serve.yaml").write_text(
-        "parallel:\n  cpus_per_worker: 0.5\ncache:\n  kv_cache_bytes: 67108864\n"
+        "model:\n  dtype: float32\nparallel:\n  cpus_per_worker: 0.5\ncache:\n  kv_cache_bytes: 67108864\n"
         "deployment:\n  name: serve-job\n")
     client = JobSubmissionClient(head[1])
     job_id = submit(client, f"{sys.executable} -m cluster.cli serve --tp 2 --port {port} "

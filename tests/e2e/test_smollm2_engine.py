@@ -49,7 +49,7 @@ def reference(model_dir):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (3, 1), (1, 2)],
                          ids=["tp1", "tp2", "tp3", "tp1-pp2"])
 def test_greedy_matches_transformers(ray_session, model_dir, reference, tp, pp):
-    llm = LLM(tensor_parallel_size=tp, pipeline_parallel_size=pp, cpus_per_worker=0.5,
+    llm = LLM(dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp, cpus_per_worker=0.5,
               kv_cache_bytes=64 << 20, name=f"smollm2-tp{tp}-pp{pp}")
     try:
         outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0))
