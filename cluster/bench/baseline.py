@@ -20,6 +20,7 @@ minus that arrival, TPOT (batch end - first token) / (output_len - 1).
 
 from __future__ import annotations
 
+import platform
 import time
 from contextlib import contextmanager
 from math import prod
@@ -61,19 +62,40 @@ def _best_time(fn, device: str, min_reps: int = 3, budget_s: float = 1.0) -> flo
 
 def machine_ceilings(threads: int, device: str = "cpu", n: int = 2048,
                      stream_bytes: int = 256 << 20) -> dict:
-    """Peak fp32 matmul FLOP/s and memory bandwidth at ``threads`` torch threads."""
+    """Peak fp32 and bf16 matmul FLOP/s and memory bandwidth at ``threads`` torch threads."""
     with torch_threads(threads), torch.inference_mode():
         a = torch.randn(n, n, device=device)  # (n, n)
         b = torch.randn(n, n, device=device)
         matmul_s = _best_time(lambda: a @ b, device)
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        matmul16_s = _best_time(lambda: a16 @ b16, device)
         x = torch.rand(stream_bytes // 4, device=device)  # (elements,) fp32
         y = torch.empty_like(x)
         read_s = _best_time(lambda: x.sum(), device)
         copy_s = _best_time(lambda: y.copy_(x), device)
     return {"threads": threads, "device": device, "matmul_n": n,
-            "matmul_flops": 2 * n ** 3 / matmul_s,
+            "matmul_flops": 2 * n ** 3 / matmul_s, "matmul_bf16_flops": 2 * n ** 3 / matmul16_s,
             "read_bytes_per_s": stream_bytes / read_s,
             "copy_bytes_per_s": 2 * stream_bytes / copy_s}
+
+
+NOTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict:
+    """This machine's CPU model and the flags its kernels choose by (``/proc/cpuinfo``)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or "unknown",
+            "flags": [f for f in NOTED_FLAGS if f in flags]}
 
 
 def weight_counts(model_dir: Path, hf_config: dict) -> dict:
@@ -94,12 +116,15 @@ def weight_counts(model_dir: Path, hf_config: dict) -> dict:
 
 
 def roofline(probe: dict, counts: dict, dtype_bytes: int, ceilings: dict) -> dict:
-    """Prefill against matmul FLOP/s, batch-1 decode against read bandwidth (see cluster.bench.main)."""
+    """Prefill against matmul FLOP/s (bf16's where the weights are narrower than float32),
+    batch-1 decode against read bandwidth (see cluster.bench.main)."""
     flops = 2 * counts["blocks"] * probe["prefill_tokens"] + 2 * counts["lm_head"]
     bytes_per_token = (counts["blocks"] + counts["lm_head"]) * dtype_bytes
     out = dict(probe, prefill_flops=flops, prefill_flops_per_s=flops / probe["prefill_s"],
                decode_weight_bytes_per_token=bytes_per_token)
-    out["prefill_fraction_of_matmul"] = out["prefill_flops_per_s"] / ceilings["matmul_flops"]
+    peak = ceilings["matmul_flops"] if dtype_bytes == 4 else ceilings.get("matmul_bf16_flops",
+                                                                         ceilings["matmul_flops"])
+    out["prefill_fraction_of_matmul"] = out["prefill_flops_per_s"] / peak
     if probe["decode_b1_step_s"]:
         out["decode_b1_bytes_per_s"] = bytes_per_token / probe["decode_b1_step_s"]
         out["decode_b1_fraction_of_read_bw"] = out["decode_b1_bytes_per_s"] / ceilings["read_bytes_per_s"]

@@ -15,9 +15,10 @@ timestamped when ``step()`` returns: TTFT = first token - arrival (just before
 ``add_request``), TPOT = (finish - first token) / (tokens - 1). Driver overhead is the share
 of ``step()`` wall time spent outside ``group.execute`` (scheduling, plan encoding, result
 handling), timed by wrapping the group's dispatch methods and ``schedule`` for the run.
-Worker memory: the peak of the RSS each worker reports (``ping``), sampled about once a
-second between steps (a few ms each, inside the wall time), and each worker's VmHWM (lifetime peak, weight loading included) from
-``/proc`` where the worker runs on this node. KV usage peak: the block manager's usage right
+Worker memory: the peak of the RSS each worker reports (``ping``), asked about once a second
+and read at a later step when the answers are in (a ping queues behind the step a worker is
+computing; waiting for it idled the workers), and each worker's VmHWM (lifetime peak, weight
+loading included) from ``/proc`` where the worker runs on this node. KV usage peak: the block manager's usage right
 after each step's scheduling. The prefix cache is reset before every measured run.
 
 Engines: offline, the engines of every tp size are started together (when the cluster has
@@ -30,7 +31,10 @@ not counted); the decode step time at batch 32, to compare tp sizes. Each probe 
 measures the ceilings again and probes every engine; the figures are medians over rounds of
 figures taken seconds apart (``cluster.bench.probes``). Ceilings and the transformers
 baseline: see ``cluster.bench.baseline``; both use the engine's total thread
-count (workers x ``threads_per_worker``). The table and the plot: ``cluster.bench.report``.
+count (workers x ``threads_per_worker``). ``--baseline vllm``: vLLM's engine on the same
+prompts in its own environment (``cluster.bench.vllm_runner``). ``--precision``: an engine per
+precision and tp size, each run after the other. The table and the plot:
+``cluster.bench.report``.
 """
 
 from __future__ import annotations
@@ -238,7 +242,7 @@ def run(opts: BenchOptions) -> dict:
     """Run the benchmark; returns every figure (what ``--json`` writes)."""
     import ray
 
-    from cluster.bench.baseline import machine_ceilings, weight_counts
+    from cluster.bench.baseline import cpu_description, machine_ceilings, weight_counts
     from cluster.bench.probes import summarize_rounds, tp_scaling
 
     started_ray = _connect(opts)
@@ -284,7 +288,8 @@ def run(opts: BenchOptions) -> dict:
                          "request_rate": [rate_label(r) for r in opts.request_rate]
                          if opts.mode == "online" else None},
             "model": {"name": runs[0]["model"], "dir": runs[0]["model_dir"], "params": counts},
-            "machine": {"cpus": os.cpu_count(), "load_average_start": list(load_start),
+            "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(),
+                        "load_average_start": list(load_start),
                         "load_average_end": list(os.getloadavg()), "ceilings": ceilings,
                         "engines_together": together},
             "shardlm": runs, "baseline": baselines, "ratios": ratios(runs, baselines),

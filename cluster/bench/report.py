@@ -28,11 +28,14 @@ def format_report(result: dict) -> str:
              f"model: {result['model']['dir']} ({result['model']['params']['total'] / 1e6:.1f} M params)",
              f"machine: {m['cpus']} CPUs, load average {m['load_average_start'][0]:.2f} at start, "
              f"{m['load_average_end'][0]:.2f} at end",
-             "", f"{'ceilings':<16}{'threads':>8}{'matmul GFLOP/s':>16}{'read GB/s':>11}"
-                 f"{'copy GB/s':>11}  (median of the rounds; each round's read GB/s)"]
+             *([f"cpu: {m['cpu']['model']}; flags: {' '.join(m['cpu']['flags']) or 'none of note'}"]
+               if "cpu" in m else []),
+             "", f"{'ceilings':<16}{'threads':>8}{'matmul GFLOP/s':>16}{'bf16 GFLOP/s':>14}"
+                 f"{'read GB/s':>11}{'copy GB/s':>11}  (median of the rounds; each round's read GB/s)"]
     for c in m["ceilings"].values():
         each = ", ".join(f"{r['read_bytes_per_s'] / 1e9:.1f}" for r in c.get("rounds", []))
         lines.append(f"{'':<16}{c['threads']:>8}{c['matmul_flops'] / 1e9:>16.1f}"
+                     f"{c.get('matmul_bf16_flops', 0) / 1e9:>14.1f}"
                      f"{c['read_bytes_per_s'] / 1e9:>11.1f}{c['copy_bytes_per_s'] / 1e9:>11.1f}"
                      f"  ({each})")
     lines += ["", _row(RUN_COLUMNS)]
