@@ -51,8 +51,61 @@ OBJECT_META = {
         "annotations": _STRING_MAP,
     },
 }
-# Core kinds a manifest file may carry next to its KubeRay object (a subset of core/v1).
+_LABEL_SELECTOR = {
+    "type": "object",
+    "properties": {
+        "matchLabels": _STRING_MAP,
+        "matchExpressions": {"type": "array", "items": {
+            "type": "object", "required": ["key", "operator"],
+            "properties": {"key": {"type": "string"},
+                           "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                           "values": {"type": "array", "items": {"type": "string"}}}}},
+    },
+}
+_POLICY_PEER = {
+    "type": "object",
+    "properties": {
+        "podSelector": _LABEL_SELECTOR,
+        "namespaceSelector": _LABEL_SELECTOR,
+        "ipBlock": {"type": "object", "required": ["cidr"],
+                    "properties": {"cidr": {"type": "string"},
+                                   "except": {"type": "array", "items": {"type": "string"}}}},
+    },
+}
+_POLICY_PORTS = {"type": "array", "items": {
+    "type": "object",
+    "properties": {"port": {"x-kubernetes-int-or-string": True},
+                   "endPort": {"type": "integer"},
+                   "protocol": {"type": "string", "enum": ["TCP", "UDP", "SCTP"]}}}}
+# Core kinds a manifest file may carry next to its KubeRay object (subsets of core/v1 and
+# networking.k8s.io/v1, as the Kubernetes API reference defines them).
 CORE_SCHEMAS = {
+    ("networking.k8s.io/v1", "NetworkPolicy"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": OBJECT_META,
+            "spec": {
+                "type": "object",
+                "required": ["podSelector"],
+                "properties": {
+                    "podSelector": _LABEL_SELECTOR,
+                    "policyTypes": {"type": "array",
+                                    "items": {"type": "string", "enum": ["Ingress", "Egress"]}},
+                    "ingress": {"type": "array", "items": {
+                        "type": "object",
+                        "properties": {"from": {"type": "array", "items": _POLICY_PEER},
+                                       "ports": _POLICY_PORTS}}},
+                    "egress": {"type": "array", "items": {
+                        "type": "object",
+                        "properties": {"to": {"type": "array", "items": _POLICY_PEER},
+                                       "ports": _POLICY_PORTS}}},
+                },
+            },
+        },
+    },
     ("v1", "ConfigMap"): {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata"],

@@ -34,7 +34,7 @@ def format_report(result: dict) -> str:
                  f"{'read GB/s':>11}{'copy GB/s':>11}  (median of the rounds; each round's read GB/s)"]
     for c in m["ceilings"].values():
         each = ", ".join(f"{r['read_bytes_per_s'] / 1e9:.1f}" for r in c.get("rounds", []))
-        lines.append(f"{'':<16}{c['threads']:>8}{c['matmul_flops'] / 1e9:>16.1f}"
+        lines.append(f"{'':<16}{int(c['threads']):>8}{c['matmul_flops'] / 1e9:>16.1f}"
                      f"{c.get('matmul_bf16_flops', 0) / 1e9:>14.1f}"
                      f"{c['read_bytes_per_s'] / 1e9:>11.1f}{c['copy_bytes_per_s'] / 1e9:>11.1f}"
                      f"  ({each})")

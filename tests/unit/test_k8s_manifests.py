@@ -97,7 +97,7 @@ def test_manifest_validates(name, schemas):
     documents = validate_file(K8S / name, schemas)
     ray_objects = [d for d in documents if d["apiVersion"] == "ray.io/v1"]
     assert [d["kind"] for d in ray_objects] == [MANIFESTS[name]]
-    assert {d["kind"] for d in documents} <= {MANIFESTS[name], "ConfigMap"}
+    assert {d["kind"] for d in documents} <= {MANIFESTS[name], "ConfigMap", "NetworkPolicy"}
 
 
 def _edit(obj: dict, path: tuple, *, rename: str | None = None, value=None) -> dict:
@@ -244,6 +244,32 @@ def test_ray_clusters_require_tokens_and_pods_run_unprivileged(name):
             assert sec.get("runAsNonRoot") is True, (pod_name, container["name"])
             assert sec.get("allowPrivilegeEscalation") is False, (pod_name, container["name"])
             assert "ALL" in sec.get("capabilities", {}).get("drop", []), (pod_name, container["name"])
+
+
+EXTERNAL_PORTS = {"rayservice.yaml": [8000], "raycluster.yaml": [8000], "rayjob.yaml": []}
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_network_policy_admits_only_the_api_from_outside(name, schemas):
+    """One NetworkPolicy per manifest, selecting every Ray pod of it: a rule without sources
+    (reachable from anywhere) opens the API port alone, every other rule names in-cluster
+    sources only (pods, namespaces: no IP blocks), and the Ray pods reach each other."""
+    documents = validate_file(K8S / name, schemas)
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    selector = spec["podSelector"]["matchLabels"]
+    cluster = _cluster_spec(_ray_object(name))
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        assert selector.items() <= template["metadata"]["labels"].items()
+    open_rules = [r for r in spec["ingress"] if not r.get("from")]
+    assert sorted(p["port"] for r in open_rules for p in r["ports"]) == EXTERNAL_PORTS[name]
+    for rule in spec["ingress"]:
+        for peer in rule.get("from", []):
+            assert "ipBlock" not in peer and peer.keys() <= {"podSelector", "namespaceSelector"}
+    assert any(r.get("from") == [{"podSelector": {"matchLabels": selector}}] and not r.get("ports")
+               for r in spec["ingress"])
 
 
 def test_rayservice_takes_its_api_key_from_a_secret():
