@@ -239,14 +239,20 @@ def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, blocked: torch.Tensor | Non
     return torch.nn.functional.linear(x.to(torch.bfloat16), weight)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-feature int8: each row's largest magnitude maps to 127.
+def quantize_int8(weight: torch.Tensor, rows_per_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-feature int8: each row's largest magnitude maps to 127. Done in
+    chunks of rows, so that the float32 temporaries stay small (the worker's allocator keeps
+    freed memory: a whole-matrix temporary would stay resident).
 
     weight: (out, in) -> (int8 (out, in), float32 scales (out,)); weight ~ q * scales[:, None]"""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scales.contiguous()
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        w = weight[start:start + rows_per_chunk].float()
+        step = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+        q[start:start + rows_per_chunk] = torch.round(w / step[:, None]).clamp_(-127, 127)
+        scales[start:start + rows_per_chunk] = step
+    return q, scales
 
 
 def kernels_available() -> bool:
