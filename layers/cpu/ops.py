@@ -18,16 +18,16 @@ from torch import nn
 
 from layers.cpu import kernels
 from layers.cpu.decode_layer import DecodeLayer, DecodeStep
-from layers.ops import TorchOps
 from layers.cpu.flags import cpu_flags
+from layers.ops import TorchOps
 
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 
 # Below this many rows a bf16 matmul is the C kernel (bound by the weights' bytes), from it
-# torch's bf16 GEMM (oneDNN: AMX or AVX512-BF16 tiles, bound by arithmetic). Measured on the
-# default model's shapes (docs/ARCHITECTURE.md, "CPU precision"): the C kernel 1.5-3x ahead
-# at 1-4 rows, level at 8, torch 1.5-4x ahead from 16.
+# oneDNN's bf16 GEMM on its blocked copy (AMX or AVX512-BF16, bound by arithmetic). Measured
+# on the default model's shapes (docs/ARCHITECTURE.md, "CPU precision"): the C kernel 1.5-3x
+# ahead at 1-4 rows, level at 8, oneDNN 1.7-2.7x ahead at 16-32.
 BF16_KERNEL_ROWS = int(os.environ.get("SHARDLM_BF16_KERNEL_ROWS", "8"))
 
 
