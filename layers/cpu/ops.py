@@ -103,9 +103,9 @@ class CpuOps(TorchOps):
                 y = bf16_gemm(x, weight, self._blocked.get(id(weight))).float()
         elif weight.dtype == torch.int8:
             scales = self._scales[id(weight)]
-            y = kernels.lowp_linear(x.float(), weight, scales)
+            y = kernels.lowp_linear(x, weight, scales)
             if y is None:
-                y = torch.nn.functional.linear(x.float(), weight.float() * scales[:, None])
+                y = torch.nn.functional.linear(x, weight.float() * scales[:, None])
         elif weight.dim() == 2:
             return super().linear(x, weight, bias)
         else:

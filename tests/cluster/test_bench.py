@@ -230,7 +230,7 @@ def test_online_report_and_plot(online, tmp_path):
 def test_command_line_rejects_bad_values_by_name():
     import argparse
 
-    from cluster.bench.main import add_arguments
+    from cluster.bench.options import add_arguments
 
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_arguments(parser)

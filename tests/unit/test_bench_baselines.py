@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cluster.bench.main import run_vllm_baseline
+from cluster.bench.baseline import run_vllm_baseline
 from cluster.bench.options import BenchOptions
 from cluster.cli import build_parser
 

@@ -92,15 +92,14 @@ int write_kv(const float *k, const float *v, int64_t stride, void *cache, const 
         if (slots[t] < 0 || slots[t] >= total_slots) return -3;  /* nothing written */
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t at_k = slots[t] * width, at_v = (total_slots + slots[t]) * width;
-        if (bf16 && width % W == 0) {  /* a bf16 cache: each value rounded to nearest even */
+        if (bf16) {  /* a bf16 cache: each value rounded to nearest even */
             uint16_t *c = cache;
-            for (int64_t i = 0; i < width; i += W) {
+            int64_t i = 0;
+            for (; i + W <= width; i += W) {
                 store_bf16(c + at_k + i, load(k + t * stride + i));
                 store_bf16(c + at_v + i, load(v + t * stride + i));
             }
-        } else if (bf16) {
-            uint16_t *c = cache;
-            for (int64_t i = 0; i < width; i++) {
+            for (; i < width; i++) {
                 c[at_k + i] = to_bf16(k[t * stride + i]);
                 c[at_v + i] = to_bf16(v[t * stride + i]);
             }
