@@ -34,6 +34,7 @@ class SamplerParams(Protocol):
     min_p: float
     seed: int  # unsigned 64-bit
     logprobs: int | None  # top-n logprobs to return, None for none
+    prompt_logprobs: int | None  # top-n logprobs of the prompt's positions, None for none
 
 
 def _signed(c: int) -> int:
@@ -155,13 +156,21 @@ def sample(logits: torch.Tensor, params: list[SamplerParams],
     top_lp: dict[int, list[tuple[int, float]]] = {}
     if want:
         idx = torch.tensor(want, device=logits.device)
-        lp = torch.log_softmax(logits.index_select(0, idx), dim=-1)  # (len(want), vocab)
-        chosen = lp.gather(1, tokens.index_select(0, idx)[:, None])[:, 0].tolist()
-        n_max = min(vocab, max(params[i].logprobs for i in want))
-        top_v, top_i = torch.topk(lp, n_max, dim=-1) if n_max else (lp[:, :0], lp[:, :0].long())
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        chosen, top = logprob_rows(logits.index_select(0, idx), tokens.index_select(0, idx),
+                                   max(params[i].logprobs for i in want))
         for j, i in enumerate(want):
-            n = min(params[i].logprobs, vocab)
             chosen_lp[i] = chosen[j]
-            top_lp[i] = list(zip(top_i[j][:n], top_v[j][:n]))
+            top_lp[i] = top[j][:params[i].logprobs]
     return [(token_list[i], chosen_lp.get(i), top_lp.get(i)) for i in range(rows)]
+
+
+def logprob_rows(logits: torch.Tensor, chosen: torch.Tensor, top_n: int
+                 ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Per row of ``logits`` (rows, vocab): the logprob of token ``chosen[row]`` (rows,) and
+    the ``top_n`` most likely (token id, logprob), best first (``log_softmax`` of the raw
+    logits, in float32)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
+    picked = lp.gather(1, chosen[:, None].long())[:, 0].tolist()
+    n = min(top_n, lp.shape[1])
+    top_v, top_i = torch.topk(lp, n, dim=-1) if n else (lp[:, :0], lp[:, :0].long())
+    return picked, [list(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]

@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.contract.messages import FOLLOW, ProtocolError, SampledToken, StepPlan, StepResult
+from cluster.contract.messages import (FOLLOW, PromptScores, ProtocolError, SampledToken, StepPlan,
+                                      StepResult)
 from layers.attention import AttnBatch, KeepRows
 from layers.ops import host_tensor
-from layers.sampler import argmax_suffices, sample
+from layers.sampler import argmax_suffices, logprob_rows, sample
+
+SCORE_ROWS = 256  # prompt positions scored per LM-head call: logits memory SCORE_ROWS x vocab
 
 
 @dataclass
@@ -20,12 +23,15 @@ class PreparedBatch:
     sample_rows: torch.Tensor  # (samples,) index of each sampling chunk's last token
     sample_chunks: list  # the SeqChunks that sample, in row order
     sample_seqs: list[int]  # (samples,) each sampling chunk's index in the plan
+    score_spans: list  # (chunk, first row, rows) of each chunk that scores its prompt
 
 
 def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBatch:
-    ids, positions, slots, rows, chunks, seqs = [], [], [], [], [], []
+    ids, positions, slots, rows, chunks, seqs, spans = [], [], [], [], [], [], []
     for i, chunk in enumerate(plan.chunks):
         n, start, table = len(chunk.token_ids), chunk.start_pos, chunk.block_table
+        if chunk.prompt_targets:
+            spans.append((chunk, len(ids), len(chunk.prompt_targets)))
         ids += chunk.token_ids
         span = range(start, start + n)
         positions += span
@@ -42,7 +48,7 @@ def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBa
 
     attn = AttnBatch([len(c.token_ids) for c in plan.chunks], [c.start_pos for c in plan.chunks],
                      tensor(tables), tensor(slots))
-    return PreparedBatch(tensor(ids), tensor(positions), attn, tensor(rows), chunks, seqs)
+    return PreparedBatch(tensor(ids), tensor(positions), attn, tensor(rows), chunks, seqs, spans)
 
 
 def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -85,9 +91,11 @@ class ModelRunner:
         batch = prepare(plan, self.block_size, self.device)
         self.sampled_seqs, self.sampled = [c.seq_id for c in batch.sample_chunks], {}
         # the final layer goes on only for the sampled rows (prompt tokens before them just
-        # leave their keys and values in the cache); a decode-only step samples every row
+        # leave their keys and values in the cache) unless the prompt is scored; a
+        # decode-only step samples every row
         keep = None
-        if batch.sample_chunks and len(batch.sample_chunks) < batch.input_ids.shape[0]:
+        if batch.sample_chunks and len(batch.sample_chunks) < batch.input_ids.shape[0] \
+                and not batch.score_spans:
             keep = KeepRows(batch.sample_rows, batch.sample_seqs)
         if keep is None and self.graphs is not None and self.graphs.handles(batch.attn):
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.attn)
@@ -96,8 +104,9 @@ class ModelRunner:
                                batch.attn, keep)
         if hidden is None:  # an earlier pipeline stage: the last one samples
             return None
+        scores = self._score(hidden, batch.score_spans)  # None: not the sampling rank
         if not batch.sample_chunks:  # same plan on every rank, so all skip together
-            return StepResult(plan.step_id, [])
+            return None if scores is None else StepResult(plan.step_id, [], scores)
         if keep is None:  # every row is sampled, in order
             hidden = hidden.index_select(0, batch.sample_rows)
         picked = self._sample(hidden, batch.sample_chunks)
@@ -106,7 +115,35 @@ class ModelRunner:
         self.sampled = {c.seq_id: tok for c, (tok, _, _) in zip(batch.sample_chunks, picked)}
         return StepResult(plan.step_id, [
             SampledToken(c.seq_id, tok, lp, top)
-            for c, (tok, lp, top) in zip(batch.sample_chunks, picked)])
+            for c, (tok, lp, top) in zip(batch.sample_chunks, picked)], scores)
+
+    def _score(self, hidden: torch.Tensor, spans: list) -> list[PromptScores] | None:
+        """The prompt logprobs of each scoring chunk on TP rank 0, None on the other ranks
+        (every rank takes part in the LM head); [] when no chunk scores.
+        hidden: (tokens, hidden), every row of the step"""
+        if not spans:
+            return []
+        rows = torch.cat([torch.arange(first, first + n) for _, first, n in spans])  # (scored,)
+        targets = torch.tensor([t for chunk, _, _ in spans for t in chunk.prompt_targets])
+        top_n = max(chunk.sampler.prompt_logprobs or 0 for chunk, _, _ in spans)
+        picked, top = [], []
+        for at in range(0, rows.shape[0], SCORE_ROWS):
+            part = rows[at:at + SCORE_ROWS].to(hidden.device)
+            logits = self.model.compute_logits(hidden.index_select(0, part))  # (part, vocab)
+            if logits is None:
+                continue
+            p, t = logprob_rows(logits, targets[at:at + SCORE_ROWS].to(logits.device), top_n)
+            picked += p
+            top += t
+        if not picked:
+            return None
+        out, at = [], 0
+        for chunk, _, n in spans:
+            k = chunk.sampler.prompt_logprobs or 0
+            out.append(PromptScores(chunk.seq_id, chunk.start_pos + 1, picked[at:at + n],
+                                    [row[:k] for row in top[at:at + n]]))
+            at += n
+        return out
 
     def _sample(self, hidden: torch.Tensor, chunks: list) -> list | None:
         """(token, logprob, top logprobs) per sampling chunk on TP rank 0, None elsewhere.

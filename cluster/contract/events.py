@@ -7,6 +7,9 @@ A request's stream is zero or more ``delta`` events, then exactly one ``final`` 
 - ``{"type": "final", "request_id", "prompt_tokens", "completion_tokens", "cached_tokens",
   "outputs": [{"index", "text", "token_ids", "finish_reason", "stop_reason", "logprobs",
   "error"}]}``
+- a choice's first delta and the final event also carry ``prompt_text`` (the request asked
+  for ``echo``) and ``prompt_logprobs`` (its ``prompt_logprobs`` parameter: one entry per
+  prompt token, the first without a logprob)
 - ``{"type": "error", "error": "request" | "request_type" | "unavailable" | "internal", "kind",
   "message", "param"}``: the typed errors of :mod:`cluster.contract.errors`, turned into an event by
   :func:`error_event` and back into the exception by :func:`raise_if_error`.
@@ -22,7 +25,7 @@ import msgpack
 from cluster.contract.errors import (INVALID_VALUE, UNKNOWN_PARAMETER, EngineUnavailable,
                                      RequestError, RequestTypeError, ServiceError)
 
-EVENT_VERSION = 1
+EVENT_VERSION = 2
 
 
 def encode(event: dict) -> bytes:
@@ -68,7 +71,7 @@ def raise_if_error(event: dict) -> dict:
 
 # ---- the request a front door sends (the service's generate() argument) -------------------
 REQUEST_FIELDS = ("request_id", "prompt", "messages", "prompt_token_ids", "params", "priority",
-                  "resume", "final_logprobs")
+                  "resume", "final_logprobs", "echo")
 
 
 def encode_request(**fields) -> bytes:
@@ -78,7 +81,8 @@ def encode_request(**fields) -> bytes:
     choice, the tokens its caller already has from an engine that was lost;
     ``final_logprobs: false``: a caller that reads the deltas (which carry every token's
     logprobs) needs none in the final event, so the engine keeps none (memory bounded by a
-    step, not by the output). The engine checks the values at admission."""
+    step, not by the output); ``echo: true``: each choice's first delta and the final event
+    carry ``prompt_text``. The engine checks the values at admission."""
     unknown = sorted(set(fields) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(f"unknown request field(s): {', '.join(unknown)}", unknown[0],

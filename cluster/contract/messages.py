@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # A decode chunk's token id when the driver planned the step before the previous one came
 # back (async scheduling): "the token your previous step sampled for this sequence".
@@ -33,9 +33,11 @@ class SamplerParams:
     min_p: float = 0.0
     seed: int = 0  # always set: the engine draws one when the request gives none
     logprobs: int | None = None  # top-n logprobs to return, None for none
+    prompt_logprobs: int | None = None  # top-n logprobs of each prompt position, None for none
 
     def to_list(self) -> list:
-        return [self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.logprobs]
+        return [self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.logprobs,
+                self.prompt_logprobs]
 
     @classmethod
     def from_list(cls, v: list) -> "SamplerParams":
@@ -47,7 +49,9 @@ class SeqChunk:
     """One sequence's work in one step: compute ``token_ids`` at positions
     ``start_pos ..`` writing their KV through ``block_table``; sample one token
     after the last of them when ``sample`` is true. ``token_ids == [FOLLOW]``: the
-    token the previous step sampled for this sequence (not yet known to the driver)."""
+    token the previous step sampled for this sequence (not yet known to the driver).
+    ``prompt_targets``: score the prompt (``sampler.prompt_logprobs``): the prompt token
+    that follows each of the first ``len(prompt_targets)`` positions of this chunk."""
 
     seq_id: int
     token_ids: list[int]
@@ -55,15 +59,17 @@ class SeqChunk:
     block_table: list[int]
     sample: bool
     sampler: SamplerParams = field(default_factory=SamplerParams)
+    prompt_targets: list[int] | None = None
 
     def to_list(self) -> list:
         return [self.seq_id, self.token_ids, self.start_pos, self.block_table, self.sample,
-                self.sampler.to_list()]
+                self.sampler.to_list(), self.prompt_targets]
 
     @classmethod
     def from_list(cls, v: list) -> "SeqChunk":
-        seq_id, token_ids, start_pos, block_table, sample, sampler = v
-        return cls(seq_id, token_ids, start_pos, block_table, sample, SamplerParams.from_list(sampler))
+        seq_id, token_ids, start_pos, block_table, sample, sampler, targets = v
+        return cls(seq_id, token_ids, start_pos, block_table, sample,
+                   SamplerParams.from_list(sampler), targets)
 
 
 @dataclass
@@ -99,18 +105,41 @@ class SampledToken:
 
 
 @dataclass
+class PromptScores:
+    """Logprobs of a prompt's own tokens (a chunk's ``prompt_targets``): the one at
+    ``positions[i]`` is the logprob of the prompt token there given the tokens before it."""
+
+    seq_id: int
+    first_position: int  # the position of the first scored token (its chunk's start + 1)
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]  # per position: (token id, logprob) best first
+
+    def to_list(self) -> list:
+        return [self.seq_id, self.first_position, self.logprobs,
+                [[list(t) for t in top] for top in self.top_logprobs]]
+
+    @classmethod
+    def from_list(cls, v: list) -> "PromptScores":
+        seq_id, first, logprobs, top = v
+        return cls(seq_id, first, logprobs, [[tuple(t) for t in row] for row in top])
+
+
+@dataclass
 class StepResult:
     step_id: int
     tokens: list[SampledToken]
+    prompt_scores: list[PromptScores] = field(default_factory=list)
 
     def encode(self) -> bytes:
         return msgpack.packb([PROTOCOL_VERSION, "result", self.step_id,
-                              [t.to_list() for t in self.tokens]])
+                              [t.to_list() for t in self.tokens],
+                              [s.to_list() for s in self.prompt_scores]])
 
     @classmethod
     def decode(cls, data: bytes) -> "StepResult":
-        step_id, tokens = _open(data, "result")
-        return cls(step_id, [SampledToken.from_list(t) for t in tokens])
+        step_id, tokens, scores = _open(data, "result")
+        return cls(step_id, [SampledToken.from_list(t) for t in tokens],
+                   [PromptScores.from_list(s) for s in scores])
 
 
 def _open(data: bytes, kind: str) -> list:

@@ -33,7 +33,9 @@ class SamplingParams:
     disable those filters; ``temperature`` 0 means greedy. ``seed`` makes the
     request reproducible; when it is None the engine draws one (and keeps it,
     so a replay after a failure produces the same tokens). ``logprobs`` asks
-    for the sampled token's logprob plus the ``logprobs`` most likely tokens.
+    for the sampled token's logprob plus the ``logprobs`` most likely tokens;
+    ``prompt_logprobs`` the same for every prompt token after the first (the
+    prompt is then computed whole, without the prefix cache).
     ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list.
     """
 
@@ -48,6 +50,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self._check_int("n", minimum=1)
@@ -73,8 +76,9 @@ class SamplingParams:
                                        f"{type(self.seed).__name__} {self.seed!r}", "seed")
             if not -(1 << 63) <= self.seed <= _U64:
                 raise RequestError(f"seed must fit in 64 bits, got {self.seed}", "seed")
-        if self.logprobs is not None:
-            self._check_int("logprobs", minimum=0)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                self._check_int(name, minimum=0)
         if not isinstance(self.ignore_eos, bool):
             raise RequestTypeError(f"ignore_eos must be a bool, got "
                                    f"{type(self.ignore_eos).__name__} {self.ignore_eos!r}",
@@ -138,4 +142,5 @@ class SamplingParams:
             min_p=self.min_p,
             seed=int(seed) & _U64,
             logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )

@@ -33,6 +33,9 @@ class Request:
     outputs: list[CompletionOutput]
     arrival_time: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None  # when its latest token arrived (for TTFT/TPOT metrics)
+    # per prompt position: {token id: logprob} of the prompt token there and the top
+    # prompt_logprobs (None at position 0, and until scored); None when not asked for
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -41,14 +44,15 @@ class Request:
     def snapshot(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              self.outputs, self.finished,
-                             max(s.num_cached_tokens for s in self.seqs))
+                             max(s.num_cached_tokens for s in self.seqs), self.prompt_logprobs)
 
 
 class Admission:
     """Checks requests against the model (vocabulary, context length, tokenizer)."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, detokenize: bool = True):
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
+        self.detokenizer_tokenizer = tokenizer if detokenize else None  # None: token ids only
 
     def admit(self, request_id: str, seq_ids, prompt=None, params=None, prompt_token_ids=None,
               messages=None, priority: int = 0, tokenized: list[int] | None = None) -> Request:
@@ -62,10 +66,13 @@ class Admission:
         seqs = [Sequence(next(seq_ids), list(ids), params,
                          seed=(base_seed + i * _SEED_STRIDE) & _U64, priority=priority)
                 for i in range(params.n)]
-        return Request(request_id, prompt, list(ids), params, seqs,
-                       [Detokenizer(self.tokenizer, params.stop) for _ in seqs],
-                       [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None)
-                        for i in range(params.n)])
+        request = Request(request_id, prompt, list(ids), params, seqs,
+                          [Detokenizer(self.detokenizer_tokenizer, params.stop) for _ in seqs],
+                          [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None)
+                           for i in range(params.n)])
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(ids)
+        return request
 
     def prompt_ids(self, prompt, prompt_token_ids, messages=None) -> list[int]:
         """The prompt as token ids, from exactly one of text, token ids or chat messages."""

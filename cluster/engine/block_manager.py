@@ -81,7 +81,8 @@ class BlockManager:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
         seq.block_hashes = []
         seq.num_computed_tokens = 0
-        if self.enable_prefix_caching:
+        # a sequence that scores its prompt computes all of it (prompt_logprobs)
+        if self.enable_prefix_caching and seq.sampling_params.prompt_logprobs is None:
             n_query = (seq.num_tokens - 1) // self.block_size
             self.prefix_cache_queries += n_query
             prev = _ROOT_HASH

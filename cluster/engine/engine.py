@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster.contract.config import EngineConfig
 from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, INVALID_VALUE, EngineUnavailable,
                                      RequestError)
-from cluster.contract.messages import SampledToken, StepPlan
+from cluster.contract.messages import PromptScores, SampledToken, StepPlan
 from cluster.checkpoints.store import resolve_model
 from cluster.engine import recovery
 from cluster.engine.admission import Admission, Request, check_request_id
@@ -39,7 +39,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, detokenize: bool = True):
+        """``detokenize=False``: outputs carry token ids only, and stop strings are the
+        caller's to find (the engine service detokenizes on a thread of its own and calls
+        :meth:`stop_choice`)."""
         self.config = config
         self.model_dir = resolve_model(config.model.model)
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
@@ -50,7 +53,8 @@ class Engine:
         self.group, self.num_blocks = self.supervisor.start_group()
         self.status, self.reason = "ready", None  # "recovering" / "failed" after failures
         self.max_model_len = self._max_model_len()
-        self.admission = Admission(self.tokenizer, self.args.vocab_size, self.max_model_len)
+        self.admission = Admission(self.tokenizer, self.args.vocab_size, self.max_model_len,
+                                   detokenize)
         self.stops = StopRules(eos_ids(self.model_dir, self.hf_config, self.tokenizer),
                                self.max_model_len)
         self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
@@ -188,6 +192,8 @@ class Engine:
             self.deferred_aborts.discard(seq_id)
             self.scheduler.abort(seq_id)
             self.by_seq.pop(seq_id, None)
+        for scores in result.prompt_scores:
+            self._take_prompt_scores(scores)
         # a token for a sequence that ended meanwhile (an async follow-up step) is dropped
         for token in result.tokens:
             if token.seq_id in self.by_seq and token.seq_id not in aborted:
@@ -208,6 +214,16 @@ class Engine:
             return recovery.fail_seq(self, sampled.seq_id,
                                      f"the engine could not process this request's token: "
                                      f"{type(exc).__name__}: {exc}", internal=True)
+
+    def _take_prompt_scores(self, scores: PromptScores) -> None:
+        """Logprobs of prompt tokens (scored again, identically, after a preemption)."""
+        request, _ = self.by_seq.get(scores.seq_id, (None, None))
+        if request is None or request.prompt_logprobs is None:
+            return
+        for i, (logprob, top) in enumerate(zip(scores.logprobs, scores.top_logprobs)):
+            position = scores.first_position + i
+            request.prompt_logprobs[position] = dict(top) | {
+                request.prompt_token_ids[position]: logprob}
 
     def _launch(self, deltas: list[Delta]) -> bool:
         """Plan and submit one step (a micro-batch under pipelining); False if nothing to run."""
@@ -259,13 +275,25 @@ class Engine:
         output.token_ids = seq.output_token_ids  # the live list: no copy per token
         delta = detok.release(final=reason is not None)
         output.text += delta
-        return Delta(request.request_id, index, delta, [sampled.token_id], step_logprobs, reason)
+        prompt_logprobs = request.prompt_logprobs if seq.num_output_tokens == 1 else None
+        return Delta(request.request_id, index, delta, [sampled.token_id], step_logprobs, reason,
+                     prompt_logprobs)
 
     def _finish(self, request: Request, index: int, reason: str, stop_reason=None) -> None:
         seq, output = request.seqs[index], request.outputs[index]
         self.scheduler.finish(seq, reason)
         output.finish_reason, output.stop_reason = reason, stop_reason
         del self.by_seq[seq.seq_id]
+
+    def stop_choice(self, request_id: str, index: int, stop: str) -> bool:
+        """Choice ``index`` of the request ends on ``stop``, a stop string found by the
+        caller's detokenizer (see ``detokenize``); True when that finishes the request (pop
+        it with :meth:`pop_finished`)."""
+        request = self.requests.get(request_id)
+        if request is None or request.outputs[index].finished:
+            return False
+        self._finish(request, index, "stop", stop)
+        return request.finished
 
     # ---- results and aborts ----------------------------------------------------------------
     def pop_finished(self, request_id: str) -> RequestOutput:

@@ -31,6 +31,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    # per prompt position: {token id: logprob} of the prompt token and the top
+    # ``prompt_logprobs`` (None at position 0); None when not asked for
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Delta:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
+    # with a choice's first token: its prompt's logprobs (as RequestOutput's), if asked for
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Detokenizer:

@@ -187,6 +187,7 @@ class Scheduler:
             block_table=list(seq.block_table),
             sample=sample,
             sampler=seq.sampling_params.to_sampler(seq.seed),
+            prompt_targets=_prompt_targets(seq, start, len(token_ids)),
         ))
         out.seqs.append(seq)
 
@@ -264,3 +265,11 @@ class Scheduler:
                 continue  # aborted or preempted since the plan was made
             seq.num_computed_tokens += len(chunk.token_ids)
             self.block_manager.register_full_blocks(seq)
+
+
+def _prompt_targets(seq: Sequence, start: int, n: int) -> list[int] | None:
+    """The prompt tokens that follow positions ``start .. start + n`` when ``seq`` scores its
+    prompt (``prompt_logprobs``); None otherwise or past the prompt."""
+    if seq.sampling_params.prompt_logprobs is None or start + 1 >= seq.num_prompt_tokens:
+        return None
+    return seq.prompt_token_ids[start + 1:min(start + n + 1, seq.num_prompt_tokens)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cluster.engine.outputs import Delta, RequestOutput
 
 
-def token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+def token_entry(tokenizer, token_id: int, logprob: float | None) -> dict:
     text = tokenizer.decode([token_id]) if tokenizer is not None else ""
     return {"token_id": token_id, "token": text, "bytes": list(text.encode("utf-8")),
             "logprob": logprob}
@@ -20,6 +20,16 @@ def logprob_entries(tokenizer, token_ids: list[int], steps: list[dict[int, float
         entry["top"] = [token_entry(tokenizer, t, lp) for t, lp in best]
         out.append(entry)
     return out
+
+
+def prompt_entries(tokenizer, prompt_ids: list[int], steps: list[dict[int, float] | None],
+                   top_n: int) -> list[dict]:
+    """One entry per prompt token; the first has no logprob (nothing comes before it), as
+    ``logprob`` and ``top`` None."""
+    first = token_entry(tokenizer, prompt_ids[0], None) | {"top": None}
+    scored = [step if step is not None else {t: float("nan")}
+              for t, step in zip(prompt_ids[1:], steps[1:])]
+    return [first] + logprob_entries(tokenizer, prompt_ids[1:], scored, top_n)
 
 
 def delta_event(delta: Delta, tokenizer, top_n: int | None) -> dict:

@@ -1,6 +1,8 @@
 """The engine as a long-lived service: a detached, named Ray actor.
 
-One thread owns the Engine and runs its step loop; the actor's asyncio side
+One thread owns the Engine and runs its step loop on token ids; another turns them into
+the callers' events (text, stop strings, logprobs:
+:mod:`cluster.serving.output_processor`); the actor's asyncio side
 takes requests from many callers at once (the Serve app, ``connect()``
 handles in other processes; both through :class:`cluster.serving.stream.RequestStream`)
 and streams their events back (:mod:`cluster.contract.events`).
@@ -23,9 +25,9 @@ import ray
 
 from cluster.contract import events
 from cluster.contract.config import EngineConfig
-from cluster.contract.errors import EngineUnavailable, ServiceError
+from cluster.contract.errors import EngineUnavailable
 from cluster.serving.metrics import EngineMetrics
-from cluster.serving.output_events import delta_event, final_event
+from cluster.serving.output_processor import OutputProcessor
 
 log = logging.getLogger("shardlm.service")
 # Control calls (health, abort, stats, metrics, ...) run in a concurrency group of their own,
@@ -46,7 +48,7 @@ class EngineService:
         self.status, self.reason = "starting", "loading the model onto the workers"
         self.metrics = EngineMetrics(self.config.model.model, self.config.deployment.name)
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.outputs = None  # cluster.serving.output_processor.OutputProcessor, with the engine
         self._open = 0  # generate() calls in progress (see deployment.max_open_requests)
         self._started = time.time()
         self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="shardlm-tokenize")
@@ -60,7 +62,13 @@ class EngineService:
         from cluster.engine.engine import Engine
 
         try:
-            self.engine = Engine(self.config)
+            engine = Engine(self.config, detokenize=False)
+            self.outputs = OutputProcessor(
+                engine.tokenizer,
+                on_stop=lambda rid, index, stop: self._commands.put(
+                    lambda: self._stop_choice(rid, index, stop)),
+                on_error=lambda rid: self._commands.put(lambda: self.engine.abort(rid)))
+            self.engine = engine
         except Exception as exc:  # the service stays up to say why
             self.status, self.reason = "failed", f"engine start failed: {exc}"
             log.error("%s\n%s", self.reason, traceback.format_exc())
@@ -108,10 +116,9 @@ class EngineService:
             if request is None:
                 continue
             self._observe_token(request, now)
-            top_n = request.params.logprobs
-            self._send(delta.request_id, delta_event(delta, self.engine.tokenizer, top_n))
-            if request.finished:  # closed once every delta of this step is sent (n > 1)
+            if request.finished:  # closed once every delta of this step is handed over (n > 1)
                 finished[request.request_id] = request
+        self.outputs.step(deltas)
         for request in finished.values():
             self._finish(request, now)
 
@@ -126,20 +133,12 @@ class EngineService:
 
     def _finish(self, request, now: float) -> None:
         self.metrics.e2e.observe(now - request.arrival_time)
-        output = self.engine.pop_finished(request.request_id)
-        failed = [o for o in output.outputs if o.error]
-        if failed:  # the engine could not finish it: this request alone, or it gave up recovering
-            kind = ServiceError if failed[0].error_is_internal else EngineUnavailable
-            event = events.error_event(kind(failed[0].error))
-        else:
-            event = final_event(output, self.engine.tokenizer, request.params.logprobs)
-        self._send(request.request_id, event, close=True)
+        self.outputs.finish(self.engine.pop_finished(request.request_id))
 
-    def _send(self, request_id: str, event: dict, close: bool = False) -> None:
-        target = self._streams.pop(request_id, None) if close else self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, event)
+    def _stop_choice(self, request_id: str, index: int, stop: str) -> None:
+        """On the engine thread: a stop string the output thread found ends that choice."""
+        if self.engine.stop_choice(request_id, index, stop):
+            self._finish(self.engine.requests[request_id], time.monotonic())
 
     # ---- the actor's API -------------------------------------------------------------------
     async def generate(self, request: bytes):
@@ -195,7 +194,7 @@ class EngineService:
     def _forget(self, request_id: str) -> None:
         """On the engine thread: abort a request whose caller went away, and drop its stream."""
         self.engine.abort(request_id)
-        self._streams.pop(request_id, None)
+        self.outputs.close(request_id)
 
     def _refuse_if_unavailable(self) -> None:
         """EngineUnavailable when the engine cannot take a request now."""
@@ -219,11 +218,13 @@ class EngineService:
     def _admit(self, body: dict, loop, queue_: asyncio.Queue, admitted: asyncio.Future) -> None:
         """On the engine thread: admit the request (its id) or say why not (an error event)."""
         try:
-            request_id = self.engine.add_request(
+            request_id = self.engine.add_request(  # logprobs are kept by the output thread
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
                 body["request_id"], body["priority"] or 0, body["messages"], body["resume"],
-                keep_logprobs=body["final_logprobs"] is not False, tokenized=body.get("tokenized"))
-            self._streams[request_id] = (loop, queue_)
+                keep_logprobs=False, tokenized=body.get("tokenized"))
+            self.outputs.open(self.engine.requests[request_id], (loop, queue_),
+                              keep_logprobs=body["final_logprobs"] is not False,
+                              echo=bool(body["echo"]))
             self.metrics.prompt_tokens.inc(len(self.engine.requests[request_id].prompt_token_ids))
             result = request_id
         except Exception as exc:  # typed errors keep their kind; never leave a caller waiting
@@ -261,8 +262,8 @@ class EngineService:
         if engine is None:
             return {"status": self.status, "open_requests": self._open}
         sched, bm = engine.scheduler, engine.block_manager
-        return {"status": self.status, "open_requests": self._open, "streams": len(self._streams),
-                "num_running": len(sched.running),
+        return {"status": self.status, "open_requests": self._open,
+                "streams": self.outputs.open_streams, "num_running": len(sched.running),
                 "num_waiting": len(sched.waiting), "num_free_blocks": bm.num_free_blocks,
                 "num_blocks": engine.num_blocks, "num_preemptions": sched.num_preemptions,
                 "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,

@@ -6,93 +6,26 @@ Greedy text is checked against `transformers.generate` on the same checkpoint.""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from dataclasses import dataclass
 
 import openai
 import pytest
 import requests
 import torch
 
-from cluster.contract.config import EngineConfig
 from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
-from workers.comm import find_free_port
+from tests.api_server import API_KEY, PROMPT, error_of, serve_api
 
 pytestmark = pytest.mark.slow
 
 NAME = "openai-e2e"  # the engine service's actor name and namespace, and the Serve app name
-API_KEY = "sk-test-4c1d"
-PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-
-
-@dataclass
-class Server:
-    base: str  # http://127.0.0.1:PORT
-    client: openai.OpenAI
-    engine: object  # the engine service actor handle
-    while_starting: list  # completions asked for while /health said "starting"
-
-    def post(self, path: str, body=None, key: str | None = API_KEY, **kwargs) -> requests.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        headers.update(kwargs.pop("headers", {}))
-        if body is not None and not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            headers.setdefault("Content-Type", "application/json")
-        return requests.post(self.base + path, data=body, headers=headers, timeout=120, **kwargs)
-
-    def stats(self) -> dict:
-        import ray
-
-        return ray.get(self.engine.stats.remote())
-
-    def metric(self, name: str) -> float:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = requests.get(self.base + "/metrics", timeout=30).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name)
-
-    def wait_idle(self, timeout: float = 60.0) -> dict:
-        """Stats once nothing runs or waits and every KV block is free."""
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.stats()
-            idle = (stats["num_running"] == 0 and stats["num_waiting"] == 0
-                    and stats["num_free_blocks"] == stats["num_blocks"])
-            if idle or time.monotonic() > deadline:
-                return stats
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def server(ray_session):
-    import ray
-
-    from cluster.serving.http.deploy import deploy, shutdown
-
-    port = find_free_port("127.0.0.1")
-    config = EngineConfig().with_overrides(dtype="float32", tensor_parallel_size=2, cpus_per_worker=0.5,
-                                           kv_cache_bytes=64 << 20, name=NAME, namespace=NAME)
-    url = deploy(config, port=port, api_keys=[API_KEY])
-    base = url.removesuffix("/v1")
-    try:
-        deadline, while_starting = time.monotonic() + 600, []
-        while (health := requests.get(base + "/health", timeout=30)).status_code != 200:
-            assert health.status_code == 503 and health.headers.get("retry-after"), health.text
-            assert health.json()["status"] != "failed", health.text
-            assert time.monotonic() < deadline, f"the engine did not become ready: {health.text}"
-            if health.json()["status"] == "starting" and len(while_starting) < 3:
-                while_starting.append(requests.post(
-                    url + "/completions", json={"model": DEFAULT_MODEL, "prompt": PROMPT},
-                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120))
-            time.sleep(1)
-        engine = ray.get_actor(NAME, namespace=NAME)
-        yield Server(base, openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0), engine,
-                     while_starting)
-    finally:
-        shutdown(NAME, NAME)
+    with serve_api(NAME) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +52,7 @@ def test_requests_while_the_engine_starts_get_503(server):
         pytest.skip("the engine was ready before the first probe")
     for response in server.while_starting:  # 200 only if it became ready in between
         if response.status_code != 200:
-            assert _error(response, 503)["code"] == "engine_starting"
+            assert error_of(response, 503)["code"] == "engine_starting"
             assert response.headers["retry-after"]
 
 
@@ -268,45 +201,36 @@ def test_metrics_move_after_requests(server):
 
 
 # ---- bad inputs: OpenAI-shaped errors with the right status, and the server keeps serving -----
-def _error(response: requests.Response, status: int, param: str | None = "any") -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param != "any":
-        assert error["param"] == param, error
-    return error
-
-
 def _body(**overrides) -> dict:
     return {"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 2, **overrides}
 
 
 def test_bad_inputs_get_openai_errors(server):
-    _error(server.post("/v1/completions", '{"model": "x", "prompt": '), 400)
-    assert _error(server.post("/v1/completions", _body(max_tokens="ten")), 400, "max_tokens")
-    assert _error(server.post("/v1/completions", _body(prompt={"a": 1})), 400, "prompt")
-    assert "wat" in _error(server.post("/v1/completions", _body(wat=1)), 400, "wat")["message"]
-    assert _error(server.post("/v1/completions", _body(model="gpt-4")), 404,
+    error_of(server.post("/v1/completions", '{"model": "x", "prompt": '), 400)
+    assert error_of(server.post("/v1/completions", _body(max_tokens="ten")), 400, "max_tokens")
+    assert error_of(server.post("/v1/completions", _body(prompt={"a": 1})), 400, "prompt")
+    assert "wat" in error_of(server.post("/v1/completions", _body(wat=1)), 400, "wat")["message"]
+    assert error_of(server.post("/v1/completions", _body(model="gpt-4")), 404,
                   "model")["code"] == "model_not_found"
-    _error(server.post("/v1/completions", _body(max_tokens=-1)), 400, "max_tokens")
-    _error(server.post("/v1/completions", _body(temperature=5)), 400, "temperature")
-    _error(server.post("/v1/chat/completions", {"model": DEFAULT_MODEL, "messages": []}), 400,
+    error_of(server.post("/v1/completions", _body(max_tokens=-1)), 400, "max_tokens")
+    error_of(server.post("/v1/completions", _body(temperature=5)), 400, "temperature")
+    error_of(server.post("/v1/chat/completions", {"model": DEFAULT_MODEL, "messages": []}), 400,
            "messages")
-    _error(server.post("/v1/completions", b'{"model": "\xff\xfe", "prompt": "a"}',
+    error_of(server.post("/v1/completions", b'{"model": "\xff\xfe", "prompt": "a"}',
                        headers={"Content-Type": "application/json"}), 400)
-    _error(server.post("/v1/completions", "[1, 2]"), 400)
-    _error(server.post("/v1/completions", b'{"model": "a", "prompt": "' + b"x" * (10 << 20) + b'"}'),
+    error_of(server.post("/v1/completions", "[1, 2]"), 400)
+    error_of(server.post("/v1/completions", b'{"model": "a", "prompt": "' + b"x" * (10 << 20) + b'"}'),
            413)
 
     max_len = server.client.models.list().data[0].model_extra["max_model_len"]
     long = server.post("/v1/completions", _body(prompt=" hello" * (max_len + 10)))
-    assert _error(long, 400, "prompt")["code"] == "context_length_exceeded"
+    assert error_of(long, 400, "prompt")["code"] == "context_length_exceeded"
     assert "the prompt has" in long.json()["error"]["message"]
     long_stream = server.post("/v1/completions", _body(prompt=" hello" * (max_len + 10), stream=True))
-    _error(long_stream, 400, "prompt")
+    error_of(long_stream, 400, "prompt")
 
-    _error(server.post("/v1/completions", _body(), key=None), 401)
-    _error(server.post("/v1/completions", _body(), key="sk-wrong"), 401)
+    error_of(server.post("/v1/completions", _body(), key=None), 401)
+    error_of(server.post("/v1/completions", _body(), key="sk-wrong"), 401)
     assert requests.get(server.base + "/v1/models", timeout=30).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.base + "/v1", api_key="sk-wrong", max_retries=0).models.list()
@@ -315,7 +239,7 @@ def test_bad_inputs_get_openai_errors(server):
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("length", "stop")
     # vLLM's benchmark client sends repetition_penalty 1.0 (no penalty) with every request
     assert server.post("/v1/completions", _body(repetition_penalty=1.0)).status_code == 200
-    assert "not supported" in _error(server.post("/v1/completions", _body(
+    assert "not supported" in error_of(server.post("/v1/completions", _body(
         repetition_penalty=1.2)), 400, "repetition_penalty")["message"]
 
 
@@ -325,13 +249,13 @@ def test_text_that_is_not_unicode_is_a_400(server):
     JSON = {"Content-Type": "application/json"}
     chat = ('{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "a\\ud800"}]}'
             % DEFAULT_MODEL)
-    assert "Unicode" in _error(server.post("/v1/chat/completions", chat, headers=JSON), 400, "messages")["message"]
+    assert "Unicode" in error_of(server.post("/v1/chat/completions", chat, headers=JSON), 400, "messages")["message"]
     prompt = '{"model": "%s", "max_tokens": 2, "prompt": "a\\udfff b"}' % DEFAULT_MODEL
-    _error(server.post("/v1/completions", prompt, headers=JSON), 400, "prompt")
+    error_of(server.post("/v1/completions", prompt, headers=JSON), 400, "prompt")
     stop = '{"model": "%s", "max_tokens": 2, "prompt": "a", "stop": ["\\ud800"]}' % DEFAULT_MODEL
-    _error(server.post("/v1/completions", stop, headers=JSON), 400, "stop")
+    error_of(server.post("/v1/completions", stop, headers=JSON), 400, "stop")
     streamed = chat.replace('"max_tokens": 2', '"max_tokens": 2, "stream": true')
-    _error(server.post("/v1/chat/completions", streamed, headers=JSON), 400, "messages")
+    error_of(server.post("/v1/chat/completions", streamed, headers=JSON), 400, "messages")
     ok = server.post("/v1/completions", _body())
     assert ok.status_code == 200, ok.text
 
@@ -339,12 +263,12 @@ def test_text_that_is_not_unicode_is_a_400(server):
 def test_max_tokens_past_the_context_is_a_400(server):
     """As OpenAI and vLLM answer: 400 naming both numbers, not a reply cut at the context."""
     max_len = server.client.models.list().data[0].model_extra["max_model_len"]
-    error = _error(server.post("/v1/completions", _body(max_tokens=10 ** 9)), 400, "max_tokens")
+    error = error_of(server.post("/v1/completions", _body(max_tokens=10 ** 9)), 400, "max_tokens")
     assert error["code"] == "context_length_exceeded"
     assert "max_tokens is 1000000000" in error["message"] and str(max_len) in error["message"]
     chat = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}],
             "max_completion_tokens": max_len}
-    assert _error(server.post("/v1/chat/completions", chat), 400, "max_tokens")["code"] == (
+    assert error_of(server.post("/v1/chat/completions", chat), 400, "max_tokens")["code"] == (
         "context_length_exceeded")
 
 

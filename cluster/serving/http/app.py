@@ -160,8 +160,11 @@ class OpenAIServer:
         await self.require_ready()
         info = ResponseInfo(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
         params = body.sampling_params(body.max_tokens or 16, body.logprobs)
+        if body.echo and body.logprobs is not None:  # the prompt's tokens get logprobs too
+            params["prompt_logprobs"] = body.logprobs
         requests = [dict(request_id=f"{info.id}-{i}", params=params, prompt=text,
-                         prompt_token_ids=ids) for i, (text, ids) in enumerate(body.prompts())]
+                         prompt_token_ids=ids, echo=body.echo)
+                    for i, (text, ids) in enumerate(body.prompts())]
         if body.stream:
             return await self.stream(requests, CompletionStream(info, body.include_usage), "prompt")
         finals = await self.collect(requests, "prompt")

@@ -107,12 +107,16 @@ def completion_logprobs(entries: list[dict], offset: int = 0) -> CompletionLogpr
     out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for e in entries:
         out.tokens.append(e["token"])
+        out.text_offset.append(offset)
+        offset += len(e["token"])
+        if e["logprob"] is None:  # an echoed prompt's first token
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(_logprob(e["logprob"]))
         top = {t["token"]: _logprob(t["logprob"]) for t in e.get("top") or []}
         top.setdefault(e["token"], _logprob(e["logprob"]))
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(e["token"])
     return out
 
 
@@ -142,13 +146,22 @@ def total_usage(finals: list[dict]) -> Usage:
                  sum(f.get("cached_tokens", 0) for f in finals))
 
 
+def echoed(event: dict, text: str, entries: list[dict] | None) -> tuple[str, list[dict] | None]:
+    """A choice's text and logprob entries, after the prompt's when the event carries them
+    (``echo``)."""
+    if entries is not None and event.get("prompt_logprobs") is not None:
+        entries = event["prompt_logprobs"] + entries
+    return event.get("prompt_text", "") + text, entries
+
+
 def completion_response(meta: ResponseInfo, finals: list[dict]) -> CompletionResponse:
     """``finals``: one ``final`` event per prompt, in prompt order."""
     choices = []
     for p, final in enumerate(finals):
         for o in final["outputs"]:
-            lp = completion_logprobs(o["logprobs"]) if o.get("logprobs") is not None else None
-            choices.append(CompletionChoice(index=meta.index(p, o), text=o["text"], logprobs=lp,
+            text, entries = echoed(final, o["text"], o.get("logprobs"))
+            lp = completion_logprobs(entries) if entries is not None else None
+            choices.append(CompletionChoice(index=meta.index(p, o), text=text, logprobs=lp,
                                             finish_reason=o["finish_reason"]))
     choices.sort(key=lambda c: c.index)
     return CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=choices,
@@ -181,17 +194,19 @@ class CompletionStream:
         if event["type"] == "final":
             self.finals.append(event)
             return False
-        return bool(event["text"] or event["finish_reason"] or event.get("logprobs"))
+        return bool(event["text"] or event["finish_reason"] or event.get("logprobs")
+                    or event.get("prompt_text"))
 
     def on_event(self, prompt_index: int, event: dict) -> list[bytes]:
         if not self._worth_sending(event):
             return []
         index = self.meta.index(prompt_index, event)
+        text, entries = echoed(event, event["text"], event.get("logprobs"))
         lp = None
-        if event.get("logprobs") is not None:
-            lp = completion_logprobs(event["logprobs"], self.offsets.get(index, 0))
+        if entries is not None:
+            lp = completion_logprobs(entries, self.offsets.get(index, 0))
             self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in lp.tokens)
-        choice = CompletionChoice(index=index, text=event["text"], logprobs=lp,
+        choice = CompletionChoice(index=index, text=text, logprobs=lp,
                                   finish_reason=event["finish_reason"])
         return [self._chunk([choice])]
 

@@ -4,7 +4,7 @@ Requests are strict: a field of the wrong JSON type is an error (``"5"`` is not
 an integer, ``true`` is not a number), an unknown field is an error that names
 it, and every number has the range the engine can serve. OpenAI fields that
 shardlm does not implement are accepted only with their neutral value
-(``echo: false``, ``frequency_penalty: 0``, ``repetition_penalty: 1``, ``logit_bias: {}``,
+(``frequency_penalty: 0``, ``repetition_penalty: 1``, ``logit_bias: {}``,
 ...), so a client
 that sends the defaults works and one that relies on the feature is told. The
 sampling extensions ``top_k``, ``min_p``, ``stop_token_ids`` and ``ignore_eos``
@@ -134,18 +134,11 @@ class CompletionRequest(_Sampling):
                     "each prompt gets n choices")
     max_tokens: MaxTokens | None = Field(16, description="default 16")
     logprobs: TopN | None = Field(None, description="logprobs of the sampled token and the top N")
-    echo: bool = Field(False, description="only false is supported",
-                       json_schema_extra={"const": False})
+    echo: bool = Field(False, description="each choice's text (and logprobs) begins with "
+                       "the prompt's")
     suffix: str | None = Field(None, description="not supported: null only",
                                json_schema_extra={"anyOf": [{"type": "null"}]})
     best_of: _int(1, MAX_CHOICES) | None = Field(None, description="must equal n")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo=true is not supported")
-        return v
 
     @field_validator("suffix")
     @classmethod
@@ -232,9 +225,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """With ``echo``, the prompt's first token has no logprob (null) and no top logprobs."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
