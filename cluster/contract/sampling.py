@@ -15,6 +15,9 @@ from cluster.contract.errors import UNKNOWN_PARAMETER, RequestError, RequestType
 from cluster.contract.messages import SamplerParams
 
 _U64 = (1 << 64) - 1
+# the longest stop string: a stream holds back that many characters less one (they could be
+# the start of a stop string), and each new piece of text is searched that far back
+MAX_STOP_LENGTH = 512
 
 
 def _is_int(v: object) -> bool:
@@ -104,6 +107,10 @@ class SamplingParams:
                                    "stop")
         if any(s == "" for s in stop):
             raise RequestError(f"stop must not contain empty strings, got {list(stop)!r}", "stop")
+        longest = max(len(s) for s in stop) if stop else 0
+        if longest > MAX_STOP_LENGTH:
+            raise RequestError(f"each stop string must be at most {MAX_STOP_LENGTH} characters, "
+                               f"got one of {longest}", "stop")
         return list(stop)
 
     @staticmethod

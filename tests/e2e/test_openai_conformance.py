@@ -297,6 +297,7 @@ def test_every_4xx_has_the_openai_error_shape(server):
         ("post", "/v1/completions", _completion(best_of=3), None, True, 400, None),
         ("post", "/v1/completions", _completion(logprobs=21), None, True, 400, "logprobs"),
         ("post", "/v1/completions", _completion(stop=[""]), None, True, 400, "stop"),
+        ("post", "/v1/completions", _completion(stop="x" * 513), None, True, 400, "stop"),
         ("post", "/v1/completions", _completion(prompt=" hi" * (max_len + 5)), None, True, 400,
          "prompt"),
         ("post", "/v1/completions", _completion(max_tokens=max_len), None, True, 400,

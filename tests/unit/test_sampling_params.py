@@ -34,6 +34,7 @@ def test_defaults_match_vllm():
     ({"logprobs": -1}, ValueError, ["logprobs", "-1"]),
     ({"stop": 5}, TypeError, ["stop", "5"]),
     ({"stop": ["ok", ""]}, ValueError, ["stop"]),
+    ({"stop": ["ok", "x" * 513]}, ValueError, ["stop", "512", "513"]),
     ({"stop_token_ids": [1, "x"]}, TypeError, ["stop_token_ids"]),
     ({"stop_token_ids": [-3]}, ValueError, ["stop_token_ids", "-3"]),
     ({"ignore_eos": "yes"}, TypeError, ["ignore_eos"]),

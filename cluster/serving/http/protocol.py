@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from cluster.contract.sampling import MAX_STOP_LENGTH
+
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_STOP = 16  # stop strings in one request
 MAX_LOGPROBS = 20  # top logprobs per token
@@ -42,7 +44,7 @@ TokenId = _int(0, _I32)
 MaxTokens = _int(1, _I32)
 Seed = _int(-(1 << 63), (1 << 64) - 1)
 TopN = _int(0, MAX_LOGPROBS)
-StopString = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 ZERO_OR_NULL = {"anyOf": [{"const": 0}, {"type": "null"}]}
 ONE_OR_NULL = {"anyOf": [{"const": 1}, {"type": "null"}]}
 
