@@ -46,7 +46,7 @@ log = logging.getLogger("shardlm.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
-    "paged_decode.c", "packed_linear.c", "lowp_linear.c", "fused_ops.c", "prefill_attention.c",
+    "paged_decode.c", "amx_linear.c", "packed_linear.c", "lowp_linear.c", "fused_ops.c", "prefill_attention.c",
     "decode_layer.c")]
 HEADERS = [CSRC / name for name in ("vec.h", "microkernel.h", "kernels.h")]  # included by the sources: part of the cache key
 PANEL = 16  # output features per packed panel (NR in packed_linear.c)
@@ -110,6 +110,9 @@ def load() -> ctypes.CDLL | None:
     _INT, _F32 = ctypes.c_int, ctypes.c_float
     signatures = {
         "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT, _INT],
+        "amx_linear_available": [],
+        "amx_pack_bf16": [_F32P, _F32P, _I64, _I64],
+        "amx_linear": [_F32P, _INT, _F32P, _F32P, _INT, _I64, _I64, _I64, _INT],
         "pack_weight": [_F32P, _F32P, _I64, _I64],
         "packed_linear": [_F32P, _F32P, _F32P, _I64, _I64, _I64, _INT],
         "lowp_linear": [_F32P, _F32P, _F32P, _F32P, _I64, _I64, _I64, _INT, _INT],
@@ -219,6 +222,38 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         seqs, num_q, num_kv, hd, num_blocks, block_size, tables.shape[1], scale,
         int(cache.dtype == torch.bfloat16), torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def amx_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """A copy of the bf16 weight (out, in) in AMX's tile order for :func:`amx_linear`; None
+    where AMX cannot run it (no AMX or no permission, out or in not a multiple of 32)."""
+    lib = load()
+    if (lib is None or weight.dtype != torch.bfloat16 or weight.dim() != 2
+            or not lib.amx_linear_available()):
+        return None
+    weight = weight.contiguous()
+    packed = torch.empty_like(weight)
+    if lib.amx_pack_bf16(weight.data_ptr(), packed.data_ptr(), *weight.shape) != 0:
+        return None
+    return packed
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor | None:
+    """x (rows, in) float32 or bf16 @ W^T on AMX tiles, W packed by :func:`amx_pack`
+    -> (rows, out) of ``out_dtype`` (float32 or bf16); None where the kernel declines."""
+    lib = load()
+    if lib is None or x.dtype not in KV_DTYPES or x.dim() != 2 or out_dtype not in KV_DTYPES:
+        return None
+    x = x.contiguous()
+    n, k = packed.shape
+    if x.shape[1] != k:
+        raise ValueError(f"amx_linear: x has {x.shape[1]} features, the weight {k}")
+    y = torch.empty(x.shape[0], n, dtype=out_dtype)
+    rc = lib.amx_linear(x.data_ptr(), int(x.dtype == torch.bfloat16), packed.data_ptr(),
+                        y.data_ptr(), int(out_dtype == torch.bfloat16), x.shape[0], n, k,
+                        torch.get_num_threads())
+    return y if rc == 0 else None
 
 
 # ---- the small per-layer ops (layers/cpu/csrc/fused_ops.c) ----------------------------------------

@@ -25,10 +25,13 @@ from layers.ops import TorchOps
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 
 # Below this many rows a bf16 matmul is the C kernel (bound by the weights' bytes), from it
-# oneDNN's bf16 GEMM on its blocked copy (AMX or AVX512-BF16, bound by arithmetic). Measured
-# on the default model's shapes (docs/ARCHITECTURE.md, "CPU precision"): the C kernel 1.5-3x
-# ahead at 1-4 rows, level at 8, oneDNN 1.7-2.7x ahead at 16-32.
+# a tiled GEMM: on AMX our own kernel (amx_linear.c) up to AMX_MAX_ROWS rows and torch's
+# (oneDNN) past them; without AMX oneDNN's bf16 GEMM on its blocked copy (AVX512-BF16).
+# Measured on the default model's shapes (docs/ARCHITECTURE.md, "CPU precision"): the C kernel
+# 1.5-3x ahead of oneDNN at 1-4 rows, level at 8; from 8 to 768 rows the AMX kernel 1.1-2x
+# ahead of oneDNN's blocked GEMM, behind it from about 1024 rows (prefill chunks).
 BF16_KERNEL_ROWS = int(os.environ.get("SHARDLM_BF16_KERNEL_ROWS", "8"))
+AMX_MAX_ROWS = int(os.environ.get("SHARDLM_AMX_MAX_ROWS", "768"))
 
 
 class CpuOps(TorchOps):
@@ -49,6 +52,7 @@ class CpuOps(TorchOps):
         self._layers: dict[int, DecodeLayer | None] = {}  # id(decoder layer) -> its kernel view
         self._scales: dict[int, torch.Tensor] = {}  # id(int8 weight) -> (out,) float32 scales
         self._blocked: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> oneDNN's blocked copy
+        self._amx: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> its AMX tile-order copy
         if weights != "float32":
             self.name = f"cpu-kernels-{weights}"
 
@@ -85,22 +89,44 @@ class CpuOps(TorchOps):
                 param.data = param.data.float()
             elif self.weights == "bfloat16":
                 param.data = param.data.to(torch.bfloat16)
-                blocked = onednn_blocked(param.data)
-                if blocked is not None:
-                    self._blocked[id(param)] = blocked
+                self._tile_copy(param)
             else:
                 param.data, self._scales[id(param)] = quantize_int8(param.data)
         if hasattr(model, "dtype"):
             model.dtype = self.activation_dtype  # what travels between pipeline stages
         return len(matmul)
 
+    def _tile_copy(self, param) -> None:
+        """The copy of a bf16 weight the GEMM of rows >= BF16_KERNEL_ROWS reads: AMX's tile
+        order where AMX runs, else oneDNN's blocked layout (where this torch has one)."""
+        packed = kernels.amx_pack(param.data)
+        if packed is not None:
+            self._amx[id(param)] = packed
+            return
+        blocked = onednn_blocked(param.data)
+        if blocked is not None:
+            self._blocked[id(param)] = blocked
+
+    def bf16_matmul(self, x, weight, out_dtype=torch.float32):
+        # x: (rows, in) float32 or bf16; weight: (out, in) bf16 -> (rows, out) of out_dtype
+        # (float32 sums, rounded once for bf16)
+        rows = x.shape[0]
+        if rows < BF16_KERNEL_ROWS and x.dtype == torch.float32:
+            y = kernels.lowp_linear(x, weight)
+            if y is not None:
+                return y.to(out_dtype)
+        packed = self._amx.get(id(weight))
+        if packed is not None and rows <= AMX_MAX_ROWS:
+            y = kernels.amx_linear(x, packed, out_dtype)
+            if y is not None:
+                return y
+        return bf16_gemm(x, weight, self._blocked.get(id(weight))).to(out_dtype)
+
     def linear(self, x, weight, bias=None):
-        # x: (rows, in) float32; weight: (out, in) float32, bf16 or int8, or packed float32
-        # panels (out / 16, in, 16) -> (rows, out)
+        # x: (rows, in) float32 (bf16 after swiglu); weight: (out, in) float32, bf16 or int8,
+        # or packed float32 panels (out / 16, in, 16) -> (rows, out) float32
         if weight.dtype == torch.bfloat16:
-            y = kernels.lowp_linear(x, weight) if x.shape[0] < BF16_KERNEL_ROWS else None
-            if y is None:  # oneDNN's bf16 GEMM, the sums returned in float32
-                y = bf16_gemm(x, weight, self._blocked.get(id(weight))).float()
+            y = self.bf16_matmul(x, weight)
         elif weight.dtype == torch.int8:
             scales = self._scales[id(weight)]
             y = kernels.lowp_linear(x, weight, scales)
@@ -113,12 +139,13 @@ class CpuOps(TorchOps):
         return y if bias is None else y + bias
 
     def swiglu(self, gate_up, x):
-        # x: (rows, hidden) float32 -> (rows, inter): bf16 from oneDNN's GEMM (bf16 weights,
+        # x: (rows, hidden) float32 -> (rows, inter): bf16 from a tiled GEMM (bf16 weights,
         # rows >= BF16_KERNEL_ROWS), which the down projection's GEMM reads as it is; else float32
-        blocked = self._blocked.get(id(gate_up.weight))
-        if blocked is None or gate_up.bias is not None or x.shape[0] < BF16_KERNEL_ROWS:
+        weight = gate_up.weight
+        if (weight.dtype != torch.bfloat16 or gate_up.bias is not None
+                or x.shape[0] < BF16_KERNEL_ROWS):
             return super().swiglu(gate_up, x)
-        return self.silu_mul(bf16_gemm(x, gate_up.weight, blocked))  # (rows, 2 * inter) bf16 in
+        return self.silu_mul(self.bf16_matmul(x, weight, torch.bfloat16))  # (rows, 2 * inter) bf16
 
     def embedding(self, index, weight):
         # weight: (rows, hidden) float32, bf16 or int8, or packed (rows / P, hidden, P);

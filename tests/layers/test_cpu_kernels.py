@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from layers.attention import Attention, AttnBatch
 from layers.cpu import decode_layer as cpu_decode_layer
 from layers.cpu import kernels as cpu_kernels
+from layers.cpu.flags import cpu_flags
 from layers.cpu.ops import CpuOps, quantize_int8
 from layers.ops import NATIVE
 from layers.platform import select_ops, use_ops
@@ -292,6 +293,55 @@ def test_lowp_linear_declines_what_it_does_not_handle():
     assert cpu_kernels.lowp_linear(torch.randn(2, 48), torch.randn(6, 48).to(torch.bfloat16)) is None
     q, _ = quantize_int8(torch.randn(16, 48))
     assert cpu_kernels.lowp_linear(torch.randn(2, 48), q) is None  # int8 without its scales
+
+
+AMX = "amx_bf16" in cpu_flags()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 33, 64, 300])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (64, 32)])
+def test_amx_linear_matches_torch(rows, in_features, out_features):
+    """bf16 products summed in float32 on AMX tiles: torch's float32 matmul of the bf16-rounded
+    activations and weights is the reference (the sums differ in order only); a bf16 output
+    is that rounded once. A CPU without AMX gets no tile copy (the kernel declines)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=g)
+    w = (torch.randn(out_features, in_features, generator=g) * 0.1).to(torch.bfloat16)
+    packed = cpu_kernels.amx_pack(w)
+    assert (packed is not None) == AMX
+    if packed is None:
+        return
+    want = x.to(torch.bfloat16).float() @ w.float().T
+    torch.testing.assert_close(cpu_kernels.amx_linear(x, packed), want, atol=1e-5, rtol=1e-5)
+    from_bf16 = cpu_kernels.amx_linear(x.to(torch.bfloat16), packed, torch.bfloat16)
+    assert from_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(from_bf16.float(), want, atol=1e-5, rtol=2 ** -8)
+
+
+def test_amx_pack_declines_widths_off_the_tiles():
+    assert cpu_kernels.amx_pack(torch.randn(48, 64).to(torch.bfloat16)) is None  # out % 32
+    assert cpu_kernels.amx_pack(torch.randn(64, 48).to(torch.bfloat16)) is None  # in % 32
+    assert cpu_kernels.amx_pack(torch.randn(64, 64)) is None  # float32
+
+
+@pytest.mark.parametrize("rows", [3, 8, 64, 1000])
+def test_bf16_linear_op_at_every_row_count(rows):
+    """CpuOps' bf16 matmul across its three kernels (the C kernel below 8 rows, the tiled GEMM
+    up to AMX_MAX_ROWS, torch's GEMM past it) against torch's float32 matmul of the same bf16
+    weight: within bf16 rounding of the activations."""
+    from layers.cpu.ops import AMX_MAX_ROWS
+
+    g = torch.Generator().manual_seed(rows)
+    ops = CpuOps(weights="bfloat16", kv_cache_dtype=torch.bfloat16)
+    weight = torch.nn.Parameter((torch.randn(960, 576, generator=g) * 0.05).to(torch.bfloat16),
+                                requires_grad=False)
+    ops._tile_copy(weight)
+    assert 8 < AMX_MAX_ROWS < 1000
+    x = torch.randn(rows, 576, generator=g)
+    want = x @ weight.float().T
+    got = ops.linear(x, weight)
+    assert got.dtype == torch.float32 and got.shape == (rows, 960)
+    assert (got - want).abs().max() <= 2 ** -8 * want.abs().max()
 
 
 @pytest.mark.parametrize("num_q,num_kv,hd", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
