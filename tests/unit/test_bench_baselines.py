@@ -34,5 +34,11 @@ def test_bench_command_line_takes_both_baselines_and_precisions():
     assert args.baseline == ["transformers", "vllm"] and args.precisions == ["float32", "int8"]
     assert args.baseline_arg == ["gpu_memory_utilization=0.5", "dtype=float32"]
     assert args.quantization == "int8"
+    assert args.baseline_dtypes == ["auto"]  # vLLM's own default unless asked
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--precision", "float8"])
+    both = build_parser().parse_args(["bench", "--baseline", "vllm", "--baseline-dtype",
+                                      "auto,float32"])
+    assert both.baseline_dtypes == ["auto", "float32"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--baseline-dtype", "int4"])

@@ -21,6 +21,10 @@
 
 #define PANEL 16
 
+/* Threads for the element-wise ops (norms, rotary, silu): at a few rows their work is a few
+ * microseconds, less than waking and joining a second thread costs */
+static int light_threads(int64_t rows, int threads) { return rows < 8 ? 1 : threads; }
+
 static int linear(const float *x, const void *w, const float *w_scales, float *y, int64_t rows,
                   int64_t in, int64_t out, int format, int threads) {
     if (format) return lowp_linear(x, w, w_scales, y, rows, in, out, format, threads);
@@ -41,9 +45,10 @@ int decode_attention_half(
     float *normed = malloc(sizeof(float) * rows * (hidden + width + 2 * q_width));
     if (!normed) return -2;
     float *qkv = normed + rows * hidden, *q = qkv + rows * width, *attn = q + rows * q_width;
-    int rc = rms_norm(x, norm_w, normed, rows, hidden, eps, threads);
+    const int light = light_threads(rows, threads);
+    int rc = rms_norm(x, norm_w, normed, rows, hidden, eps, light);
     if (!rc) rc = linear(normed, qkv_w, qkv_s, qkv, rows, hidden, width, format, threads);
-    if (!rc) rc = rope_inplace(qkv, width, rows, num_q + num_kv, hd, cos, sin, threads);
+    if (!rc) rc = rope_inplace(qkv, width, rows, num_q + num_kv, hd, cos, sin, light);
     if (!rc) rc = write_kv(qkv + q_width, qkv + q_width + num_kv * hd, width, cache, slots, rows,
                            num_kv * hd, num_blocks * block_size, kv_bf16);
     if (!rc) {
@@ -65,9 +70,10 @@ int decode_mlp_half(const float *attn, const float *x, int64_t rows, int64_t hid
     float *normed = malloc(sizeof(float) * rows * (hidden + 3 * inter));
     if (!normed) return -2;
     float *gate_up = normed + rows * hidden, *act = gate_up + rows * 2 * inter;
-    int rc = add_rms_norm(attn, x, norm_w, h, normed, rows, hidden, eps, threads);
+    const int light = light_threads(rows, threads);
+    int rc = add_rms_norm(attn, x, norm_w, h, normed, rows, hidden, eps, light);
     if (!rc) rc = linear(normed, gate_up_w, gate_up_s, gate_up, rows, hidden, 2 * inter, format, threads);
-    if (!rc) rc = silu_mul(gate_up, act, rows, inter, threads);
+    if (!rc) rc = silu_mul(gate_up, act, rows, inter, light);
     if (!rc) rc = linear(act, down_w, down_s, mlp_out, rows, inter, hidden, format, threads);
     if (!rc && add_h)
         for (int64_t i = 0; i < rows * hidden; i++) mlp_out[i] += h[i];
