@@ -101,12 +101,18 @@ DEFINE_ROWS(rows_int8, block_int8, int8_t)
 #define XQ_MAX 8191
 #define XQ_CHUNK 2048
 
+/* in % 16 == 0; rounded to nearest even, as lrintf */
 static void quantize_rows(const float *x, int64_t rows, int64_t in, int16_t *q, float *qs) {
     for (int64_t r = 0; r < rows; r++) {
-        float peak = 0.0f;
-        for (int64_t k = 0; k < in; k++) peak = fmaxf(peak, fabsf(x[r * in + k]));
+        const float *row = x + r * in;
+        __m512 peak16 = _mm512_setzero_ps();
+        for (int64_t k = 0; k < in; k += 16) peak16 = _mm512_max_ps(peak16, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+        const float peak = _mm512_reduce_max_ps(peak16);
         const float step = peak > 0.0f ? peak / XQ_MAX : 1.0f;
-        for (int64_t k = 0; k < in; k++) q[r * in + k] = (int16_t)lrintf(x[r * in + k] / step);
+        const __m512 inv = _mm512_set1_ps(1.0f / step);
+        for (int64_t k = 0; k < in; k += 16)
+            _mm256_storeu_si256((__m256i *)(q + r * in + k),
+                                _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), inv))));
         qs[r] = step;
     }
 }
