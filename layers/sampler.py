@@ -35,6 +35,19 @@ class SamplerParams(Protocol):
     seed: int  # unsigned 64-bit
     logprobs: int | None  # top-n logprobs to return, None for none
     prompt_logprobs: int | None  # top-n logprobs of the prompt's positions, None for none
+    repetition_penalty: float  # 1: off
+    frequency_penalty: float  # 0: off
+    presence_penalty: float  # 0: off
+    logit_bias: list | None  # [[token id, bias], ...]
+
+
+class Adjust(Protocol):
+    """What one row's logits need before sampling, beyond its parameters (the step plan's
+    ``cluster.contract.messages.SeqChunk``): its tokens so far, for the penalties, and the
+    tokens it may not sample now (``min_tokens``)."""
+
+    history: list | None  # [prompt length, tokens before the sampled position]
+    banned: list[int] | None
 
 
 def _signed(c: int) -> int:
@@ -123,32 +136,98 @@ def _sample_random(logits: torch.Tensor, params: list[SamplerParams],
 SampleOut = tuple[int, "float | None", "list[tuple[int, float]] | None"]
 
 
-def argmax_suffices(params: list[SamplerParams]) -> bool:
-    """True when every row samples greedily and wants no logprobs: the token ids are then the
-    logits' argmax and nothing else of them is needed."""
-    return all(p.temperature < _GREEDY_EPS and p.logprobs is None for p in params)
+def adjusts(p: SamplerParams) -> bool:
+    """Whether a row's logits change before sampling (penalties or a bias)."""
+    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
+            or p.presence_penalty != 0.0 or bool(p.logit_bias))
+
+
+def argmax_suffices(params: list[SamplerParams], banned: bool = False) -> bool:
+    """True when every row samples greedily from its raw logits and wants no logprobs: the
+    token ids are then the logits' argmax and nothing else of them is needed. ``banned``:
+    some row has tokens it may not sample now."""
+    return not banned and all(p.temperature < _GREEDY_EPS and p.logprobs is None
+                              and not adjusts(p) for p in params)
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplerParams], rows: list[Adjust]
+                  ) -> torch.Tensor:
+    """The logits each row samples from (vLLM's semantics, in this order): the logit bias
+    added; tokens banned now (``min_tokens``) at -inf; the repetition penalty on every token
+    of the prompt or the output (a positive logit divided by it, a negative one multiplied);
+    the frequency penalty times each token's count in the output and the presence penalty
+    once per token present in the output subtracted. Batched: one op of each kind for the
+    rows that need it. A new tensor; ``logits`` (rows, vocab) float32 is left as it is (the
+    logprobs are of the raw logits)."""
+    out = logits.clone()
+    dev, vocab = logits.device, logits.shape[1]
+    biased = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or [])
+              if 0 <= t < vocab]
+    if biased:
+        i, t, b = zip(*biased)
+        out.index_put_((torch.tensor(i, device=dev), torch.tensor(t, device=dev)),
+                       torch.tensor(b, dtype=out.dtype, device=dev), accumulate=True)
+    ban = [(i, t) for i, r in enumerate(rows) for t in (r.banned or []) if 0 <= t < vocab]
+    if ban:
+        i, t = zip(*ban)
+        out[torch.tensor(i, device=dev), torch.tensor(t, device=dev)] = -math.inf
+    pen = [i for i, p in enumerate(params) if adjusts(p) and rows[i].history is not None
+           and (p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty)]
+    if pen:
+        _penalize(out, [params[i] for i in pen], [rows[i].history for i in pen], pen)
+    return out
+
+
+def _penalize(out: torch.Tensor, params: list, histories: list, index: list[int]) -> None:
+    """The three penalties on rows ``index`` of ``out`` (rows, vocab), in place."""
+    dev, vocab = out.device, out.shape[1]
+    width = max(max(len(h[1]) for h in histories), 1)
+    tokens = torch.full((len(index), width), vocab, dtype=torch.int64)  # vocab: padding
+    is_output = torch.zeros(len(index), width, dtype=torch.bool)
+    for r, (prompt_len, ids) in enumerate(histories):
+        tokens[r, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        is_output[r, prompt_len:len(ids)] = True
+    tokens, is_output = tokens.to(dev), is_output.to(dev)
+    seen = torch.zeros(len(index), vocab + 1, device=dev)  # (rows, vocab + padding)
+    seen.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=seen.dtype))
+    counts = torch.zeros(len(index), vocab + 1, device=dev)
+    counts.scatter_add_(1, tokens, is_output.to(counts.dtype))
+    seen, counts = seen[:, :vocab] > 0, counts[:, :vocab]  # (rows, vocab)
+    rows = torch.tensor(index, device=dev)
+    x = out.index_select(0, rows)
+    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+    x = x - freq * counts - pres * (counts > 0).to(x.dtype)
+    out.index_copy_(0, rows, x)
 
 
 def sample(logits: torch.Tensor, params: list[SamplerParams],
-           positions: list[int]) -> list[SampleOut]:
+           positions: list[int], adjust: list[Adjust] | None = None) -> list[SampleOut]:
     """Sample one token per row.
 
     ``logits``: (rows, vocab), any float dtype (computed in float32).
     ``params[i]`` and ``positions[i]`` (the position the sampled token will
-    occupy) belong to row ``i``. Returns, per row, ``(token id, logprob,
-    top_logprobs)``: the logprob fields are None unless ``params[i].logprobs``
-    is set; ``top_logprobs`` lists ``(token id, logprob)`` best first.
+    occupy) belong to row ``i``; ``adjust[i]`` (its history and bans) where a
+    row's logits change before sampling (:func:`adjust_logits`). Returns, per row,
+    ``(token id, logprob, top_logprobs)``: the logprob fields are None unless
+    ``params[i].logprobs`` is set (of the raw logits); ``top_logprobs`` lists
+    ``(token id, logprob)`` best first.
     """
     rows, vocab = logits.shape
     if len(params) != rows or len(positions) != rows:
         raise ValueError(f"sample: {rows} logit rows but {len(params)} params and "
                          f"{len(positions)} positions")
     logits = logits.float()
-    tokens = torch.argmax(logits, dim=-1)  # greedy; first maximum = lowest id
+    chosen_from = logits  # the raw logits, or the adjusted ones (penalties, bias, bans)
+    if adjust is not None and (any(adjusts(p) for p in params) or any(a.banned for a in adjust)):
+        chosen_from = adjust_logits(logits, params, adjust)
+    tokens = torch.argmax(chosen_from, dim=-1)  # greedy; first maximum = lowest id
     rand = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_EPS]
     if rand:
         idx = torch.tensor(rand, device=logits.device)
-        tokens[idx] = _sample_random(logits.index_select(0, idx), [params[i] for i in rand],
+        tokens[idx] = _sample_random(chosen_from.index_select(0, idx), [params[i] for i in rand],
                                      [positions[i] for i in rand])
     token_list = tokens.tolist()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]

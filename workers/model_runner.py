@@ -70,6 +70,16 @@ def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
     return None
 
 
+class SampleRow:
+    """What a sampling chunk's logits need beyond its parameters: its tokens up to the sampled
+    position (the plan's history plus the chunk's own, FOLLOW resolved) and its bans."""
+
+    def __init__(self, chunk):
+        h = chunk.history
+        self.history = None if h is None else [h[0], h[1] + chunk.token_ids]
+        self.banned = chunk.banned
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
                  pp_comm=None, tp_comm=None, graphs=None):
@@ -149,13 +159,16 @@ class ModelRunner:
         """(token, logprob, top logprobs) per sampling chunk on TP rank 0, None elsewhere.
         hidden: (samples, hidden)"""
         params = [c.sampler for c in chunks]
-        if argmax_suffices(params):  # greedy, no logprobs: no logits need to travel
+        if argmax_suffices(params, banned=any(c.banned for c in chunks)):
+            # greedy on the raw logits, no logprobs: no logits need to travel (each TP rank's
+            # vocabulary slice gives its argmax); penalties, a bias or bans take the path below
             tokens = self.model.greedy_tokens(hidden)  # (samples,) on TP rank 0
             return None if tokens is None else [(t, None, None) for t in tokens.tolist()]
         logits = self.model.compute_logits(hidden)  # (samples, vocab) on TP rank 0
         if logits is None:
             return None
-        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks])
+        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks],
+                      [SampleRow(c) for c in chunks])
 
     def _resolve_follow(self, plan: StepPlan) -> None:
         """Give each ``[FOLLOW]`` chunk the token the previous step sampled for its sequence."""

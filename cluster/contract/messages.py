@@ -34,10 +34,15 @@ class SamplerParams:
     seed: int = 0  # always set: the engine draws one when the request gives none
     logprobs: int | None = None  # top-n logprobs to return, None for none
     prompt_logprobs: int | None = None  # top-n logprobs of each prompt position, None for none
+    repetition_penalty: float = 1.0  # on tokens of the prompt and the output; 1: off
+    frequency_penalty: float = 0.0  # times each token's count in the output; 0: off
+    presence_penalty: float = 0.0  # once per token in the output; 0: off
+    logit_bias: list[list] | None = None  # [[token id, bias], ...]
 
     def to_list(self) -> list:
         return [self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.logprobs,
-                self.prompt_logprobs]
+                self.prompt_logprobs, self.repetition_penalty, self.frequency_penalty,
+                self.presence_penalty, self.logit_bias]
 
     @classmethod
     def from_list(cls, v: list) -> "SamplerParams":
@@ -51,7 +56,10 @@ class SeqChunk:
     after the last of them when ``sample`` is true. ``token_ids == [FOLLOW]``: the
     token the previous step sampled for this sequence (not yet known to the driver).
     ``prompt_targets``: score the prompt (``sampler.prompt_logprobs``): the prompt token
-    that follows each of the first ``len(prompt_targets)`` positions of this chunk."""
+    that follows each of the first ``len(prompt_targets)`` positions of this chunk.
+    ``history``: [prompt length, the sequence's tokens before this chunk], sent to a sampling
+    chunk whose penalties need them; ``banned``: token ids it may not sample now (EOS and
+    stop tokens before ``min_tokens``)."""
 
     seq_id: int
     token_ids: list[int]
@@ -60,16 +68,18 @@ class SeqChunk:
     sample: bool
     sampler: SamplerParams = field(default_factory=SamplerParams)
     prompt_targets: list[int] | None = None
+    history: list | None = None
+    banned: list[int] | None = None
 
     def to_list(self) -> list:
         return [self.seq_id, self.token_ids, self.start_pos, self.block_table, self.sample,
-                self.sampler.to_list(), self.prompt_targets]
+                self.sampler.to_list(), self.prompt_targets, self.history, self.banned]
 
     @classmethod
     def from_list(cls, v: list) -> "SeqChunk":
-        seq_id, token_ids, start_pos, block_table, sample, sampler, targets = v
+        seq_id, token_ids, start_pos, block_table, sample, sampler, targets, history, banned = v
         return cls(seq_id, token_ids, start_pos, block_table, sample,
-                   SamplerParams.from_list(sampler), targets)
+                   SamplerParams.from_list(sampler), targets, history, banned)
 
 
 @dataclass

@@ -39,6 +39,14 @@ class SamplingParams:
     for the sampled token's logprob plus the ``logprobs`` most likely tokens;
     ``prompt_logprobs`` the same for every prompt token after the first (the
     prompt is then computed whole, without the prefix cache).
+
+    As vLLM defines them: ``repetition_penalty`` (> 0, 1 off) divides a positive logit
+    (multiplies a negative one) of every token already in the prompt or the output;
+    ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2]) subtract their value times a
+    token's count in the output, and once if it is there at all; ``logit_bias`` (token id ->
+    value in [-100, 100]) is added to the logits; ``min_tokens``: EOS, the stop token ids and
+    the stop strings cannot end the output before that many tokens. Logprobs are of the raw
+    logits.
     ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list.
     """
 
@@ -54,13 +62,19 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._check_int("n", minimum=1)
         if self.max_tokens is not None:
             self._check_int("max_tokens", minimum=1)
         self._check_int("top_k", minimum=-1)
-        for name in ("temperature", "top_p", "min_p"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                     "presence_penalty"):
             v = getattr(self, name)
             if not _is_number(v):
                 raise RequestTypeError(f"{name} must be a number, got {type(v).__name__} {v!r}",
@@ -73,6 +87,17 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not 0.0 <= self.min_p <= 1.0:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if not 0.0 < self.repetition_penalty <= 100.0:  # also rejects NaN
+            raise RequestError(f"repetition_penalty must be in (0, 100], got "
+                               f"{self.repetition_penalty}", "repetition_penalty")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        self._check_int("min_tokens", minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                               f"({self.max_tokens})", "min_tokens")
+        self.logit_bias = self._normalise_bias(self.logit_bias)
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise RequestTypeError(f"seed must be an integer or None, got "
@@ -114,6 +139,25 @@ class SamplingParams:
         return list(stop)
 
     @staticmethod
+    def _normalise_bias(bias: object) -> dict[int, float] | None:
+        """Token id (an int, or its decimal string as JSON keys are) -> float in [-100, 100]."""
+        if bias is None or bias == {}:
+            return None
+        if not isinstance(bias, dict):
+            raise RequestTypeError(f"logit_bias must map token ids to numbers, got {bias!r}",
+                                   "logit_bias")
+        out = {}
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+            if not _is_int(token) or token < 0:
+                raise RequestError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            if not _is_number(value) or not -100.0 <= value <= 100.0:
+                raise RequestError(f"logit_bias values must be numbers in [-100, 100], got "
+                                   f"{value!r} for {key!r}", "logit_bias")
+            out[token] = float(value)
+        return out
+
+    @staticmethod
     def _normalise_stop_ids(ids: object) -> list[int]:
         if ids is None:
             return []
@@ -150,4 +194,14 @@ class SamplingParams:
             seed=int(seed) & _U64,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias=None if not self.logit_bias else [[t, b] for t, b in self.logit_bias.items()],
         )
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the sequence's tokens so far (a penalty is on)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)

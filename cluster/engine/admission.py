@@ -67,7 +67,8 @@ class Admission:
                          seed=(base_seed + i * _SEED_STRIDE) & _U64, priority=priority)
                 for i in range(params.n)]
         request = Request(request_id, prompt, list(ids), params, seqs,
-                          [Detokenizer(self.detokenizer_tokenizer, params.stop) for _ in seqs],
+                          [Detokenizer(self.detokenizer_tokenizer, params.stop, params.min_tokens)
+                           for _ in seqs],
                           [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None)
                            for i in range(params.n)])
         if params.prompt_logprobs is not None:
@@ -98,6 +99,9 @@ class Admission:
     def _bounded(self, params: SamplingParams, ids: list[int]) -> SamplingParams:
         """``params`` with ``max_tokens`` the context's room when it is None; a RequestError
         naming both numbers when the prompt and ``max_tokens`` do not fit the context."""
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise RequestError(f"logit_bias names token {max(params.logit_bias)}, outside the "
+                               f"vocabulary [0, {self.vocab_size})", "logit_bias")
         room = self.max_model_len - len(ids)
         if params.max_tokens is None:
             return replace(params, max_tokens=room)

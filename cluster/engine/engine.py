@@ -114,6 +114,11 @@ class Engine:
         if not keep_logprobs:
             for output in request.outputs:
                 output.logprobs = None
+        if request.params.min_tokens:  # what cannot end it early may not be sampled
+            eos = set() if request.params.ignore_eos else self.stops.eos_ids
+            ban = sorted(eos | set(request.params.stop_token_ids))
+            for seq in request.seqs:
+                seq.min_tokens_ban = ban
         if resume:
             self._resume(request, resume)
         for i, seq in enumerate(request.seqs):

@@ -62,9 +62,10 @@ class Detokenizer:
     stop string; stop strings are searched for only where new text could complete one.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens  # no stop string ends an output shorter than this
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything decoded so far (stop string cut off when found)
         self.emitted = 0  # characters of self.text already released
@@ -84,6 +85,8 @@ class Detokenizer:
         searched_from = max(0, len(self.text) - self.hold)
         self.text += window
         self._prefix, self._read = self._read, len(token_ids)
+        if len(token_ids) < self.min_tokens:
+            return None
         found = [(at, stop) for stop in self.stop
                  if (at := self.text.find(stop, searched_from)) != -1]
         if found:

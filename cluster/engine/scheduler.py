@@ -188,6 +188,10 @@ class Scheduler:
             sample=sample,
             sampler=seq.sampling_params.to_sampler(seq.seed),
             prompt_targets=_prompt_targets(seq, start, len(token_ids)),
+            history=[seq.num_prompt_tokens, seq.all_token_ids[:start]]
+            if sample and seq.sampling_params.penalized else None,
+            banned=seq.min_tokens_ban if sample and _before_min_tokens(seq, start + len(token_ids))
+            else None,
         ))
         out.seqs.append(seq)
 
@@ -273,3 +277,9 @@ def _prompt_targets(seq: Sequence, start: int, n: int) -> list[int] | None:
     if seq.sampling_params.prompt_logprobs is None or start + 1 >= seq.num_prompt_tokens:
         return None
     return seq.prompt_token_ids[start + 1:min(start + n + 1, seq.num_prompt_tokens)]
+
+
+def _before_min_tokens(seq: Sequence, sampled_at: int) -> bool:
+    """Whether the token sampled at position ``sampled_at`` comes before ``min_tokens``."""
+    return bool(seq.min_tokens_ban) and (
+        sampled_at - seq.num_prompt_tokens < seq.sampling_params.min_tokens)

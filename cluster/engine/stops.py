@@ -25,6 +25,8 @@ class StopRules:
         """(finish reason, stop reason) after ``token`` was appended to ``seq``; (None, None)
         while it goes on. Updates ``detok`` with the new text."""
         stop_string = detok.update(seq.output_token_ids)
+        if seq.num_output_tokens < params.min_tokens:  # only its length can end it yet
+            return ("length", None) if self.length_reached(seq) else (None, None)
         if token in params.stop_token_ids:
             return "stop", token
         if token in self.eos_ids and not params.ignore_eos:

@@ -36,8 +36,8 @@ log = logging.getLogger("shardlm.outputs")
 class _Choice:
     """One completion as its caller has seen it."""
 
-    def __init__(self, tokenizer, stop: list[str], keep_logprobs: bool):
-        self.detok = Detokenizer(tokenizer, stop)
+    def __init__(self, tokenizer, stop: list[str], keep_logprobs: bool, min_tokens: int = 0):
+        self.detok = Detokenizer(tokenizer, stop, min_tokens)
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if keep_logprobs else None
@@ -55,7 +55,8 @@ class _Tracked:
         self.prompt_top_n = request.params.prompt_logprobs
         self.target = target  # (event loop, asyncio.Queue) of the caller's generate()
         keep = keep_logprobs and self.top_n is not None
-        self.choices = [_Choice(tokenizer, request.params.stop, keep) for _ in request.seqs]
+        self.choices = [_Choice(tokenizer, request.params.stop, keep, request.params.min_tokens)
+                        for _ in request.seqs]
         self.echo = echo
         self.prompt, self.prompt_ids = request.prompt, request.prompt_token_ids
         self.prompt_logprobs = None  # rendered once (cluster.serving.output_events)

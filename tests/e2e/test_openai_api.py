@@ -239,8 +239,13 @@ def test_bad_inputs_get_openai_errors(server):
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("length", "stop")
     # vLLM's benchmark client sends repetition_penalty 1.0 (no penalty) with every request
     assert server.post("/v1/completions", _body(repetition_penalty=1.0)).status_code == 200
-    assert "not supported" in error_of(server.post("/v1/completions", _body(
-        repetition_penalty=1.2)), 400, "repetition_penalty")["message"]
+    assert server.post("/v1/completions", _body(repetition_penalty=1.2, frequency_penalty=0.5,
+                                                presence_penalty=-0.5, logit_bias={"11": 3},
+                                                min_tokens=1)).status_code == 200
+    error_of(server.post("/v1/completions", _body(repetition_penalty=0)), 400, "repetition_penalty")
+    error_of(server.post("/v1/completions", _body(logit_bias={"11": 200})), 400, "logit_bias")
+    error_of(server.post("/v1/completions", _body(logit_bias={"99999999": 1})), 400, "logit_bias")
+    error_of(server.post("/v1/completions", _body(min_tokens=5, max_tokens=2)), 400, "min_tokens")
 
 
 def test_text_that_is_not_unicode_is_a_400(server):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cluster.contract.messages import SamplerParams
-from layers.sampler import filter_mask, mix64, sample
+from layers.sampler import adjust_logits, filter_mask, mix64, sample
 
 U64 = (1 << 64) - 1
 
@@ -197,3 +197,49 @@ def test_logprobs_are_raw_log_softmax_and_top_n_sorted():
 def test_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         sample(torch.zeros(2, 4), [SamplerParams()], [0, 1])
+
+
+class _Row:
+    def __init__(self, prompt: list[int], output: list[int], banned=None):
+        self.history, self.banned = [len(prompt), prompt + output], banned
+
+
+def test_penalties_bias_and_bans_match_transformers_processors():
+    """Each adjustment against its reference: transformers' repetition penalty (over prompt
+    and output), its sequence bias for single tokens, its min-new-tokens processor; the
+    frequency and presence penalties against the formula OpenAI documents for them."""
+    from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
+                                                        RepetitionPenaltyLogitsProcessor,
+                                                        SequenceBiasLogitsProcessor)
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 64
+    logits = torch.randn(4, vocab, generator=g) * 3
+    prompt, output = [[1, 2, 3, 2], [7, 8], [4], [9, 10, 11]], [[5, 5, 9], [8, 8, 8, 1], [], [10, 12, 12, 12]]
+    params = [SamplerParams(temperature=0.0, repetition_penalty=1.3),
+              SamplerParams(temperature=0.0, logit_bias=[[3, 5.0], [4, -2.5]]),
+              SamplerParams(temperature=0.7, seed=3),
+              SamplerParams(temperature=0.0, frequency_penalty=0.4, presence_penalty=-0.7)]
+    rows = [_Row(p, o) for p, o in zip(prompt, output)]
+    rows[2].banned = [0, 63]
+    got = adjust_logits(logits, params, rows)
+    assert torch.equal(logits, logits.clone())  # the raw logits stay for the logprobs
+
+    def ids(i):
+        return torch.tensor([prompt[i] + output[i]])
+
+    want = [RepetitionPenaltyLogitsProcessor(1.3)(ids(0), logits[0:1].clone())[0],
+            SequenceBiasLogitsProcessor({(3,): 5.0, (4,): -2.5})(ids(1), logits[1:2].clone())[0],
+            MinNewTokensLengthLogitsProcessor(1, 2, [0, 63])(ids(2), logits[2:3].clone())[0]]
+    counts = torch.bincount(torch.tensor(output[3]), minlength=vocab).float()
+    want.append(logits[3] - counts * 0.4 - (counts > 0).float() * -0.7)
+    for i in range(4):
+        torch.testing.assert_close(got[i], want[i], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(got[0], logits[0]) and not torch.equal(got[3], logits[3])
+
+    sampled = sample(logits, params, [10, 10, 10, 10], rows)
+    assert [t for t, _, _ in sampled][:2] == [int(got[0].argmax()), int(got[1].argmax())]
+    assert sampled[2][0] not in (0, 63)
+    logprobs = sample(logits[:1], [SamplerParams(temperature=0.0, logprobs=1, repetition_penalty=2.0)],
+                      [5], [_Row(prompt[0], output[0])])[0]
+    assert logprobs[1] == pytest.approx(torch.log_softmax(logits[0], -1)[logprobs[0]].item())

@@ -38,6 +38,13 @@ def test_defaults_match_vllm():
     ({"stop_token_ids": [1, "x"]}, TypeError, ["stop_token_ids"]),
     ({"stop_token_ids": [-3]}, ValueError, ["stop_token_ids", "-3"]),
     ({"ignore_eos": "yes"}, TypeError, ["ignore_eos"]),
+    ({"repetition_penalty": 0}, ValueError, ["repetition_penalty", "0"]),
+    ({"frequency_penalty": 2.5}, ValueError, ["frequency_penalty", "2.5"]),
+    ({"presence_penalty": "1"}, TypeError, ["presence_penalty"]),
+    ({"logit_bias": {"5": 101}}, ValueError, ["logit_bias", "101"]),
+    ({"logit_bias": {"x": 1}}, ValueError, ["logit_bias", "'x'"]),
+    ({"logit_bias": [1, 2]}, TypeError, ["logit_bias"]),
+    ({"min_tokens": 20, "max_tokens": 10}, ValueError, ["min_tokens", "20", "10"]),
 ])
 def test_rejects_bad_values_naming_field_and_value(kwargs, exc, words):
     with pytest.raises(exc) as info:
@@ -55,9 +62,9 @@ def test_accepts_edge_values_and_normalises():
 
 def test_from_dict_rejects_unknown_names_listing_accepted():
     with pytest.raises(ValueError) as info:
-        SamplingParams.from_dict({"max_tokens": 4, "presence_penalty": 1.0, "best_of": 2})
+        SamplingParams.from_dict({"max_tokens": 4, "presence_pennalty": 1.0, "best_of": 2})
     msg = str(info.value)
-    assert "best_of" in msg and "presence_penalty" in msg
+    assert "best_of" in msg and "presence_pennalty" in msg
     assert "max_tokens" in msg.split("accepted")[1] and "top_p" in msg
     got = SamplingParams.from_dict({"max_tokens": 4, "top_k": 5})
     assert got == SamplingParams(max_tokens=4, top_k=5)
@@ -69,4 +76,9 @@ def test_to_sampler_carries_seed_and_encodes():
     assert s == SamplerParams(temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05,
                               seed=(1 << 64) - 1, logprobs=3)
     chunk = SeqChunk(1, [1, 2], 0, [0], True, s)
+    assert SeqChunk.from_list(msgpack.unpackb(msgpack.packb(chunk.to_list()))) == chunk
+    penalized = SamplingParams(repetition_penalty=1.2, presence_penalty=0.5,
+                               logit_bias={"7": -3, 9: 1.5}).to_sampler(seed=1)
+    assert penalized.logit_bias == [[7, -3.0], [9, 1.5]] and penalized.repetition_penalty == 1.2
+    chunk = SeqChunk(1, [1, 2], 0, [0], True, penalized, None, [1, [4, 4]], [0, 2])
     assert SeqChunk.from_list(msgpack.unpackb(msgpack.packb(chunk.to_list()))) == chunk

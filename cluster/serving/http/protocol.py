@@ -3,11 +3,9 @@
 Requests are strict: a field of the wrong JSON type is an error (``"5"`` is not
 an integer, ``true`` is not a number), an unknown field is an error that names
 it, and every number has the range the engine can serve. OpenAI fields that
-shardlm does not implement are accepted only with their neutral value
-(``frequency_penalty: 0``, ``repetition_penalty: 1``, ``logit_bias: {}``,
-...), so a client
-that sends the defaults works and one that relies on the feature is told. The
-sampling extensions ``top_k``, ``min_p``, ``stop_token_ids`` and ``ignore_eos``
+shardlm does not implement are refused by name (``suffix`` is accepted as null, ``best_of``
+equal to ``n``). The sampling extensions ``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``
 are the vLLM names.
 
 Responses are the shapes the OpenAI API returns, so the ``openai`` client parses them.
@@ -45,8 +43,6 @@ MaxTokens = _int(1, _I32)
 Seed = _int(-(1 << 63), (1 << 64) - 1)
 TopN = _int(0, MAX_LOGPROBS)
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
-ZERO_OR_NULL = {"anyOf": [{"const": 0}, {"type": "null"}]}
-ONE_OR_NULL = {"anyOf": [{"const": 1}, {"type": "null"}]}
 
 
 def _real(default, **bounds) -> Any:
@@ -76,38 +72,18 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
-    frequency_penalty: float | None = _real(None, description="only 0 is supported",
-                                            json_schema_extra=ZERO_OR_NULL)
-    presence_penalty: float | None = _real(None, description="only 0 is supported",
-                                           json_schema_extra=ZERO_OR_NULL)
-    repetition_penalty: float | None = _real(None, description="vLLM's extension; only 1 (off) "
-                                             "is supported", json_schema_extra=ONE_OR_NULL)
-    logit_bias: dict[str, Int] | None = Field(None, description="only {} is supported",
-                                              json_schema_extra={"anyOf": [
-                                                  {"type": "object", "maxProperties": 0},
-                                                  {"type": "null"}]})
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v not in (None, 0.0):
-            raise ValueError("penalties are not supported; only 0 is accepted")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, v: float | None) -> float | None:
-        if v not in (None, 1.0):
-            raise ValueError("repetition penalties are not supported yet; only 1 (no penalty) "
-                             "is accepted")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise ValueError("logit_bias is not supported; only {} is accepted")
-        return v
+    frequency_penalty: float | None = _real(None, ge=-2.0, le=2.0,
+                                            description="minus this times a token's count in "
+                                            "the output")
+    presence_penalty: float | None = _real(None, ge=-2.0, le=2.0,
+                                           description="minus this once for a token in the output")
+    repetition_penalty: float | None = _real(None, gt=0.0, le=100.0,
+                                             description="vLLM's extension: divides the positive "
+                                             "(multiplies the negative) logits of tokens in the "
+                                             "prompt or output; 1: off")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
+        None, description="token id (as a string) -> added to its logit, in [-100, 100]")
+    min_tokens: _int(0, _I32) = Field(0, description="extension: no stop before this many tokens")
 
     @property
     def include_usage(self) -> bool:
@@ -117,8 +93,10 @@ class _Sampling(BaseModel):
         """The engine's SamplingParams fields (see cluster.contract.sampling)."""
         params = {"n": self.n, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos,
                   "logprobs": logprobs, "seed": self.seed, "stop": self.stop,
-                  "stop_token_ids": self.stop_token_ids}
-        for name in ("temperature", "top_p", "top_k", "min_p"):
+                  "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias,
+                  "min_tokens": self.min_tokens}
+        for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+                     "presence_penalty", "repetition_penalty"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
         return params
