@@ -39,6 +39,8 @@ class SamplerParams(Protocol):
     frequency_penalty: float  # 0: off
     presence_penalty: float  # 0: off
     logit_bias: list | None  # [[token id, bias], ...]
+    allowed_token_ids: list[int] | None  # only these may be sampled
+    bad_words: list[list[int]] | None  # token sequences whose last token is banned
 
 
 class Adjust(Protocol):
@@ -137,9 +139,10 @@ SampleOut = tuple[int, "float | None", "list[tuple[int, float]] | None"]
 
 
 def adjusts(p: SamplerParams) -> bool:
-    """Whether a row's logits change before sampling (penalties or a bias)."""
+    """Whether a row's logits change before sampling (penalties, a bias, a token mask)."""
     return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
-            or p.presence_penalty != 0.0 or bool(p.logit_bias))
+            or p.presence_penalty != 0.0 or bool(p.logit_bias) or bool(p.allowed_token_ids)
+            or bool(p.bad_words))
 
 
 def argmax_suffices(params: list[SamplerParams], banned: bool = False) -> bool:
@@ -152,8 +155,10 @@ def argmax_suffices(params: list[SamplerParams], banned: bool = False) -> bool:
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplerParams], rows: list[Adjust]
                   ) -> torch.Tensor:
-    """The logits each row samples from (vLLM's semantics, in this order): the logit bias
-    added; tokens banned now (``min_tokens``) at -inf; the repetition penalty on every token
+    """The logits each row samples from (vLLM's semantics, in this order): tokens outside
+    ``allowed_token_ids`` at -inf; the logit bias added; tokens banned now (``min_tokens``,
+    and a bad word's last token where the output ends with the rest of it) at -inf; the
+    repetition penalty on every token
     of the prompt or the output (a positive logit divided by it, a negative one multiplied);
     the frequency penalty times each token's count in the output and the presence penalty
     once per token present in the output subtracted. Batched: one op of each kind for the
@@ -161,21 +166,39 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplerParams], rows: list[
     logprobs are of the raw logits)."""
     out = logits.clone()
     dev, vocab = logits.device, logits.shape[1]
+    masked = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if masked:
+        keep = torch.zeros(len(masked), vocab, dtype=torch.bool, device=dev)
+        for r, i in enumerate(masked):
+            ids = [t for t in params[i].allowed_token_ids if 0 <= t < vocab]
+            keep[r, torch.tensor(ids, dtype=torch.int64, device=dev)] = True
+        rows_ = torch.tensor(masked, device=dev)
+        out.index_copy_(0, rows_, out.index_select(0, rows_).masked_fill(~keep, -math.inf))
     biased = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or [])
               if 0 <= t < vocab]
     if biased:
         i, t, b = zip(*biased)
         out.index_put_((torch.tensor(i, device=dev), torch.tensor(t, device=dev)),
                        torch.tensor(b, dtype=out.dtype, device=dev), accumulate=True)
-    ban = [(i, t) for i, r in enumerate(rows) for t in (r.banned or []) if 0 <= t < vocab]
+    ban = [(i, t) for i, r in enumerate(rows) for t in (r.banned or []) + _bad_word_bans(
+        params[i], r) if 0 <= t < vocab]
     if ban:
         i, t = zip(*ban)
         out[torch.tensor(i, device=dev), torch.tensor(t, device=dev)] = -math.inf
-    pen = [i for i, p in enumerate(params) if adjusts(p) and rows[i].history is not None
+    pen = [i for i, p in enumerate(params) if rows[i].history is not None
            and (p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty)]
     if pen:
         _penalize(out, [params[i] for i in pen], [rows[i].history for i in pen], pen)
     return out
+
+
+def _bad_word_bans(p: SamplerParams, row: Adjust) -> list[int]:
+    """The last token of each bad word whose other tokens end the output so far."""
+    if not p.bad_words:
+        return []
+    output = row.history[1][row.history[0]:] if row.history is not None else []
+    return [w[-1] for w in p.bad_words
+            if len(w) == 1 or (len(output) >= len(w) - 1 and output[len(output) - len(w) + 1:] == w[:-1])]
 
 
 def _penalize(out: torch.Tensor, params: list, histories: list, index: list[int]) -> None:

@@ -38,11 +38,13 @@ class SamplerParams:
     frequency_penalty: float = 0.0  # times each token's count in the output; 0: off
     presence_penalty: float = 0.0  # once per token in the output; 0: off
     logit_bias: list[list] | None = None  # [[token id, bias], ...]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[list[int]] | None = None  # token sequences whose last token is banned
 
     def to_list(self) -> list:
         return [self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.logprobs,
                 self.prompt_logprobs, self.repetition_penalty, self.frequency_penalty,
-                self.presence_penalty, self.logit_bias]
+                self.presence_penalty, self.logit_bias, self.allowed_token_ids, self.bad_words]
 
     @classmethod
     def from_list(cls, v: list) -> "SamplerParams":

@@ -9,7 +9,7 @@ that names the field and the value. :meth:`SamplingParams.to_sampler` narrows it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from cluster.contract.errors import UNKNOWN_PARAMETER, RequestError, RequestTypeError
 from cluster.contract.messages import SamplerParams
@@ -45,8 +45,10 @@ class SamplingParams:
     ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2]) subtract their value times a
     token's count in the output, and once if it is there at all; ``logit_bias`` (token id ->
     value in [-100, 100]) is added to the logits; ``min_tokens``: EOS, the stop token ids and
-    the stop strings cannot end the output before that many tokens. Logprobs are of the raw
-    logits.
+    the stop strings cannot end the output before that many tokens; ``allowed_token_ids``:
+    only these may be sampled; ``bad_words``: a word's last token is not sampled where the
+    output ends with the tokens before it (each word tokenized as it is and after a space).
+    Logprobs are of the raw logits.
     ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list.
     """
 
@@ -67,6 +69,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # the bad words as token-id sequences, made by the engine's tokenizer at admission
+    _bad_words_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._check_int("n", minimum=1)
@@ -98,6 +104,20 @@ class SamplingParams:
             raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                                f"({self.max_tokens})", "min_tokens")
         self.logit_bias = self._normalise_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            ids = self._normalise_stop_ids(self.allowed_token_ids, "allowed_token_ids")
+            if not ids:
+                raise RequestError("allowed_token_ids must not be empty", "allowed_token_ids")
+            self.allowed_token_ids = ids
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+                raise RequestTypeError(f"bad_words must be a list of strings, got {words!r}",
+                                       "bad_words")
+            if any(not w.strip() for w in words):
+                raise RequestError(f"bad_words must not hold empty words, got {list(words)!r}",
+                                   "bad_words")
+            self.bad_words = list(words) or None
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise RequestTypeError(f"seed must be an integer or None, got "
@@ -158,15 +178,13 @@ class SamplingParams:
         return out
 
     @staticmethod
-    def _normalise_stop_ids(ids: object) -> list[int]:
+    def _normalise_stop_ids(ids: object, name: str = "stop_token_ids") -> list[int]:
         if ids is None:
             return []
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
-            raise RequestTypeError(f"stop_token_ids must be a list of integers, got {ids!r}",
-                                   "stop_token_ids")
+            raise RequestTypeError(f"{name} must be a list of integers, got {ids!r}", name)
         if any(t < 0 for t in ids):
-            raise RequestError(f"stop_token_ids must be non-negative, got {list(ids)!r}",
-                               "stop_token_ids")
+            raise RequestError(f"{name} must be non-negative, got {list(ids)!r}", name)
         return list(ids)
 
     @classmethod
@@ -175,7 +193,7 @@ class SamplingParams:
         if not isinstance(d, dict):
             raise RequestTypeError(f"sampling parameters must be a mapping, got "
                                    f"{type(d).__name__}", "params")
-        known = [f.name for f in fields(cls)]
+        known = [f.name for f in fields(cls) if not f.name.startswith("_")]
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
             raise RequestError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
@@ -198,10 +216,14 @@ class SamplingParams:
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             logit_bias=None if not self.logit_bias else [[t, b] for t, b in self.logit_bias.items()],
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self._bad_words_ids,
         )
 
     @property
     def penalized(self) -> bool:
-        """Whether sampling needs the sequence's tokens so far (a penalty is on)."""
+        """Whether sampling needs the sequence's tokens so far (a penalty, or a bad word of
+        several tokens)."""
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
-                or self.presence_penalty != 0.0)
+                or self.presence_penalty != 0.0
+                or any(len(w) > 1 for w in self._bad_words_ids or []))

@@ -102,6 +102,11 @@ class Admission:
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise RequestError(f"logit_bias names token {max(params.logit_bias)}, outside the "
                                f"vocabulary [0, {self.vocab_size})", "logit_bias")
+        if params.allowed_token_ids and max(params.allowed_token_ids) >= self.vocab_size:
+            raise RequestError(f"allowed_token_ids names token {max(params.allowed_token_ids)}, "
+                               f"outside the vocabulary [0, {self.vocab_size})", "allowed_token_ids")
+        if params.bad_words:
+            params = replace(params, _bad_words_ids=self._bad_word_ids(params.bad_words))
         room = self.max_model_len - len(ids)
         if params.max_tokens is None:
             return replace(params, max_tokens=room)
@@ -112,6 +117,19 @@ class Admission:
                 "(max_model_len); lower max_tokens or shorten the prompt", "max_tokens",
                 CONTEXT_LENGTH_EXCEEDED)
         return params
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token ids as it is and after a space (how it reads mid-text), as
+        vLLM tokenizes them."""
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer, so no bad_words", "bad_words")
+        out: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer(text, add_special_tokens=False).input_ids
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def chat_token_ids(self, messages) -> list[int]:
         """A conversation rendered with the tokenizer's chat template, as token ids."""

@@ -246,6 +246,13 @@ def test_bad_inputs_get_openai_errors(server):
     error_of(server.post("/v1/completions", _body(logit_bias={"11": 200})), 400, "logit_bias")
     error_of(server.post("/v1/completions", _body(logit_bias={"99999999": 1})), 400, "logit_bias")
     error_of(server.post("/v1/completions", _body(min_tokens=5, max_tokens=2)), 400, "min_tokens")
+    only = server.post("/v1/completions", _body(allowed_token_ids=[28, 29], bad_words=["Paris"],
+                                                max_tokens=3, temperature=0))
+    assert only.status_code == 200, only.text
+    error_of(server.post("/v1/completions", _body(allowed_token_ids=[])), 400, "allowed_token_ids")
+    error_of(server.post("/v1/completions", _body(allowed_token_ids=[10 ** 8])), 400,
+             "allowed_token_ids")
+    error_of(server.post("/v1/completions", _body(bad_words=[""])), 400, "bad_words")
 
 
 def test_text_that_is_not_unicode_is_a_400(server):

@@ -92,6 +92,11 @@ def penalized(model_dir):
 
     first = generate("List three primary colors:")[0]
     assert len(generate(CHAT_PROMPT)) < 12
+    fox = tokenizer.decode(generate("The quick brown fox")).split()
+    bad = fox[1]  # a word plain greedy writes: banned, as it is and after a space
+    bad_ids = [tokenizer(w, add_special_tokens=False).input_ids for w in (bad, " " + bad)]
+    allowed = sorted(set(tokenizer(" red green blue yellow hot cold degrees Celsius 100 ,.",
+                                   add_special_tokens=False).input_ids))
     cases = [
         ("Once upon a time, in a small village by the sea,", {"repetition_penalty": 1.3},
          {"repetition_penalty": 1.3}),
@@ -99,16 +104,19 @@ def penalized(model_dir):
          {"sequence_bias": {(first,): -100.0, (28,): 4.0}}),
         ("1, 2, 3, 4,", {"repetition_penalty": 0.8}, {"repetition_penalty": 0.8}),
         (CHAT_PROMPT, {"min_tokens": 12}, {"min_new_tokens": 12}),
+        ("The quick brown fox", {"bad_words": [bad]}, {"bad_words_ids": bad_ids}),
+        ("Water boils at", {"allowed_token_ids": allowed},
+         {"prefix_allowed_tokens_fn": lambda batch, sent: allowed}),
     ]
     return [(prompt, ours, hf_args, generate(prompt, **hf_args)) for prompt, ours, hf_args in cases]
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
 def test_penalties_bias_and_min_tokens_match_transformers(ray_session, penalized, tp):
-    """Greedy with vLLM's repetition penalty, a logit bias and min_tokens, the four requests
-    in one batch (each with its own parameters), against transformers' processors in
-    `generate`; at tp=2 each rank holds half the vocabulary, so the logits are gathered and
-    adjusted whole before the argmax."""
+    """Greedy with vLLM's repetition penalty, a logit bias, min_tokens, bad words and allowed
+    tokens, all the requests in one batch (each with its own parameters), against
+    transformers' processors in `generate`; at tp=2 each rank holds half the vocabulary, so
+    the logits are gathered and adjusted whole before the argmax."""
     llm = LLM(dtype="float32", tensor_parallel_size=tp, cpus_per_worker=0.5,
               kv_cache_bytes=64 << 20, name=f"smollm2-penalties-tp{tp}")
     try:
@@ -119,3 +127,4 @@ def test_penalties_bias_and_min_tokens_match_transformers(ray_session, penalized
     for (prompt, ours, _, expected), out in zip(penalized, outputs):
         assert out.outputs[0].token_ids == expected, (prompt, ours)
     assert len(outputs[3].outputs[0].token_ids) >= 12
+    assert set(outputs[5].outputs[0].token_ids) <= set(penalized[5][1]["allowed_token_ids"])

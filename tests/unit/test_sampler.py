@@ -243,3 +243,28 @@ def test_penalties_bias_and_bans_match_transformers_processors():
     logprobs = sample(logits[:1], [SamplerParams(temperature=0.0, logprobs=1, repetition_penalty=2.0)],
                       [5], [_Row(prompt[0], output[0])])[0]
     assert logprobs[1] == pytest.approx(torch.log_softmax(logits[0], -1)[logprobs[0]].item())
+
+
+def test_allowed_tokens_and_bad_words_match_transformers_processors():
+    """``allowed_token_ids`` against transformers' prefix-constrained processor, bad words
+    (one token, and two whose first ends the output) against its bad-words processor."""
+    from transformers.generation.logits_process import (NoBadWordsLogitsProcessor,
+                                                        PrefixConstrainedLogitsProcessor)
+
+    g = torch.Generator().manual_seed(1)
+    vocab = 40
+    logits = torch.randn(2, vocab, generator=g)
+    prompt, output = [3, 4], [9, 17]
+    params = [SamplerParams(temperature=0.0, allowed_token_ids=[2, 5, 31]),
+              SamplerParams(temperature=0.0, bad_words=[[6], [17, 8], [9, 11]])]
+    rows = [_Row(prompt, output), _Row(prompt, output)]
+    got = adjust_logits(logits, params, rows)
+    ids = torch.tensor([prompt + output])
+    allowed = PrefixConstrainedLogitsProcessor(lambda batch, sent: [2, 5, 31], 1)(
+        ids, logits[0:1].clone())[0]
+    bad = NoBadWordsLogitsProcessor([[6], [17, 8], [9, 11]], eos_token_id=0)(
+        ids, logits[1:2].clone())[0]
+    torch.testing.assert_close(got[0], allowed)
+    torch.testing.assert_close(got[1], bad)
+    assert torch.isinf(got[1][[6, 8]]).all() and torch.isfinite(got[1][11])  # 9 is not last
+    assert int(sample(logits, params, [4, 4], rows)[0][0]) in (2, 5, 31)

@@ -5,8 +5,8 @@ an integer, ``true`` is not a number), an unknown field is an error that names
 it, and every number has the range the engine can serve. OpenAI fields that
 shardlm does not implement are refused by name (``suffix`` is accepted as null, ``best_of``
 equal to ``n``). The sampling extensions ``top_k``,
-``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``
-are the vLLM names.
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``allowed_token_ids``, ``bad_words``,
+``stop_token_ids`` and ``ignore_eos`` are the vLLM names.
 
 Responses are the shapes the OpenAI API returns, so the ``openai`` client parses them.
 """
@@ -84,6 +84,11 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
         None, description="token id (as a string) -> added to its logit, in [-100, 100]")
     min_tokens: _int(0, _I32) = Field(0, description="extension: no stop before this many tokens")
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = Field(
+        None, description="extension: only these tokens may be sampled")
+    bad_words: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
+                         Field(max_length=MAX_STOP)] | None = Field(
+        None, description="extension: words not to generate")
 
     @property
     def include_usage(self) -> bool:
@@ -94,7 +99,8 @@ class _Sampling(BaseModel):
         params = {"n": self.n, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos,
                   "logprobs": logprobs, "seed": self.seed, "stop": self.stop,
                   "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias,
-                  "min_tokens": self.min_tokens}
+                  "min_tokens": self.min_tokens, "allowed_token_ids": self.allowed_token_ids,
+                  "bad_words": self.bad_words}
         for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",
                      "presence_penalty", "repetition_penalty"):
             if getattr(self, name) is not None:
