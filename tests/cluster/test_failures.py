@@ -2,7 +2,8 @@
 
 The engine service runs the default model at tp=2; callers stream through client handles
 (the real user path) while workers are SIGKILLed or made to hang. Every request must
-complete with exactly the tokens of a run without failures."""
+complete with exactly the tokens of a run without failures (greedy, seeded and penalized
+requests alike)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _params(i: int) -> dict:
     if i % 4 == 3:  # a quarter sampled with a seed: replay must continue the same random stream
         return {"max_tokens": 64, "temperature": 0.8, "top_p": 0.95, "seed": 1000 + i,
                 "ignore_eos": True}
+    if i % 4 == 1:  # a quarter penalized: their history and bans rebuilt from the replay
+        return {"max_tokens": 64, "temperature": 0, "ignore_eos": True,
+                "repetition_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": 0.2,
+                "bad_words": ["robot", "the"], "logit_bias": {"13": 2.0}}
     return {"max_tokens": 64, "temperature": 0, "ignore_eos": True}
 
 
