@@ -78,7 +78,7 @@ class ParallelLMHead(nn.Module):
         local = self.ops.linear(hidden, self.weight)[:, :real]  # (rows, real), no padding rows
         pair = torch.full((hidden.shape[0], 2), -torch.inf, dtype=torch.float64, device=hidden.device)
         if real:
-            best, index = local.max(dim=-1)  # first maximum within the slice (exact in any float)
+            best, index = self.ops.row_max(local)  # first maximum within the slice (exact)
             pair[:, 0], pair[:, 1] = best.double(), index + start  # ids exact in float64
         pairs = self.comm.gather(pair, dst=dst, dim=-1)  # (rows, 2 * tp) on dst: max, id, max, ..
         if pairs is None:

@@ -66,6 +66,10 @@ class TorchOps:
         cos, sin = rotary.cos_sin(positions, full=True)  # (tokens, 1, head_dim) each
         heads.copy_(rotate(heads, cos, sin))
 
+    def row_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (rows, n) -> each row's largest value (rows,) and its first index (rows,) int64
+        return x.max(dim=-1)
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         # gate_up: (rows, 2 * inter) -> (rows, inter)
         gate, up = gate_up.chunk(2, dim=-1)

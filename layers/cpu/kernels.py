@@ -111,6 +111,7 @@ def load() -> ctypes.CDLL | None:
     signatures = {
         "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT, _INT],
         "amx_linear_available": [],
+        "argmax_rows": [_F32P, _I64, _I64, _F32P, _I64P, _INT],
         "amx_pack_bf16": [_F32P, _F32P, _I64, _I64],
         "amx_linear": [_F32P, _INT, _F32P, _F32P, _INT, _I64, _I64, _I64, _INT],
         "pack_weight": [_F32P, _F32P, _I64, _I64],
@@ -339,6 +340,21 @@ def i64_rows(t: torch.Tensor, rows: int) -> bool:
 def check_slots(rc: int, total: int) -> None:
     if rc == -3:
         raise IndexError(f"KV cache slot out of range [0, {total})")
+
+
+def argmax_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's largest value and the index of its first occurrence, as ``x.max(dim=-1)``
+    gives them (NaN never wins here); None where the kernel does not apply.
+
+    x: (rows, n) float32 -> (best (rows,) float32, index (rows,) int64)"""
+    lib = float32_kernels(x)
+    if lib is None or x.dim() != 2:
+        return None
+    best = x.new_empty(x.shape[0])
+    index = torch.empty(x.shape[0], dtype=torch.int64)
+    rc = lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], best.data_ptr(), index.data_ptr(),
+                         torch.get_num_threads())
+    return (best, index) if rc == 0 else None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:

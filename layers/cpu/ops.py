@@ -171,6 +171,11 @@ class CpuOps(TorchOps):
         if not kernels.rope_inplace(heads, *rotary.cos_sin(positions, full=False)):
             super().rotate_(heads, rotary, positions)
 
+    def row_max(self, x):
+        # x: (rows, n) float32 (a padded vocabulary slice: not contiguous) -> (best, first index)
+        found = kernels.argmax_rows(x.contiguous())
+        return found if found is not None else super().row_max(x)
+
     def silu_mul(self, gate_up):
         out = kernels.silu_mul(gate_up)
         return out if out is not None else super().silu_mul(gate_up)

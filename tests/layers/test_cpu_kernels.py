@@ -421,3 +421,17 @@ def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
     for fused_cache, plain_cache in zip(*caches):
         torch.testing.assert_close(fused_cache, plain_cache, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 49152), (64, 24576), (3, 37), (5, 16)])
+def test_argmax_rows_matches_torch_max_with_first_index_on_ties(rows, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(rows, n, generator=g)
+    x[0, n // 3] = x[0, n - 1] = x[0].max() + 1  # a tie: the first one wins
+    if rows > 1:
+        x[-1] = -torch.inf  # nothing larger than -inf: index 0, as torch gives it
+    got = cpu_kernels.argmax_rows(x)
+    assert got is not None
+    best, index = x.max(dim=-1)
+    assert torch.equal(got[0], best) and torch.equal(got[1], index)
+    assert got[1][0] == n // 3
