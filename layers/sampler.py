@@ -138,10 +138,14 @@ def _sample_random(logits: torch.Tensor, params: list[SamplerParams],
 SampleOut = tuple[int, "float | None", "list[tuple[int, float]] | None"]
 
 
+def _penalizes(p: SamplerParams) -> bool:
+    """Whether a row has a penalty on (they need its tokens so far)."""
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 def adjusts(p: SamplerParams) -> bool:
     """Whether a row's logits change before sampling (penalties, a bias, a token mask)."""
-    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
-            or p.presence_penalty != 0.0 or bool(p.logit_bias) or bool(p.allowed_token_ids)
+    return (_penalizes(p) or bool(p.logit_bias) or bool(p.allowed_token_ids)
             or bool(p.bad_words))
 
 
@@ -185,8 +189,7 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplerParams], rows: list[
     if ban:
         i, t = zip(*ban)
         out[torch.tensor(i, device=dev), torch.tensor(t, device=dev)] = -math.inf
-    pen = [i for i, p in enumerate(params) if rows[i].history is not None
-           and (p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty)]
+    pen = [i for i, p in enumerate(params) if rows[i].history is not None and _penalizes(p)]
     if pen:
         _penalize(out, [params[i] for i in pen], [rows[i].history for i in pen], pen)
     return out

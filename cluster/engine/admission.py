@@ -61,7 +61,7 @@ class Admission:
         params = sampling_params(params)
         ids = tokenized if tokenized is not None else self.prompt_ids(prompt, prompt_token_ids,
                                                                       messages)
-        params = self._bounded(params, ids)
+        params = self._bounded(self._resolved(params), ids)
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [Sequence(next(seq_ids), list(ids), params,
                          seed=(base_seed + i * _SEED_STRIDE) & _U64, priority=priority)
@@ -99,14 +99,6 @@ class Admission:
     def _bounded(self, params: SamplingParams, ids: list[int]) -> SamplingParams:
         """``params`` with ``max_tokens`` the context's room when it is None; a RequestError
         naming both numbers when the prompt and ``max_tokens`` do not fit the context."""
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise RequestError(f"logit_bias names token {max(params.logit_bias)}, outside the "
-                               f"vocabulary [0, {self.vocab_size})", "logit_bias")
-        if params.allowed_token_ids and max(params.allowed_token_ids) >= self.vocab_size:
-            raise RequestError(f"allowed_token_ids names token {max(params.allowed_token_ids)}, "
-                               f"outside the vocabulary [0, {self.vocab_size})", "allowed_token_ids")
-        if params.bad_words:
-            params = replace(params, _bad_words_ids=self._bad_word_ids(params.bad_words))
         room = self.max_model_len - len(ids)
         if params.max_tokens is None:
             return replace(params, max_tokens=room)
@@ -116,6 +108,15 @@ class Admission:
                 f"{len(ids) + params.max_tokens} tokens, over the context of {self.max_model_len} "
                 "(max_model_len); lower max_tokens or shorten the prompt", "max_tokens",
                 CONTEXT_LENGTH_EXCEEDED)
+        return params
+
+    def _resolved(self, params: SamplingParams) -> SamplingParams:
+        """``params`` checked against the model: the token ids it names inside the vocabulary,
+        its bad words as token ids."""
+        self._check_vocabulary(params.logit_bias or [], "logit_bias")
+        self._check_vocabulary(params.allowed_token_ids or [], "allowed_token_ids")
+        if params.bad_words:
+            params = replace(params, _bad_words_ids=self._bad_word_ids(params.bad_words))
         return params
 
     def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
@@ -155,12 +156,16 @@ class Admission:
         if not isinstance(ids, (list, tuple)) or not ids:
             raise RequestError("prompt_token_ids must be a non-empty list of token ids",
                                "prompt_token_ids")
+        self._check_vocabulary(ids, "prompt_token_ids")
+        return list(ids)
+
+    def _check_vocabulary(self, ids, name: str) -> None:
+        """A RequestError naming ``name`` when any of ``ids`` is not a token id of the model."""
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
                or not 0 <= t < self.vocab_size]
         if bad:
-            raise RequestError(f"prompt_token_ids hold ids outside the vocabulary "
-                               f"[0, {self.vocab_size}): {bad[:5]}", "prompt_token_ids")
-        return list(ids)
+            raise RequestError(f"{name} hold ids outside the vocabulary "
+                               f"[0, {self.vocab_size}): {bad[:5]}", name)
 
 
 def sampling_params(params) -> SamplingParams:
