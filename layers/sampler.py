@@ -41,6 +41,7 @@ class SamplerParams(Protocol):
     logit_bias: list | None  # [[token id, bias], ...]
     allowed_token_ids: list[int] | None  # only these may be sampled
     bad_words: list[list[int]] | None  # token sequences whose last token is banned
+    grammar: list | None  # structured output (layers.grammar); its mask comes with Adjust
 
 
 class Adjust(Protocol):
@@ -50,6 +51,7 @@ class Adjust(Protocol):
 
     history: list | None  # [prompt length, tokens before the sampled position]
     banned: list[int] | None
+    allowed: torch.Tensor | None  # (vocab,) bool: what its grammar allows now, None: no grammar
 
 
 def _signed(c: int) -> int:
@@ -146,7 +148,7 @@ def _penalizes(p: SamplerParams) -> bool:
 def adjusts(p: SamplerParams) -> bool:
     """Whether a row's logits change before sampling (penalties, a bias, a token mask)."""
     return (_penalizes(p) or bool(p.logit_bias) or bool(p.allowed_token_ids)
-            or bool(p.bad_words))
+            or bool(p.bad_words) or bool(p.grammar))
 
 
 def argmax_suffices(params: list[SamplerParams], banned: bool = False) -> bool:
@@ -159,8 +161,8 @@ def argmax_suffices(params: list[SamplerParams], banned: bool = False) -> bool:
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplerParams], rows: list[Adjust]
                   ) -> torch.Tensor:
-    """The logits each row samples from (vLLM's semantics, in this order): tokens outside
-    ``allowed_token_ids`` at -inf; the logit bias added; tokens banned now (``min_tokens``,
+    """The logits each row samples from (vLLM's semantics, in this order): tokens its grammar
+    does not allow now and tokens outside ``allowed_token_ids`` at -inf; the logit bias added; tokens banned now (``min_tokens``,
     and a bad word's last token where the output ends with the rest of it) at -inf; the
     repetition penalty on every token
     of the prompt or the output (a positive logit divided by it, a negative one multiplied);
@@ -170,6 +172,11 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplerParams], rows: list[
     logprobs are of the raw logits)."""
     out = logits.clone()
     dev, vocab = logits.device, logits.shape[1]
+    constrained = [i for i, r in enumerate(rows) if getattr(r, "allowed", None) is not None]
+    if constrained:
+        allowed = torch.stack([rows[i].allowed for i in constrained]).to(dev)  # (rows', vocab)
+        idx = torch.tensor(constrained, device=dev)
+        out.index_copy_(0, idx, out.index_select(0, idx).masked_fill(~allowed, -math.inf))
     masked = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if masked:
         keep = torch.zeros(len(masked), vocab, dtype=torch.bool, device=dev)

@@ -72,18 +72,26 @@ def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
 
 class SampleRow:
     """What a sampling chunk's logits need beyond its parameters: its tokens up to the sampled
-    position (the plan's history plus the chunk's own, FOLLOW resolved) and its bans."""
+    position (the plan's history plus the chunk's own, FOLLOW resolved), its bans and what its
+    grammar allows (``allowed``, set from the step's masks)."""
 
     def __init__(self, chunk):
         h = chunk.history
         self.history = None if h is None else [h[0], h[1] + chunk.token_ids]
         self.banned = chunk.banned
+        self.allowed: torch.Tensor | None = None  # (vocab,) bool
+
+    @property
+    def output(self) -> list[int]:
+        """The sequence's output tokens before the sampled position."""
+        return self.history[1][self.history[0]:]
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
-                 pp_comm=None, tp_comm=None, graphs=None):
+                 pp_comm=None, tp_comm=None, graphs=None, grammars=None):
         self.model = model
+        self.grammars = grammars  # layers.grammar.Grammars on the sampling rank, else None
         self.graphs = graphs  # workers.cuda_graphs.DecodeGraphs, or None: every step eager
         self.block_size = block_size
         self.device = device
@@ -100,6 +108,8 @@ class ModelRunner:
         self._resolve_follow(plan)
         batch = prepare(plan, self.block_size, self.device)
         self.sampled_seqs, self.sampled = [c.seq_id for c in batch.sample_chunks], {}
+        rows = [SampleRow(c) for c in batch.sample_chunks]
+        masks = self._start_masks(batch.sample_chunks, rows)  # computed during the forward
         # the final layer goes on only for the sampled rows (prompt tokens before them just
         # leave their keys and values in the cache) unless the prompt is scored; a
         # decode-only step samples every row
@@ -119,7 +129,7 @@ class ModelRunner:
             return None if scores is None else StepResult(plan.step_id, [], scores)
         if keep is None:  # every row is sampled, in order
             hidden = hidden.index_select(0, batch.sample_rows)
-        picked = self._sample(hidden, batch.sample_chunks)
+        picked = self._sample(hidden, batch.sample_chunks, rows, masks)
         if picked is None:  # not the sampling rank
             return None
         self.sampled = {c.seq_id: tok for c, (tok, _, _) in zip(batch.sample_chunks, picked)}
@@ -155,9 +165,19 @@ class ModelRunner:
             at += n
         return out
 
-    def _sample(self, hidden: torch.Tensor, chunks: list) -> list | None:
+    def _start_masks(self, chunks: list, rows: list[SampleRow]):
+        """The grammar masks of the step's constrained rows, started on the mask thread
+        (None: no row is constrained, or this rank does not sample)."""
+        if self.grammars is None:
+            return None
+        constrained = [(c.seq_id, c.sampler.grammar, r.output) for c, r in zip(chunks, rows)
+                       if c.sampler.grammar]
+        return self.grammars.start(constrained) if constrained else None
+
+    def _sample(self, hidden: torch.Tensor, chunks: list, rows: list[SampleRow],
+                masks=None) -> list | None:
         """(token, logprob, top logprobs) per sampling chunk on TP rank 0, None elsewhere.
-        hidden: (samples, hidden)"""
+        hidden: (samples, hidden); ``masks``: the constrained rows' grammar masks, in order"""
         params = [c.sampler for c in chunks]
         if argmax_suffices(params, banned=any(c.banned for c in chunks)):
             # greedy on the raw logits, no logprobs: no logits need to travel (each TP rank's
@@ -167,8 +187,12 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # (samples, vocab) on TP rank 0
         if logits is None:
             return None
-        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks],
-                      [SampleRow(c) for c in chunks])
+        if masks is not None:
+            allowed = iter(masks.rows())
+            for c, row in zip(chunks, rows):
+                if c.sampler.grammar:
+                    row.allowed = next(allowed)
+        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks], rows)
 
     def _resolve_follow(self, plan: StepPlan) -> None:
         """Give each ``[FOLLOW]`` chunk the token the previous step sampled for its sequence."""

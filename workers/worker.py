@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from layers.attention import AttnBatch
+from layers.grammar import Grammars
 from layers.linear import param_memory
 from layers.models import build_model
 from layers.platform import cpu_dtype, select_ops, use_ops
@@ -69,6 +70,8 @@ class Worker:
         self.dtype = torch.float32
         self.hf_config: dict | None = None
         self.runner: ModelRunner | None = None
+        self.grammars: Grammars | None = None  # structured output, on the sampling rank
+        self.checkpoint: str | None = None
         self.ops = None  # the platform's ops (layers.platform.select_ops), chosen at load
         self.hang_next_step_s = 0.0  # fault injection (cluster.tools.chaos): stall inside a step
 
@@ -118,6 +121,7 @@ class Worker:
         rss_before = rss_bytes()
         started = time.perf_counter()
         self.hf_config = json.loads((Path(checkpoint) / "config.json").read_text())
+        self.checkpoint, self.grammars = checkpoint, None
         layer_range = tuple(self.spec.layer_range) if self.spec.layer_range else None
         # CPU weights on huge pages (a CPU pass streams them all); GPU weights made on the GPU
         # and filled there shard by shard, never whole on the host
@@ -204,9 +208,16 @@ class Worker:
             log.info("captured %d decode graphs in %.1f s", len(decode_graphs.sizes),
                      time.perf_counter() - started)
         self.runner = ModelRunner(self.model, block_size, self.device, self.pp_comm,
-                                  self.tp_comm, decode_graphs)
+                                  self.tp_comm, decode_graphs, self._grammars())
         return {"bytes": allocated,
                 "cuda_graphs": decode_graphs.sizes if decode_graphs is not None else []}
+
+    def _grammars(self) -> Grammars | None:
+        """Structured output's grammars, on the rank that samples (the last stage's TP rank 0)."""
+        if self.grammars is None and self.model.is_last and (
+                self.tp_comm is None or self.tp_comm.rank == 0):
+            self.grammars = Grammars(self.checkpoint, self.hf_config["vocab_size"])
+        return self.grammars
 
     def _graphs_possible(self) -> bool:
         """CUDA graphs need ops that read no host value in a decode step, one pipeline stage

@@ -71,7 +71,7 @@ def raise_if_error(event: dict) -> dict:
 
 # ---- the request a front door sends (the service's generate() argument) -------------------
 REQUEST_FIELDS = ("request_id", "prompt", "messages", "prompt_token_ids", "params", "priority",
-                  "resume", "final_logprobs", "echo")
+                  "resume", "final_logprobs", "echo", "tools")
 
 
 def encode_request(**fields) -> bytes:
@@ -82,7 +82,8 @@ def encode_request(**fields) -> bytes:
     ``final_logprobs: false``: a caller that reads the deltas (which carry every token's
     logprobs) needs none in the final event, so the engine keeps none (memory bounded by a
     step, not by the output); ``echo: true``: each choice's first delta and the final event
-    carry ``prompt_text``. The engine checks the values at admission."""
+    carry ``prompt_text``; ``tools``: the functions a chat request's model may call (OpenAI's
+    definitions), rendered with its messages. The engine checks the values at admission."""
     unknown = sorted(set(fields) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(f"unknown request field(s): {', '.join(unknown)}", unknown[0],

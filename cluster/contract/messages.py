@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # A decode chunk's token id when the driver planned the step before the previous one came
 # back (async scheduling): "the token your previous step sampled for this sequence".
@@ -40,11 +40,15 @@ class SamplerParams:
     logit_bias: list[list] | None = None  # [[token id, bias], ...]
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     bad_words: list[list[int]] | None = None  # token sequences whose last token is banned
+    # [kind, source, compact, end token ids]: the grammar the output follows (see
+    # cluster.contract.sampling.StructuredOutputsParams.spec), None for none
+    grammar: list | None = None
 
     def to_list(self) -> list:
         return [self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.logprobs,
                 self.prompt_logprobs, self.repetition_penalty, self.frequency_penalty,
-                self.presence_penalty, self.logit_bias, self.allowed_token_ids, self.bad_words]
+                self.presence_penalty, self.logit_bias, self.allowed_token_ids, self.bad_words,
+                self.grammar]
 
     @classmethod
     def from_list(cls, v: list) -> "SamplerParams":
@@ -60,7 +64,7 @@ class SeqChunk:
     ``prompt_targets``: score the prompt (``sampler.prompt_logprobs``): the prompt token
     that follows each of the first ``len(prompt_targets)`` positions of this chunk.
     ``history``: [prompt length, the sequence's tokens before this chunk], sent to a sampling
-    chunk whose penalties need them; ``banned``: token ids it may not sample now (EOS and
+    chunk whose penalties or grammar need them; ``banned``: token ids it may not sample now (EOS and
     stop tokens before ``min_tokens``)."""
 
     seq_id: int

@@ -9,6 +9,7 @@ that names the field and the value. :meth:`SamplingParams.to_sampler` narrows it
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 
 from cluster.contract.errors import UNKNOWN_PARAMETER, RequestError, RequestTypeError
@@ -20,12 +21,98 @@ _U64 = (1 << 64) - 1
 MAX_STOP_LENGTH = 512
 
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+MAX_GRAMMAR_CHARS = 1 << 20  # a schema, regex or grammar of at most 1 MiB of text
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, as vLLM's ``StructuredOutputsParams`` names it: exactly one
+    of ``json`` (a JSON schema, as a dict or its text), ``regex`` (the whole output matches
+    it), ``choice`` (the output is one of these strings), ``grammar`` (an EBNF grammar in the
+    GBNF dialect, rule ``root`` first) or ``json_object`` (any JSON object).
+    ``disable_any_whitespace``: JSON without whitespace between tokens."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise RequestError("structured_outputs needs exactly one of "
+                               f"{', '.join(STRUCTURED_KINDS)}; got "
+                               f"{', '.join(given) or 'none'}", "structured_outputs")
+        if isinstance(self.json, dict):
+            self.json = _dumps(self.json)
+        for name in ("json", "regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise RequestTypeError(f"structured_outputs.{name} must be a non-empty string"
+                                       f"{' or an object' if name == 'json' else ''}, got {v!r}",
+                                       name)
+            if v is not None and len(v) > MAX_GRAMMAR_CHARS:
+                raise RequestError(f"structured_outputs.{name} must be at most "
+                                   f"{MAX_GRAMMAR_CHARS} characters, got {len(v)}", name)
+        if self.json is not None:
+            try:
+                schema = json.loads(self.json)
+            except ValueError as exc:
+                raise RequestError(f"structured_outputs.json is not valid JSON: {exc}",
+                                   "json") from None
+            if not isinstance(schema, dict):
+                raise RequestError("structured_outputs.json must be a JSON schema object, got "
+                                   f"{type(schema).__name__}", "json")
+        if self.choice is not None:
+            c = self.choice
+            if not isinstance(c, (list, tuple)) or not c or not all(
+                    isinstance(x, str) and x for x in c):
+                raise RequestTypeError("structured_outputs.choice must be a non-empty list of "
+                                       f"non-empty strings, got {c!r}", "choice")
+            self.choice = list(c)
+        for name in ("json_object", "disable_any_whitespace"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise RequestTypeError(f"structured_outputs.{name} must be a bool", name)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def spec(self) -> list:
+        """[kind, source, compact]: what the sampling rank compiles (``source`` is the schema
+        or regex or grammar text, the list of choices, or None for ``json_object``)."""
+        kind = self.kind
+        return [kind, None if kind == "json_object" else getattr(self, kind),
+                self.disable_any_whitespace]
+
+    @classmethod
+    def from_dict(cls, d: object) -> "StructuredOutputsParams":
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise RequestTypeError(f"structured_outputs must be a mapping, got "
+                                   f"{type(d).__name__}", "structured_outputs")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise RequestError(f"unknown structured_outputs field(s): {', '.join(unknown)}; "
+                               f"accepted: {', '.join(known)}", unknown[0], UNKNOWN_PARAMETER)
+        return cls(**d)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass
@@ -48,6 +135,9 @@ class SamplingParams:
     the stop strings cannot end the output before that many tokens; ``allowed_token_ids``:
     only these may be sampled; ``bad_words``: a word's last token is not sampled where the
     output ends with the tokens before it (each word tokenized as it is and after a space).
+    ``structured_outputs``: a grammar the output must follow (:class:`StructuredOutputsParams`,
+    or a dict of its fields); the sampled tokens are those the grammar allows, and once it is
+    complete only the tokens that end the output (EOS, ``stop_token_ids``).
     Logprobs are of the raw logits.
     ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list.
     """
@@ -71,6 +161,7 @@ class SamplingParams:
     min_tokens: int = 0
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | dict | None = None
     # the bad words as token-id sequences, made by the engine's tokenizer at admission
     _bad_words_ids: list[list[int]] | None = field(default=None, repr=False)
 
@@ -118,6 +209,8 @@ class SamplingParams:
                 raise RequestError(f"bad_words must not hold empty words, got {list(words)!r}",
                                    "bad_words")
             self.bad_words = list(words) or None
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise RequestTypeError(f"seed must be an integer or None, got "
@@ -200,10 +293,11 @@ class SamplingParams:
                                f"accepted: {', '.join(known)}", unknown[0], UNKNOWN_PARAMETER)
         return cls(**d)
 
-    def to_sampler(self, seed: int) -> SamplerParams:
+    def to_sampler(self, seed: int, end_ids: list[int] | None = None) -> SamplerParams:
         """The kernel's view of these parameters, with ``seed`` (the request's
         seed, or the one the engine drew for it) reduced to an unsigned 64-bit
-        value. ``top_k`` 0 is mapped to -1 (off)."""
+        value. ``top_k`` 0 is mapped to -1 (off). ``end_ids``: the tokens that end the
+        output (EOS unless ignored, stop token ids), which a complete grammar allows."""
         return SamplerParams(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -218,12 +312,14 @@ class SamplingParams:
             logit_bias=None if not self.logit_bias else [[t, b] for t, b in self.logit_bias.items()],
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self._bad_words_ids,
+            grammar=None if self.structured_outputs is None
+            else self.structured_outputs.spec() + [list(end_ids or [])],
         )
 
     @property
     def penalized(self) -> bool:
-        """Whether sampling needs the sequence's tokens so far (a penalty, or a bad word of
-        several tokens)."""
-        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+        """Whether sampling needs the sequence's tokens so far (a penalty, a bad word of
+        several tokens, or a grammar: its state is rebuilt from them wherever it is lost)."""
+        return (self.structured_outputs is not None or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0
                 or any(len(w) > 1 for w in self._bad_words_ids or []))

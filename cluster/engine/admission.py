@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, DUPLICATE_REQUEST_ID, RequestError,
                                      RequestTypeError)
 from cluster.contract.sampling import SamplingParams
+from cluster.engine import chat
 from cluster.engine.outputs import CompletionOutput, Detokenizer, RequestOutput
 from cluster.engine.sequence import Sequence
 
@@ -55,12 +56,13 @@ class Admission:
         self.detokenizer_tokenizer = tokenizer if detokenize else None  # None: token ids only
 
     def admit(self, request_id: str, seq_ids, prompt=None, params=None, prompt_token_ids=None,
-              messages=None, priority: int = 0, tokenized: list[int] | None = None) -> Request:
+              messages=None, priority: int = 0, tokenized: list[int] | None = None,
+              tools: list | None = None) -> Request:
         """A checked request with its sequences (not yet queued). ``tokenized``: the prompt's
         ids as :meth:`prompt_ids` made them beforehand (off the engine thread)."""
         params = sampling_params(params)
         ids = tokenized if tokenized is not None else self.prompt_ids(prompt, prompt_token_ids,
-                                                                      messages)
+                                                                      messages, tools)
         params = self._bounded(self._resolved(params), ids)
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [Sequence(next(seq_ids), list(ids), params,
@@ -75,17 +77,20 @@ class Admission:
             request.prompt_logprobs = [None] * len(ids)
         return request
 
-    def prompt_ids(self, prompt, prompt_token_ids, messages=None) -> list[int]:
-        """The prompt as token ids, from exactly one of text, token ids or chat messages."""
+    def prompt_ids(self, prompt, prompt_token_ids, messages=None, tools=None) -> list[int]:
+        """The prompt as token ids, from exactly one of text, token ids or chat messages (with
+        the ``tools`` they may call)."""
         given = [name for name, v in (("prompt", prompt), ("prompt_token_ids", prompt_token_ids),
                                       ("messages", messages)) if v is not None]
+        if tools is not None and messages is None:
+            raise RequestError("tools go with chat messages only", "tools")
         if len(given) != 1:
             raise RequestError("give exactly one of prompt, prompt_token_ids and messages"
                                + (f" (got {', '.join(given)})" if given else ""),
                                given[-1] if given else "prompt")
         param = given[0]
         if messages is not None:
-            ids = self.chat_token_ids(messages)
+            ids = self.chat_token_ids(messages, tools)
         elif prompt is not None:
             ids = self._encode(prompt)
         else:
@@ -117,6 +122,8 @@ class Admission:
         self._check_vocabulary(params.allowed_token_ids or [], "allowed_token_ids")
         if params.bad_words:
             params = replace(params, _bad_words_ids=self._bad_word_ids(params.bad_words))
+        if params.structured_outputs is not None:
+            check_grammar(params.structured_outputs.spec())
         return params
 
     def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
@@ -132,15 +139,12 @@ class Admission:
                     out.append(ids)
         return out
 
-    def chat_token_ids(self, messages) -> list[int]:
-        """A conversation rendered with the tokenizer's chat template, as token ids."""
+    def chat_token_ids(self, messages, tools: list | None = None) -> list[int]:
+        """A conversation rendered with the tokenizer's chat template (and ``tools``, see
+        :mod:`cluster.engine.chat`), as token ids."""
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer, so no chat template", "messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            raise RequestError("messages must be a non-empty list of {role, content} objects",
-                               "messages")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat.render(self.tokenizer, messages, tools)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _encode(self, prompt) -> list[int]:
@@ -166,6 +170,17 @@ class Admission:
         if bad:
             raise RequestError(f"{name} hold ids outside the vocabulary "
                                f"[0, {self.vocab_size}): {bad[:5]}", name)
+
+
+def check_grammar(spec: list) -> None:
+    """A RequestError naming the structured output when its grammar does not compile (with
+    the function the sampling rank compiles it with, so what passes here compiles there)."""
+    from layers.grammar import GrammarError, check
+
+    try:
+        check(spec)
+    except GrammarError as exc:
+        raise RequestError(f"structured_outputs: {exc}", spec[0]) from None
 
 
 def sampling_params(params) -> SamplingParams:

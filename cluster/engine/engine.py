@@ -95,7 +95,7 @@ class Engine:
                     prompt_token_ids: list[int] | None = None, request_id: str | None = None,
                     priority: int = 0, messages: list[dict] | None = None,
                     resume: list[dict] | None = None, keep_logprobs: bool = True,
-                    tokenized: list[int] | None = None) -> str:
+                    tokenized: list[int] | None = None, tools: list | None = None) -> str:
         """Queue a request given by exactly one of ``prompt``, ``prompt_token_ids`` and chat
         ``messages``; ``params``: SamplingParams, a dict of them, or None. Its id; a typed
         RequestError (nothing queued) where it cannot be served.
@@ -110,15 +110,19 @@ class Engine:
         request_id = request_id or f"req-{next(self._request_ids)}"
         check_request_id(request_id, self.requests)
         request = self.admission.admit(request_id, self._seq_ids, prompt, params,
-                                       prompt_token_ids, messages, priority, tokenized)
+                                       prompt_token_ids, messages, priority, tokenized, tools)
         if not keep_logprobs:
             for output in request.outputs:
                 output.logprobs = None
-        if request.params.min_tokens:  # what cannot end it early may not be sampled
-            eos = set() if request.params.ignore_eos else self.stops.eos_ids
-            ban = sorted(eos | set(request.params.stop_token_ids))
-            for seq in request.seqs:
-                seq.min_tokens_ban = ban
+        eos = set() if request.params.ignore_eos else self.stops.eos_ids
+        ends = sorted(eos | set(request.params.stop_token_ids))
+        if request.params.structured_outputs is not None and not ends:
+            raise RequestError("structured_outputs with ignore_eos needs stop_token_ids: the "
+                               "output must be able to end where its grammar does", "ignore_eos")
+        for seq in request.seqs:
+            seq.end_ids = ends
+            if request.params.min_tokens:  # what cannot end it early may not be sampled
+                seq.min_tokens_ban = ends
         if resume:
             self._resume(request, resume)
         for i, seq in enumerate(request.seqs):
@@ -157,9 +161,10 @@ class Engine:
                 raise RequestError("resume: the sent tokens already reach the request's length",
                                    "resume", INVALID_VALUE)
 
-    def chat_token_ids(self, messages: list[dict]) -> list[int]:
-        """A conversation rendered with the tokenizer's chat template, as token ids."""
-        return self.admission.chat_token_ids(messages)
+    def chat_token_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """A conversation rendered with the tokenizer's chat template (and ``tools``), as
+        token ids."""
+        return self.admission.chat_token_ids(messages, tools)
 
     def reset_measurement(self) -> None:
         """Before a measured run (``shardlm bench``): forget cached prompt prefixes (runs send

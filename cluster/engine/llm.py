@@ -58,15 +58,17 @@ class LLM:
             raise exc.prefixed(f"prompt {index}: ") from exc
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, with the chat template."""
+             sampling_params: SamplingParams | None = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, with the chat template
+        (and the ``tools`` they may call, OpenAI's function definitions)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        token_ids = [self.chat_token_ids(c) for c in conversations]
+        token_ids = [self.chat_token_ids(c, tools) for c in conversations]
         return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params)
 
-    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+    def chat_token_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """A conversation rendered with the tokenizer's chat template, as token ids."""
-        return self.engine.chat_token_ids(messages)
+        return self.engine.chat_token_ids(messages, tools)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

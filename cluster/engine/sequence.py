@@ -47,6 +47,9 @@ class Sequence:
     prefill_len: int = 0
     # what it may not sample before min_tokens outputs (EOS and stop token ids)
     min_tokens_ban: list[int] = field(default_factory=list)
+    # the tokens that end it (EOS unless ignored, and the stop token ids): a complete grammar
+    # allows only these
+    end_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -59,10 +59,12 @@ class Handle:
 
     def request(self, prompt: str | None = None, messages: list[dict] | None = None,
                 prompt_token_ids: list[int] | None = None, **sampling) -> RequestStream:
-        """The event stream of one request (see :mod:`cluster.contract.events`)."""
+        """The event stream of one request (see :mod:`cluster.contract.events`); ``tools``
+        (OpenAI's function definitions) go with ``messages``."""
         priority = sampling.pop("priority", 0)
+        tools = sampling.pop("tools", None)
         return RequestStream(self.actor, prompt, messages, prompt_token_ids, sampling,
-                             priority=priority)
+                             priority=priority, tools=tools)
 
     # ---- blocking --------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, **sampling) -> Completion:

@@ -184,7 +184,7 @@ class EngineService:
             return None
         return await loop.run_in_executor(self._tokenizers, engine.admission.prompt_ids,
                                           body["prompt"], body["prompt_token_ids"],
-                                          body["messages"])
+                                          body["messages"], body.get("tools"))
 
     def _abort_admitted(self, admitted: asyncio.Future) -> None:
         request_id = admitted.result()
@@ -221,7 +221,7 @@ class EngineService:
             request_id = self.engine.add_request(  # logprobs are kept by the output thread
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
                 body["request_id"], body["priority"] or 0, body["messages"], body["resume"],
-                keep_logprobs=False, tokenized=body.get("tokenized"))
+                keep_logprobs=False, tokenized=body.get("tokenized"), tools=body.get("tools"))
             self.outputs.open(self.engine.requests[request_id], (loop, queue_),
                               keep_logprobs=body["final_logprobs"] is not False,
                               echo=bool(body["echo"]))

@@ -44,12 +44,13 @@ class RequestStream:
     def __init__(self, service, prompt=None, messages=None, prompt_token_ids=None,
                  params: dict | None = None, request_id: str | None = None, priority: int = 0,
                  resume_timeout_s: float = RESUME_TIMEOUT_S, final_logprobs: bool = True,
-                 echo: bool = False):
+                 echo: bool = False, tools: list | None = None):
         self.service = service
         self.request_id = request_id or f"req-{uuid.uuid4().hex}"
         self._fields = dict(request_id=self.request_id, prompt=prompt, messages=messages,
                             prompt_token_ids=prompt_token_ids, params=params or {},
-                            priority=priority, final_logprobs=final_logprobs, echo=echo)
+                            priority=priority, final_logprobs=final_logprobs, echo=echo,
+                            tools=tools)
         events.encode_request(**self._fields)  # bad text fails here, before anything is sent
         self.resume_timeout_s = resume_timeout_s
         self.journal: dict[int, dict] = {}  # choice -> token_ids, logprobs, finish_reason sent

@@ -40,10 +40,11 @@ from starlette.exceptions import HTTPException
 from cluster.contract.config import EngineConfig
 from cluster.contract.errors import EngineUnavailable, RequestError, ServiceError
 from cluster.serving.http.format import (ApiError, ChatStream, CompletionStream, ResponseInfo,
-                                         api_error, chat_response, completion_response, sse,
-                                         validation_error)
+                                         ToolMode, api_error, chat_response, completion_response,
+                                         sse, validation_error)
 from cluster.serving.http.gate import KeyAndSizeGate
 from cluster.serving.http.openapi import ERROR_RESPONSES, finish_openapi, streamed_responses
+from cluster.serving.http.tools import engine_fields as tool_fields
 from cluster.serving.http.protocol import (ChatCompletionChunk, ChatCompletionRequest,
                                            ChatCompletionResponse, CompletionRequest,
                                            CompletionResponse, ErrorResponse, Health, ModelCard,
@@ -175,12 +176,18 @@ class OpenAIServer:
         await self.require_ready()
         info = ResponseInfo(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
         params = body.sampling_params(body.max_new_tokens(), body.engine_logprobs)
-        request = dict(request_id=info.id, params=params,
+        tools, constraint = tool_fields(body)
+        if constraint is not None:  # tool_choice required or named
+            params["structured_outputs"] = constraint
+        request = dict(request_id=info.id, params=params, tools=tools,
                        messages=[m.as_template_message() for m in body.messages])
+        calls = ToolMode(body.tool_mode if tools else "none",
+                         body.tool_choice.function.name if body.tool_mode == "named" else None)
         if body.stream:
-            return await self.stream([request], ChatStream(info, body.include_usage), "messages")
+            return await self.stream([request], ChatStream(info, body.include_usage, calls),
+                                     "messages")
         (final,) = await self.collect([request], "messages")
-        return JSONResponse(chat_response(info, final).model_dump(mode="json"))
+        return JSONResponse(chat_response(info, final, calls).model_dump(mode="json"))
 
     def open_streams(self, requests: list[dict], field: str, final_logprobs: bool = True
                      ) -> list[RequestStream]:

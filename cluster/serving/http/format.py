@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from cluster.contract.errors import EngineUnavailable, RequestError
+from cluster.serving.http import tools
 from cluster.serving.http.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
@@ -168,11 +169,25 @@ def completion_response(meta: ResponseInfo, finals: list[dict]) -> CompletionRes
                               usage=total_usage(finals))
 
 
-def chat_response(meta: ResponseInfo, final: dict) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=o["index"], message=ChatResponseMessage(content=o["text"]),
-                          logprobs=chat_logprobs(o["logprobs"]) if o.get("logprobs") is not None
-                          else None, finish_reason=o["finish_reason"])
-               for o in sorted(final["outputs"], key=lambda o: o["index"])]
+@dataclass(frozen=True)
+class ToolMode:
+    """How a chat request's output is read: ``mode`` none, auto, required or named (see
+    :mod:`cluster.serving.http.tools`); ``name``: the named function."""
+
+    mode: str = "none"
+    name: str | None = None
+
+
+def chat_response(meta: ResponseInfo, final: dict, calls: ToolMode = ToolMode()
+                  ) -> ChatCompletionResponse:
+    choices = []
+    for o in sorted(final["outputs"], key=lambda o: o["index"]):
+        content, tool_calls = tools.parse(calls.mode, o["text"], calls.name)
+        choices.append(ChatChoice(
+            index=o["index"], message=ChatResponseMessage(content=content,
+                                                          tool_calls=tool_calls or None),
+            logprobs=chat_logprobs(o["logprobs"]) if o.get("logprobs") is not None else None,
+            finish_reason=tools.finish_reason(o["finish_reason"], calls.mode, tool_calls)))
     return ChatCompletionResponse(id=meta.id, created=meta.created, model=meta.model,
                                   choices=choices, usage=total_usage([final]))
 
@@ -220,7 +235,14 @@ class CompletionStream:
 
 
 class ChatStream(CompletionStream):
-    """Chat chunks: each choice opens with ``{"role": "assistant", "content": ""}``."""
+    """Chat chunks: each choice opens with ``{"role": "assistant", "content": ""}``; with
+    tools, its text goes through a :class:`cluster.serving.http.tools.StreamParser`."""
+
+    def __init__(self, meta: ResponseInfo, include_usage: bool, calls: ToolMode = ToolMode()):
+        super().__init__(meta, include_usage)
+        self.calls = calls
+        self.parsers: dict[int, tools.StreamParser] = {}
+        self.called: set[int] = set()  # choices that sent a tool call
 
     def start(self) -> list[bytes]:
         return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
@@ -229,15 +251,40 @@ class ChatStream(CompletionStream):
     def on_event(self, prompt_index: int, event: dict) -> list[bytes]:
         if not self._worth_sending(event):
             return []
+        index = int(event["index"])
         lp = chat_logprobs(event["logprobs"]) if event.get("logprobs") is not None else None
-        delta = ChatDelta(content=event["text"]) if event["text"] else ChatDelta()
-        choice = ChatChunkChoice(index=int(event["index"]), delta=delta, logprobs=lp,
-                                 finish_reason=event["finish_reason"])
+        content, deltas = event["text"] or None, []
+        reason = event["finish_reason"]
+        if self.calls.mode != "none":
+            parser = self.parsers.setdefault(index, tools.StreamParser(*astuple(self.calls)))
+            content, deltas = parser.feed(event["text"])
+            if reason is not None:
+                rest, more = parser.finish()
+                content, deltas = _joined(content, rest), deltas + more
+            if deltas:
+                self.called.add(index)
+            reason = tools.finish_reason(reason, self.calls.mode, [True] * (index in self.called))
+        if not (content or deltas or lp or reason):
+            return []
+        delta = ChatDelta(content=content, tool_calls=deltas or None)
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=reason)
         return [self._chunk([choice])]
 
     def _chunk(self, choices: list, usage_: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(id=self.meta.id, created=self.meta.created, model=self.meta.model,
                                     choices=choices, usage=usage_).model_dump(mode="json")
         for choice in chunk["choices"]:  # OpenAI leaves unset delta fields out
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = _without_nulls(choice["delta"])
         return sse(chunk)
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _joined(a: str | None, b: str | None) -> str | None:
+    return (a or "") + (b or "") or None

@@ -54,6 +54,45 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(BaseModel):
+    """``response_format.json_schema``: OpenAI's named schema (always enforced strictly)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="a JSON schema; none: any "
+                                 "JSON object")
+    strict: bool | None = Field(None, description="accepted: the schema is always enforced")
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type json_schema, and only with it")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of its constraints."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    json_: dict | str | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: str | None = Field(None, description="EBNF (GBNF dialect), rule root")
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def engine_params(self) -> dict:
+        d = self.model_dump(by_alias=True, exclude_none=True)
+        return {k: v for k, v in d.items() if v is not False or k == "disable_any_whitespace"}
+
+
 class _Sampling(BaseModel):
     """Fields the completions and chat endpoints share."""
 
@@ -90,9 +129,53 @@ class _Sampling(BaseModel):
                          Field(max_length=MAX_STOP)] | None = Field(
         None, description="extension: words not to generate")
 
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the output follows it")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's extension: json, regex, choice, grammar or json_object")
+    guided_json: dict | str | None = Field(None, description="vLLM's older name of "
+                                           "structured_outputs.json")
+    guided_regex: str | None = Field(None, description="older name of structured_outputs.regex")
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = Field(
+        None, description="older name of structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="older name of "
+                                       "structured_outputs.grammar")
+    guided_decoding_backend: str | None = Field(None, description="accepted and ignored: the "
+                                                "grammar library is xgrammar")
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = self.constraint_sources()
+        if len(given) > 1:
+            raise ValueError(f"give one output constraint, not several: {', '.join(given)}")
+        return self
+
+    def constraint_sources(self) -> list[str]:
+        given = [name for name in ("structured_outputs", "guided_json", "guided_regex",
+                                   "guided_choice", "guided_grammar") if getattr(self, name)]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        return given
+
+    def structured(self) -> dict | None:
+        """The engine's ``structured_outputs`` from whichever field gave a constraint."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.engine_params()
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return {"json_object": True}
+        if fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.schema_
+            return {"json": schema} if schema is not None else {"json_object": True}
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                return {key: getattr(self, name)}
+        return None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> dict:
         """The engine's SamplingParams fields (see cluster.contract.sampling)."""
@@ -100,7 +183,7 @@ class _Sampling(BaseModel):
                   "logprobs": logprobs, "seed": self.seed, "stop": self.stop,
                   "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias,
                   "min_tokens": self.min_tokens, "allowed_token_ids": self.allowed_token_ids,
-                  "bad_words": self.bad_words}
+                  "bad_words": self.bad_words, "structured_outputs": self.structured()}
         for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",
                      "presence_penalty", "repetition_penalty"):
             if getattr(self, name) is not None:
@@ -159,16 +242,72 @@ class TextPart(BaseModel):
     text: str
 
 
+class ToolCallFunction(BaseModel):
+    model_config = STRICT
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: str | None = Field(None, description="accepted and ignored")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def as_template_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(
+        text = self.content if isinstance(self.content, str) or self.content is None else "".join(
             part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of the arguments")
+    strict: bool | None = Field(None, description="accepted: required and named calls are "
+                                "always held to the schema")
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -179,12 +318,34 @@ class ChatCompletionRequest(_Sampling):
         None, description="default: up to the model's context length")
     logprobs: bool = False
     top_logprobs: TopN | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool = Field(True, description="false: at most one call")
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
+        mode = self.tool_mode
+        if mode not in ("none", "auto") and not self.tools:
+            raise ValueError(f"tool_choice {mode} needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in [
+                t.function.name for t in self.tools or []]:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is "
+                             "not among the tools")
+        if mode in ("required", "named") and self.constraint_sources():
+            raise ValueError(f"tool_choice {mode} constrains the output itself: drop "
+                             + ", ".join(self.constraint_sources()))
         return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none, auto, required or named."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        return choice or ("auto" if self.tools else "none")
 
     @property
     def engine_logprobs(self) -> int | None:
@@ -196,7 +357,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 # ---- responses -----------------------------------------------------------------------------
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
 
 
 class PromptTokensDetails(BaseModel):
@@ -253,7 +414,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -272,9 +434,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
