@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
@@ -117,29 +118,42 @@ class Grammars:
         self._compilers: dict[tuple, object] = {}
         self._compiled: OrderedDict[tuple, object] = OrderedDict()
         self._matchers: dict[int, _Matcher] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-        self._lock = threading.Lock()  # the pool's thread and close()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None  # started with the first constrained row
         self._step = 0
 
     def start(self, rows: list[tuple[int, list, list[int]]]) -> "MaskJob":
         """Start computing the masks of a step's constrained rows, each (sequence id, spec,
         output tokens so far), on the mask thread."""
         self._step += 1
-        return MaskJob(self._pool.submit(self._masks, rows, self._step), len(rows))
+        if self._thread is None:  # a daemon: a worker told to exit does not wait for it
+            self._thread = threading.Thread(target=self._serve, name="grammar-masks", daemon=True)
+            self._thread.start()
+        job = MaskJob(Future(), len(rows))
+        self._jobs.put((job.future, rows, self._step))
+        return job
+
+    def _serve(self) -> None:
+        """The mask thread: one step's masks after the other."""
+        while True:
+            future, rows, step = self._jobs.get()
+            try:
+                future.set_result(self._masks(rows, step))
+            except BaseException as exc:  # the sampler re-raises it
+                future.set_exception(exc)
 
     def _masks(self, rows: list, step: int) -> torch.Tensor:
         """(rows, vocab) bool: the tokens each row may sample."""
-        with self._lock:
-            bitmask = _xgr().allocate_token_bitmask(len(rows), self.vocab_size)  # (rows, words)
-            for i, (seq_id, spec, output) in enumerate(rows):
-                try:
-                    self._fill(bitmask, i, seq_id, spec, output, step)
-                except Exception as exc:  # not expected (specs are checked at admission): the
-                    log.error("sequence %d: its grammar failed here (%s); it may only end",
-                              seq_id, _first_line(exc))  # sequence ends, the rest go on
-                    self._matchers.pop(seq_id, None)
-                    _only(bitmask[i], spec[3])
-            self._drop_idle(step)
+        bitmask = _xgr().allocate_token_bitmask(len(rows), self.vocab_size)  # (rows, words)
+        for i, (seq_id, spec, output) in enumerate(rows):
+            try:
+                self._fill(bitmask, i, seq_id, spec, output, step)
+            except Exception as exc:  # not expected (specs are checked at admission): the
+                log.error("sequence %d: its grammar failed here (%s); it may only end",
+                          seq_id, _first_line(exc))  # sequence ends, the rest go on
+                self._matchers.pop(seq_id, None)
+                _only(bitmask[i], spec[3])
+        self._drop_idle(step)
         return unpack_bits(bitmask, self.vocab_size)
 
     def _fill(self, bitmask: torch.Tensor, i: int, seq_id: int, spec: list, output: list[int],
@@ -189,9 +203,6 @@ class Grammars:
     def _drop_idle(self, step: int) -> None:
         for seq_id in [s for s, m in self._matchers.items() if step - m.last_step > IDLE_STEPS]:
             del self._matchers[seq_id]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class MaskJob:

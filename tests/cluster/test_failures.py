@@ -2,12 +2,14 @@
 
 The engine service runs the default model at tp=2; callers stream through client handles
 (the real user path) while workers are SIGKILLed or made to hang. Every request must
-complete with exactly the tokens of a run without failures (greedy, seeded and penalized
-requests alike)."""
+complete with exactly the tokens of a run without failures (greedy, seeded, penalized and
+constrained requests alike: JSON-schema and regex outputs, which also validate)."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import threading
 import time
 
@@ -24,7 +26,17 @@ NAME = "faults"
 PROMPTS = [f"Write a short story about a robot named Unit {i}." for i in range(16)]
 
 
+SONG = {"type": "object", "additionalProperties": False, "required": ["title", "year"],
+        "properties": {"title": {"type": "string", "minLength": 1, "maxLength": 24},
+                       "year": {"type": "integer", "minimum": 1900, "maximum": 2030}}}
+CODE = r"[A-Z]{3}-\d{4}( [a-z]{3,8}){2,6}\."
+
+
 def _params(i: int) -> dict:
+    if i % 4 == 2:  # a quarter constrained: their grammars rebuilt from the replayed output
+        spec = ({"json": SONG, "disable_any_whitespace": True} if i % 8 == 2
+                else {"regex": CODE})  # both end within 64 tokens
+        return {"max_tokens": 64, "temperature": 0.7, "seed": 50 + i, "structured_outputs": spec}
     if i % 4 == 3:  # a quarter sampled with a seed: replay must continue the same random stream
         return {"max_tokens": 64, "temperature": 0.8, "top_p": 0.95, "seed": 1000 + i,
                 "ignore_eos": True}
@@ -81,13 +93,25 @@ def service(ray_session):
     stop_service(NAME, "shardlm")
 
 
+def _valid(i: int, text: str) -> bool:
+    """A constrained request's output follows its grammar (jsonschema, re)."""
+    import jsonschema
+
+    if i % 8 == 2:
+        jsonschema.validate(json.loads(text), SONG)
+        return True
+    return re.fullmatch(CODE, text) is not None
+
+
 @pytest.fixture(scope="module")
 def reference(service):
     first = Round(service[1])
     first.join()
     assert not first.errors and all(first.done)
-    assert first.tokens == [64] * len(PROMPTS)
-    return first.texts
+    for i, n in enumerate(first.tokens):  # the constrained ones end with their grammar
+        assert n == 64 if i % 4 != 2 else 0 < n < 64, (i, n, first.texts[i])
+    assert all(_valid(i, first.texts[i]) for i in range(2, len(PROMPTS), 4))
+    return first
 
 
 def _wait_in_flight(run: Round, min_wait: float) -> None:
@@ -110,8 +134,8 @@ def test_five_sigkills_at_random_moments_lose_nothing(service, reference):
         run.join()
         assert not run.errors, run.errors
         assert all(run.done)
-        assert run.tokens == [64] * len(PROMPTS), f"kill {kill}: token counts {run.tokens}"
-        assert run.texts == reference, f"kill {kill} of {victim} changed an output"
+        assert run.tokens == reference.tokens, f"kill {kill}: token counts {run.tokens}"
+        assert run.texts == reference.texts, f"kill {kill} of {victim} changed an output"
     stats = handle.stats()
     assert stats["restarts"] - restarts_before == 5
     assert stats["num_free_blocks"] == stats["num_blocks"]
@@ -138,7 +162,7 @@ def test_a_hung_worker_is_caught_by_the_step_deadline(service, reference):
                        if line.startswith("shardlm:worker_restarts_total")]
     assert float(restarts_metric[0].rsplit(" ", 1)[1]) >= restarts_before + 1
     assert not run.errors and all(run.done)
-    assert run.texts == reference
+    assert run.texts == reference.texts
     assert handle.stats()["restarts"] == restarts_before + 1
     timings = ray.get(actor.recovery.remote())
     assert timings["detect_s"] >= 8.0  # found by the deadline, not by anything else

@@ -8,6 +8,9 @@ against the same request unstreamed."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import openai
 import pytest
 import requests
@@ -274,6 +277,130 @@ def test_echo_of_token_prompts_streams_and_several_choices(server, hf):
     assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
 
 
+# ---- structured output and tool calls --------------------------------------------------------
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 16},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 20},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 20}}}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def _streamed_calls(chunks) -> tuple[str, dict, list]:
+    """A streamed chat's content, its tool calls put together from their deltas (index ->
+    id, name, arguments) and its finish reasons."""
+    content, calls, reasons = "", {}, []
+    for chunk in chunks:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = call["id"] or d.id
+                call["name"] += (d.function.name or "") if d.function else ""
+                call["arguments"] += (d.function.arguments or "") if d.function else ""
+            if c.finish_reason:
+                reasons.append(c.finish_reason)
+    return content, calls, reasons
+
+
+def test_response_format_json_schema_validates_streamed_and_not(server):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                  "strict": True}}
+    ask = [{"role": "user", "content": "Describe a person as JSON."}]
+    for seed in range(3):
+        whole = chat(server, messages=ask, max_completion_tokens=80, temperature=0.8, seed=seed,
+                     response_format=fmt)
+        (choice,) = whole.choices
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        chunks = list(chat(server, messages=ask, max_completion_tokens=80, temperature=0.8,
+                           seed=seed, response_format=fmt, stream=True))
+        assert streamed_texts(chunks, chat_api=True)[0] == {0: choice.message.content}
+    obj = chat(server, max_completion_tokens=120, temperature=0,
+               response_format={"type": "json_object"}, messages=[
+                   {"role": "user", "content": "Give me a JSON object with a cat's name and age."}])
+    assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_vllm_structured_fields_through_the_client(server):
+    """vLLM's names, as its users send them through the openai client's extra_body."""
+    phone = r"\(\d{3}\) \d{3}-\d{4}"
+    cases = [({"guided_regex": phone}, lambda t: re.fullmatch(phone, t)),
+             ({"structured_outputs": {"regex": phone}}, lambda t: re.fullmatch(phone, t)),
+             ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+             ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda t: t in ("yes", "no")),
+             ({"guided_json": PERSON}, lambda t: json.loads(t).keys() == {"name", "age"}),
+             ({"structured_outputs": {"grammar": 'root ::= "x" [0-9]+'}},
+              lambda t: re.fullmatch(r"x\d+", t))]
+    for extra, valid in cases:
+        out = complete(server, prompt="Answer: ", max_tokens=60, temperature=0.7, seed=3,
+                       extra_body=extra)
+        assert valid(out.choices[0].text), (extra, out.choices[0].text)
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_tool_calls_are_parsed_by_the_client_streamed_and_not(server, choice):
+    import jsonschema
+
+    tool_choice = ("required" if choice == "required"
+                   else {"type": "function", "function": {"name": "get_weather"}})
+    # one call: this small model would go on adding calls to the array until the length
+    kwargs = dict(messages=ASK_WEATHER, tools=[WEATHER, CLOCK], tool_choice=tool_choice,
+                  max_completion_tokens=80, temperature=0.6, seed=11, parallel_tool_calls=False)
+    whole = chat(server, **kwargs)
+    (c,) = whole.choices
+    assert c.message.tool_calls, c.message
+    for call in c.message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        tool = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    if choice == "named":
+        assert [t.function.name for t in c.message.tool_calls] == ["get_weather"]
+    assert c.finish_reason == ("tool_calls" if choice == "required" else "stop")
+    content, calls, reasons = _streamed_calls(chat(server, stream=True, **kwargs))
+    assert not content and reasons == [c.finish_reason]
+    assert [(v["name"], json.loads(v["arguments"])) for _, v in sorted(calls.items())] == [
+        (t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls]
+    assert all(v["id"] for v in calls.values())
+
+
+def test_auto_tool_choice_reads_calls_out_of_the_text_and_takes_results_back(server):
+    """In auto the model may call or answer. The output is held here (by a regex) to one call
+    in the Hermes words the engine teaches a template without tools, so the parser's part is
+    what is checked: content before the call, the call, finish reason tool_calls. The call
+    and its result then go back as the next turn."""
+    forced = ('Let me check\\.\n<tool_call>\n\\{"name": "get_weather", "arguments": '
+              '\\{"city": "[A-Z][a-z]{2,9}", "unit": "celsius"\\}\\}\n</tool_call>')
+    kwargs = dict(messages=ASK_WEATHER, tools=[WEATHER], max_completion_tokens=60,
+                  temperature=0, extra_body={"structured_outputs": {"regex": forced}})
+    whole = chat(server, **kwargs)
+    (c,) = whole.choices
+    assert c.message.content == "Let me check.\n" and c.finish_reason == "tool_calls"
+    (call,) = c.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and args["unit"] == "celsius"
+    content, calls, reasons = _streamed_calls(chat(server, stream=True, **kwargs))
+    assert content == c.message.content and reasons == ["tool_calls"]
+    assert [(v["name"], json.loads(v["arguments"])) for v in calls.values()] == [
+        ("get_weather", args)]
+    plain = chat(server, messages=ASK_WEATHER, tools=[WEATHER], max_completion_tokens=8,
+                 temperature=0, tool_choice="none")
+    assert plain.choices[0].message.tool_calls is None
+    follow = chat(server, max_completion_tokens=8, temperature=0, tools=[WEATHER], messages=[
+        *ASK_WEATHER, c.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}])
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 # ---- errors ------------------------------------------------------------------------------------
 def _completion(**overrides) -> dict:
     return {"model": DEFAULT_MODEL, "prompt": PROMPT, "max_tokens": 2, **overrides}
@@ -311,6 +438,16 @@ def test_every_4xx_has_the_openai_error_shape(server):
                                           "top_logprobs": 2}, None, True, 400, None),
         ("post", "/v1/chat/completions", {"model": DEFAULT_MODEL, "messages": [
             {"role": "robot", "content": "hi"}]}, None, True, 400, "messages"),
+        ("post", "/v1/completions", _completion(guided_regex="(("), None, True, 400, "regex"),
+        ("post", "/v1/completions", _completion(structured_outputs={"json": {"type": "nope"}}),
+         None, True, 400, "json"),
+        ("post", "/v1/completions", _completion(response_format={"type": "json_schema"}), None,
+         True, 400, "response_format"),
+        ("post", "/v1/chat/completions", {"model": DEFAULT_MODEL, "messages": CHAT,
+                                          "tool_choice": "required"}, None, True, 400, None),
+        ("post", "/v1/chat/completions", {"model": DEFAULT_MODEL, "messages": CHAT, "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+            "tool_choice": "required"}, None, True, 400, "json"),
         ("post", "/v1/completions", _completion(), None, False, 401, None),
         ("get", "/v1/models", None, None, False, 401, None),
         ("post", "/v1/completions", _completion(model="gpt-4"), None, True, 404, "model"),
