@@ -187,8 +187,13 @@ def run(opts: BenchOptions) -> dict:
     prompts_for = lambda v: prompts_cache.setdefault(v, make_prompts(opts, v))
     together = opts.mode == "offline" and _fits_together(opts)
     try:
+        baselines = []
         if opts.mode == "online":
             runs, ceiling_rounds = run_online_all(opts, prompts_for), []
+            from cluster.bench.online import run_peer
+
+            (prompts,) = prompts_cache.values()
+            baselines += [run_peer(opts, name, prompts, runs[0]["threads"]) for name in opts.peers]
         else:
             runs, ceiling_rounds = run_engines(opts, prompts_for, together)
         (vocab, prompts), = prompts_cache.items()
@@ -199,7 +204,6 @@ def run(opts: BenchOptions) -> dict:
             ceiling_rounds = [{str(t): machine_ceilings(t, device) for t in threads}]
         counts = weight_counts(Path(runs[0]["model_dir"]), runs[0]["hf_config"])
         ceilings = summarize_rounds(runs, ceiling_rounds, counts)
-        baselines = []
         if "transformers" in opts.baseline:
             for t in threads:
                 mine = next(r["tokens"] for r in runs if r["threads"] == t)
@@ -237,17 +241,23 @@ def ratios(runs: list[dict], baselines: list[dict]) -> list[dict]:
     """Each engine against each baseline on the same number of cores, point by point."""
     out = []
     for r in runs:
-        if r.get("mode") == "online":  # the baselines are offline: compare like with like
-            continue
-        for base in (b for b in baselines if b["threads"] == r["threads"]):
+        # like with like: offline runs against the offline baselines, online runs against the
+        # peers, point by point at the same concurrency (and request rate)
+        same = [b for b in baselines if b["threads"] == r["threads"]
+                and (b.get("mode") == "online") == (r.get("mode") == "online")]
+        for base in same:
             for point in r["points"]:
-                other = next(p for p in base["points"] if p["concurrency"] == point["concurrency"])
+                other = next(p for p in base["points"] if p["concurrency"] == point["concurrency"]
+                             and p.get("request_rate") == point.get("request_rate"))
                 out.append({"engine": r["engine"], "tp": r["tp"], "threads": r["threads"],
                             "baseline": base["engine"],
                             "concurrency": point["concurrency"],
                             "shardlm_tokens_per_s": point["output_tokens_per_s"],
                             "baseline_tokens_per_s": other["output_tokens_per_s"],
-                            "ratio": point["output_tokens_per_s"] / other["output_tokens_per_s"]})
+                            "ratio": point["output_tokens_per_s"] / other["output_tokens_per_s"],
+                            "ttft_p50_s": [point["ttft_s"]["p50"], other["ttft_s"]["p50"]],
+                            "tpot_p50_s": [point["tpot_s"]["p50"], other["tpot_s"]["p50"]],
+                            "request_rate": point.get("request_rate")})
     return out
 
 

@@ -12,6 +12,12 @@ stream reports at its end. Before each run the engine service forgets its cached
 prefixes (each run sends the same prompts); beside the client it is asked once a second for
 its workers' resident memory, and at the end for the run's KV-cache usage peak and prefix
 cache hits.
+
+Peers (``--peer NAME=URL``): any other OpenAI-compatible server (``vllm serve``, SGLang, ...)
+gets the same requests from the same client after shardlm's runs, each peer's model being
+the first its ``GET /models`` lists; ``--peer-start NAME=COMMAND`` starts it then (so each
+server has the machine to itself) and stops its process group after. The report gives each
+shardlm point against each peer's point of the same rate and concurrency.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import json
 import math
 import os
 import random
+import signal
+import subprocess
 import time
 
 from cluster.bench.drive import engine_config, progress, summarize
@@ -165,6 +173,100 @@ class ServiceSampler:
             self.rss[name] = max(self.rss.get(name, 0), value)
 
 
+def _sweep(opts: BenchOptions, url: str, model: str, prompts: list[list[int]], name: str,
+           sampler=None) -> list[dict]:
+    """Every request rate x concurrency of the workload against one server; its points.
+    ``sampler``: a callable making a ServiceSampler per point (shardlm's own server)."""
+    points = []
+    for rate in opts.request_rate:
+        for cap in opts.concurrency or [len(prompts)]:
+            label = f"{name} rate={rate:g}/s concurrency={cap}"
+            work = _run_rate(url, model, prompts, opts.output_len, rate, cap, opts, label)
+            watch = sampler() if sampler is not None else None
+            trace = asyncio.run(_sampled(watch, work) if watch is not None else work)
+            point = summarize(trace, prompts, cap) | {"request_rate": rate_label(rate)}
+            if watch is not None:
+                point |= {"kv_usage_peak": watch.kv_peak,
+                          "prefix_cache_hits": watch.prefix_cache_hits,
+                          "worker_peak_rss_bytes": watch.rss}
+            points.append(point)
+            progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
+    return points
+
+
+def run_peer(opts: BenchOptions, name: str, prompts: list[list[int]], threads: int) -> dict:
+    """Another OpenAI-compatible server (``--peer``) through the same client and requests,
+    started by its ``--peer-start`` command when given and stopped after."""
+    url = opts.peers[name].rstrip("/")
+    process = None
+    if name in opts.peer_start:
+        progress(opts, f"peer {name}: starting it: {opts.peer_start[name]}")
+        process = subprocess.Popen(opts.peer_start[name], shell=True, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        model = _peer_model(url, process)
+        _warm_up(url, model, prompts[0][:16], process)
+        points = _sweep(opts, url, model, prompts, f"peer {name}")
+    finally:
+        if process is not None:
+            _stop(process)
+    return {"engine": name, "mode": "online", "peer": url, "threads": threads, "points": points}
+
+
+def _peer_model(url: str, process, timeout_s: float = 1200.0) -> str:
+    """The first model a peer serves, once it answers ``GET /models``."""
+    import requests
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the peer's start command exited with {process.returncode}")
+        try:
+            return requests.get(f"{url}/models", timeout=10).json()["data"][0]["id"]
+        except (requests.RequestException, ValueError, KeyError, IndexError) as exc:
+            last = repr(exc)
+        time.sleep(2.0)
+    raise TimeoutError(f"the peer at {url} did not answer GET /models in {timeout_s:.0f} s: {last}")
+
+
+def _warm_up(url: str, model: str, prompt: list[int], process, timeout_s: float = 1200.0
+             ) -> None:
+    """A short completion, retried until the peer serves it (a server may list its model
+    before it can generate: 503 while it starts)."""
+    import requests
+
+    body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0}
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the peer's start command exited with {process.returncode}")
+        try:
+            response = requests.post(f"{url}/completions", json=body, timeout=600)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}: {response.text[:300]}"
+            if response.status_code not in (502, 503, 504):
+                break
+        except requests.RequestException as exc:
+            last = repr(exc)
+        time.sleep(2.0)
+    raise RuntimeError(f"the peer at {url} does not complete a warm-up request: {last}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a started peer and everything it started (its process group)."""
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_online(opts: BenchOptions, tp: int, prompts: list[list[int]]) -> dict:
     """Deploy the HTTP API at ``tp``, run every request rate, shut it down."""
     from cluster.serving.http.deploy import deploy, shutdown
@@ -183,18 +285,9 @@ def run_online(opts: BenchOptions, tp: int, prompts: list[list[int]]) -> dict:
         stats = ray.get(ray.get_actor(dep.name, namespace=dep.namespace).stats.remote())
         result |= {k: stats[k] for k in ("device", "backend", "dtype")}
         result["threads"] = sum(stats["threads"])
-        for rate in opts.request_rate:
-            for cap in opts.concurrency or [len(prompts)]:
-                label = f"shardlm http tp={tp} rate={rate:g}/s concurrency={cap}"
-                sampler = ServiceSampler(dep.name, dep.namespace)
-                trace = asyncio.run(_sampled(sampler, _run_rate(
-                    url, config.model.model, prompts, opts.output_len, rate, cap, opts, label)))
-                point = summarize(trace, prompts, cap) | {
-                    "request_rate": rate_label(rate), "kv_usage_peak": sampler.kv_peak,
-                    "prefix_cache_hits": sampler.prefix_cache_hits,
-                    "worker_peak_rss_bytes": sampler.rss}
-                result["points"].append(point)
-                progress(opts, f"{label}: {point['output_tokens_per_s']:.1f} output tokens/s")
+        result["points"] = _sweep(opts, url, config.model.model, prompts,
+                                  f"shardlm http tp={tp}",
+                                  lambda: ServiceSampler(dep.name, dep.namespace))
     finally:
         shutdown(config.deployment.name, config.deployment.namespace)
     return result

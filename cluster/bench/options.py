@@ -36,6 +36,10 @@ class BenchOptions:
     precisions: list[str] | None = None  # engines per tp: float32, bfloat16, int8, auto (None: the config's)
     overrides: dict = field(default_factory=dict)  # further config fields by name
     quiet: bool = False
+    # online: other OpenAI-compatible servers driven by the same client after shardlm
+    # ({name: base URL ending in /v1}), and the shell command that starts each (optional)
+    peers: dict = field(default_factory=dict)
+    peer_start: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.baseline = [self.baseline] if isinstance(self.baseline, str) else list(self.baseline or [])
@@ -135,6 +139,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--request-rate", type=_rates, default=[math.inf],
                         help="online mode: requests per second, a sweep e.g. 0.5,1,inf "
                              "(default inf: all at once)")
+    parser.add_argument("--peer", action="append", default=[], metavar="NAME=URL",
+                        help="online mode: also drive this OpenAI-compatible server (its /v1 "
+                             "base URL) with the same client and requests, e.g. "
+                             "vllm=http://127.0.0.1:8001/v1 (repeatable)")
+    parser.add_argument("--peer-start", action="append", default=[], metavar="NAME=COMMAND",
+                        help="online mode: a shell command that starts peer NAME: run after "
+                             "shardlm's runs, waited for until the peer answers, stopped after "
+                             "its runs (so each server has the machine to itself)")
     parser.add_argument("--precision", type=_precisions, dest="precisions", metavar="LIST",
                         help="engines per tp size, e.g. float32,bfloat16,int8 (auto: the "
                              "default rule); each runs after the other")
@@ -163,8 +175,25 @@ def options_from_args(args) -> BenchOptions:
     ``--quantization`` become config overrides)."""
     names = {f.name for f in fields(BenchOptions)}
     precision = {k: getattr(args, k, None) for k in ("dtype", "quantization")}
+    peers = dict(_named(a, "--peer") for a in args.peer)
+    starts = dict(_named(a, "--peer-start") for a in args.peer_start)
+    if (peers or starts) and args.mode != "online":
+        raise SystemExit("shardlm bench: --peer and --peer-start need --mode online")
+    if set(starts) - set(peers):
+        raise SystemExit(f"shardlm bench: --peer-start names {sorted(set(starts) - set(peers))}, "
+                         "which no --peer gives")
     return BenchOptions(probes=not args.no_probes,
                         overrides={k: v for k, v in precision.items() if v is not None},
                         baseline_args=dict(_engine_arg(a) for a in args.baseline_arg),
+                        peers=peers, peer_start=starts,
                         **{k: v for k, v in vars(args).items()
-                           if k in names and k not in ("overrides", "baseline_args")})
+                           if k in names and k not in ("overrides", "baseline_args", "peers",
+                                                       "peer_start")})
+
+
+def _named(text: str, flag: str) -> tuple[str, str]:
+    """NAME=VALUE of a repeatable option."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise SystemExit(f"shardlm bench: {flag} takes NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()

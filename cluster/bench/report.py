@@ -50,13 +50,19 @@ def format_report(result: dict) -> str:
             if "kv_usage_peak" in p:  # shardlm (the driver overhead: offline only)
                 overhead = p.get("driver_overhead_fraction")
                 cells += [f"{p['kv_usage_peak']:.0%}", "-" if overhead is None else f"{overhead:.1%}", rss]
+            elif "peer" in r:
+                cells += ["-", "-", f"peer at {r['peer']}"]
             else:
                 cells += ["-", "-", f"identical greedy outputs: {p.get('identical_to_shardlm', '-')}"
                                     f"/{p['requests']}"]
             lines.append(_row(list(zip(cells, [w for _, w in RUN_COLUMNS]))))
     for q in result["ratios"]:
         lines.append(f"{q.get('engine', 'shardlm')} tp={q['tp']} / {q.get('baseline', 'transformers')} at {q['threads']} "
-                     f"thread(s), concurrency {q['concurrency']}: {q['ratio']:.2f}x")
+                     f"thread(s), concurrency {q['concurrency']}"
+                     + (f", rate {q['request_rate']}/s" if q.get("request_rate") else "")
+                     + f": {q['ratio']:.2f}x output tok/s; median TTFT "
+                     f"{q['ttft_p50_s'][0] * 1e3:.0f} vs {q['ttft_p50_s'][1] * 1e3:.0f} ms, median "
+                     f"TPOT {q['tpot_p50_s'][0] * 1e3:.1f} vs {q['tpot_p50_s'][1] * 1e3:.1f} ms")
     roof = [r for r in result["shardlm"] if "roofline" in r]
     if roof:
         lines += ["", _row(ROOF_COLUMNS)]

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from cluster.bench.main import run
 from cluster.bench.options import BenchOptions
 from cluster.bench.report import format_report, plot
 from tests.checkpoints import write_tiny_checkpoint
+from workers.comm import find_free_port
 
 REQUESTS, OUTPUT_LEN, CONCURRENCY, ROUNDS = 4, 8, [2, 4], 2
 
@@ -183,12 +186,22 @@ RATES = [math.inf, 50.0]
 @pytest.fixture(scope="module")
 def online(ray_session, tmp_path_factory):
     tiny = write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("bench-online"), seed=3)
+    # the peer: another OpenAI-compatible server, started by the benchmark with its own
+    # command (`shardlm serve` on a Ray of its own) after shardlm's runs, stopped after its own
+    port = find_free_port("127.0.0.1")
+    shardlm = Path(sys.executable).with_name("shardlm")
+    start = (f"RAY_ADDRESS= {shardlm} serve --model {tiny} --port {port} --dtype float32 "
+             "--served-model-name other-server")
     opts = BenchOptions(model=str(tiny), tp=[1], num_requests=REQUESTS, prompt_len=(3, 20),
                         output_len=OUTPUT_LEN, seed=7, mode="online", request_rate=RATES,
                         concurrency=[3], quiet=True, threads_per_worker=1,
                         overrides={"cpus_per_worker": 0.5, "block_size": 4, "dtype": "float32",
-                                   "kv_cache_bytes": 1 << 22})
-    return run(opts)
+                                   "kv_cache_bytes": 1 << 22},
+                        peers={"peer": f"http://127.0.0.1:{port}/v1"}, peer_start={"peer": start})
+    result = run(opts)
+    with pytest.raises(requests.ConnectionError):  # the peer was stopped
+        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    return result
 
 
 def test_online_figures(online, result):
@@ -205,7 +218,18 @@ def test_online_figures(online, result):
     w = online["workload"]
     assert w["mode"] == "online" and w["request_rate"] == ["inf", 50.0]
     assert w["prompt_tokens"] == result["workload"]["prompt_tokens"]  # the same seeded prompts
-    assert online["ratios"] == [] and online["baseline"] == []
+    (peer,) = online["baseline"]
+    assert peer["engine"] == "peer" and peer["mode"] == "online" and peer["peer"].endswith("/v1")
+    assert [p["request_rate"] for p in peer["points"]] == ["inf", 50.0]
+    for p in peer["points"]:
+        _check_point(p, 3)
+    # each shardlm point against the peer's point of the same rate and concurrency
+    assert [(q["baseline"], q["request_rate"], q["concurrency"]) for q in online["ratios"]] == [
+        ("peer", "inf", 3), ("peer", 50.0, 3)]
+    for q, mine, theirs in zip(online["ratios"], run_["points"], peer["points"]):
+        assert q["ratio"] == pytest.approx(mine["output_tokens_per_s"]
+                                           / theirs["output_tokens_per_s"])
+        assert q["ttft_p50_s"] == [mine["ttft_s"]["p50"], theirs["ttft_s"]["p50"]]
 
 
 def test_online_arrivals_are_poisson():
@@ -222,6 +246,7 @@ def test_online_arrivals_are_poisson():
 def test_online_report_and_plot(online, tmp_path):
     table = format_report(online)
     assert "shardlm http inf/s" in table and "shardlm http 50.0/s" in table
+    assert "peer inf/s" in table and "/ peer at" in table and "median TTFT" in table
     assert json.loads(json.dumps(online)) == online
     plot(online, str(tmp_path / "online.png"))
     assert (tmp_path / "online.png").stat().st_size > 1000
