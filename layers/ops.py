@@ -70,6 +70,13 @@ class TorchOps:
         # x: (rows, n) -> each row's largest value (rows,) and its first index (rows,) int64
         return x.max(dim=-1)
 
+    def gumbel_argmax(self, x: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                      temps: torch.Tensor) -> torch.Tensor | None:
+        # Gumbel-max sampling with the sampler's noise (layers.sampler): x (rows, vocab)
+        # float32, -inf excluded; seeds, positions (rows,) int64, temps (rows,) float32 ->
+        # (rows,) int64; None: the sampler computes it with torch's ops itself
+        return None
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         # gate_up: (rows, 2 * inter) -> (rows, inter)
         gate, up = gate_up.chunk(2, dim=-1)

@@ -122,19 +122,29 @@ def filter_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
 
 
 def _sample_random(logits: torch.Tensor, params: list[SamplerParams],
-                   positions: list[int]) -> torch.Tensor:
-    """Token ids (rows,) for non-greedy rows of ``logits`` (rows, vocab)."""
+                   positions: list[int], ops=None) -> torch.Tensor:
+    """Token ids (rows,) for non-greedy rows of ``logits`` (rows, vocab). Only rows with a
+    top-k, top-p or min-p filter pay for it (a sort of their vocabulary); ``ops``: a platform
+    whose ``gumbel_argmax`` makes the noise in place (else torch's ops here)."""
     dev = logits.device
     temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
     seeds = torch.tensor([_signed(p.seed) for p in params], dtype=torch.int64, device=dev)
     pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-    x = logits / temp[:, None]  # (rows, vocab)
-    keep = filter_mask(x, top_k, top_p, min_p)
-    scores = x.masked_fill(~keep, -math.inf) + gumbel_noise(seeds, pos, logits.shape[1])
-    return torch.argmax(scores, dim=-1)
+    filtered = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0]
+    if filtered:
+        idx = torch.tensor(filtered, device=dev)
+        sub = [params[i] for i in filtered]
+        keep = filter_mask(
+            logits.index_select(0, idx) / temp.index_select(0, idx)[:, None],
+            torch.tensor([p.top_k for p in sub], dtype=torch.int64, device=dev),
+            torch.tensor([p.top_p for p in sub], dtype=torch.float32, device=dev),
+            torch.tensor([p.min_p for p in sub], dtype=torch.float32, device=dev))
+        logits = logits.clone()
+        logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill(~keep, -math.inf))
+    picked = ops.gumbel_argmax(logits, seeds, pos, temp) if ops is not None else None
+    if picked is not None:
+        return picked.to(dev)
+    return torch.argmax(logits / temp[:, None] + gumbel_noise(seeds, pos, logits.shape[1]), dim=-1)
 
 
 SampleOut = tuple[int, "float | None", "list[tuple[int, float]] | None"]
@@ -237,13 +247,15 @@ def _penalize(out: torch.Tensor, params: list, histories: list, index: list[int]
 
 
 def sample(logits: torch.Tensor, params: list[SamplerParams],
-           positions: list[int], adjust: list[Adjust] | None = None) -> list[SampleOut]:
+           positions: list[int], adjust: list[Adjust] | None = None, ops=None
+           ) -> list[SampleOut]:
     """Sample one token per row.
 
     ``logits``: (rows, vocab), any float dtype (computed in float32).
     ``params[i]`` and ``positions[i]`` (the position the sampled token will
     occupy) belong to row ``i``; ``adjust[i]`` (its history and bans) where a
-    row's logits change before sampling (:func:`adjust_logits`). Returns, per row,
+    row's logits change before sampling (:func:`adjust_logits`); ``ops`` the platform (its
+    ``gumbel_argmax``), if any. Returns, per row,
     ``(token id, logprob, top_logprobs)``: the logprob fields are None unless
     ``params[i].logprobs`` is set (of the raw logits); ``top_logprobs`` lists
     ``(token id, logprob)`` best first.
@@ -261,7 +273,7 @@ def sample(logits: torch.Tensor, params: list[SamplerParams],
     if rand:
         idx = torch.tensor(rand, device=logits.device)
         tokens[idx] = _sample_random(chosen_from.index_select(0, idx), [params[i] for i in rand],
-                                     [positions[i] for i in rand])
+                                     [positions[i] for i in rand], ops)
     token_list = tokens.tolist()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     chosen_lp: dict[int, float] = {}

@@ -89,8 +89,9 @@ class SampleRow:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
-                 pp_comm=None, tp_comm=None, graphs=None, grammars=None):
+                 pp_comm=None, tp_comm=None, graphs=None, grammars=None, ops=None):
         self.model = model
+        self.ops = ops  # the platform (layers.platform), for the sampler's kernels
         self.grammars = grammars  # layers.grammar.Grammars on the sampling rank, else None
         self.graphs = graphs  # workers.cuda_graphs.DecodeGraphs, or None: every step eager
         self.block_size = block_size
@@ -192,7 +193,8 @@ class ModelRunner:
             for c, row in zip(chunks, rows):
                 if c.sampler.grammar:
                     row.allowed = next(allowed)
-        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks], rows)
+        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks], rows,
+                      self.ops)
 
     def _resolve_follow(self, plan: StepPlan) -> None:
         """Give each ``[FOLLOW]`` chunk the token the previous step sampled for its sequence."""

@@ -208,7 +208,7 @@ class Worker:
             log.info("captured %d decode graphs in %.1f s", len(decode_graphs.sizes),
                      time.perf_counter() - started)
         self.runner = ModelRunner(self.model, block_size, self.device, self.pp_comm,
-                                  self.tp_comm, decode_graphs, self._grammars())
+                                  self.tp_comm, decode_graphs, self._grammars(), self.ops)
         return {"bytes": allocated,
                 "cuda_graphs": decode_graphs.sizes if decode_graphs is not None else []}
 

@@ -112,6 +112,7 @@ def load() -> ctypes.CDLL | None:
         "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT, _INT],
         "amx_linear_available": [],
         "argmax_rows": [_F32P, _I64, _I64, _F32P, _I64P, _INT],
+        "gumbel_argmax_rows": [_F32P, _I64, _I64, _I64P, _I64P, _F32P, _I64P, _INT],
         "amx_pack_bf16": [_F32P, _F32P, _I64, _I64],
         "amx_linear": [_F32P, _INT, _F32P, _F32P, _INT, _I64, _I64, _I64, _INT],
         "pack_weight": [_F32P, _F32P, _I64, _I64],
@@ -355,6 +356,27 @@ def argmax_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     rc = lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], best.data_ptr(), index.data_ptr(),
                          torch.get_num_threads())
     return (best, index) if rc == 0 else None
+
+
+def gumbel_argmax_rows(x: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                       temps: torch.Tensor) -> torch.Tensor | None:
+    """Gumbel-max sampling of each row of ``x`` / ``temps`` with the sampler's counter-based
+    noise (``layers.sampler.gumbel_noise``, made in place); None where the kernel does not
+    apply.
+
+    x: (rows, n) float32 (-inf: excluded), seeds, positions (rows,) int64, temps (rows,)
+    float32 -> (rows,) int64"""
+    lib = float32_kernels(x)
+    if lib is None or x.dim() != 2:
+        return None
+    x = x.contiguous()
+    seeds, positions = seeds.contiguous(), positions.contiguous()
+    temps = temps.to(torch.float32).contiguous()
+    index = torch.empty(x.shape[0], dtype=torch.int64)
+    rc = lib.gumbel_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], seeds.data_ptr(),
+                                positions.data_ptr(), temps.data_ptr(), index.data_ptr(),
+                                torch.get_num_threads())
+    return index if rc == 0 else None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:

@@ -176,6 +176,9 @@ class CpuOps(TorchOps):
         found = kernels.argmax_rows(x.contiguous())
         return found if found is not None else super().row_max(x)
 
+    def gumbel_argmax(self, x, seeds, positions, temps):
+        return kernels.gumbel_argmax_rows(x, seeds, positions, temps)
+
     def silu_mul(self, gate_up):
         out = kernels.silu_mul(gate_up)
         return out if out is not None else super().silu_mul(gate_up)

@@ -165,7 +165,7 @@ int amx_linear(const void *x, int x_bf16, const uint16_t *packed, void *y, int y
         configure_tiles();
         for (int64_t row0 = 0; row0 < mp; row0 += ROWS_PER_PASS) {
             const int64_t row1 = row0 + ROWS_PER_PASS < mp ? row0 + ROWS_PER_PASS : mp;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
             for (int64_t p = 0; p < n / 32; p++)
                 column_pair(a, row0, row1, m, packed, p, k, y, y_bf16, n, c);
         }
