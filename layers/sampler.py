@@ -185,8 +185,11 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplerParams], rows: list[
     constrained = [i for i, r in enumerate(rows) if getattr(r, "allowed", None) is not None]
     if constrained:
         allowed = torch.stack([rows[i].allowed for i in constrained]).to(dev)  # (rows', vocab)
-        idx = torch.tensor(constrained, device=dev)
-        out.index_copy_(0, idx, out.index_select(0, idx).masked_fill(~allowed, -math.inf))
+        if len(constrained) == len(rows):  # every row: in place
+            out.masked_fill_(allowed.logical_not_(), -math.inf)
+        else:
+            idx = torch.tensor(constrained, device=dev)
+            out.index_copy_(0, idx, out.index_select(0, idx).masked_fill(~allowed, -math.inf))
     masked = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if masked:
         keep = torch.zeros(len(masked), vocab, dtype=torch.bool, device=dev)
