@@ -96,6 +96,10 @@ def encode_request(**fields) -> bytes:
         raise RequestError(f"{field} holds text that is not valid Unicode "
                            f"({exc.reason}: {exc.object[exc.start:exc.end]!r})",
                            field, INVALID_VALUE) from None
+    except OverflowError:  # an integer past 64 bits (in a schema, a tool's parameters)
+        field = _unencodable(body)
+        raise RequestError(f"{field} holds an integer outside the 64-bit range", field,
+                           INVALID_VALUE) from None
 
 
 def _unencodable(body: dict) -> str:
@@ -105,7 +109,7 @@ def _unencodable(body: dict) -> str:
         for part, item in parts:
             try:
                 msgpack.packb(item)
-            except UnicodeEncodeError:
+            except (UnicodeEncodeError, OverflowError):
                 return part
     return "request"
 

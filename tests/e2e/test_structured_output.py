@@ -4,9 +4,10 @@
   transformers logits processor (the reference: another generation loop, the same grammar
   semantics) at tp=1 and tp=2 (the logits gathered whole before the mask), in float32.
 - 50 seeded requests (JSON schema and regex, one batch) give outputs that validate, with
-  `jsonschema` and `re`, at tp=1 and tp=2; choice, EBNF and json_object too.
+  `jsonschema` and `re`, at tp=1 and tp=2, and the same outputs when a worker is SIGKILLed
+  mid-generation; choice, EBNF and json_object too.
 - A grammar that does not compile is a RequestError naming it, and the engine keeps serving.
-The SIGKILL case is in tests/cluster/test_failures.py (constrained streams among the others).
+tests/cluster/test_failures.py also streams constrained requests through repeated SIGKILLs.
 """
 
 from __future__ import annotations
@@ -104,15 +105,18 @@ def llm(request, ray_session):
     engine.shutdown()
 
 
-def test_fifty_seeded_requests_validate(llm):
-    """25 JSON-schema and 25 regex requests, sampled (temperature 0.9, seeded), in one batch."""
+def _fifty(llm) -> tuple[list[list[int]], list[SamplingParams]]:
+    """25 JSON-schema and 25 regex requests, sampled (temperature 0.9, seeded)."""
     json_ids = [llm.chat_token_ids(_json_prompt(i)) for i in range(25)]
     text_ids = [llm.tokenizer(f"Contact {i}: phone ").input_ids for i in range(25)]
     params = ([SamplingParams(max_tokens=96, temperature=0.9, seed=i,
                               structured_outputs={"json": PERSON}) for i in range(25)]
               + [SamplingParams(max_tokens=32, temperature=0.9, seed=i,
                                 structured_outputs={"regex": PHONE}) for i in range(25)])
-    outputs = llm.generate(prompt_token_ids=json_ids + text_ids, sampling_params=params)
+    return json_ids + text_ids, params
+
+
+def _check_fifty(outputs) -> None:
     for out in outputs[:25]:
         assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
         jsonschema.validate(json.loads(out.outputs[0].text), PERSON)
@@ -120,6 +124,48 @@ def test_fifty_seeded_requests_validate(llm):
         assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
         assert re.fullmatch(PHONE, out.outputs[0].text), out.outputs[0].text
     assert len({o.outputs[0].text for o in outputs[:25]}) > 5  # sampled, not one answer
+
+
+def test_fifty_seeded_requests_validate(llm):
+    """The fifty in one batch."""
+    ids, params = _fifty(llm)
+    _check_fifty(llm.generate(prompt_token_ids=ids, sampling_params=params))
+
+
+def test_a_worker_sigkill_mid_generation_changes_no_constrained_output(ray_session):
+    """The fifty at tp=2, a worker SIGKILLed once 300 tokens are out: the new worker has no
+    matcher, each is rebuilt from its sequence's output, and every output equals the run
+    without the kill, token for token (and so still validates). In float32, as the other
+    failure tests: the replay recomputes the output so far as a prompt, and in bf16 that
+    rounds differently from the decode steps it replaces."""
+    from cluster.tools import chaos
+
+    llm = LLM(dtype="float32", tensor_parallel_size=2, cpus_per_worker=0.5,
+              kv_cache_bytes=128 << 20, name="structured-kill")
+    try:
+        _killed_run(llm, chaos)
+    finally:
+        llm.shutdown()
+
+
+def _killed_run(llm, chaos) -> None:
+    ids, params = _fifty(llm)
+    clean = llm.generate(prompt_token_ids=ids, sampling_params=params)
+    engine, tp = llm.engine, llm.config.parallel.tensor_parallel_size
+    restarts = engine.supervisor.restarts
+    request_ids = [engine.add_request(prompt_token_ids=i, params=p) for i, p in zip(ids, params)]
+    out_tokens, killed = 0, False
+    while engine.has_unfinished():
+        out_tokens += sum(len(d.token_ids) for d in engine.step())
+        if not killed and out_tokens >= 300:
+            chaos.kill_worker(chaos.worker_names(llm.config.deployment.name, tp=tp)[-1],
+                              llm.config.deployment.namespace)
+            killed = True
+    assert killed
+    outputs = [engine.pop_finished(r) for r in request_ids]
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in clean]
+    _check_fifty(outputs)
+    assert engine.supervisor.restarts == restarts + 1
 
 
 def test_choice_grammar_and_json_object(llm):

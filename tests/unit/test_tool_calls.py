@@ -31,7 +31,7 @@ def _request(**kw) -> ChatCompletionRequest:
 def test_required_choice_holds_the_output_to_calls_of_the_tools():
     shown, constraint = tools.engine_fields(_request(tools=[WEATHER, TIME], tool_choice="required"))
     assert [t["function"]["name"] for t in shown] == ["get_weather", "get_time"]
-    schema = constraint["json"]
+    schema = json.loads(constraint["json"])
     jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Paris"}},
                          {"name": "get_time", "arguments": {"zone": "CET"}}], schema)
     for wrong in ([], [{"name": "get_weather", "arguments": {"town": "Paris"}}],
@@ -40,6 +40,7 @@ def test_required_choice_holds_the_output_to_calls_of_the_tools():
             jsonschema.validate(wrong, schema)
     single = tools.engine_fields(_request(tools=[WEATHER], tool_choice="required",
                                           parallel_tool_calls=False))[1]["json"]
+    single = json.loads(single)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "get_weather", "arguments": {"city": "A"}}] * 2, single)
 
@@ -47,7 +48,7 @@ def test_required_choice_holds_the_output_to_calls_of_the_tools():
 def test_named_choice_is_the_function_parameters_and_none_shows_no_tools():
     named = _request(tools=[WEATHER, TIME],
                      tool_choice={"type": "function", "function": {"name": "get_time"}})
-    assert tools.engine_fields(named)[1] == {"json": TIME["function"]["parameters"]}
+    assert json.loads(tools.engine_fields(named)[1]["json"]) == TIME["function"]["parameters"]
     assert tools.engine_fields(_request(tools=[WEATHER], tool_choice="none")) == (None, None)
     assert tools.engine_fields(_request(tools=[WEATHER]))[1] is None  # auto: unconstrained
 

@@ -13,6 +13,7 @@ Responses are the shapes the OpenAI API returns, so the ``openai`` client parses
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -162,7 +163,14 @@ class _Sampling(BaseModel):
         return given
 
     def structured(self) -> dict | None:
-        """The engine's ``structured_outputs`` from whichever field gave a constraint."""
+        """The engine's ``structured_outputs`` from whichever field gave a constraint (a
+        schema as its JSON text: any JSON number travels)."""
+        out = self._structured()
+        if out is not None and isinstance(out.get("json"), dict):
+            out["json"] = json.dumps(out["json"])
+        return out
+
+    def _structured(self) -> dict | None:
         if self.structured_outputs is not None:
             return self.structured_outputs.engine_params()
         fmt = self.response_format
@@ -255,33 +263,55 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
-class ChatMessage(BaseModel):
-    model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
-    name: str | None = Field(None, description="accepted and ignored")
-    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
-    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+Content = str | Annotated[list[TextPart], Field(min_length=1)]
 
-    @model_validator(mode="after")
-    def _shape(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an assistant message carries tool_calls")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id it answers")
-        return self
+
+class _Message(BaseModel):
+    model_config = STRICT
+    name: str | None = Field(None, description="accepted and ignored")
 
     def as_template_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) or self.content is None else "".join(
-            part.text for part in self.content)
+        content = getattr(self, "content", None)
+        text = content if isinstance(content, str) or content is None else "".join(
+            part.text for part in content)
         out = {"role": "system" if self.role == "developer" else self.role, "content": text}
-        if self.tool_calls:
+        if getattr(self, "tool_calls", None):
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
-        if self.tool_call_id:
+        if getattr(self, "tool_call_id", None):
             out["tool_call_id"] = self.tool_call_id
         return out
+
+
+class PlainMessage(_Message):
+    role: Literal["system", "developer", "user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    """An earlier answer: its content, its tool calls, or both."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = Field(
+        None, description="the calls it made")
+
+    @model_validator(mode="after")
+    def _something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Message):
+    """A tool's answer to one call."""
+
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str = Field(description="the call it answers")
+
+
+ChatMessage = Annotated[PlainMessage | AssistantMessage | ToolMessage,
+                        Field(discriminator="role")]
 
 
 class FunctionDefinition(BaseModel):

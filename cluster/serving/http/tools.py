@@ -40,7 +40,7 @@ def engine_fields(body: ChatCompletionRequest) -> tuple[list[dict] | None, dict 
     if mode == "named":
         name = body.tool_choice.function.name
         fn = next(t.function for t in body.tools if t.function.name == name)
-        return tools, {"json": fn.parameters or ANY_OBJECT}
+        return tools, {"json": json.dumps(fn.parameters or ANY_OBJECT)}
     if mode == "required":
         items = [{"type": "object", "additionalProperties": False,
                   "required": ["name", "arguments"],
@@ -51,7 +51,7 @@ def engine_fields(body: ChatCompletionRequest) -> tuple[list[dict] | None, dict 
                   "items": items[0] if len(items) == 1 else {"anyOf": items}}
         if not body.parallel_tool_calls:
             schema["maxItems"] = 1
-        return tools, {"json": schema}
+        return tools, {"json": json.dumps(schema)}
     return tools, None
 
 
