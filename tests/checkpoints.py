@@ -14,6 +14,8 @@ TINY_MODELS = {
     "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32})),
+    # q/k norms, and a head_dim that is not hidden / heads
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16)),
 }
 
 BASE = dict(vocab_size=151, hidden_size=72, intermediate_size=97, num_hidden_layers=2,

@@ -1,7 +1,8 @@
 """The Llama family built from tensor-parallel layers.
 
-Covers Llama 2/3, Mistral, Qwen2 (bias on q/k/v) and SmolLM2 (tied embeddings),
-picked by the checkpoint's ``config.json`` ``architectures``. A model instance
+Covers Llama 2/3, Mistral, Qwen2 (bias on q/k/v), Qwen3 (an RMSNorm over each query and
+key head before the rotary embedding) and SmolLM2 (tied embeddings), picked by the
+checkpoint's ``config.json`` ``architectures``. A model instance
 is one rank's piece: its TP share of every weight and, under pipeline
 parallelism, only the layers of its stage (the first stage owns the embedding,
 the last the final norm and LM head).
@@ -29,7 +30,9 @@ ARCHITECTURES = {
     "LlamaForCausalLM": None,
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": None,
 }
+QK_NORM = {"Qwen3ForCausalLM"}  # architectures that normalise each q and k head
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class LlamaArgs:
     o_bias: bool
     mlp_bias: bool
     max_position_embeddings: int
+    qk_norm: bool = False
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "LlamaArgs":
@@ -63,7 +67,7 @@ class LlamaArgs:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope=RopeSpec.from_hf_config(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=biases[0], o_bias=biases[1], mlp_bias=bool(hf.get("mlp_bias", False)),
-            max_position_embeddings=_context_len(hf))
+            max_position_embeddings=_context_len(hf), qk_norm=arch in QK_NORM)
 
 
 def architecture_of(hf: dict) -> str:
@@ -95,18 +99,33 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(shard.num_q, shard.num_kv, hd)
         self.o_proj = RowParallelLinear(shard.q_start * hd, shard.num_q * hd, args.hidden_size,
                                         args.o_bias, dtype, comm)
+        self.qk_norm = args.qk_norm  # Qwen3: one RMSNorm weight (head_dim,) for every q head,
+        if args.qk_norm:  # one for every k head, replicated on every rank
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
         qkv = self.qkv_proj.project(x)  # (tokens, (local_q + 2 * local_kv) * hd)
         heads = qkv.view(qkv.shape[0], -1, self.head_dim)  # (tokens, local_q + 2 * local_kv, hd)
+        if self.qk_norm:
+            self._norm_heads(heads)
         self.rotary.rotate_(positions, heads[:, :self.num_q + self.num_kv])  # q and k, in place
         q, k, v = heads.split([self.num_q, self.num_kv, self.num_kv], dim=1)  # (tokens, heads, hd) each
         if keep is None:
             return self.o_proj(self.attn(q, k, v, batch))
         q_last = q.index_select(0, keep.rows)  # (kept rows, local_q, hd)
         return self.o_proj(self.attn.forward_last(q_last, k, v, batch, batch.last_tokens(keep.seqs)))
+
+
+    def _norm_heads(self, heads: torch.Tensor) -> None:
+        """Qwen3's RMSNorm of each query and key head, in place.
+        heads: (tokens, local_q + 2 * local_kv, hd)"""
+        tokens, q, kv = heads.shape[0], self.num_q, self.num_kv
+        for norm, part in ((self.q_norm, heads[:, :q]), (self.k_norm, heads[:, q:q + kv])):
+            if part.shape[1]:
+                part.copy_(norm(part.reshape(-1, self.head_dim)).view(tokens, -1, self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -124,7 +143,8 @@ class DecoderLayer(nn.Module):
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
         cached = self.self_attn.attn.kv_cache is not None
-        if keep is None and cached and batch.split().decode is batch:
+        # (the fused decode layer has no q/k norms: Qwen3 runs op by op)
+        if keep is None and cached and not self.self_attn.qk_norm and batch.split().decode is batch:
             # every sequence decodes one token: the platform may run the layer whole
             fused = self.ops.fused_decode(self, x, positions, batch)
             if fused is not None:

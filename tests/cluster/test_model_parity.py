@@ -74,8 +74,9 @@ def _chunk(seq_id, ids, start, table, sample, logprobs):
                                                                       logprobs=logprobs))
 
 
+@pytest.mark.parametrize("model", ["llama-gqa", "qwen3"])
 @pytest.mark.parametrize("tp,backend", PAGED_GROUPS, ids=[f"tp{t}-{b}" for t, b in PAGED_GROUPS])
-def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend):
+def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend, model):
     """The step protocol end to end: sequence 0's prompt prefilled in two chunks (the second
     attends over the first through the cache), the others in one, the steps mixing prefill
     and decode, then decode steps of one token each. Every sampled (greedy) token is
@@ -85,10 +86,10 @@ def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend):
 
     from cluster.contract.messages import StepPlan
 
-    path, _ = checkpoints["llama-gqa"]
+    path, _ = checkpoints[model]
     config = EngineConfig().with_overrides(dtype="float32", 
         model=str(path), tensor_parallel_size=tp, backend=backend, cpus_per_worker=0.5,
-        block_size=BLOCK, kv_cache_bytes=1 << 20, name=f"paged-tp{tp}-{backend}")
+        block_size=BLOCK, kv_cache_bytes=1 << 20, name=f"paged-{model}-tp{tp}-{backend}")
     group = WorkerGroup(config, path).start()
     try:
         num_blocks = group.init_cache()
