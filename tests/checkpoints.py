@@ -16,6 +16,8 @@ TINY_MODELS = {
         "original_max_position_embeddings": 32})),
     # q/k norms, and a head_dim that is not hidden / heads
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16)),
+    # q/k/v and gate/up packed into one tensor each in the checkpoint
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0)),
 }
 
 BASE = dict(vocab_size=151, hidden_size=72, intermediate_size=97, num_hidden_layers=2,

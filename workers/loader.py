@@ -29,12 +29,24 @@ class TensorSource:
         self.shape = tuple(lazy_slice.get_shape())
         self._stats = stats
 
+    def rows_from(self, first: int) -> "TensorSource":
+        """The same tensor seen from row ``first`` on (one part of a packed tensor)."""
+        part = TensorSource.__new__(TensorSource)
+        part.name, part._slice, part._stats = self.name, self._slice, self._stats
+        part.shape = (self.shape[0] - first, *self.shape[1:])
+        part._first = self._first + first
+        return part
+
+    _first = 0  # this view's first row in the checkpoint tensor
+
     def read(self, dim: int, start: int, size: int) -> torch.Tensor:
         """Elements [start, start+size) along ``dim`` (0 or 1), everything along the other."""
         if start < 0 or start + size > self.shape[dim]:
             raise ValueError(f"{self.name}: slice [{start}, {start + size}) of dim {dim} is out of "
                              f"range for shape {self.shape}")
-        index = (slice(start, start + size),) if dim == 0 else (slice(None), slice(start, start + size))
+        first = self._first
+        index = ((slice(first + start, first + start + size),) if dim == 0
+                 else (slice(first, first + self.shape[0]), slice(start, start + size)))
         tensor = self._slice[index]
         self._stats.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
@@ -83,9 +95,9 @@ def load_shard(model: nn.Module, path: str | Path) -> LoadStats:
 def _load_tensor(handle, name: str, targets, params: dict[str, nn.Parameter], stats: LoadStats) -> None:
     source = TensorSource(name, handle.get_slice(name), stats)
     stats.tensors_used += 1
-    for param_name, shard_id in targets:
-        param = params[param_name]
-        param.weight_loader(param, source, shard_id)
+    for param_name, shard_id, *offset in targets:  # offset: the shard's first row in a
+        param = params[param_name]  # tensor that packs several (Phi-3's qkv_proj)
+        param.weight_loader(param, source.rows_from(offset[0]) if offset else source, shard_id)
         stats.loaded.add((param_name, shard_id))
 
 

@@ -1,8 +1,9 @@
 """The Llama family built from tensor-parallel layers.
 
 Covers Llama 2/3, Mistral, Qwen2 (bias on q/k/v), Qwen3 (an RMSNorm over each query and
-key head before the rotary embedding) and SmolLM2 (tied embeddings), picked by the
-checkpoint's ``config.json`` ``architectures``. A model instance
+key head before the rotary embedding), Phi-3 (q/k/v and gate/up each one tensor in the
+checkpoint: every rank reads its rows of each part) and SmolLM2 (tied embeddings), picked by
+the checkpoint's ``config.json`` ``architectures``. A model instance
 is one rank's piece: its TP share of every weight and, under pipeline
 parallelism, only the layers of its stage (the first stage owns the embedding,
 the last the final norm and LM head).
@@ -31,6 +32,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": None,
+    "Phi3ForCausalLM": (False, False),
 }
 QK_NORM = {"Qwen3ForCausalLM"}  # architectures that normalise each q and k head
 
@@ -58,6 +60,11 @@ class LlamaArgs:
     def from_hf_config(cls, hf: dict) -> "LlamaArgs":
         arch = architecture_of(hf)
         biases = ARCHITECTURES[arch] or (bool(hf.get("attention_bias", False)),) * 2
+        partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                        hf.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"partial_rotary_factor {partial} is not supported (the rotary "
+                             "embedding turns whole heads)")
         heads = hf["num_attention_heads"]
         return cls(
             architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -199,8 +206,9 @@ class LlamaForCausalLM(nn.Module):
         # hidden: (rows, hidden) -> argmax token ids (rows,) on TP rank 0, None elsewhere
         return self.lm_head.greedy(hidden)
 
-    def checkpoint_targets(self, name: str) -> list[tuple[str, str | None]]:
-        """Which of this rank's parameters (name, shard id) a checkpoint tensor feeds."""
+    def checkpoint_targets(self, name: str) -> list[tuple]:
+        """Which of this rank's parameters (name, shard id) a checkpoint tensor feeds; a
+        third element is the shard's first row in a packed tensor."""
         if name == "model.embed_tokens.weight":
             targets = [("embed_tokens.weight", None)] if self.is_first else []
             if self.is_last and self.args.tie_word_embeddings and not self.is_first:
@@ -212,7 +220,7 @@ class LlamaForCausalLM(nn.Module):
             return [("norm.weight", None)] if self.is_last else []
         return self._layer_target(name)
 
-    def _layer_target(self, name: str) -> list[tuple[str, str | None]]:
+    def _layer_target(self, name: str) -> list[tuple]:
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
         if not m or not self.layer_range[0] <= int(m.group(1)) < self.layer_range[1]:
             return []
@@ -220,9 +228,22 @@ class LlamaForCausalLM(nn.Module):
         fused = _FUSED.get(module)
         if fused:
             return [(f"layers.{index}.{fused[0]}.{kind}", fused[1])]
+        if module in _PACKED:  # Phi-3: one checkpoint tensor for several of our shards
+            return [(f"layers.{index}.{module}.{kind}", shard, offset)
+                    for shard, offset in self._packed_offsets(module)]
         return [(f"layers.{index}.{module}.{kind}", None)]
 
+    def _packed_offsets(self, module: str) -> list[tuple[str, int]]:
+        """Each shard's first row in a packed checkpoint tensor (q, k, v or gate, up)."""
+        a = self.args
+        if module == "self_attn.qkv_proj":
+            q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+            return [("q", 0), ("k", q), ("v", q + kv)]
+        return [("gate", 0), ("up", a.intermediate_size)]
 
+
+# checkpoints that pack q/k/v and gate/up into one tensor each (Phi-3), under our names
+_PACKED = {"self_attn.qkv_proj", "mlp.gate_up_proj"}
 # checkpoint module -> (our fused module, shard id)
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", "q"),

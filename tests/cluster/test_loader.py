@@ -84,3 +84,25 @@ def test_missing_tensor_is_named(tmp_path):
     model = build_model(json.loads((path / "config.json").read_text()), comm, torch.float32)
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.gate_up_proj\.weight\[up\]"):
         load_shard(model, path)
+
+
+def test_packed_qkv_and_gate_up_are_read_by_rows(ray_session, tmp_path):
+    """Phi-3 packs q/k/v and gate/up into one tensor each: every tp=2 rank reads only its rows
+    of each part (about half the checkpoint, the two halves about the whole), and the model
+    still matches transformers."""
+    path = write_tiny_checkpoint("phi3", tmp_path, vocab_size=4000, hidden_size=256,
+                                 intermediate_size=1024, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=4)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    config = EngineConfig().with_overrides(dtype="float32", model=str(path), cpus_per_worker=0.5,
+                                           tensor_parallel_size=2, name="packed-tp2")
+    group = WorkerGroup(config, path).start()
+    try:
+        read = [s["bytes_read"] for s in group.load_stats]
+        prompts = [[1, 2, 3, 4, 5], [7, 8]]
+        diff = (group.forward_logits(prompts) - hf_logits(path, prompts)).abs().max().item()
+    finally:
+        group.shutdown()
+    assert all(0.4 * size < r < 0.6 * size for r in read), (read, size)
+    assert 0.95 * size < sum(read) < 1.05 * size, (read, size)
+    assert diff < 1e-4
