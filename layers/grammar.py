@@ -100,8 +100,8 @@ class _Matcher:
             self.taken, self.broken, n = [], False, 0
         for token in output[n:]:
             if not self.broken and not self.matcher.accept_token(token):
-                # a token the grammar does not allow (sampled before the constraint was known
-                # to this rank): from here only the end tokens are allowed
+                # a token the grammar does not allow (not expected: every token was sampled
+                # under this grammar's mask): from here only the end tokens are allowed
                 log.warning("a constrained sequence holds token %d its grammar refuses", token)
                 self.broken = True
             self.taken.append(token)
