@@ -20,8 +20,8 @@ failure, a sequence evicted here) or disagrees with it (a preempted sequence tha
 recomputed): a constrained request survives every failure the engine survives.
 
 The masks of a step are computed on a thread of their own while the step's forward pass
-runs (:meth:`Grammars.start`); the sampler waits for them (:meth:`MaskJob.rows`). Steps
-without constrained rows do none of this.
+runs (:meth:`Grammars.start`, a future); the sampler waits for them. Steps without
+constrained rows do none of this.
 """
 
 from __future__ import annotations
@@ -122,16 +122,17 @@ class Grammars:
         self._thread: threading.Thread | None = None  # started with the first constrained row
         self._step = 0
 
-    def start(self, rows: list[tuple[int, list, list[int]]]) -> "MaskJob":
+    def start(self, rows: list[tuple[int, list, list[int]]]) -> Future:
         """Start computing the masks of a step's constrained rows, each (sequence id, spec,
-        output tokens so far), on the mask thread."""
+        output tokens so far), on the mask thread: a future of (rows, vocab) bool (its
+        ``result()`` re-raises the thread's error)."""
         self._step += 1
         if self._thread is None:  # a daemon: a worker told to exit does not wait for it
             self._thread = threading.Thread(target=self._serve, name="grammar-masks", daemon=True)
             self._thread.start()
-        job = MaskJob(Future(), len(rows))
-        self._jobs.put((job.future, rows, self._step))
-        return job
+        future = Future()
+        self._jobs.put((future, rows, self._step))
+        return future
 
     def _serve(self) -> None:
         """The mask thread: one step's masks after the other."""
@@ -170,7 +171,9 @@ class Grammars:
             m.matcher.fill_next_token_bitmask(bitmask, i)
 
     def _matcher(self, seq_id: int, spec: list) -> _Matcher:
-        key = (spec[0], json.dumps(spec[1]), bool(spec[2]), tuple(spec[3]))
+        kind, source, compact, ends = spec  # the key: a choice's list as a tuple
+        key = (kind, tuple(source) if isinstance(source, list) else source, bool(compact),
+               tuple(ends))
         m = self._matchers.get(seq_id)
         if m is None or m.key != key:
             m = self._matchers[seq_id] = _Matcher(key, _xgr().GrammarMatcher(self._compile(key)))
@@ -181,8 +184,7 @@ class Grammars:
             self._compiled.move_to_end(key)
             return self._compiled[key]
         kind, source, compact, ends = key
-        compiled = self._compiler(ends).compile_grammar(grammar_of(kind, json.loads(source),
-                                                                   compact))
+        compiled = self._compiler(ends).compile_grammar(grammar_of(kind, source, compact))
         self._compiled[key] = compiled
         if len(self._compiled) > MAX_COMPILED:
             self._compiled.popitem(last=False)
@@ -203,17 +205,6 @@ class Grammars:
     def _drop_idle(self, step: int) -> None:
         for seq_id in [s for s, m in self._matchers.items() if step - m.last_step > IDLE_STEPS]:
             del self._matchers[seq_id]
-
-
-class MaskJob:
-    """A step's masks being computed."""
-
-    def __init__(self, future: Future, rows: int):
-        self.future, self.num_rows = future, rows
-
-    def rows(self) -> torch.Tensor:
-        """(rows, vocab) bool, once computed (re-raises the mask thread's error)."""
-        return self.future.result()
 
 
 def _only(words: torch.Tensor, tokens: list[int]) -> None:

@@ -23,21 +23,17 @@ INDEX_FILE = "model.safetensors.index.json"
 class TensorSource:
     """A lazy view of one checkpoint tensor; reads only the slices asked for."""
 
-    def __init__(self, name: str, lazy_slice, stats: "LoadStats"):
+    def __init__(self, name: str, lazy_slice, stats: "LoadStats", first: int = 0):
         self.name = name
         self._slice = lazy_slice
-        self.shape = tuple(lazy_slice.get_shape())
+        self._first = first  # this view's first row in the checkpoint tensor
+        shape = tuple(lazy_slice.get_shape())
+        self.shape = (shape[0] - first, *shape[1:])
         self._stats = stats
 
     def rows_from(self, first: int) -> "TensorSource":
         """The same tensor seen from row ``first`` on (one part of a packed tensor)."""
-        part = TensorSource.__new__(TensorSource)
-        part.name, part._slice, part._stats = self.name, self._slice, self._stats
-        part.shape = (self.shape[0] - first, *self.shape[1:])
-        part._first = self._first + first
-        return part
-
-    _first = 0  # this view's first row in the checkpoint tensor
+        return TensorSource(self.name, self._slice, self._stats, self._first + first)
 
     def read(self, dim: int, start: int, size: int) -> torch.Tensor:
         """Elements [start, start+size) along ``dim`` (0 or 1), everything along the other."""

@@ -189,7 +189,7 @@ class ModelRunner:
         if logits is None:
             return None
         if masks is not None:
-            allowed = iter(masks.rows())
+            allowed = iter(masks.result())
             for c, row in zip(chunks, rows):
                 if c.sampler.grammar:
                     row.allowed = next(allowed)

@@ -125,19 +125,38 @@ async def _sampled(sampler: ServiceSampler, work):
         await sampling
 
 
+class _NotYet(Exception):
+    """A server polled by :func:`_poll` is not there yet (the message says how it answered)."""
+
+
+def _poll(attempt, what: str, timeout_s: float, pause_s: float, process=None):
+    """``attempt()``'s result once it stops raising _NotYet; TimeoutError naming ``what``
+    and the last answer past ``timeout_s``; RuntimeError if ``process`` (a peer's start
+    command) exits meanwhile."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the peer's start command exited with {process.returncode}")
+        try:
+            return attempt()
+        except _NotYet as exc:
+            last = str(exc)
+        time.sleep(pause_s)
+    raise TimeoutError(f"{what} in {timeout_s:.0f} s: {last}")
+
+
 def _wait_ready(url: str, timeout_s: float = 600.0) -> None:
     import requests
 
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
+    def ready() -> None:
         try:
-            last = requests.get(url.removesuffix("/v1") + "/health", timeout=10).json()
-            if last.get("status") == "ready":
-                return
+            health = requests.get(url.removesuffix("/v1") + "/health", timeout=10).json()
         except (requests.RequestException, ValueError) as exc:
-            last = repr(exc)
-        time.sleep(1.0)
-    raise TimeoutError(f"the server at {url} was not ready after {timeout_s:.0f} s: {last}")
+            raise _NotYet(repr(exc)) from None
+        if health.get("status") != "ready":
+            raise _NotYet(health)
+
+    _poll(ready, f"the server at {url} was not ready", timeout_s, 1.0)
 
 
 class ServiceSampler:
@@ -217,16 +236,14 @@ def _peer_model(url: str, process, timeout_s: float = 1200.0) -> str:
     """The first model a peer serves, once it answers ``GET /models``."""
     import requests
 
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the peer's start command exited with {process.returncode}")
+    def first_model() -> str:
         try:
             return requests.get(f"{url}/models", timeout=10).json()["data"][0]["id"]
         except (requests.RequestException, ValueError, KeyError, IndexError) as exc:
-            last = repr(exc)
-        time.sleep(2.0)
-    raise TimeoutError(f"the peer at {url} did not answer GET /models in {timeout_s:.0f} s: {last}")
+            raise _NotYet(repr(exc)) from None
+
+    return _poll(first_model, f"the peer at {url} did not answer GET /models", timeout_s, 2.0,
+                 process)
 
 
 def _warm_up(url: str, model: str, prompt: list[int], process, timeout_s: float = 1200.0
@@ -236,21 +253,20 @@ def _warm_up(url: str, model: str, prompt: list[int], process, timeout_s: float 
     import requests
 
     body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0.0}
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the peer's start command exited with {process.returncode}")
+
+    def complete() -> None:
         try:
             response = requests.post(f"{url}/completions", json=body, timeout=600)
-            if response.status_code == 200:
-                return
-            last = f"HTTP {response.status_code}: {response.text[:300]}"
-            if response.status_code not in (502, 503, 504):
-                break
         except requests.RequestException as exc:
-            last = repr(exc)
-        time.sleep(2.0)
-    raise RuntimeError(f"the peer at {url} does not complete a warm-up request: {last}")
+            raise _NotYet(repr(exc)) from None
+        answer = f"HTTP {response.status_code}: {response.text[:300]}"
+        if response.status_code in (502, 503, 504):
+            raise _NotYet(answer)
+        if response.status_code != 200:
+            raise RuntimeError(f"the peer at {url} does not complete a warm-up request: {answer}")
+
+    _poll(complete, f"the peer at {url} did not complete a warm-up request", timeout_s, 2.0,
+          process)
 
 
 def _stop(process: subprocess.Popen) -> None:

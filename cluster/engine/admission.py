@@ -8,6 +8,7 @@ fault, before anything is queued, and the engine goes on serving the others.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -174,13 +175,23 @@ class Admission:
 
 def check_grammar(spec: list) -> None:
     """A RequestError naming the structured output when its grammar does not compile (with
-    the function the sampling rank compiles it with, so what passes here compiles there)."""
-    from layers.grammar import GrammarError, check
+    the function the sampling rank compiles it with, so what passes here compiles there).
+    Admission runs on the engine thread: a spec that compiled once is not compiled again."""
+    from layers.grammar import GrammarError
 
+    kind, source, compact = spec[:3]
     try:
-        check(spec)
+        _compiles(kind, tuple(source) if isinstance(source, list) else source, bool(compact))
     except GrammarError as exc:
-        raise RequestError(f"structured_outputs: {exc}", spec[0]) from None
+        raise RequestError(f"structured_outputs: {exc}", kind) from None
+
+
+@functools.lru_cache(maxsize=256)  # failures raise, so only specs that compiled are kept
+def _compiles(kind: str, source, compact: bool) -> bool:
+    from layers.grammar import check
+
+    check([kind, list(source) if isinstance(source, tuple) else source, compact])
+    return True
 
 
 def sampling_params(params) -> SamplingParams:

@@ -119,10 +119,8 @@ class Engine:
         if request.params.structured_outputs is not None and not ends:
             raise RequestError("structured_outputs with ignore_eos needs stop_token_ids: the "
                                "output must be able to end where its grammar does", "ignore_eos")
-        for seq in request.seqs:
+        for seq in request.seqs:  # before min_tokens they may not be sampled either
             seq.end_ids = ends
-            if request.params.min_tokens:  # what cannot end it early may not be sampled
-                seq.min_tokens_ban = ends
         if resume:
             self._resume(request, resume)
         for i, seq in enumerate(request.seqs):

@@ -190,7 +190,7 @@ class Scheduler:
             prompt_targets=_prompt_targets(seq, start, len(token_ids)),
             history=[seq.num_prompt_tokens, seq.all_token_ids[:start]]
             if sample and seq.sampling_params.penalized else None,
-            banned=seq.min_tokens_ban if sample and _before_min_tokens(seq, start + len(token_ids))
+            banned=seq.end_ids if sample and _before_min_tokens(seq, start + len(token_ids))
             else None,
         ))
         out.seqs.append(seq)
@@ -281,5 +281,5 @@ def _prompt_targets(seq: Sequence, start: int, n: int) -> list[int] | None:
 
 def _before_min_tokens(seq: Sequence, sampled_at: int) -> bool:
     """Whether the token sampled at position ``sampled_at`` comes before ``min_tokens``."""
-    return bool(seq.min_tokens_ban) and (
+    return bool(seq.end_ids) and (
         sampled_at - seq.num_prompt_tokens < seq.sampling_params.min_tokens)

@@ -45,10 +45,8 @@ class Sequence:
     # Tokens to prefill at the last admission (prompt + outputs so far): chunks
     # starting below this are prefill, the rest decode.
     prefill_len: int = 0
-    # what it may not sample before min_tokens outputs (EOS and stop token ids)
-    min_tokens_ban: list[int] = field(default_factory=list)
-    # the tokens that end it (EOS unless ignored, and the stop token ids): a complete grammar
-    # allows only these
+    # the tokens that end it (EOS unless ignored, and the stop token ids): banned before
+    # min_tokens outputs, and all a complete grammar allows
     end_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
+    from cluster.contract.messages import SamplerParams
     from layers.cpu.flags import cpu_flags
     from layers.grammar import Grammars
     from layers.sampler import adjust_logits
@@ -48,30 +49,21 @@ def main() -> None:
     for rows in (1, 16):
         grammars = Grammars(str(model_dir), vocab)
         started = time.perf_counter()
-        grammars.start([(r, spec, []) for r in range(rows)]).rows()
+        grammars.start([(r, spec, []) for r in range(rows)]).result()
         first = time.perf_counter() - started
         masks, applied = [], []
         logits = torch.randn(rows, vocab)
         for n in range(1, len(ids)):
             started = time.perf_counter()
-            allowed = grammars.start([(r, spec, ids[:n]) for r in range(rows)]).rows()
+            allowed = grammars.start([(r, spec, ids[:n]) for r in range(rows)]).result()
             masks.append(time.perf_counter() - started)
             started = time.perf_counter()
-            adjust_logits(logits, [_Params() for _ in range(rows)],
-                          [_Row(a) for a in allowed])
+            adjust_logits(logits, [SamplerParams(grammar=spec)] * rows, [_Row(a) for a in allowed])
             applied.append(time.perf_counter() - started)
         print(f"{rows:>2} constrained row(s): first step (compiling the schema) {first * 1e3:.1f} ms;"
               f" then per decode step: masks median {statistics.median(masks) * 1e3:.3f} ms "
               f"(max {max(masks) * 1e3:.3f}), put on the logits median "
               f"{statistics.median(applied) * 1e3:.3f} ms")
-
-
-class _Params:
-    """A row's sampler parameters with nothing but its grammar on."""
-
-    repetition_penalty, frequency_penalty, presence_penalty = 1.0, 0.0, 0.0
-    logit_bias = allowed_token_ids = bad_words = None
-    grammar = ["json"]
 
 
 class _Row:

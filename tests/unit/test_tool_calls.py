@@ -74,8 +74,8 @@ def test_auto_output_with_calls_parses_into_content_and_calls():
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
     assert len({c.id for c in calls}) == 2
-    assert tools.finish_reason("stop", "auto", calls) == "tool_calls"
-    assert tools.finish_reason("length", "auto", calls) == "length"
+    assert tools.finish_reason("stop", "auto", bool(calls)) == "tool_calls"
+    assert tools.finish_reason("length", "auto", bool(calls)) == "length"
     broken = "<tool_call>{not json}</tool_call>"
     assert tools.parse("auto", broken) == (broken, [])  # nothing the model wrote is lost
     assert tools.parse("auto", "Just text.") == ("Just text.", [])

@@ -187,7 +187,7 @@ def chat_response(meta: ResponseInfo, final: dict, calls: ToolMode = ToolMode()
             index=o["index"], message=ChatResponseMessage(content=content,
                                                           tool_calls=tool_calls or None),
             logprobs=chat_logprobs(o["logprobs"]) if o.get("logprobs") is not None else None,
-            finish_reason=tools.finish_reason(o["finish_reason"], calls.mode, tool_calls)))
+            finish_reason=tools.finish_reason(o["finish_reason"], calls.mode, bool(tool_calls))))
     return ChatCompletionResponse(id=meta.id, created=meta.created, model=meta.model,
                                   choices=choices, usage=total_usage([final]))
 
@@ -263,7 +263,7 @@ class ChatStream(CompletionStream):
                 content, deltas = _joined(content, rest), deltas + more
             if deltas:
                 self.called.add(index)
-            reason = tools.finish_reason(reason, self.calls.mode, [True] * (index in self.called))
+            reason = tools.finish_reason(reason, self.calls.mode, index in self.called)
         if not (content or deltas or lp or reason):
             return []
         delta = ChatDelta(content=content, tool_calls=deltas or None)

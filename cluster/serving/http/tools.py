@@ -95,9 +95,9 @@ def parse(mode: str, text: str, name: str | None = None) -> tuple[str | None, li
     return text, []
 
 
-def finish_reason(reason: str | None, mode: str, calls: list) -> str | None:
+def finish_reason(reason: str | None, mode: str, called: bool) -> str | None:
     """OpenAI's: ``tool_calls`` when the model chose to call (auto, required)."""
-    return "tool_calls" if calls and reason == "stop" and mode in ("auto", "required") else reason
+    return "tool_calls" if called and reason == "stop" and mode in ("auto", "required") else reason
 
 
 class StreamParser:
