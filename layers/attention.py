@@ -112,11 +112,19 @@ class SplitBatch:
 class Attention(nn.Module):
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
-    def __init__(self, num_q: int, num_kv: int, head_dim: int):
+    def __init__(self, num_q: int, num_kv: int, head_dim: int, scale: float | None = None,
+                 window: int | None = None, softcap: float | None = None):
         super().__init__()
         self.num_q, self.num_kv, self.head_dim = num_q, num_kv, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.window = window  # sliding window: a query sees the keys at positions > its own - window
+        self.softcap = softcap  # scores capped to softcap * tanh(score / softcap) (Gemma 2)
         self.kv_cache: torch.Tensor | None = None  # set by the worker's KV-cache allocation
+
+    @property
+    def plain(self) -> bool:
+        """Full causal attention, uncapped (what every platform kernel covers)."""
+        return not self.window and not self.softcap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch
                 ) -> torch.Tensor:
@@ -125,7 +133,8 @@ class Attention(nn.Module):
             out = self._no_cache(q, k, v, batch)
         else:
             self.ops.write_kv(k, v, self.kv_cache, batch.slot_mapping)
-            out = self.ops.paged_attention(q, k, v, self.kv_cache, batch, self.scale)
+            out = self.ops.paged_attention(q, k, v, self.kv_cache, batch, self.scale, self.window,
+                                           self.softcap)
         return out.reshape(out.shape[0], self.num_q * self.head_dim)
 
     def forward_last(self, q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -134,7 +143,8 @@ class Attention(nn.Module):
 
         q_last: (rows, num_q, hd); k, v: (tokens, num_kv, hd) -> (rows, num_q * hd)"""
         self.ops.write_kv(k, v, self.kv_cache, batch.slot_mapping)
-        out = self.ops.paged_decode(q_last, self.kv_cache, last, self.scale)
+        out = self.ops.paged_decode(q_last, self.kv_cache, last, self.scale, self.window,
+                                    self.softcap)
         return out.reshape(out.shape[0], self.num_q * self.head_dim)
 
     def _no_cache(self, q, k, v, batch: AttnBatch) -> torch.Tensor:
@@ -143,6 +153,7 @@ class Attention(nn.Module):
         outs, begin = [], 0
         for n in batch.query_lens:
             end = begin + n
-            outs.append(self.ops.attend(q[begin:end], k[begin:end], v[begin:end], self.scale, 0))
+            outs.append(self.ops.attend(q[begin:end], k[begin:end], v[begin:end], self.scale, 0,
+                                        self.window, self.softcap))
             begin = end
         return torch.cat(outs)

@@ -52,10 +52,11 @@ class ParallelLMHead(nn.Module):
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
     def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, comm: TensorParallelGroup,
-                 tied_to: VocabParallelEmbedding | None = None):
+                 tied_to: VocabParallelEmbedding | None = None, softcap: float | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.comm = comm
+        self.softcap = softcap  # logits capped to softcap * tanh(logit / softcap) (Gemma 2)
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
@@ -66,7 +67,11 @@ class ParallelLMHead(nn.Module):
         # hidden: (rows, hidden) -> full logits (rows, vocab_size) on dst, None elsewhere
         local = self.ops.linear(hidden, self.weight)  # (rows, per_rank)
         full = self.comm.gather(local, dst=dst, dim=-1)  # (rows, per_rank * tp) on dst
-        return None if full is None else full[:, :self.vocab_size]
+        return None if full is None else self._cap(full[:, :self.vocab_size])
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        # logits: (rows, n) -> (rows, n)
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def greedy(self, hidden: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         """Each row's argmax token (rows,) on dst, None elsewhere: the first maximum, as the
@@ -75,7 +80,8 @@ class ParallelLMHead(nn.Module):
 
         hidden: (rows, hidden)"""
         start, _, real = padded_vocab_shard(self.vocab_size, self.comm.world_size, self.comm.rank)
-        local = self.ops.linear(hidden, self.weight)[:, :real]  # (rows, real), no padding rows
+        # (rows, real), no padding rows; capped as the full logits are (ties included)
+        local = self._cap(self.ops.linear(hidden, self.weight)[:, :real])
         pair = torch.full((hidden.shape[0], 2), -torch.inf, dtype=torch.float64, device=hidden.device)
         if real:
             best, index = self.ops.row_max(local)  # first maximum within the slice (exact)

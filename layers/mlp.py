@@ -1,4 +1,6 @@
-"""SwiGLU feed-forward block: merged gate/up (column-parallel), down (row-parallel)."""
+"""Gated feed-forward block: merged gate/up (column-parallel), down (row-parallel);
+``act(gate) * up`` with SiLU (SwiGLU: Llama, Qwen, Phi) or tanh-approximated GELU (GeGLU:
+Gemma)."""
 
 from __future__ import annotations
 
@@ -9,18 +11,26 @@ from layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from layers.ops import NATIVE
 from layers.parallel import TensorParallelGroup
 
+ACTIVATIONS = ("silu", "gelu_tanh")
 
-class SwiGLUMLP(nn.Module):
+
+class GatedMLP(nn.Module):
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, comm: TensorParallelGroup,
-                 bias: bool = False):
+                 bias: bool = False, activation: str = "silu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not supported; supported: {ACTIVATIONS}")
+        self.activation = activation
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden, [("gate", intermediate), ("up", intermediate)], comm.world_size, comm.rank,
             bias, dtype)
         self.down_proj = RowParallelLinear.split(intermediate, hidden, comm.rank, bias, dtype, comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (tokens, hidden) -> (tokens, hidden)
-        return self.down_proj(self.ops.swiglu(self.gate_up_proj, x))  # via (tokens, intermediate_local)
+        # x: (tokens, hidden) -> (tokens, hidden), via (tokens, intermediate_local)
+        if self.activation == "silu":
+            return self.down_proj(self.ops.swiglu(self.gate_up_proj, x))
+        return self.down_proj(self.ops.gelu_tanh_mul(self.gate_up_proj.project(x)))
+

@@ -10,12 +10,15 @@ from layers.ops import NATIVE
 
 
 class RMSNorm(nn.Module):
+    """``plus_one``: the checkpoint stores ``w`` and the norm scales by ``1 + w`` (Gemma);
+    ``1 + w`` is what the parameter holds once loaded."""
+
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
-    def __init__(self, hidden: int, eps: float, dtype: torch.dtype):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype, plus_one: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = make_param((hidden,), dtype, load_whole)
+        self.weight = make_param((hidden,), dtype, _load_plus_one if plus_one else load_whole)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), normalised in float32
@@ -26,3 +29,8 @@ class RMSNorm(nn.Module):
         on platforms that fuse them)."""
         # x, residual: (tokens, hidden) -> both (tokens, hidden)
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def _load_plus_one(param: nn.Parameter, source, shard_id=None) -> None:
+    load_whole(param, source)
+    param.data.copy_(param.data.float() + 1.0)  # 1 + w computed in float32, as Gemma does

@@ -11,7 +11,7 @@ Paged KV cache layout per layer: (2, num_blocks, block_size, local_kv_heads, hea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,11 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # gate_up: (rows, 2 * inter) -> (rows, inter): GELU (tanh approximation) of gate, times up
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def swiglu(self, gate_up: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of the merged gate/up projection of ``x``, as the down projection
         takes it (a platform may hand it over in a narrower dtype).
@@ -103,56 +108,68 @@ class TorchOps:
         flat[0].index_copy_(0, slots, k.to(cache.dtype))  # a narrower cache: rounded here
         flat[1].index_copy_(0, slots, v.to(cache.dtype))
 
-    def paged_decode(self, q: torch.Tensor, cache: torch.Tensor, batch, scale: float
-                     ) -> torch.Tensor:
-        """One new token per sequence of ``batch`` attending over its cached context.
+    def paged_decode(self, q: torch.Tensor, cache: torch.Tensor, batch, scale: float,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """One new token per sequence of ``batch`` attending over its cached context (with a
+        ``window``, over its last ``window`` keys only; ``softcap``: scores capped to
+        ``softcap * tanh(score / softcap)`` before the softmax).
 
         q: (seqs, num_q, hd) -> (seqs, num_q, hd)"""
         groups = batch.decode_groups(cache.shape[2])
         if len(groups) == 1 and groups[0].rows is None:
-            return _decode_group(q, cache, groups[0], scale)
+            return _decode_group(q, cache, groups[0], scale, window, softcap)
         out = torch.empty_like(q)
         for group in groups:
             rows = group.rows
-            out.index_copy_(0, rows, _decode_group(q.index_select(0, rows), cache, group, scale))
+            out.index_copy_(0, rows, _decode_group(q.index_select(0, rows), cache, group, scale,
+                                                   window, softcap))
         return out
 
     def paged_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        cache: torch.Tensor, batch, scale: float) -> torch.Tensor:
+                        cache: torch.Tensor, batch, scale: float, window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
         """Every sequence of a step (its new keys and values already written to ``cache``)
         attending over its context: the single-token sequences together, each longer chunk
-        on its own (a prompt's first chunk over its own keys, no gather).
+        on its own (a prompt's first chunk over its own keys, no gather). ``window`` and
+        ``softcap``: as :meth:`paged_decode`.
 
         q: (tokens, num_q, hd); k, v: (tokens, num_kv, hd) -> (tokens, num_q, hd)"""
         split = batch.split()
         if split.decode is batch:  # every sequence decodes one token
-            return self.paged_decode(q, cache, batch, scale)
+            return self.paged_decode(q, cache, batch, scale, window, softcap)
         out = torch.empty_like(q)
         if split.decode is not None:  # the single-token sequences of a mixed step, together
             rows = split.decode_rows
             out.index_copy_(0, rows, self.paged_decode(q.index_select(0, rows), cache,
-                                                       split.decode, scale))
+                                                       split.decode, scale, window, softcap))
         for i, begin, n, ctx in split.chunks:
             if ctx == n:  # a prompt's first chunk: its own keys are the whole context
                 keys, values = k[begin:begin + n], v[begin:begin + n]
             else:  # continues a sequence: read the earlier tokens from the cache
                 keys, values = (t[0] for t in gather_kv(cache, batch.block_tables[i:i + 1], ctx))
-            out[begin:begin + n] = self.attend(q[begin:begin + n], keys, values, scale, ctx - n)
+            out[begin:begin + n] = self.attend(q[begin:begin + n], keys, values, scale, ctx - n,
+                                               window, softcap)
         return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               causal_offset: int) -> torch.Tensor:
-        """Causal attention of n queries over ctx keys, query j at key position offset + j.
+               causal_offset: int, window: int | None = None, softcap: float | None = None
+               ) -> torch.Tensor:
+        """Causal attention of n queries over ctx keys, query j at key position offset + j
+        (with a ``window``: over keys at positions > its own - window; ``softcap``: as
+        :meth:`paged_decode`).
 
         q: (n, num_q, hd); k, v: (ctx, num_kv, hd) -> (n, num_q, hd)"""
         n, ctx = q.shape[0], k.shape[0]
         mask = None
-        if causal_offset:
-            new = torch.arange(n, device=q.device) + causal_offset
-            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= new.unsqueeze(1)
-        out = F.scaled_dot_product_attention(  # 4-d inputs: the flash kernel, not the math path
+        if causal_offset or window:
+            new = torch.arange(n, device=q.device) + causal_offset  # (n,) query positions
+            keys = torch.arange(ctx, device=q.device).unsqueeze(0)  # (1, ctx)
+            mask = keys <= new.unsqueeze(1)  # (n, ctx)
+            if window:
+                mask &= keys > new.unsqueeze(1) - window
+        out = attention(  # 4-d inputs: the flash kernel, not the math path
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, heads, len, hd)
-            attn_mask=mask, is_causal=not causal_offset, scale=scale, enable_gqa=True)
+            mask, scale, softcap)
         return out[0].transpose(0, 1)  # (n, num_q, hd)
 
 
@@ -167,6 +184,28 @@ def host_tensor(values: list, device: torch.device, dtype: torch.dtype = torch.i
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float, softcap: float | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T [capped], masked) v over grouped-query heads; ``mask`` None:
+    causal. Soft-capped scores are computed in float32 like the reference implementations
+    (torch's fused attention has no cap).
+
+    q: (b, num_q, lq, hd); k, v: (b, num_kv, lk, hd); mask: (b or 1, 1, lq, lk) bool, True
+    where a key is seen -> (b, num_q, lq, hd)"""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(group, dim=1) for t in (k, v))  # (b, num_q, lk, hd)
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # (b, num_q, lq, lk)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        lq, lk = scores.shape[-2:]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -197,6 +236,18 @@ class DecodeGroup:
     block_tables: torch.Tensor  # (n, blocks)
     length: int  # the longest context among them
     mask: torch.Tensor  # (n, 1, 1, length) bool, True for keys inside each sequence's context
+    lens: torch.Tensor | None = None  # (n, 1, 1, 1) int64 context lengths
+    windowed: dict = field(default_factory=dict)  # window -> its mask, made once a step
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """The mask of keys seen: inside the context and, with a ``window``, among its last
+        ``window`` keys (the new token at position len - 1 sees positions > len - 1 - window)."""
+        if not window or window >= self.length:
+            return self.mask
+        if window not in self.windowed:
+            keys = torch.arange(self.length, device=self.mask.device)
+            self.windowed[window] = self.mask & (keys >= self.lens - window)
+        return self.windowed[window]
 
 
 def decode_groups(context_lens: list[int], block_tables: torch.Tensor, block_size: int,
@@ -225,16 +276,16 @@ def _group(members: list[int], context_lens: list[int], block_tables: torch.Tens
     rows = None if whole_batch else host_tensor(members, device)
     tables = block_tables if rows is None else block_tables.index_select(0, rows)
     mask = torch.arange(longest, device=device).unsqueeze(0) < lens.unsqueeze(1)  # (n, longest)
-    return DecodeGroup(rows, tables[:, :-(-longest // block_size)], longest, mask[:, None, None, :])
+    return DecodeGroup(rows, tables[:, :-(-longest // block_size)], longest, mask[:, None, None, :],
+                       lens[:, None, None, None])
 
 
-def _decode_group(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float
-                  ) -> torch.Tensor:
+def _decode_group(q: torch.Tensor, cache: torch.Tensor, group: DecodeGroup, scale: float,
+                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     # q: (n, num_q, hd) -> (n, num_q, hd); contexts padded to the group's longest, masked
     k, v = gather_kv(cache, group.block_tables, group.length)  # (n, length, num_kv, hd)
     k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the cache is narrower than q
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2),  # (n, num_q, 1, hd)
-        k.transpose(1, 2), v.transpose(1, 2),  # (n, num_kv, length, hd)
-        attn_mask=group.mask, scale=scale, enable_gqa=True)
+    out = attention(q.unsqueeze(2),  # (n, num_q, 1, hd)
+                    k.transpose(1, 2), v.transpose(1, 2),  # (n, num_kv, length, hd)
+                    group.mask_for(window), scale, softcap)
     return out.squeeze(2)

@@ -18,7 +18,23 @@ TINY_MODELS = {
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16)),
     # q/k/v and gate/up packed into one tensor each in the checkpoint
     "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0)),
+    # sandwich norms of 1 + w, scaled embeddings, GELU gate; layer 0 attends over a window of
+    # 4 keys, layer 1 over all; scores and logits soft-capped at values that bite
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                    pad_token_id=0)),
+    # q/k norms, a rotary of its own (theta 10^4) for the sliding layer, linear rope scaling
+    # on the global one
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, query_pre_attn_scalar=12, sliding_window=4, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
 }
+# models whose norm weights are randomised too (their initial values, 0 for 1 + w, would hide
+# a norm read wrongly)
+RANDOM_NORMS = {"gemma2", "gemma3"}
 
 BASE = dict(vocab_size=151, hidden_size=72, intermediate_size=97, num_hidden_layers=2,
             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256,
@@ -33,6 +49,11 @@ def write_tiny_checkpoint(name: str, directory: Path, seed: int = 0, **overrides
     config = getattr(transformers, config_cls)(**(BASE | extra | overrides))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if name in RANDOM_NORMS:
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.3)
     model.save_pretrained(directory)
     return directory
 

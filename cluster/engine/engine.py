@@ -32,7 +32,7 @@ from cluster.engine.stops import StopRules, eos_ids
 from cluster.engine.supervisor import Supervisor
 from cluster.engine.worker_group import step_raised
 from cluster.ray_utils import connect_ray
-from layers.models import LlamaArgs
+from layers.models import model_args
 
 log = logging.getLogger("shardlm.engine")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -46,7 +46,7 @@ class Engine:
         self.config = config
         self.model_dir = resolve_model(config.model.model)
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
-        self.args = LlamaArgs.from_hf_config(self.hf_config)  # unsupported models fail here
+        self.args = model_args(self.hf_config)  # unsupported models fail here
         self.tokenizer = load_tokenizer(self.model_dir)
         connect_ray(config.deployment.ray_address)
         self.supervisor = Supervisor(config, self.model_dir)

@@ -187,24 +187,27 @@ class CpuOps(TorchOps):
         if not kernels.write_kv(k, v, cache, slots):
             super().write_kv(k, v, cache, slots)
 
-    def paged_decode(self, q, cache, batch, scale):
+    def paged_decode(self, q, cache, batch, scale, window=None, softcap=None):
         # the kernel reads each sequence's blocks in place (no gather into a padded copy)
-        out = kernels.paged_decode_attention(q, cache, batch.block_tables,
-                                             batch.context_lens_tensor(), scale)
-        return out if out is not None else super().paged_decode(q, cache, batch, scale)
+        out = None if window or softcap else kernels.paged_decode_attention(
+            q, cache, batch.block_tables, batch.context_lens_tensor(), scale)
+        return out if out is not None else super().paged_decode(q, cache, batch, scale, window,
+                                                                softcap)
 
-    def attend(self, q, k, v, scale, causal_offset):
+    def attend(self, q, k, v, scale, causal_offset, window=None, softcap=None):
         # q: (n, num_q, hd) float32; k, v: (ctx, num_kv, hd) float32, or bf16 from the cache
         if self.bf16_prompt_attention:
             bf16 = torch.bfloat16
-            return super().attend(q.to(bf16), k.to(bf16), v.to(bf16), scale, causal_offset).float()
+            return super().attend(q.to(bf16), k.to(bf16), v.to(bf16), scale, causal_offset,
+                                  window, softcap).float()
         if k.dtype != q.dtype:  # keys and values read back from a bf16 cache
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if k.shape[0] == q.shape[0] + causal_offset:  # the causal case the kernel covers
+        # the causal case the kernel covers
+        if k.shape[0] == q.shape[0] + causal_offset and not window and not softcap:
             out = kernels.prefill_attention(q, k, v, scale)
             if out is not None:
                 return out
-        return super().attend(q, k, v, scale, causal_offset)
+        return super().attend(q, k, v, scale, causal_offset, window, softcap)
 
     # ---- a decode step's whole layer in two C calls ------------------------------------------
     def fused_decode(self, layer, x, positions, batch):

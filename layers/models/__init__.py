@@ -1,11 +1,13 @@
-"""Model definitions built from shardlm's tensor-parallel layers."""
+"""Model definitions built from shardlm's tensor-parallel layers: the shared decoder
+(:mod:`layers.models.decoder`) and the families it covers (:mod:`layers.models.families`)."""
 
-from layers.models.llama import ARCHITECTURES, LlamaArgs, LlamaForCausalLM, architecture_of
+from layers.models.decoder import CausalLM, DecoderArgs
+from layers.models.families import ARCHITECTURES, architecture_of, model_args
 
-__all__ = ["ARCHITECTURES", "LlamaArgs", "LlamaForCausalLM", "architecture_of", "build_model"]
+__all__ = ["ARCHITECTURES", "CausalLM", "DecoderArgs", "architecture_of", "build_model",
+           "model_args"]
 
 
-def build_model(hf_config: dict, comm, dtype, layer_range=None) -> LlamaForCausalLM:
-    """The model class for ``hf_config['architectures']``, this rank's piece of it."""
-    architecture_of(hf_config)  # raises a clear error for unsupported architectures
-    return LlamaForCausalLM(LlamaArgs.from_hf_config(hf_config), comm, dtype, layer_range)
+def build_model(hf_config: dict, comm, dtype, layer_range=None) -> CausalLM:
+    """The model of ``hf_config['architectures']``, this rank's piece of it."""
+    return CausalLM(model_args(hf_config), comm, dtype, layer_range)

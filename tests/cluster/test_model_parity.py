@@ -74,7 +74,7 @@ def _chunk(seq_id, ids, start, table, sample, logprobs):
                                                                       logprobs=logprobs))
 
 
-@pytest.mark.parametrize("model", ["llama-gqa", "qwen3", "phi3"])
+@pytest.mark.parametrize("model", ["llama-gqa", "qwen3", "phi3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("tp,backend", PAGED_GROUPS, ids=[f"tp{t}-{b}" for t, b in PAGED_GROUPS])
 def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend, model):
     """The step protocol end to end: sequence 0's prompt prefilled in two chunks (the second

@@ -48,9 +48,9 @@ def _rank_main(rank, tp, backend, rdv, path, queue):
     from layers.attention import AttnBatch
     from layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from layers.linear import ColumnParallelLinear, RowParallelLinear
-    from layers.mlp import SwiGLUMLP
-    from layers.models.llama import LlamaArgs, LlamaAttention
-    from layers.rotary import RopeSpec
+    from layers.mlp import GatedMLP
+    from layers.models.decoder import DecoderArgs, SelfAttention
+    from layers.rotary import RopeSpec, RotaryEmbedding
     from workers.comm import create_communicator
     from workers.loader import LoadStats, TensorSource
 
@@ -69,16 +69,17 @@ def _rank_main(rank, tp, backend, rdv, path, queue):
             load(row.weight, "row.weight"), load(row.bias, "row.bias")
             start, size = split_range(50, tp, rank)
             out["row"] = row(f.get_tensor("x_row")[:, start:start + size])
-            args = LlamaArgs("Qwen2ForCausalLM", VOCAB, HIDDEN, INTER, 1, HEADS, KV_HEADS, HEAD_DIM,
-                             1e-6, RopeSpec(), False, True, False, False, 128)
-            attn = LlamaAttention(args, head_shard(HEADS, KV_HEADS, tp, rank), torch.float32, comm)
+            args = DecoderArgs("Qwen2ForCausalLM", VOCAB, HIDDEN, INTER, 1, HEADS, KV_HEADS,
+                               HEAD_DIM, 1e-6, RopeSpec(), False, True, False, False, 128)
+            attn = SelfAttention(args, head_shard(HEADS, KV_HEADS, tp, rank), torch.float32, comm,
+                                 RotaryEmbedding(HEAD_DIM, args.rope))
             for shard in "qkv":
                 for kind in ("weight", "bias"):
                     load(getattr(attn.qkv_proj, kind), f"{shard}_proj.{kind}", shard)
             load(attn.o_proj.weight, "o_proj.weight")
             out["qkv"] = attn.qkv_proj(x)
             out["attention"] = attn(x, torch.arange(TOKENS), AttnBatch([TOKENS], [0]))
-            mlp = SwiGLUMLP(HIDDEN, INTER, torch.float32, comm)
+            mlp = GatedMLP(HIDDEN, INTER, torch.float32, comm)
             load(mlp.gate_up_proj.weight, "gate_proj.weight", "gate")
             load(mlp.gate_up_proj.weight, "up_proj.weight", "up")
             load(mlp.down_proj.weight, "down_proj.weight")

@@ -1,44 +1,45 @@
-"""The Llama family built from tensor-parallel layers.
+"""The decoder-only transformer every supported family is built from.
 
-Covers Llama 2/3, Mistral, Qwen2 (bias on q/k/v), Qwen3 (an RMSNorm over each query and
-key head before the rotary embedding), Phi-3 (q/k/v and gate/up each one tensor in the
-checkpoint: every rank reads its rows of each part) and SmolLM2 (tied embeddings), picked by
-the checkpoint's ``config.json`` ``architectures``. A model instance
-is one rank's piece: its TP share of every weight and, under pipeline
-parallelism, only the layers of its stage (the first stage owns the embedding,
-the last the final norm and LM head).
+One set of blocks, configured by :class:`DecoderArgs` (which
+:mod:`layers.models.families` reads from a checkpoint's ``config.json``):
+
+- attention over this rank's heads (:class:`SelfAttention`): fused q/k/v projection, optional
+  bias, optional RMSNorm of each query and key head (Qwen3, Gemma 3), rotary embedding (a
+  second one for sliding-window layers where the family has it: Gemma 3), sliding-window
+  layers, soft-capped scores and a scale of its own (Gemma 2);
+- a gated MLP, SiLU or tanh-GELU (:class:`layers.mlp.GatedMLP`);
+- the layer around them: pre-norm (:class:`DecoderLayer`: Llama, Mistral, Qwen, Phi-3) or
+  sandwich norms, a norm before and after each of attention and the MLP
+  (:class:`SandwichDecoderLayer`: Gemma 2 and 3);
+- the model (:class:`CausalLM`): embedding (optionally scaled), layers, final norm,
+  vocabulary-parallel LM head (optionally tied, optionally soft-capped logits).
+
+A model instance is one rank's piece: its TP share of every weight and, under pipeline
+parallelism, only the layers of its stage (the first stage owns the embedding, the last the
+final norm and LM head).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from layers.attention import Attention, AttnBatch, KeepRows
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.linear import QKVParallelLinear, RowParallelLinear
-from layers.mlp import SwiGLUMLP
+from layers.mlp import GatedMLP
 from layers.norm import RMSNorm
 from layers.ops import NATIVE
 from layers.parallel import TensorParallelGroup
 from layers.partition import HeadShard, head_shard
 from layers.rotary import RopeSpec, RotaryEmbedding
 
-# architecture -> (bias on q/k/v, bias on o_proj): None means "read attention_bias"
-ARCHITECTURES = {
-    "LlamaForCausalLM": None,
-    "MistralForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": None,
-    "Phi3ForCausalLM": (False, False),
-}
-QK_NORM = {"Qwen3ForCausalLM"}  # architectures that normalise each q and k head
-
 
 @dataclass(frozen=True)
-class LlamaArgs:
+class DecoderArgs:
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -54,62 +55,44 @@ class LlamaArgs:
     o_bias: bool
     mlp_bias: bool
     max_position_embeddings: int
-    qk_norm: bool = False
+    qk_norm: bool = False  # an RMSNorm over each query and key head
+    activation: str = "silu"  # the MLP's gate: "silu" or "gelu_tanh"
+    norm_plus_one: bool = False  # norms scale by 1 + w (Gemma)
+    sandwich_norms: bool = False  # a norm before and after attention and the MLP (Gemma)
+    embed_scale: float | None = None  # the embeddings multiplied by it (Gemma: sqrt(hidden))
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None  # attention scores soft-capped (Gemma 2)
+    final_softcap: float | None = None  # logits soft-capped (Gemma 2)
+    sliding_window: int | None = None  # the window of the sliding layers
+    sliding_layers: tuple[bool, ...] = ()  # per layer: attends over the window only
+    local_rope: RopeSpec | None = None  # the sliding layers' rotary, where it differs (Gemma 3)
 
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> "LlamaArgs":
-        arch = architecture_of(hf)
-        biases = ARCHITECTURES[arch] or (bool(hf.get("attention_bias", False)),) * 2
-        partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
-                                                        hf.get("partial_rotary_factor", 1.0))
-        if partial not in (None, 1, 1.0):
-            raise ValueError(f"partial_rotary_factor {partial} is not supported (the rotary "
-                             "embedding turns whole heads)")
-        heads = hf["num_attention_heads"]
-        return cls(
-            architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope=RopeSpec.from_hf_config(hf),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=biases[0], o_bias=biases[1], mlp_bias=bool(hf.get("mlp_bias", False)),
-            max_position_embeddings=_context_len(hf), qk_norm=arch in QK_NORM)
+    def window(self, layer: int) -> int | None:
+        sliding = self.sliding_layers and self.sliding_layers[layer]
+        return self.sliding_window if sliding else None
 
 
-def architecture_of(hf: dict) -> str:
-    archs = hf.get("architectures") or []
-    for arch in archs:
-        if arch in ARCHITECTURES:
-            return arch
-    raise ValueError(f"architecture {archs!r} is not supported; supported: {sorted(ARCHITECTURES)}")
-
-
-def _context_len(hf: dict) -> int:
-    """Usable context: max positions, capped by an active sliding window (attention over a
-    context no longer than the window is exactly full attention)."""
-    length = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    if window and hf.get("use_sliding_window", True):
-        length = min(length, window)
-    return length
-
-
-class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: TensorParallelGroup,
-                 rotary: RotaryEmbedding | None = None):
+class SelfAttention(nn.Module):
+    def __init__(self, args: DecoderArgs, shard: HeadShard, dtype: torch.dtype,
+                 comm: TensorParallelGroup, rotary: RotaryEmbedding, window: int | None = None):
         super().__init__()
         hd = args.head_dim
         self.num_q, self.num_kv, self.head_dim = shard.num_q, shard.num_kv, hd
         self.qkv_proj = QKVParallelLinear(args.hidden_size, hd, shard, args.qkv_bias, dtype)
-        self.rotary = rotary or RotaryEmbedding(hd, args.rope)  # the model shares one
-        self.attn = Attention(shard.num_q, shard.num_kv, hd)
+        self.rotary = rotary  # shared by the layers of a kind: angles once a step
+        self.attn = Attention(shard.num_q, shard.num_kv, hd, args.attn_scale, window,
+                              args.attn_softcap)
         self.o_proj = RowParallelLinear(shard.q_start * hd, shard.num_q * hd, args.hidden_size,
                                         args.o_bias, dtype, comm)
-        self.qk_norm = args.qk_norm  # Qwen3: one RMSNorm weight (head_dim,) for every q head,
-        if args.qk_norm:  # one for every k head, replicated on every rank
-            self.q_norm = RMSNorm(hd, args.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(hd, args.rms_norm_eps, dtype)
+        self.qk_norm = args.qk_norm  # one RMSNorm weight (head_dim,) for every q head, one for
+        if args.qk_norm:  # every k head, replicated on every rank
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps, dtype, args.norm_plus_one)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps, dtype, args.norm_plus_one)
+
+    @property
+    def plain(self) -> bool:
+        """No per-head norms, full uncapped attention: what the fused C decode layer runs."""
+        return not self.qk_norm and self.attn.plain
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
@@ -125,9 +108,8 @@ class LlamaAttention(nn.Module):
         q_last = q.index_select(0, keep.rows)  # (kept rows, local_q, hd)
         return self.o_proj(self.attn.forward_last(q_last, k, v, batch, batch.last_tokens(keep.seqs)))
 
-
     def _norm_heads(self, heads: torch.Tensor) -> None:
-        """Qwen3's RMSNorm of each query and key head, in place.
+        """The RMSNorm of each query and key head, in place.
         heads: (tokens, local_q + 2 * local_kv, hd)"""
         tokens, q, kv = heads.shape[0], self.num_q, self.num_kv
         for norm, part in ((self.q_norm, heads[:, :q]), (self.k_norm, heads[:, q:q + kv])):
@@ -136,22 +118,26 @@ class LlamaAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then h + mlp(norm(h))."""
+
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
-    def __init__(self, args: LlamaArgs, shard: HeadShard, dtype: torch.dtype, comm: TensorParallelGroup,
-                 rotary: RotaryEmbedding | None = None):
+    def __init__(self, args: DecoderArgs, shard: HeadShard, dtype: torch.dtype,
+                 comm: TensorParallelGroup, rotary: RotaryEmbedding, window: int | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(args, shard, dtype, comm, rotary)
+        self.self_attn = SelfAttention(args, shard, dtype, comm, rotary, window)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias,
+                            args.activation)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
         cached = self.self_attn.attn.kv_cache is not None
-        # (the fused decode layer has no q/k norms: Qwen3 runs op by op)
-        if keep is None and cached and not self.self_attn.qk_norm and batch.split().decode is batch:
+        # (the fused decode layer covers plain attention and SwiGLU only)
+        if (keep is None and cached and self.self_attn.plain and self.mlp.activation == "silu"
+                and batch.split().decode is batch):
             # every sequence decodes one token: the platform may run the layer whole
             fused = self.ops.fused_decode(self, x, positions, batch)
             if fused is not None:
@@ -165,8 +151,32 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(normed)
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: LlamaArgs, comm: TensorParallelGroup, dtype: torch.dtype = torch.float32,
+class SandwichDecoderLayer(nn.Module):
+    """Gemma's layer: x + norm(attn(norm(x))), then h + norm(mlp(norm(h))); the norms scale
+    by 1 + w."""
+
+    def __init__(self, args: DecoderArgs, shard: HeadShard, dtype: torch.dtype,
+                 comm: TensorParallelGroup, rotary: RotaryEmbedding, window: int | None = None):
+        super().__init__()
+        norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, args.norm_plus_one)
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        self.self_attn = SelfAttention(args, shard, dtype, comm, rotary, window)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias,
+                            args.activation)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
+                keep: KeepRows | None = None) -> torch.Tensor:
+        # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
+        attn = self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), positions, batch, keep))
+        residual = x if keep is None else x.index_select(0, keep.rows)
+        normed, h = self.pre_feedforward_layernorm.forward_add(attn, residual)
+        return h + self.post_feedforward_layernorm(self.mlp(normed))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, args: DecoderArgs, comm: TensorParallelGroup, dtype: torch.dtype = torch.float32,
                  layer_range: tuple[int, int] | None = None):
         super().__init__()
         self.args = args
@@ -177,13 +187,22 @@ class LlamaForCausalLM(nn.Module):
         self.head_shard = head_shard(args.num_heads, args.num_kv_heads, comm.world_size, comm.rank)
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
-        rotary = RotaryEmbedding(args.head_dim, args.rope)  # one for all layers: angles once a step
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, self.head_shard, dtype, comm, rotary)
-                                     for i in range(first, end)})
+            # the scale rounded to the weights' dtype, as the reference multiplies by it
+            self.embed_scale = (None if args.embed_scale is None
+                                else torch.tensor(args.embed_scale, dtype=dtype).item())
+        # one rotary per kind of layer, shared: the angles of a step are computed once
+        rotary = RotaryEmbedding(args.head_dim, args.rope)
+        local = RotaryEmbedding(args.head_dim, args.local_rope) if args.local_rope else rotary
+        layer_cls = SandwichDecoderLayer if args.sandwich_norms else DecoderLayer
+        self.layers = nn.ModuleDict({
+            str(i): layer_cls(args, self.head_shard, dtype, comm,
+                              local if args.window(i) else rotary, args.window(i))
+            for i in range(first, end)})
         if self.is_last:
-            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, args.norm_plus_one)
             tied = self.embed_tokens if args.tie_word_embeddings and self.is_first else None
-            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype, comm, tied)
+            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype, comm, tied,
+                                          args.final_softcap)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
@@ -191,12 +210,17 @@ class LlamaForCausalLM(nn.Module):
         -> hidden states (tokens, hidden). On the last stage with ``keep`` (a KV cache
         present), the final layer still writes every token's keys and values but computes
         the rest only for the kept rows: -> (kept rows, hidden)."""
-        x = self.embed_tokens(inputs) if self.is_first else inputs  # (tokens, hidden)
+        x = self.embed(inputs) if self.is_first else inputs  # (tokens, hidden)
         layers = list(self.layers.values())
         for i, layer in enumerate(layers):
             final = keep is not None and self.is_last and i == len(layers) - 1
             x = layer(x, positions, batch, keep if final else None)
         return self.norm(x) if self.is_last else x
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: (tokens,) -> (tokens, hidden)
+        x = self.embed_tokens(ids)
+        return x if self.embed_scale is None else x * self.embed_scale
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         # hidden: (rows, hidden) -> (rows, vocab) on TP rank 0, None on the other ranks
