@@ -142,8 +142,13 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, in_size) -> (tokens, out_features), summed over ranks
-        y = self.comm.all_reduce(self.ops.linear(x, self.weight))
+        y = self.comm.all_reduce(self.partial(x))
         return y if self.bias is None else y + self.bias
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output, before the sum over ranks (no bias).
+        x: (tokens, in_size) -> (tokens, out_features)"""
+        return self.ops.linear(x, self.weight)
 
     @classmethod
     def split(cls, in_features: int, out_features: int, tp_rank: int, bias: bool,

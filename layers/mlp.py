@@ -30,7 +30,17 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), via (tokens, intermediate_local)
+        return self.down_proj(self.gated(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output, before the sum over ranks (a block that adds
+        several shares and sums them once: Mixture-of-Experts' shared expert).
+        x: (tokens, hidden) -> (tokens, hidden)"""
+        return self.down_proj.partial(self.gated(x))
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, hidden) -> act(gate) * up (tokens, intermediate_local)
         if self.activation == "silu":
-            return self.down_proj(self.ops.swiglu(self.gate_up_proj, x))
-        return self.down_proj(self.ops.gelu_tanh_mul(self.gate_up_proj.project(x)))
+            return self.ops.swiglu(self.gate_up_proj, x)
+        return self.ops.gelu_tanh_mul(self.gate_up_proj.project(x))
 

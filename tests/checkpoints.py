@@ -31,7 +31,22 @@ TINY_MODELS = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+    # Mixture-of-Experts: 5 experts (3 + 2 on two ranks, 2 + 2 + 1 on three), 2 per token,
+    # renormalised; every layer sparse
+    "mixtral": ("MixtralConfig", dict(tie_word_embeddings=False, num_local_experts=5,
+                                      num_experts_per_tok=2)),
+    # q/k norms, experts of 26 features (uneven slices at tp 3 and 4), weights not
+    # renormalised
+    "qwen3-moe": ("Qwen3MoeConfig", dict(tie_word_embeddings=False, head_dim=16, num_experts=5,
+                                         num_experts_per_tok=2, moe_intermediate_size=26,
+                                         norm_topk_prob=False)),
+    # a gated shared expert beside the routed ones; layer 1 dense (mlp_only_layers)
+    "qwen2-moe": ("Qwen2MoeConfig", dict(tie_word_embeddings=False, num_experts=5,
+                                         num_experts_per_tok=2, moe_intermediate_size=26,
+                                         shared_expert_intermediate_size=40, norm_topk_prob=True,
+                                         mlp_only_layers=[1])),
 }
+MOE_MODELS = ("mixtral", "qwen3-moe", "qwen2-moe")
 # models whose norm weights are randomised too (their initial values, 0 for 1 + w, would hide
 # a norm read wrongly)
 RANDOM_NORMS = {"gemma2", "gemma3"}
@@ -62,7 +77,9 @@ def hf_logits(directory: Path, token_ids: list[list[int]]) -> torch.Tensor:
     """transformers' logits for each sequence, concatenated: (tokens, vocab)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    # experts one by one (the reference loop; the grouped kernel wants 16-byte strides)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                              experts_implementation="eager")
     model.eval()
     with torch.no_grad():
         return torch.cat([model(torch.tensor([ids])).logits[0] for ids in token_ids])

@@ -105,7 +105,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
-        """Every rank runs the plan; TP rank 0 returns the sampled tokens, others None."""
+        """Every rank runs the plan; TP rank 0 of the last stage returns the sampled tokens,
+        TP rank 0 of an earlier stage of a Mixture-of-Experts model its experts' load, the
+        others None."""
+        result = self._execute(plan)
+        if self.model.args.num_experts and (self.tp_comm is None or self.tp_comm.rank == 0):
+            result = result or StepResult(plan.step_id, [])
+            result.expert_load = self.model.take_expert_load()
+        return result
+
+    def _execute(self, plan: StepPlan) -> StepResult | None:
         self._resolve_follow(plan)
         batch = prepare(plan, self.block_size, self.device)
         self.sampled_seqs, self.sampled = [c.seq_id for c in batch.sample_chunks], {}

@@ -49,6 +49,7 @@ class WorkerSpec:
     threads: int | None = 1  # None: set later by share_cores
     layer_range: tuple[int, int] | None = None  # this stage's layers [first, end); None: all
     poison_token: int | None = None  # fault injection: a step holding this token raises
+    expert_parallel: bool = False  # Mixture-of-Experts: whole experts per rank (layers.moe)
 
     @property
     def name(self) -> str:
@@ -128,7 +129,8 @@ class Worker:
         zeros = (HugePageArena().zeros if self.device.type == "cpu"
                  else functools.partial(torch.zeros, device=self.device))
         with param_memory(zeros):
-            model = build_model(self.hf_config, self.tp_comm, build_dtype, layer_range)
+            model = build_model(self.hf_config, self.tp_comm, build_dtype, layer_range,
+                                self.spec.expert_parallel)
         stats = load_shard(model, checkpoint)
         self.model = model.to(self.device).eval()  # the buffers (rotary frequencies)
         self.ops = ops  # the platform, once for this worker
@@ -225,7 +227,7 @@ class Worker:
         communicator whose calls run on torch's current stream. (A CPU worker gets them only
         with the CUDA kernels forced, ``SHARDLM_OPS=triton``: then the same padded buffers
         run eagerly.)"""
-        return (self.ops.graph_safe
+        return (self.ops.graph_safe and self.model.graph_safe
                 and (self.pp_comm is None or self.pp_comm.world_size == 1)
                 and (self.tp_comm is None or self.tp_comm.world_size == 1
                      or getattr(self.tp_comm, "graph_safe", False)))

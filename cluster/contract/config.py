@@ -78,6 +78,9 @@ class ParallelConfig:
     placement_timeout_s: float = 60.0
     shm_slot_bytes: int = 32 << 20
     socket_ifname: str | None = None  # force GLOO/NCCL_SOCKET_IFNAME (hosts with several NICs)
+    # Mixture-of-Experts models: each TP rank holds whole experts (expert parallelism) instead
+    # of a slice of every expert (vLLM's flag of the same name)
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         _check_int("parallel", "tensor_parallel_size", self.tensor_parallel_size, 1)
@@ -90,6 +93,8 @@ class ParallelConfig:
                   f"must list {self.pipeline_parallel_size} positive layer counts, one per stage")
         if self.pipeline_depth is not None:
             _check_int("parallel", "pipeline_depth", self.pipeline_depth, 1)
+        if not isinstance(self.enable_expert_parallel, bool):
+            _fail("parallel", "enable_expert_parallel", self.enable_expert_parallel, "must be true or false")
         _check_choice("parallel", "backend", self.backend, BACKENDS)
         _check_choice("parallel", "device", self.device, DEVICES)
         _check_choice("parallel", "placement_strategy", self.placement_strategy,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # A decode chunk's token id when the driver planned the step before the previous one came
 # back (async scheduling): "the token your previous step sampled for this sequence".
@@ -145,17 +145,20 @@ class StepResult:
     step_id: int
     tokens: list[SampledToken]
     prompt_scores: list[PromptScores] = field(default_factory=list)
+    # Mixture-of-Experts models: [layer, tokens routed to each expert] of each sparse layer
+    # this step (from TP rank 0 of each pipeline stage: the stages' results are merged)
+    expert_load: list[list] = field(default_factory=list)
 
     def encode(self) -> bytes:
         return msgpack.packb([PROTOCOL_VERSION, "result", self.step_id,
                               [t.to_list() for t in self.tokens],
-                              [s.to_list() for s in self.prompt_scores]])
+                              [s.to_list() for s in self.prompt_scores], self.expert_load])
 
     @classmethod
     def decode(cls, data: bytes) -> "StepResult":
-        step_id, tokens, scores = _open(data, "result")
+        step_id, tokens, scores, expert_load = _open(data, "result")
         return cls(step_id, [SampledToken.from_list(t) for t in tokens],
-                   [PromptScores.from_list(s) for s in scores])
+                   [PromptScores.from_list(s) for s in scores], expert_load)
 
 
 def _open(data: bytes, kind: str) -> list:

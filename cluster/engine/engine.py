@@ -24,6 +24,7 @@ from cluster.checkpoints.store import resolve_model
 from cluster.engine import recovery
 from cluster.engine.admission import Admission, Request, check_request_id
 from cluster.engine.block_manager import BlockManager
+from cluster.engine.expert_load import ExpertLoad
 from cluster.engine.isolation import Isolation
 from cluster.engine.outputs import Delta, RequestOutput
 from cluster.engine.scheduler import Scheduler, SchedulerError
@@ -78,6 +79,7 @@ class Engine:
         self.recovered_at: float | None = None  # to time the replay after a recovery
         self.poisoned: set[str] = set()  # fault injection: requests whose next token fails
         self.isolation = Isolation()  # the request behind a step that fails every time
+        self.expert_load = ExpertLoad()  # Mixture-of-Experts: tokens routed to each expert
         self.kv_usage_peak = 0.0  # highest KV-cache usage right after scheduling a step
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                       "mixed_steps": 0}  # mixed: prefill and decode work in one step
@@ -192,6 +194,7 @@ class Engine:
             self.isolation.after_recovery(self)
             return deltas
         self.scheduler.commit(out)
+        self.expert_load.record(result.expert_load)
         self.isolation.on_success(self, out.seqs)
         if self.recovered_at is not None and result.tokens:  # the first token after a recovery
             recovery.time_replay(self)

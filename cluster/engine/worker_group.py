@@ -160,7 +160,8 @@ class WorkerGroup:
             pp_rank, tp_rank = divmod(rank, par.tensor_parallel_size)
             spec = WorkerSpec(dep.name, pp_rank, tp_rank, par.tensor_parallel_size,
                               par.pipeline_parallel_size, self.device, par.threads_per_worker,
-                              ranges[pp_rank], self.config.fault.poison_token_id)
+                              ranges[pp_rank], self.config.fault.poison_token_id,
+                              par.enable_expert_parallel)
             options = dict(
                 name=spec.name, namespace=dep.namespace,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -275,7 +276,12 @@ class WorkerGroup:
             raise StepTimeout(f"the step exceeded fault.step_timeout_s={timeout:.0f}s; "
                               f"still running on {', '.join(names)}")
         results = ray.get(refs)
-        return StepResult.decode(results[self._sampler_rank()])
+        result = StepResult.decode(results[self._sampler_rank()])
+        tp = self.config.parallel.tensor_parallel_size
+        for stage_leader in range(0, self._sampler_rank(), tp):  # earlier stages' expert load
+            if results[stage_leader] is not None:
+                result.expert_load += StepResult.decode(results[stage_leader]).expert_load
+        return result
 
     def describe_failure(self, error: BaseException) -> str:
         """Which worker failed where, as far as the error tells (for the log and /health)."""

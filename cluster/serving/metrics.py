@@ -38,6 +38,19 @@ class EngineMetrics:
                               TOKEN_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", LATENCY_BUCKETS)
         self._seen = {"preemptions": 0, "prefix_hits": 0, "restarts": 0}
+        # Mixture-of-Experts models: tokens routed to each expert of each sparse layer
+        per_expert = labels + ["layer", "expert"]
+        self._labels = values
+        self.expert_tokens = Counter("shardlm:moe_expert_tokens", "Tokens routed to the expert "
+                                     "(each token counts once per expert it chose).", per_expert,
+                                     registry=r)
+        self.expert_step_tokens = Gauge("shardlm:moe_expert_step_tokens", "Tokens routed to the "
+                                        "expert in the last step that ran experts.", per_expert,
+                                        registry=r)
+        self.expert_imbalance = gauge("moe_expert_load_imbalance", "Last step: the most loaded "
+                                      "expert's tokens over the mean per expert (worst layer; 1 = even).")
+        self._seen_experts: dict[tuple[int, int], int] = {}
+        self._last_load = None
 
     def observe_engine(self, engine) -> None:
         """Refresh gauges and counters derived from the engine's own bookkeeping."""
@@ -48,6 +61,24 @@ class EngineMetrics:
         self._advance(self.preemptions, "preemptions", sched.num_preemptions)
         self._advance(self.prefix_hits, "prefix_hits", bm.prefix_cache_hits)
         self._advance(self.restarts, "restarts", engine.supervisor.restarts)
+        self._observe_experts(engine.expert_load)
+
+    def _observe_experts(self, load) -> None:
+        if load.last is self._last_load:  # no step ran experts since the last look
+            return
+        self._last_load = load.last
+        for layer, counts in load.last.items():
+            for expert, n in enumerate(counts):
+                self.expert_step_tokens.labels(*self._labels, str(layer), str(expert)).set(n)
+        for layer, totals in load.totals.items():
+            for expert, total in enumerate(totals):
+                seen = self._seen_experts.get((layer, expert), 0)
+                if total > seen:
+                    self.expert_tokens.labels(*self._labels, str(layer), str(expert)).inc(total - seen)
+                self._seen_experts[(layer, expert)] = total
+        imbalance = load.imbalance()
+        if imbalance is not None:
+            self.expert_imbalance.set(imbalance)
 
     def _advance(self, counter, key: str, total: int) -> None:
         if total > self._seen[key]:

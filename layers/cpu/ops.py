@@ -65,8 +65,8 @@ class CpuOps(TorchOps):
         embeddings) is packed once and serves both. Returns how many weights were packed.
 
         With ``weights`` bfloat16 or int8, those weights are converted instead (int8: each
-        output feature's largest magnitude maps to 127) and every other parameter (norms,
-        biases) becomes float32."""
+        output feature's largest magnitude maps to 127), a module's ``lowp_weights`` (experts)
+        become bf16 and every other parameter (norms, biases, routers) float32."""
         if self.weights != "float32":
             return self._convert(model)
         done: set[int] = set()
@@ -84,8 +84,12 @@ class CpuOps(TorchOps):
         matmul = {id(m.weight) for m in model.modules()  # a tied weight: packable in the head
                   if getattr(m, "packable", False) and getattr(m, "weight", None) is not None
                   and m.weight.dim() == 2}
+        # weights multiplied through ``linear`` in slices (Mixture-of-Experts' experts): bf16
+        lowp = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "lowp_weights", ())}
         for param in model.parameters():  # each shared parameter once
-            if id(param) not in matmul:
+            if id(param) in lowp:
+                param.data = param.data.to(torch.bfloat16)
+            elif id(param) not in matmul:
                 param.data = param.data.float()
             elif self.weights == "bfloat16":
                 param.data = param.data.to(torch.bfloat16)

@@ -8,6 +8,8 @@ __all__ = ["ARCHITECTURES", "CausalLM", "DecoderArgs", "architecture_of", "build
            "model_args"]
 
 
-def build_model(hf_config: dict, comm, dtype, layer_range=None) -> CausalLM:
-    """The model of ``hf_config['architectures']``, this rank's piece of it."""
-    return CausalLM(model_args(hf_config), comm, dtype, layer_range)
+def build_model(hf_config: dict, comm, dtype, layer_range=None, expert_parallel: bool = False
+                ) -> CausalLM:
+    """The model of ``hf_config['architectures']``, this rank's piece of it
+    (``expert_parallel``: whole experts per rank, :mod:`layers.moe`)."""
+    return CausalLM(model_args(hf_config), comm, dtype, layer_range, expert_parallel)

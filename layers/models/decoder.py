@@ -31,6 +31,7 @@ from layers.attention import Attention, AttnBatch, KeepRows
 from layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from layers.linear import QKVParallelLinear, RowParallelLinear
 from layers.mlp import GatedMLP
+from layers.moe import MoE
 from layers.norm import RMSNorm
 from layers.ops import NATIVE
 from layers.parallel import TensorParallelGroup
@@ -66,10 +67,31 @@ class DecoderArgs:
     sliding_window: int | None = None  # the window of the sliding layers
     sliding_layers: tuple[bool, ...] = ()  # per layer: attends over the window only
     local_rope: RopeSpec | None = None  # the sliding layers' rotary, where it differs (Gemma 3)
+    # Mixture-of-Experts (layers.moe): the experts of the sparse layers, the others dense
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    normalize_expert_weights: bool = True  # the top-k weights renormalised to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    sparse_layers: tuple[bool, ...] = ()  # per layer: a Mixture-of-Experts block
 
     def window(self, layer: int) -> int | None:
         sliding = self.sliding_layers and self.sliding_layers[layer]
         return self.sliding_window if sliding else None
+
+    def sparse(self, layer: int) -> bool:
+        return bool(self.sparse_layers and self.sparse_layers[layer])
+
+
+def feed_forward(args: DecoderArgs, layer: int, dtype: torch.dtype, comm: TensorParallelGroup,
+                 expert_parallel: bool) -> nn.Module:
+    """Layer ``layer``'s MLP: a Mixture-of-Experts block where the model has one there."""
+    if not args.sparse(layer):
+        return GatedMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias,
+                        args.activation)
+    return MoE(args.hidden_size, args.moe_intermediate_size, args.num_experts,
+               args.experts_per_token, args.normalize_expert_weights, dtype, comm,
+               expert_parallel, args.shared_expert_intermediate_size)
 
 
 class SelfAttention(nn.Module):
@@ -122,22 +144,21 @@ class DecoderLayer(nn.Module):
 
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
 
-    def __init__(self, args: DecoderArgs, shard: HeadShard, dtype: torch.dtype,
-                 comm: TensorParallelGroup, rotary: RotaryEmbedding, window: int | None = None):
+    def __init__(self, args: DecoderArgs, index: int, shard: HeadShard, dtype: torch.dtype,
+                 comm: TensorParallelGroup, rotary: RotaryEmbedding, expert_parallel: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.self_attn = SelfAttention(args, shard, dtype, comm, rotary, window)
+        self.self_attn = SelfAttention(args, shard, dtype, comm, rotary, args.window(index))
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias,
-                            args.activation)
+        self.mlp = feed_forward(args, index, dtype, comm, expert_parallel)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
         cached = self.self_attn.attn.kv_cache is not None
-        # (the fused decode layer covers plain attention and SwiGLU only)
-        if (keep is None and cached and self.self_attn.plain and self.mlp.activation == "silu"
-                and batch.split().decode is batch):
+        # (the fused decode layer covers plain attention and a dense SwiGLU MLP only)
+        if (keep is None and cached and self.self_attn.plain and isinstance(self.mlp, GatedMLP)
+                and self.mlp.activation == "silu" and batch.split().decode is batch):
             # every sequence decodes one token: the platform may run the layer whole
             fused = self.ops.fused_decode(self, x, positions, batch)
             if fused is not None:
@@ -155,15 +176,14 @@ class SandwichDecoderLayer(nn.Module):
     """Gemma's layer: x + norm(attn(norm(x))), then h + norm(mlp(norm(h))); the norms scale
     by 1 + w."""
 
-    def __init__(self, args: DecoderArgs, shard: HeadShard, dtype: torch.dtype,
-                 comm: TensorParallelGroup, rotary: RotaryEmbedding, window: int | None = None):
+    def __init__(self, args: DecoderArgs, index: int, shard: HeadShard, dtype: torch.dtype,
+                 comm: TensorParallelGroup, rotary: RotaryEmbedding, expert_parallel: bool = False):
         super().__init__()
         norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, args.norm_plus_one)
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
-        self.self_attn = SelfAttention(args, shard, dtype, comm, rotary, window)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, dtype, comm, args.mlp_bias,
-                            args.activation)
+        self.self_attn = SelfAttention(args, shard, dtype, comm, rotary, args.window(index))
+        self.mlp = feed_forward(args, index, dtype, comm, expert_parallel)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
@@ -177,7 +197,9 @@ class SandwichDecoderLayer(nn.Module):
 
 class CausalLM(nn.Module):
     def __init__(self, args: DecoderArgs, comm: TensorParallelGroup, dtype: torch.dtype = torch.float32,
-                 layer_range: tuple[int, int] | None = None):
+                 layer_range: tuple[int, int] | None = None, expert_parallel: bool = False):
+        """``expert_parallel``: Mixture-of-Experts layers hold whole experts per rank instead
+        of a slice of every expert (:mod:`layers.moe`)."""
         super().__init__()
         self.args = args
         self.dtype = dtype
@@ -195,8 +217,8 @@ class CausalLM(nn.Module):
         local = RotaryEmbedding(args.head_dim, args.local_rope) if args.local_rope else rotary
         layer_cls = SandwichDecoderLayer if args.sandwich_norms else DecoderLayer
         self.layers = nn.ModuleDict({
-            str(i): layer_cls(args, self.head_shard, dtype, comm,
-                              local if args.window(i) else rotary, args.window(i))
+            str(i): layer_cls(args, i, self.head_shard, dtype, comm,
+                              local if args.window(i) else rotary, expert_parallel)
             for i in range(first, end)})
         if self.is_last:
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, args.norm_plus_one)
@@ -249,6 +271,9 @@ class CausalLM(nn.Module):
         if not m or not self.layer_range[0] <= int(m.group(1)) < self.layer_range[1]:
             return []
         index, module, kind = m.groups()
+        module = module.replace("block_sparse_moe.", "mlp.", 1)  # Mixtral's name for it
+        if self.args.sparse(int(index)) and module.startswith("mlp."):
+            return self._expert_target(index, module[4:])
         fused = _FUSED.get(module)
         if fused:
             return [(f"layers.{index}.{fused[0]}.{kind}", fused[1])]
@@ -256,6 +281,41 @@ class CausalLM(nn.Module):
             return [(f"layers.{index}.{module}.{kind}", shard, offset)
                     for shard, offset in self._packed_offsets(module)]
         return [(f"layers.{index}.{module}.{kind}", None)]
+
+    def _expert_target(self, index: str, module: str) -> list[tuple]:
+        """A Mixture-of-Experts block's tensor (``module``: its name inside the block): the
+        router, an expert's projection (read only by the ranks holding that expert), the
+        shared expert and its gate."""
+        layer = f"layers.{index}.mlp"
+        if module == "gate":
+            return [(f"{layer}.gate", None)]
+        if module == "shared_expert_gate":
+            return [(f"{layer}.shared_gate", None)]
+        m = re.fullmatch(r"experts\.(\d+)\.(\w+)", module)
+        if m:
+            expert, proj = int(m.group(1)), _EXPERT_PROJ.get(m.group(2))
+            if proj is None or not self.layers[index].mlp.owns(expert):
+                return []
+            return [(f"{layer}.{'w2' if proj == 'down' else 'w13'}", (proj, expert))]
+        m = re.fullmatch(r"shared_expert\.(\w+)", module)
+        if m and m.group(1) in ("gate_proj", "up_proj"):
+            return [(f"{layer}.shared.gate_up_proj.weight", m.group(1)[:-5])]
+        if m and m.group(1) == "down_proj":
+            return [(f"{layer}.shared.down_proj.weight", None)]
+        return []
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step reads no host value (CUDA graphs may capture it): not with
+        sliding-window or soft-capped attention (torch's path) or experts (routing)."""
+        return not any(self.args.sparse_layers) and all(
+            layer.self_attn.attn.plain for layer in self.layers.values())
+
+    def take_expert_load(self) -> list[list]:
+        """[layer, tokens routed to each expert] of each Mixture-of-Experts layer of this
+        stage since the last call (the counts restart)."""
+        return [[int(i), layer.mlp.take_load()] for i, layer in self.layers.items()
+                if isinstance(layer.mlp, MoE)]
 
     def _packed_offsets(self, module: str) -> list[tuple[str, int]]:
         """Each shard's first row in a packed checkpoint tensor (q, k, v or gate, up)."""
@@ -268,6 +328,9 @@ class CausalLM(nn.Module):
 
 # checkpoints that pack q/k/v and gate/up into one tensor each (Phi-3), under our names
 _PACKED = {"self_attn.qkv_proj", "mlp.gate_up_proj"}
+# an expert's projections in the checkpoint (Qwen's names, Mixtral's w1/w3/w2) -> ours
+_EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+                "w1": "gate", "w3": "up", "w2": "down"}
 # checkpoint module -> (our fused module, shard id)
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", "q"),

@@ -9,6 +9,8 @@
   (tanh) gate, sliding-window layers (``layer_types``, or the older every-other /
   ``sliding_window_pattern`` rule); Gemma 2 soft-caps attention scores and logits, Gemma 3
   normalises query and key heads and gives its sliding layers a rotary of their own.
+- Mixture-of-Experts (:mod:`layers.moe`): ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``
+  (per-head q/k norms), ``Qwen2MoeForCausalLM`` (a gated shared expert).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _LLAMA_BIASES = {
     "Qwen3ForCausalLM": None,
     "Phi3ForCausalLM": (False, False),
 }
-_QK_NORM = {"Qwen3ForCausalLM", "Gemma3ForCausalLM"}  # a norm over each q and k head
+_QK_NORM = {"Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"}  # a norm over each q and k head
 
 
 def _common(hf: dict, arch: str) -> dict:
@@ -102,10 +104,41 @@ def _gemma_ropes(hf: dict, gemma3: bool) -> tuple[RopeSpec, RopeSpec | None]:
     return full, RopeSpec(theta=float(hf.get("rope_local_base_freq", 10000.0)))
 
 
+def moe_args(hf: dict, arch: str) -> DecoderArgs:
+    """Mixtral (every layer sparse, top-k weights renormalised), Qwen3-MoE and Qwen2-MoE
+    (sparse every ``decoder_sparse_step`` layers except ``mlp_only_layers``, renormalised
+    where ``norm_topk_prob``; Qwen2-MoE adds a gated shared expert and bias on q/k/v)."""
+    dense = _common(hf, arch)
+    layers = hf["num_hidden_layers"]
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    if arch == "MixtralForCausalLM":
+        sparse, inter, normalize, shared = (True,) * layers, hf["intermediate_size"], True, 0
+    else:
+        step, dense_only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
+        sparse = tuple(i not in dense_only and experts > 0 and (i + 1) % step == 0
+                       for i in range(layers))
+        inter, normalize = hf["moe_intermediate_size"], bool(hf.get("norm_topk_prob", False))
+        shared = hf.get("shared_expert_intermediate_size", 0) if arch == "Qwen2MoeForCausalLM" else 0
+    qkv_bias = bool(hf.get("qkv_bias", True)) if arch == "Qwen2MoeForCausalLM" else bool(
+        hf.get("attention_bias", False))
+    if any(sparse) and experts < 1:
+        raise ValueError(f"{arch}: sparse layers but no experts in the config")
+    return DecoderArgs(
+        **dense, rope=RopeSpec.from_hf_config(hf),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+        o_bias=False, max_position_embeddings=_capped_context(hf), num_experts=experts,
+        experts_per_token=hf["num_experts_per_tok"], moe_intermediate_size=inter,
+        normalize_expert_weights=normalize, shared_expert_intermediate_size=shared,
+        sparse_layers=sparse)
+
+
 ARCHITECTURES: dict[str, Callable[[dict, str], DecoderArgs]] = {
     **{arch: llama_args for arch in _LLAMA_BIASES},
     "Gemma2ForCausalLM": gemma_args,
     "Gemma3ForCausalLM": gemma_args,
+    "MixtralForCausalLM": moe_args,
+    "Qwen3MoeForCausalLM": moe_args,
+    "Qwen2MoeForCausalLM": moe_args,
 }
 
 

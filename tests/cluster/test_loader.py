@@ -106,3 +106,37 @@ def test_packed_qkv_and_gate_up_are_read_by_rows(ray_session, tmp_path):
     assert all(0.4 * size < r < 0.6 * size for r in read), (read, size)
     assert 0.95 * size < sum(read) < 1.05 * size, (read, size)
     assert diff < 1e-4
+
+
+def test_expert_layouts_read_each_rank_its_experts(ray_session, tmp_path):
+    """A Mixture-of-Experts checkpoint at tp=2, 5 experts: with experts tensor-parallel each
+    rank reads its slice of every expert's features, with expert parallelism whole experts,
+    its own only (3 + 2). Everything else (attention, router, embeddings) is read the same
+    way in both layouts, so the difference between a rank's two reads is exactly the
+    difference of its expert bytes, computed here from the file's tensor shapes."""
+    from safetensors import safe_open
+
+    from layers.partition import split_range
+
+    path = write_tiny_checkpoint("mixtral", tmp_path, vocab_size=1000, hidden_size=128,
+                                 intermediate_size=384, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=4)
+    experts, inter, tp = 5, 384, 2
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        expert_bytes = {k: f.get_slice(k).get_shape() for k in f.keys() if ".experts." in k}
+    per_tensor = 4 * 128 * inter  # float32, each expert projection is (inter, hidden) or its transpose
+    assert all(s[0] * s[1] * 4 == per_tensor for s in expert_bytes.values())
+    figures = {}
+    for ep in (False, True):
+        config = EngineConfig().with_overrides(
+            dtype="float32", model=str(path), cpus_per_worker=0.5, tensor_parallel_size=tp,
+            enable_expert_parallel=ep, name=f"experts-{'ep' if ep else 'tp'}")
+        figures[ep] = [s["bytes_read"] for s in _load_figures(config, path)]
+    layers_projections = 2 * 3  # layers x (w1, w2, w3)
+    for rank in range(tp):
+        owned = split_range(experts, tp, rank)[1]
+        ep_bytes = owned * layers_projections * per_tensor
+        tp_bytes = experts * layers_projections * 4 * 128 * split_range(inter, tp, rank)[1]
+        assert figures[True][rank] - figures[False][rank] == ep_bytes - tp_bytes, (figures, rank)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert 0.95 * size < sum(figures[True]) and sum(figures[False]) < 1.05 * size

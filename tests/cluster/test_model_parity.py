@@ -10,7 +10,7 @@ import pytest
 
 from cluster.contract.config import EngineConfig
 from cluster.engine.worker_group import WorkerGroup
-from tests.checkpoints import TINY_MODELS, hf_logits, write_tiny_checkpoint
+from tests.checkpoints import MOE_MODELS, TINY_MODELS, hf_logits, write_tiny_checkpoint
 
 PROMPTS = [[1, 5, 7, 9, 100, 3, 4, 150, 0, 12, 33], [8, 9, 10], [42]]
 GROUPS = [(1, "gloo"), (2, "gloo"), (2, "shm"), (3, "gloo"), (3, "shm"), (4, "gloo"), (4, "shm")]
@@ -40,6 +40,29 @@ def test_logits_match_transformers(ray_session, checkpoints, tp, backend):
             assert got.shape == expected.shape, name
             diff = (got - expected).abs().max().item()
             assert diff < 1e-4, f"{name} at tp={tp} over {backend}: max abs diff {diff}"
+    finally:
+        group.shutdown()
+
+
+EP_GROUPS = [(2, "shm"), (3, "gloo"), (4, "shm")]
+
+
+@pytest.mark.parametrize("tp,backend", EP_GROUPS, ids=[f"tp{t}-{b}" for t, b in EP_GROUPS])
+def test_expert_parallel_logits_match_transformers(ray_session, checkpoints, tp, backend):
+    """Whole experts per rank (5 experts: 3 + 2, 2 + 2 + 1, 2 + 1 + 1 + 1): the Mixture-of-
+    Experts models' logits equal transformers' as with sliced experts."""
+    first = checkpoints[MOE_MODELS[0]][0]
+    config = EngineConfig().with_overrides(
+        dtype="float32", model=str(first), tensor_parallel_size=tp, backend=backend,
+        cpus_per_worker=0.5, enable_expert_parallel=True, name=f"ep-tp{tp}-{backend}")
+    group = WorkerGroup(config, first).start()
+    try:
+        for name in MOE_MODELS:
+            path, expected = checkpoints[name]
+            if path != first:
+                group.call_all("load", str(path), "float32")
+            diff = (group.forward_logits(PROMPTS) - expected).abs().max().item()
+            assert diff < 1e-4, f"{name} at ep={tp} over {backend}: max abs diff {diff}"
     finally:
         group.shutdown()
 
@@ -74,8 +97,17 @@ def _chunk(seq_id, ids, start, table, sample, logprobs):
                                                                       logprobs=logprobs))
 
 
-@pytest.mark.parametrize("model", ["llama-gqa", "qwen3", "phi3", "gemma2", "gemma3"])
-@pytest.mark.parametrize("tp,backend", PAGED_GROUPS, ids=[f"tp{t}-{b}" for t, b in PAGED_GROUPS])
+PAGED_MODELS = ["llama-gqa", "qwen3", "phi3", "gemma2", "gemma3", *MOE_MODELS,
+                *(f"{m}+ep" for m in MOE_MODELS)]  # +ep: whole experts per rank
+
+
+# (expert parallelism needs two ranks or more: at tp=1 it is the sliced case)
+PAGED_CASES = [(m, t, b) for m in PAGED_MODELS for t, b in PAGED_GROUPS
+               if not (m.endswith("+ep") and t == 1)]
+
+
+@pytest.mark.parametrize("model,tp,backend", PAGED_CASES,
+                         ids=[f"{m}-tp{t}-{b}" for m, t, b in PAGED_CASES])
 def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend, model):
     """The step protocol end to end: sequence 0's prompt prefilled in two chunks (the second
     attends over the first through the cache), the others in one, the steps mixing prefill
@@ -86,10 +118,12 @@ def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend, m
 
     from cluster.contract.messages import StepPlan
 
-    path, _ = checkpoints[model]
+    name, _, ep = model.partition("+")
+    path, _ = checkpoints[name]
     config = EngineConfig().with_overrides(dtype="float32", 
         model=str(path), tensor_parallel_size=tp, backend=backend, cpus_per_worker=0.5,
-        block_size=BLOCK, kv_cache_bytes=1 << 20, name=f"paged-{model}-tp{tp}-{backend}")
+        block_size=BLOCK, kv_cache_bytes=1 << 20, enable_expert_parallel=bool(ep),
+        name=f"paged-{name}{'-ep' if ep else ''}-tp{tp}-{backend}")
     group = WorkerGroup(config, path).start()
     try:
         num_blocks = group.init_cache()

@@ -32,6 +32,8 @@ METRICS = {
     "shardlm:time_to_first_token_seconds", "shardlm:time_per_output_token_seconds",
     "shardlm:e2e_request_latency_seconds", "shardlm:num_preemptions_total",
     "shardlm:prefix_cache_hits_total", "shardlm:worker_restarts_total",
+    "shardlm:moe_expert_tokens_total", "shardlm:moe_expert_step_tokens",
+    "shardlm:moe_expert_load_imbalance",
 }
 HISTOGRAMS = {"shardlm:time_to_first_token_seconds", "shardlm:time_per_output_token_seconds",
               "shardlm:e2e_request_latency_seconds"}

@@ -1,0 +1,132 @@
+"""Mixture-of-Experts feed-forward block (Mixtral, Qwen3-MoE, Qwen2-MoE), in two layouts.
+
+A router (replicated on every rank) scores the experts for each token; the token goes to its
+``top_k`` best, weighted by their softmax probabilities (renormalised over the chosen ones
+where the family says so); an optional shared expert (Qwen2-MoE) sees every token, scaled by
+a sigmoid gate. Each expert is a SwiGLU MLP.
+
+Layouts (``expert_parallel``):
+
+- experts tensor-parallel (default): every rank holds a slice of every expert's intermediate
+  features (gate/up rows, down columns), as a dense MLP is split; it runs every routed
+  token through its slices.
+- expert-parallel: each rank holds whole experts, a contiguous range of them (uneven when the
+  experts do not divide among the ranks: 5 experts on 2 ranks are 3 + 2), and runs only the
+  tokens routed to its own experts.
+
+Tensor parallelism leaves every rank with the whole batch's hidden states after attention,
+and every rank's router makes the same choices, so the dispatch of a token to the rank that
+owns its expert is a local selection (nothing travels), and the combine is one all-reduce of
+the ranks' partial sums: the same one all-reduce a dense MLP ends with (an all-gather of the
+tokens plus a reduce-scatter, fused). The shared expert is split like a dense MLP and joins
+that one all-reduce.
+
+Each forward counts the tokens routed to each expert (:attr:`MoE.load`): the worker reports
+them with the step's result and the engine exports them as metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layers.linear import load_whole, make_param
+from layers.mlp import GatedMLP
+from layers.ops import NATIVE
+from layers.parallel import TensorParallelGroup
+from layers.partition import split_range
+
+
+class MoE(nn.Module):
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+    lowp_weights = ("w13", "w2")  # bf16 where the platform runs bf16 weights
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int,
+                 normalize: bool, dtype: torch.dtype, comm: TensorParallelGroup,
+                 expert_parallel: bool = False, shared_intermediate: int = 0):
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"experts per token {top_k} must be in 1..{num_experts} (the experts)")
+        tp, rank = comm.world_size, comm.rank
+        self.comm, self.num_experts, self.top_k, self.normalize = comm, num_experts, top_k, normalize
+        self.expert_parallel = expert_parallel
+        if expert_parallel:  # whole experts [first, first + count) on this rank
+            self.first, count = split_range(num_experts, tp, rank)
+            self.inter_start, self.inter = 0, intermediate
+        else:  # a slice of every expert
+            self.first, count = 0, num_experts
+            self.inter_start, self.inter = split_range(intermediate, tp, rank)
+        self.local = range(self.first, self.first + count)
+        self.gate = make_param((num_experts, hidden), dtype, load_whole)  # the router
+        # gate rows then up rows of each local expert; its down projection
+        self.w13 = make_param((count, 2 * self.inter, hidden), dtype, self._load_w13)
+        self.w2 = make_param((count, hidden, self.inter), dtype, self._load_w2)
+        self.w13.shard_ids = [(part, e) for e in self.local for part in ("gate", "up")]
+        self.w2.shard_ids = [("down", e) for e in self.local]
+        self.shared = None
+        if shared_intermediate:  # Qwen2-MoE: every token, scaled by sigmoid(shared_gate . x)
+            self.shared = GatedMLP(hidden, shared_intermediate, dtype, comm)
+            self.shared_gate = make_param((1, hidden), dtype, load_whole)
+        self.load = torch.zeros(num_experts, dtype=torch.int64)  # tokens routed, since last taken
+
+    def owns(self, expert: int) -> bool:
+        return expert in self.local
+
+    def _load_w13(self, param: nn.Parameter, source, shard_id) -> None:
+        part, expert = shard_id
+        rows = source.read(0, self.inter_start, self.inter)  # (inter, hidden)
+        offset = 0 if part == "gate" else self.inter
+        param.data[expert - self.first, offset:offset + self.inter].copy_(rows)
+
+    def _load_w2(self, param: nn.Parameter, source, shard_id) -> None:
+        _, expert = shard_id
+        param.data[expert - self.first].copy_(source.read(1, self.inter_start, self.inter))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts and their weights: (tokens, top_k) int64, (tokens, top_k)
+        float32. x: (tokens, hidden)"""
+        logits = self.ops.linear(x, self.gate)  # (tokens, experts)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return experts, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, hidden) -> (tokens, hidden), summed over ranks
+        out = self.partial(x)
+        if self.shared is not None:
+            gate = torch.sigmoid(self.ops.linear(x, self.shared_gate).float())  # (tokens, 1)
+            out += (self.shared.partial(x).float() * gate).to(out.dtype)
+        return self.comm.all_reduce(out)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' weighted outputs for the tokens routed to them.
+        x: (tokens, hidden) -> (tokens, hidden)"""
+        experts, weights = self.route(x)
+        flat = experts.reshape(-1)  # (tokens * top_k,) token t's choices at t*k .. t*k+k-1
+        order = torch.argsort(flat, stable=True)  # grouped by expert, tokens in order
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (experts,)
+        self.load += counts.cpu()
+        ends = counts.cumsum(0).tolist()
+        out = torch.zeros_like(x)
+        for expert in self.local:
+            begin, end = (ends[expert - 1] if expert else 0), ends[expert]
+            if begin == end:
+                continue
+            picks = order[begin:end]  # (n,) positions in ``flat``
+            rows = picks // self.top_k  # (n,) token rows
+            y = self._expert(expert - self.first, x.index_select(0, rows))  # (n, hidden)
+            y = y.float() * weights.reshape(-1).index_select(0, picks).unsqueeze(1)
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+    def _expert(self, local: int, x: torch.Tensor) -> torch.Tensor:
+        # x: (n, hidden) -> (n, hidden): this rank's part of expert ``local``'s SwiGLU
+        gate_up = self.ops.linear(x, self.w13[local])  # (n, 2 * inter)
+        return self.ops.linear(self.ops.silu_mul(gate_up), self.w2[local])
+
+    def take_load(self) -> list[int]:
+        """Tokens routed to each expert since the last call; resets the count."""
+        load, self.load = self.load.tolist(), torch.zeros_like(self.load)
+        return load
