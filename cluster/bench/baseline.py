@@ -107,9 +107,12 @@ def cpu_description() -> dict:
 
 def weight_counts(model_dir: Path, hf_config: dict) -> dict:
     """Parameter counts from the safetensors headers (no weights are read): ``blocks`` is
-    every weight a token passes through except the embedding and LM head."""
+    every weight a token passes through except the embedding and LM head (of a Mixture-of-
+    Experts model's routed experts, the share one token uses: experts per token / experts)."""
     from safetensors import safe_open
 
+    experts = hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0
+    active = hf_config.get("num_experts_per_tok", experts) / experts if experts else 1.0
     blocks = total = 0
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -117,7 +120,7 @@ def weight_counts(model_dir: Path, hf_config: dict) -> dict:
                 numel = prod(f.get_slice(name).get_shape())
                 total += numel
                 if not name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                    blocks += numel
+                    blocks += numel * (active if ".experts." in name else 1)
     lm_head = hf_config["vocab_size"] * hf_config["hidden_size"]
     return {"total": total, "blocks": blocks, "lm_head": lm_head}
 

@@ -69,7 +69,12 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for, precision: str | None
         llm.shutdown()
         raise
     name = f"shardlm {precision}" if precision else "shardlm"
+    if engine.config.parallel.enable_expert_parallel:
+        name += " ep"  # whole experts per rank (Mixture-of-Experts)
+    loads = engine.group.load_stats
     return llm, {"engine": name, "precision": precision, "tp": tp, "device": engine.group.device,
+                 "bytes_read_at_load": [s["bytes_read"] for s in loads],
+                 "checkpoint_bytes": loads[0]["checkpoint_bytes"],
                  "backend": engine.group.backend, "dtype": engine.group.dtype,
                  "quantization": engine.config.model.quantization,
                  "threads": sum(engine.group.threads),

@@ -56,6 +56,11 @@ def format_report(result: dict) -> str:
                 cells += ["-", "-", f"identical greedy outputs: {p.get('identical_to_shardlm', '-')}"
                                     f"/{p['requests']}"]
             lines.append(_row(list(zip(cells, [w for _, w in RUN_COLUMNS]))))
+    for r in result["shardlm"]:
+        if r.get("bytes_read_at_load"):
+            read = "/".join(f"{b / 2**20:.1f}" for b in r["bytes_read_at_load"])
+            lines.append(f"{r['engine']} tp={r['tp']} load: MiB read per rank {read} of the "
+                         f"checkpoint's {r['checkpoint_bytes'] / 2**20:.1f} MiB")
     for q in result["ratios"]:
         lines.append(f"{q.get('engine', 'shardlm')} tp={q['tp']} / {q.get('baseline', 'transformers')} at {q['threads']} "
                      f"thread(s), concurrency {q['concurrency']}"

@@ -78,6 +78,9 @@ def test_shardlm_figures(result):
     for run_ in result["shardlm"]:
         tp = run_["tp"]
         assert run_["threads"] == tp and run_["num_kv_blocks"] > 0
+        # each rank reads its share of the checkpoint: all of it at tp=1, about half at tp=2
+        share = [b / run_["checkpoint_bytes"] for b in run_["bytes_read_at_load"]]
+        assert len(share) == tp and all(0.8 / tp < f <= 1.0 for f in share), share
         assert [p["concurrency"] for p in run_["points"]] == CONCURRENCY
         for p, c in zip(run_["points"], CONCURRENCY):
             _check_point(p, c)

@@ -42,3 +42,23 @@ def test_bench_command_line_takes_both_baselines_and_precisions():
     assert both.baseline_dtypes == ["auto", "float32"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--baseline-dtype", "int4"])
+
+
+def test_weight_counts_take_a_tokens_share_of_the_experts(tmp_path):
+    """The roofline's bytes per token: of a Mixture-of-Experts model's experts, only the
+    share a token is routed to (2 of 5 here); counted against transformers' own parameters."""
+    import json
+
+    import transformers
+
+    from cluster.bench.baseline import weight_counts
+    from tests.checkpoints import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint("mixtral", tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if "experts" not in n and not n.endswith(("embed_tokens.weight", "lm_head.weight")))
+    routed = sum(p.numel() for n, p in model.named_parameters() if "experts" in n)
+    counts = weight_counts(path, json.loads((path / "config.json").read_text()))
+    assert counts["blocks"] == pytest.approx(dense + routed * 2 / 5)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
