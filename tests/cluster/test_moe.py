@@ -44,12 +44,18 @@ def reference(moe):
     return outputs, counts.tolist()
 
 
-@pytest.mark.parametrize("ep", [False, True], ids=["experts-tp", "experts-ep"])
-def test_generation_and_expert_load_match_transformers(ray_session, moe, reference, ep):
+# (tp, pp, expert parallel): at pp=2 the sparse layer is on the first stage, whose counts
+# travel beside the last stage's tokens
+LAYOUTS = [(2, 1, False), (2, 1, True), (1, 2, False), (2, 2, True)]
+
+
+@pytest.mark.parametrize("tp,pp,ep", LAYOUTS,
+                         ids=[f"tp{t}-pp{p}-{'ep' if e else 'experts-tp'}" for t, p, e in LAYOUTS])
+def test_generation_and_expert_load_match_transformers(ray_session, moe, reference, tp, pp, ep):
     expected_tokens, expected_load = reference
-    llm = LLM(dtype="float32", model=str(moe), tensor_parallel_size=2, cpus_per_worker=0.5,
-              block_size=4, kv_cache_bytes=1 << 22, enable_expert_parallel=ep,
-              name=f"moe-{'ep' if ep else 'tp'}")
+    llm = LLM(dtype="float32", model=str(moe), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+              cpus_per_worker=0.5, block_size=4, kv_cache_bytes=1 << 22,
+              enable_expert_parallel=ep, name=f"moe-tp{tp}-pp{pp}-{'ep' if ep else 'tp'}")
     try:
         out = llm.generate(prompt_token_ids=PROMPTS,
                            sampling_params=SamplingParams(max_tokens=NEW, temperature=0,

@@ -108,3 +108,24 @@ def test_abort_while_a_micro_batch_is_in_flight(ray_session, tiny, reference):
         assert not engine.scheduler.running and not engine.scheduler.waiting
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sliding_window_layers_across_stages(ray_session, tmp_path, family):
+    """Gemma at pp=2: the sliding-window layer (0) on the first stage, the full one on the
+    second, each keeping its own window and rotary; greedy output equals transformers'."""
+    import transformers
+
+    path = write_tiny_checkpoint(family, tmp_path, seed=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                for p in PROMPTS]
+    llm = LLM(dtype="float32", model=str(path), pipeline_parallel_size=2, cpus_per_worker=0.5,
+              block_size=4, kv_cache_bytes=1 << 22, name=f"pp-{family}")
+    try:
+        outputs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(
+            max_tokens=12, temperature=0, ignore_eos=True))
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == expected
