@@ -109,7 +109,8 @@ def load() -> ctypes.CDLL | None:
         return None
     _INT, _F32 = ctypes.c_int, ctypes.c_float
     signatures = {
-        "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT, _INT],
+        "paged_decode_attention": [_F32P, _F32P, _I64P, _I64P, _F32P, *[_I64] * 7, _F32, _INT, _INT,
+                                   _I64, _F32],
         "amx_linear_available": [],
         "argmax_rows": [_F32P, _I64, _I64, _F32P, _I64P, _INT],
         "gumbel_argmax_rows": [_F32P, _I64, _I64, _I64P, _I64P, _F32P, _I64P, _INT],
@@ -203,8 +204,11 @@ def lowp_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+                           context_lens: torch.Tensor, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor | None:
     """Decode attention through the C kernel; None where it does not apply (then use torch).
+    ``window``: each new token sees its sequence's last ``window`` positions; ``softcap``:
+    scores soft-capped (``softcap * tanh(score / softcap)``) before the softmax.
 
     q: (seqs, num_q, hd) float32; cache: (2, blocks, block_size, num_kv, hd) float32 or bf16;
     block_tables: (seqs, max_blocks) int64; context_lens: (seqs,) int64 -> (seqs, num_q, hd)
@@ -222,7 +226,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     rc = lib.paged_decode_attention(
         q.data_ptr(), cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
         seqs, num_q, num_kv, hd, num_blocks, block_size, tables.shape[1], scale,
-        int(cache.dtype == torch.bfloat16), torch.get_num_threads())
+        int(cache.dtype == torch.bfloat16), torch.get_num_threads(), int(window or 0),
+        float(softcap or 0.0))
     return out if rc == 0 else None
 
 

@@ -193,8 +193,8 @@ class CpuOps(TorchOps):
 
     def paged_decode(self, q, cache, batch, scale, window=None, softcap=None):
         # the kernel reads each sequence's blocks in place (no gather into a padded copy)
-        out = None if window or softcap else kernels.paged_decode_attention(
-            q, cache, batch.block_tables, batch.context_lens_tensor(), scale)
+        out = kernels.paged_decode_attention(q, cache, batch.block_tables,
+                                             batch.context_lens_tensor(), scale, window, softcap)
         return out if out is not None else super().paged_decode(q, cache, batch, scale, window,
                                                                 softcap)
 

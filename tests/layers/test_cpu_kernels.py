@@ -90,6 +90,44 @@ def test_attention_module_paths_agree(shape, monkeypatch):
         cpu_kernels.load.cache_clear()
 
 
+def _reference_capped(q, cache, tables, lens, scale, window, softcap):
+    """Written out in float64, sequence by sequence: the keys of the last ``window``
+    positions, scores soft-capped as Gemma 2's reference does, then the softmax."""
+    _, _, bs, num_kv, _ = cache.shape
+    group, outs = q.shape[1] // num_kv, []
+    for i, n in enumerate(lens):
+        pos = torch.arange(max(0, n - window) if window else 0, n)
+        blocks = tables[i][pos // bs]
+        k, v = (cache[j, blocks, pos % bs].double().repeat_interleave(group, dim=1) for j in (0, 1))
+        scores = torch.einsum("hd,thd->ht", q[i].double(), k) * scale  # (num_q, positions)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        outs.append(torch.einsum("ht,thd->hd", torch.softmax(scores, dim=-1), v))
+    return torch.stack(outs).float()  # (seqs, num_q, hd)
+
+
+CAPPED = [(None, 3.0), (4, None), (7, 2.5), (16, None), (1, None)]
+
+
+@pytest.mark.parametrize("window,softcap", CAPPED, ids=[f"w{w}-cap{c}" for w, c in CAPPED])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("kv", ["float32", "bfloat16"])
+def test_sliding_window_and_softcap_on_every_path(shape, window, softcap, kv):
+    """Gemma's attention: a window starting inside a block (or beyond the context), soft-capped
+    scores; the C kernel and the device-generic path against a float64 reference."""
+    q, cache, tables, lens = _case(*shape, seed=2)
+    cache = cache.to(getattr(torch, kv))
+    scale = shape[2] ** -0.5
+    expected = _reference_capped(q, cache.float(), tables, lens, scale, window, softcap)
+    got = cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), scale, window,
+                                             softcap)
+    assert got is not None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    batch = AttnBatch([1] * len(lens), [n - 1 for n in lens], tables)
+    torch.testing.assert_close(NATIVE.paged_decode(q, cache.float(), batch, scale, window, softcap),
+                               expected, atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_declines_what_it_does_not_handle():
     q, cache, tables, lens = _case(9, 3, 64, 16)
     lens_t = torch.tensor(lens)

@@ -54,7 +54,8 @@ int decode_attention_half(
     if (!rc) {
         for (int64_t r = 0; r < rows; r++) memcpy(q + r * q_width, qkv + r * width, sizeof(float) * q_width);
         rc = paged_decode_attention(q, cache, block_tables, context_lens, attn, rows, num_q, num_kv,
-                                    hd, num_blocks, block_size, max_blocks, scale, kv_bf16, threads);
+                                    hd, num_blocks, block_size, max_blocks, scale, kv_bf16, threads,
+                                    0, 0.0f);
     }
     if (!rc) rc = linear(attn, o_w, o_s, attn_out, rows, q_width, hidden, format, threads);
     free(normed);

@@ -25,6 +25,7 @@ int amx_linear(const void *x, int x_bf16, const uint16_t *packed, void *y, int y
 int paged_decode_attention(const float *q, const void *cache, const int64_t *block_tables,
                            const int64_t *context_lens, float *out, int64_t seqs, int64_t num_q,
                            int64_t num_kv, int64_t hd, int64_t num_blocks, int64_t block_size,
-                           int64_t max_blocks, float scale, int kv_bf16, int threads);
+                           int64_t max_blocks, float scale, int kv_bf16, int threads,
+                           int64_t window, float softcap);
 
 #endif

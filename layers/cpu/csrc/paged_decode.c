@@ -183,76 +183,98 @@ static void softmax_rows(float *scores, int64_t rows, int64_t len, const float *
     }
 }
 
-/* One task: KV heads [h0, h1) of one sequence. */
+/* Soft-capping (Gemma 2): each score s becomes cap * tanh(s / cap); rows' maxima after it. */
+static void cap_scores(float *scores, int64_t rows, int64_t len, float cap, float *maxv) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = scores + r * len, m = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {
+            row[t] = cap * tanhf(row[t] / cap);
+            m = row[t] > m ? row[t] : m;
+        }
+        maxv[r] = m;
+    }
+}
+
+/* The blocks of positions [lo, len) of a sequence, a part of a block at either end: for each,
+ * the position it starts at, its first token's offset in its block, how many tokens. */
+#define FOR_SPANS(lo, len, block_size, start, b, off, n) \
+    for (int64_t start = (lo), b, off, n; \
+         start < (len) && ((b = start / (block_size)), (off = start % (block_size)), \
+                           (n = ((block_size) - off < (len) - start ? (block_size) - off : (len) - start)), 1); \
+         start += n)
+
+/* One task: KV heads [h0, h1) of one sequence, over its positions [lo, len) (lo > 0: a sliding
+ * window); cap > 0 soft-caps the scores. */
 static inline __attribute__((always_inline)) void attend(
         const float *q, const void *keys, const void *values, const int64_t *table,
-        int64_t len, int64_t h0, int64_t h1, int64_t g, int64_t hd, int64_t block_size,
-        int64_t block_stride, int64_t token_stride, float scale, float *scores, float *out,
-        const int bf16) {
-    const int64_t rows = (h1 - h0) * g;
+        int64_t lo, int64_t len, int64_t h0, int64_t h1, int64_t g, int64_t hd,
+        int64_t block_size, int64_t block_stride, int64_t token_stride, float scale, float cap,
+        float *scores, float *out, const int bf16) {
+    const int64_t rows = (h1 - h0) * g, span = len - lo;
     float maxv[MAX_GROUP * 64];
     for (int64_t r = 0; r < rows; r++) maxv[r] = -INFINITY;
+#define BLOCK(base) kv_at(base, table[b] * block_stride + off * token_stride, bf16)
+#define NEXT(base) (start + n < len ? kv_at(base, table[b + 1] * block_stride, bf16) : NULL)
 #if HAVE_512
     if (hd % 16 == 0 && hd <= MAX_HEAD_DIM) {
-        for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
-            const int64_t n = len - start < block_size ? len - start : block_size;
-            const void *next = start + block_size < len ? kv_at(keys, table[b + 1] * block_stride, bf16) : NULL;
-            block_scores16(q, kv_at(keys, table[b] * block_stride, bf16), n, h0, h1, g, hd,
-                           token_stride, scale, scores + start, len, next, bf16);
-        }
-        row_maxima(scores, rows, len, maxv);
-        softmax_rows(scores, rows, len, maxv);
+        FOR_SPANS(lo, len, block_size, start, b, off, n)
+            block_scores16(q, BLOCK(keys), n, h0, h1, g, hd, token_stride, scale,
+                           scores + start - lo, span, NEXT(keys), bf16);
+        if (cap > 0.0f)
+            cap_scores(scores, rows, span, cap, maxv);
+        else
+            row_maxima(scores, rows, span, maxv);
+        softmax_rows(scores, rows, span, maxv);
         memset(out + h0 * g * hd, 0, sizeof(float) * rows * hd);
-        for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
-            const int64_t n = len - start < block_size ? len - start : block_size;
-            const void *next = start + block_size < len ? kv_at(values, table[b + 1] * block_stride, bf16) : NULL;
-            block_values16(scores + start, len, kv_at(values, table[b] * block_stride, bf16), n, h0,
-                           h1, g, hd, token_stride, out, next, bf16);
-        }
+        FOR_SPANS(lo, len, block_size, start, b, off, n)
+            block_values16(scores + start - lo, span, BLOCK(values), n, h0, h1, g, hd,
+                           token_stride, out, NEXT(values), bf16);
         return;
     }
 #endif
-    for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const void *next = start + block_size < len ? kv_at(keys, table[b + 1] * block_stride, bf16) : NULL;
-        block_scores(q, kv_at(keys, table[b] * block_stride, bf16), n, h0, h1, g, hd, token_stride,
-                     scale, scores + start, len, maxv, next, bf16);
-    }
-    softmax_rows(scores, rows, len, maxv);
+    FOR_SPANS(lo, len, block_size, start, b, off, n)
+        block_scores(q, BLOCK(keys), n, h0, h1, g, hd, token_stride, scale, scores + start - lo,
+                     span, maxv, NEXT(keys), bf16);
+    if (cap > 0.0f)
+        cap_scores(scores, rows, span, cap, maxv);
+    softmax_rows(scores, rows, span, maxv);
     memset(out + h0 * g * hd, 0, sizeof(float) * rows * hd);
-    for (int64_t start = 0, b = 0; start < len; start += block_size, b++) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const void *next = start + block_size < len ? kv_at(values, table[b + 1] * block_stride, bf16) : NULL;
-        block_values(scores + start, len, kv_at(values, table[b] * block_stride, bf16), n, h0, h1,
-                     g, hd, token_stride, out, next, bf16);
-    }
+    FOR_SPANS(lo, len, block_size, start, b, off, n)
+        block_values(scores + start - lo, span, BLOCK(values), n, h0, h1, g, hd, token_stride,
+                     out, NEXT(values), bf16);
+#undef BLOCK
+#undef NEXT
 }
 
 /* Constant group and head sizes let the compiler unroll the inner loops. */
 static void attend_task(const float *q, const void *keys, const void *values,
-                        const int64_t *table, int64_t len, int64_t h0, int64_t h1, int64_t g,
-                        int64_t hd, int64_t block_size, int64_t block_stride,
-                        int64_t token_stride, float scale, float *scores, float *out, int bf16) {
-#define CASE(G, HD, BF) if (g == G && hd == HD && bf16 == BF) { attend(q, keys, values, table, len, \
-        h0, h1, G, HD, block_size, block_stride, token_stride, scale, scores, out, BF); return; }
+                        const int64_t *table, int64_t lo, int64_t len, int64_t h0, int64_t h1,
+                        int64_t g, int64_t hd, int64_t block_size, int64_t block_stride,
+                        int64_t token_stride, float scale, float cap, float *scores, float *out,
+                        int bf16) {
+#define CASE(G, HD, BF) if (g == G && hd == HD && bf16 == BF) { attend(q, keys, values, table, lo, \
+        len, h0, h1, G, HD, block_size, block_stride, token_stride, scale, cap, scores, out, BF); return; }
 #define CASES(BF) CASE(1, 64, BF) CASE(2, 64, BF) CASE(3, 64, BF) CASE(4, 64, BF) CASE(8, 64, BF) \
         CASE(1, 128, BF) CASE(2, 128, BF) CASE(4, 128, BF) CASE(8, 128, BF)
     CASES(0) CASES(1)
 #undef CASES
 #undef CASE
     if (bf16)
-        attend(q, keys, values, table, len, h0, h1, g, hd, block_size, block_stride, token_stride,
-               scale, scores, out, 1);
+        attend(q, keys, values, table, lo, len, h0, h1, g, hd, block_size, block_stride,
+               token_stride, scale, cap, scores, out, 1);
     else
-        attend(q, keys, values, table, len, h0, h1, g, hd, block_size, block_stride, token_stride,
-               scale, scores, out, 0);
+        attend(q, keys, values, table, lo, len, h0, h1, g, hd, block_size, block_stride,
+               token_stride, scale, cap, scores, out, 0);
 }
 
-/* Returns 0; -1 when the shapes are outside what this kernel handles; -2 out of memory. */
+/* window > 0: each new token sees its sequence's last `window` positions only (sliding-window
+ * layers); softcap > 0: scores soft-capped before the softmax. Returns 0; -1 when the shapes
+ * are outside what this kernel handles; -2 out of memory. */
 int paged_decode_attention(const float *q, const void *cache, const int64_t *block_tables,
                            const int64_t *context_lens, float *out, int64_t seqs, int64_t num_q,
                            int64_t num_kv, int64_t hd, int64_t num_blocks, int64_t block_size,
-                           int64_t max_blocks, float scale, int kv_bf16, int threads) {
+                           int64_t max_blocks, float scale, int kv_bf16, int threads,
+                           int64_t window, float softcap) {
     if (num_kv <= 0 || num_kv > 64 || num_q % num_kv || num_q / num_kv > MAX_GROUP ||
         hd > MAX_HEAD_DIM || hd % (2 * W))
         return -1;
@@ -262,6 +284,7 @@ int paged_decode_attention(const float *q, const void *cache, const int64_t *blo
     const int64_t parts = seqs >= 2 * threads ? 1 : num_kv, per_part = num_kv / parts;
     int64_t longest = 1;
     for (int64_t b = 0; b < seqs; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;
+    if (window > 0 && window < longest) longest = window;  /* the scores of one task's span */
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -273,10 +296,11 @@ int paged_decode_attention(const float *q, const void *cache, const int64_t *blo
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < seqs * parts; task++) {
             const int64_t b = task / parts, h0 = (task % parts) * per_part;
+            const int64_t len = context_lens[b], lo = window > 0 && len > window ? len - window : 0;
             if (scores)
                 attend_task(q + b * num_q * hd, keys, values, block_tables + b * max_blocks,
-                            context_lens[b], h0, h0 + per_part, g, hd, block_size, block_stride,
-                            token_stride, scale, scores, out + b * num_q * hd, kv_bf16);
+                            lo, len, h0, h0 + per_part, g, hd, block_size, block_stride,
+                            token_stride, scale, softcap, scores, out + b * num_q * hd, kv_bf16);
         }
         free(scores);
     }
