@@ -69,10 +69,11 @@ def gemma_args(hf: dict, arch: str) -> DecoderArgs:
         activation="gelu_tanh", norm_plus_one=True, sandwich_norms=True,
         embed_scale=hf["hidden_size"] ** 0.5,
         attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
-        # Gemma 3's reference attention takes no cap even where its config names one
-        attn_softcap=None if gemma3 else hf.get("attn_logit_softcapping"),
-        final_softcap=hf.get("final_logit_softcapping"),
-        sliding_window=hf.get("sliding_window"),
+        # Gemma 3's reference attention takes no cap even where its config names one; a
+        # missing key means transformers' default for the family, an explicit null none
+        attn_softcap=None if gemma3 else hf.get("attn_logit_softcapping", 50.0),
+        final_softcap=hf.get("final_logit_softcapping", None if gemma3 else 30.0),
+        sliding_window=hf.get("sliding_window", 4096),
         sliding_layers=tuple(t == "sliding_attention" for t in _layer_types(hf, layers, gemma3)))
 
 
@@ -101,7 +102,8 @@ def _gemma_ropes(hf: dict, gemma3: bool) -> tuple[RopeSpec, RopeSpec | None]:
         local = params.get("sliding_attention") or {"rope_theta": 10000.0}
         return full, RopeSpec.from_hf_config({**hf, "rope_parameters": local, "rope_scaling": None})
     full = RopeSpec.from_hf_config({"rope_theta": 1_000_000.0, **hf})
-    return full, RopeSpec(theta=float(hf.get("rope_local_base_freq", 10000.0)))
+    local = {"rope_theta": float(hf.get("rope_local_base_freq", 10000.0))}
+    return full, RopeSpec.from_hf_config({**hf, "rope_parameters": local, "rope_scaling": None})
 
 
 def moe_args(hf: dict, arch: str) -> DecoderArgs:
