@@ -72,7 +72,7 @@ def _paged_attention_kernel(
         stride_head,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     tile = tl.program_id(2)
@@ -96,16 +96,23 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, D_PAD], tl.float32)
     keys_seen = tl.minimum(ctx, ctx - q_len + (tile + 1) * BLOCK_Q)  # causal bound of the tile
     num_blocks = tl.where(tile * BLOCK_Q < q_len, tl.cdiv(keys_seen, BLOCK_SIZE), 0)
+    first_block = 0
+    if WINDOW > 0:  # sliding window: no key before the tile's first query's window
+        first_block = tl.maximum(ctx - q_len + tile * BLOCK_Q - WINDOW + 1, 0) // BLOCK_SIZE
     n = tl.arange(0, BLOCK_SIZE)
-    for b in range(0, num_blocks):
+    for b in range(first_block, num_blocks):
         block = tl.load(tables_ptr + seq * stride_table + b)
         offs = block * stride_block + n[:, None] * stride_pos + kv_head * stride_head + d[None, :]
         k = tl.load(k_cache_ptr + offs, mask=d_ok[None, :], other=0.0)  # (BLOCK_SIZE, D_PAD)
         v = tl.load(v_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (M, BLOCK_SIZE)
+        if SOFTCAP > 0:  # SOFTCAP * tanh(s / SOFTCAP), tanh(x) = 2 sigmoid(2x) - 1
+            s = SOFTCAP * (2.0 / (1.0 + tl.exp(-2.0 * s / SOFTCAP)) - 1.0)
         key_pos = b * BLOCK_SIZE + n
-        s = tl.where((key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] < ctx), s,
-                     float("-inf"))
+        seen = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] < ctx)
+        if WINDOW > 0:
+            seen = seen & (key_pos[None, :] > pos[:, None] - WINDOW)
+        s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = tl.exp(s - m_safe[:, None])
@@ -120,8 +127,11 @@ def _paged_attention_kernel(
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                     query_starts: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                    max_query_len: int) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached context.
+                    max_query_len: int, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached context (``window``:
+    each query over the keys at positions > its own - window; ``softcap``: scores capped to
+    ``softcap * tanh(score / softcap)``).
 
     q: (tokens, num_q, hd), last dim contiguous; cache: (2, blocks, block_size, num_kv, hd);
     block_tables: (seqs, max_blocks) int64; query_starts: (seqs + 1,) int64, sequence i's
@@ -147,5 +157,6 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         cache.stride(1), cache.stride(2), cache.stride(3),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
         HEAD_DIM=hd, D_PAD=max(triton.next_power_of_2(hd), MIN_DOT),
-        PRECISION="ieee")  # fp32 stays fp32 (no TF32)
+        PRECISION="ieee",  # fp32 stays fp32 (no TF32)
+        WINDOW=int(window or 0), SOFTCAP=float(softcap or 0.0))
     return out

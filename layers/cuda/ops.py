@@ -30,17 +30,17 @@ class CudaOps(TorchOps):
     def paged_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cache: torch.Tensor, batch, scale: float, window: int | None = None,
                         softcap: float | None = None) -> torch.Tensor:
-        # q: (tokens, num_q, hd) -> (tokens, num_q, hd), one launch for the step; sliding
-        # windows and soft-capping (Gemma) take torch's path
-        if not kernels.supports(cache) or window or softcap:
+        # q: (tokens, num_q, hd) -> (tokens, num_q, hd), one launch for the step
+        if not kernels.supports(cache):
             return super().paged_attention(q, k, v, cache, batch, scale, window, softcap)
         return kernels.paged_attention(q, cache, batch.block_tables, batch.query_starts_tensor(),
-                                       batch.context_lens_tensor(), scale, batch.max_query_len)
+                                       batch.context_lens_tensor(), scale, batch.max_query_len,
+                                       window, softcap)
 
     def paged_decode(self, q: torch.Tensor, cache: torch.Tensor, batch, scale: float,
                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         # q: (seqs, num_q, hd), one new token per sequence of ``batch`` -> (seqs, num_q, hd)
-        if not kernels.supports(cache) or window or softcap:
+        if not kernels.supports(cache):
             return super().paged_decode(q, cache, batch, scale, window, softcap)
         return kernels.paged_attention(q, cache, batch.block_tables, batch.query_starts_tensor(),
-                                       batch.context_lens_tensor(), scale, 1)
+                                       batch.context_lens_tensor(), scale, 1, window, softcap)

@@ -102,9 +102,14 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size
           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 256}
 
 
-def _model(ops):
+# Gemma 2: layer 0 attends over a window of 4 keys; scores and logits soft-capped
+GEMMA = dict(CONFIG, architectures=["Gemma2ForCausalLM"], head_dim=16, sliding_window=4,
+             query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+
+
+def _model(ops, config=CONFIG):
     torch.manual_seed(0)
-    model = build_model(CONFIG, TrivialCommunicator(), torch.float32)
+    model = build_model(config, TrivialCommunicator(), torch.float32)
     for param in model.parameters():
         param.data.normal_(0, 0.2)
     use_ops(model, ops)
@@ -116,11 +121,13 @@ def _tensor(values):
     return torch.tensor(values, dtype=torch.int64)
 
 
-def test_decode_graph_runner_matches_eager_steps():
+@pytest.mark.parametrize("config", [CONFIG, GEMMA], ids=["llama", "gemma2"])
+def test_decode_graph_runner_matches_eager_steps(config):
     """A prompt step, then decode steps of 3 sequences through DecodeGraphs (padded to the
     bucket of 4, the buffers' fixed-width block tables), against the torch reference run
     eagerly; then a mixed step in one launch."""
-    eager, cuda = _model(NATIVE), _model(CudaOps())
+    eager, cuda = _model(NATIVE, config), _model(CudaOps(), config)
+    assert cuda.graph_safe
     graphs = DecodeGraphs(cuda, max_batch=6, max_blocks=8, device=torch.device("cpu"),
                           capture=False)
     assert graphs.sizes == [1, 2, 4, 6]
@@ -155,3 +162,23 @@ def test_bucket_sizes():
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
     assert bucket_sizes(50) == [1, 2, 4, 8, 16, 24, 32, 48, 50]
+
+
+CAPPED = [(4, None), (None, 2.0), (9, 3.0), (1, None)]
+
+
+@pytest.mark.parametrize("window,softcap", CAPPED, ids=[f"w{w}-cap{c}" for w, c in CAPPED])
+def test_sliding_window_and_softcap_match_the_torch_reference(window, softcap):
+    """Gemma's attention in the triton kernel: windows shorter than a chunk and than a block
+    (whole blocks before the window skipped), soft-capped scores; a mixed step and decode."""
+    query_lens, starts = [5, 1, 20, 1, 12], [0, 17, 3, 40, 30]
+    cache, tables, q, k, v, batch = _step(2, 3, 32, torch.float32, query_lens, starts, seed=4)
+    _written(cache, k, v, batch)
+    scale = 32 ** -0.5
+    ref = NATIVE.paged_attention(q, k, v, cache, batch, scale, window, softcap)
+    out = CudaOps().paged_attention(q, k, v, cache, batch, scale, window, softcap)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    decode = AttnBatch([1, 1, 1], [0, 15, 63], tables[:3], _slots(tables[:3], [1, 1, 1], [0, 15, 63]))
+    ref = NATIVE.paged_decode(q[:3], cache, decode, scale, window, softcap)
+    torch.testing.assert_close(CudaOps().paged_decode(q[:3], cache, decode, scale, window, softcap),
+                               ref, atol=2e-5, rtol=2e-5)
