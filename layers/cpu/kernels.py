@@ -125,7 +125,8 @@ def load() -> ctypes.CDLL | None:
         "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64, _INT],
         "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
         "silu_mul_bf16": [_F32P, _F32P, _I64, _I64, _INT],
-        "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT],
+        "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT,
+                              _I64, _F32],
         "decode_attention_half": [_F32P, _I64, _I64, _F32P, _F32, _F32P, _F32P, _I64, _I64, _I64,
                                   _F32P, _F32P, _F32P, _I64P, _I64, _I64, _I64P, _I64, _I64P, _F32,
                                   _F32P, _F32P, _F32P, _INT, _INT, _INT],
@@ -399,11 +400,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return out if fn(gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()) == 0 else None
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      window: int | None = None, softcap: float | None = None
                       ) -> torch.Tensor | None:
     """Causal attention of n new tokens over a context of ctx >= n keys whose last n are
-    theirs (query i attends keys 0..ctx - n + i), with grouped-query heads; None where the
-    kernel does not apply.
+    theirs (query i attends keys 0..ctx - n + i; with a ``window`` only those past
+    ctx - n + i - window), with grouped-query heads, scores soft-capped by ``softcap``; None
+    where the kernel does not apply.
 
     q: (n, num_q, hd); k, v: (ctx, num_kv, hd), rows the same stride apart -> (n, num_q, hd)"""
     lib = load()
@@ -414,7 +417,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = q.new_empty(n, num_q, hd)
     rc = lib.prefill_attention(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
                                out.data_ptr(), num_q * hd, n, ctx, num_q, num_kv, hd, scale,
-                               torch.get_num_threads())
+                               torch.get_num_threads(), int(window or 0), float(softcap or 0.0))
     if rc == -2:
         raise MemoryError("prefill_attention: could not allocate its scratch buffers")
     return out if rc == 0 else None

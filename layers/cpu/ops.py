@@ -206,9 +206,8 @@ class CpuOps(TorchOps):
                                   window, softcap).float()
         if k.dtype != q.dtype:  # keys and values read back from a bf16 cache
             k, v = k.to(q.dtype), v.to(q.dtype)
-        # the causal case the kernel covers
-        if k.shape[0] == q.shape[0] + causal_offset and not window and not softcap:
-            out = kernels.prefill_attention(q, k, v, scale)
+        if k.shape[0] == q.shape[0] + causal_offset:  # the causal case the kernel covers
+            out = kernels.prefill_attention(q, k, v, scale, window, softcap)
             if out is not None:
                 return out
         return super().attend(q, k, v, scale, causal_offset, window, softcap)

@@ -402,6 +402,26 @@ def test_prefill_attention_matches_torch_sdpa(num_q, num_kv, hd, n, offset):
     torch.testing.assert_close(got, want.transpose(0, 1), atol=2e-5, rtol=1e-4)
 
 
+PREFILL_CAPPED = [(5, None, 40, 0), (None, 2.0, 30, 7), (21, 3.0, 70, 33), (1, None, 9, 4)]
+
+
+@pytest.mark.parametrize("window,softcap,n,offset", PREFILL_CAPPED)
+def test_prefill_attention_with_window_and_softcap(window, softcap, n, offset):
+    """Gemma's prompt attention in the C kernel (windows inside a panel, spanning blocks of
+    queries, of one key) against the float64 reference of the decode test, row by row."""
+    g = torch.Generator().manual_seed(n + offset)
+    num_q, num_kv, hd, ctx = 6, 2, 32, n + offset
+    q = torch.randn(n, num_q, hd, generator=g)
+    k, v = torch.randn(ctx, num_kv, hd, generator=g), torch.randn(ctx, num_kv, hd, generator=g)
+    got = cpu_kernels.prefill_attention(q, k, v, hd ** -0.5, window, softcap)
+    assert got is not None
+    # each query as a decode of its own: context offset + i + 1, the keys in one block
+    cache = torch.stack([k, v])[:, None]  # (2, 1 block, ctx, num_kv, hd)
+    want = _reference_capped(q, cache, torch.zeros(n, 1, dtype=torch.int64),
+                             [offset + i + 1 for i in range(n)], hd ** -0.5, window, softcap)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_prefill_attention_declines_unsupported_shapes():
     q, k = torch.randn(4, 2, 8), torch.randn(4, 2, 8)  # head_dim 8: not a multiple of 16
     assert cpu_kernels.prefill_attention(q, k, k, 1.0) is None
