@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 
+import msgpack
 import ray
 
 from cluster.contract import events
@@ -50,6 +51,10 @@ class EngineService:
         self._commands: queue.Queue = queue.Queue()
         self.outputs = None  # cluster.serving.output_processor.OutputProcessor, with the engine
         self._open = 0  # generate() calls in progress (see deployment.max_open_requests)
+        # submit()/subscribe(): each subscriber's feed of events, and which feed each
+        # submitted request's events go to
+        self._feeds: dict[str, asyncio.Queue] = {}
+        self._routes: dict[str, str] = {}
         self._started = time.time()
         self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="shardlm-tokenize")
         self._thread = threading.Thread(target=self._main, name="shardlm-engine", daemon=True)
@@ -176,6 +181,60 @@ class EngineService:
             if not finished and admitted is not None:  # the caller went away, perhaps before
                 admitted.add_done_callback(self._abort_admitted)  # admission: free its blocks
 
+    async def subscribe(self, subscriber: str):
+        """Stream the events of every request submitted under ``subscriber`` (:meth:`submit`),
+        batched: an item holds what is ready, msgpack ``[[request_id, event bytes], ...]``
+        (an API replica reads one stream for all its requests instead of one per request: a
+        step's tokens travel as one item). When the subscriber goes away, its requests are
+        aborted."""
+        feed = self._feed(subscriber)
+        try:
+            while True:
+                batch = [await feed.get()]
+                while not feed.empty():
+                    batch.append(feed.get_nowait())
+                yield msgpack.packb(batch)
+        finally:
+            self._feeds.pop(subscriber, None)
+            for request_id in [r for r, sub in self._routes.items() if sub == subscriber]:
+                self._unroute(request_id)
+                self._commands.put(lambda rid=request_id: self._forget(rid))
+
+    async def submit(self, request: bytes, subscriber: str) -> None:
+        """Start a request (as :meth:`generate` takes it) whose events go to ``subscriber``'s
+        stream (:meth:`subscribe`), an error event included."""
+        feed = self._feed(subscriber)
+        self._open += 1
+        try:
+            self._refuse_if_unavailable()
+            body = events.decode_request(request)
+        except Exception as exc:
+            self._open -= 1
+            feed.put_nowait([_request_id_of(request), events.encode(events.error_event(exc))])
+            return
+        request_id, loop = body["request_id"], asyncio.get_running_loop()
+        self._routes[request_id] = subscriber
+        route = _Route(self, feed, request_id)
+        try:
+            body["tokenized"] = await self._tokenize(loop, body)
+        except Exception as exc:
+            route.put_nowait(events.error_event(exc))
+            return
+        admitted = loop.create_future()
+        self._commands.put(lambda: self._admit(body, loop, route, admitted))
+        result = await asyncio.shield(admitted)
+        if isinstance(result, dict):  # an error event
+            route.put_nowait(result)
+        elif request_id not in self._routes:  # aborted while it was being admitted
+            self._commands.put(lambda: self._forget(request_id))
+
+    def _feed(self, subscriber: str) -> asyncio.Queue:
+        return self._feeds.setdefault(subscriber, asyncio.Queue())
+
+    def _unroute(self, request_id: str) -> None:
+        if self._routes.pop(request_id, None) is not None:
+            self._open -= 1
+
     async def _tokenize(self, loop, body: dict) -> list[int] | None:
         """The prompt's token ids from text or chat messages, made in the tokenizer pool
         (None: token ids given, or the engine not started yet: admission makes them)."""
@@ -235,6 +294,7 @@ class EngineService:
 
     @control
     async def abort(self, request_id: str) -> None:
+        self._unroute(request_id)
         self._commands.put(lambda: self._forget(request_id))
 
     @control
@@ -356,3 +416,26 @@ def stop_service(name: str = "shardlm", namespace: str = "shardlm") -> bool:
     finally:
         ray.kill(actor, no_restart=True)
     return True
+
+
+class _Route:
+    """Where a submitted request's events go: its subscriber's feed, tagged with its id (the
+    output processor puts events here as into a request's own queue); its last event closes
+    the route."""
+
+    def __init__(self, service: EngineService, feed: asyncio.Queue, request_id: str):
+        self.service, self.feed, self.request_id = service, feed, request_id
+
+    def put_nowait(self, event: dict) -> None:
+        if self.request_id not in self.service._routes:  # aborted, or its subscriber went away
+            return
+        self.feed.put_nowait([self.request_id, events.encode(event)])
+        if event["type"] != "delta":
+            self.service._unroute(self.request_id)
+
+
+def _request_id_of(request: bytes) -> str | None:
+    try:
+        return msgpack.unpackb(request).get("request_id")
+    except Exception:  # not even msgpack: no request to name
+        return None

@@ -51,7 +51,7 @@ from cluster.serving.http.protocol import (ChatCompletionChunk, ChatCompletionRe
                                            ModelList)
 from cluster.serving.metrics import merge_exposition
 from cluster.serving.router import Router, routing_key
-from cluster.serving.stream import RequestStream
+from cluster.serving.stream import MuxedRequestStream, RequestStream
 
 log = logging.getLogger("shardlm.serve")
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -207,7 +207,7 @@ class OpenAIServer:
         """A request's stream on the engine the router picks (counted open until it ends)."""
         replica = self.router.pick(routing_key(request.get("prompt"), request.get("messages"),
                                                request.get("prompt_token_ids")))
-        stream = RequestStream(self.services[replica], **request, final_logprobs=final_logprobs)
+        stream = MuxedRequestStream(self.services[replica], **request, final_logprobs=final_logprobs)
         self.router.opened(replica)
         stream.on_close = lambda: self.router.closed(replica)
         return stream
