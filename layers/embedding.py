@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from layers.linear import make_param
-from layers.ops import NATIVE
+from layers.ops import NATIVE, soft_cap
 from layers.parallel import TensorParallelGroup
 from layers.partition import padded_vocab_shard
 
@@ -67,11 +67,7 @@ class ParallelLMHead(nn.Module):
         # hidden: (rows, hidden) -> full logits (rows, vocab_size) on dst, None elsewhere
         local = self.ops.linear(hidden, self.weight)  # (rows, per_rank)
         full = self.comm.gather(local, dst=dst, dim=-1)  # (rows, per_rank * tp) on dst
-        return None if full is None else self._cap(full[:, :self.vocab_size])
-
-    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
-        # logits: (rows, n) -> (rows, n)
-        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+        return None if full is None else soft_cap(full[:, :self.vocab_size], self.softcap)
 
     def greedy(self, hidden: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
         """Each row's argmax token (rows,) on dst, None elsewhere: the first maximum, as the
@@ -81,7 +77,7 @@ class ParallelLMHead(nn.Module):
         hidden: (rows, hidden)"""
         start, _, real = padded_vocab_shard(self.vocab_size, self.comm.world_size, self.comm.rank)
         # (rows, real), no padding rows; capped as the full logits are (ties included)
-        local = self._cap(self.ops.linear(hidden, self.weight)[:, :real])
+        local = soft_cap(self.ops.linear(hidden, self.weight)[:, :real], self.softcap)
         pair = torch.full((hidden.shape[0], 2), -torch.inf, dtype=torch.float64, device=hidden.device)
         if real:
             best, index = self.ops.row_max(local)  # first maximum within the slice (exact)

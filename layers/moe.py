@@ -49,7 +49,6 @@ class MoE(nn.Module):
             raise ValueError(f"experts per token {top_k} must be in 1..{num_experts} (the experts)")
         tp, rank = comm.world_size, comm.rank
         self.comm, self.num_experts, self.top_k, self.normalize = comm, num_experts, top_k, normalize
-        self.expert_parallel = expert_parallel
         if expert_parallel:  # whole experts [first, first + count) on this rank
             self.first, count = split_range(num_experts, tp, rank)
             self.inter_start, self.inter = 0, intermediate

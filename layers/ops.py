@@ -200,12 +200,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     group = q.shape[1] // k.shape[1]
     k, v = (t.float().repeat_interleave(group, dim=1) for t in (k, v))  # (b, num_q, lk, hd)
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # (b, num_q, lq, lk)
-    scores = torch.tanh(scores / softcap) * softcap
+    scores = soft_cap(scores, softcap)
     if mask is None:
         lq, lk = scores.shape[-2:]
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's scores and logits); x itself when ``cap`` is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -236,7 +241,7 @@ class DecodeGroup:
     block_tables: torch.Tensor  # (n, blocks)
     length: int  # the longest context among them
     mask: torch.Tensor  # (n, 1, 1, length) bool, True for keys inside each sequence's context
-    lens: torch.Tensor | None = None  # (n, 1, 1, 1) int64 context lengths
+    lens: torch.Tensor  # (n, 1, 1, 1) int64 context lengths
     windowed: dict = field(default_factory=dict)  # window -> its mask, made once a step
 
     def mask_for(self, window: int | None) -> torch.Tensor:

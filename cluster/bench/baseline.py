@@ -111,8 +111,10 @@ def weight_counts(model_dir: Path, hf_config: dict) -> dict:
     Experts model's routed experts, the share one token uses: experts per token / experts)."""
     from safetensors import safe_open
 
-    experts = hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0
-    active = hf_config.get("num_experts_per_tok", experts) / experts if experts else 1.0
+    from layers.models import model_args
+
+    args = model_args(hf_config)
+    active = args.experts_per_token / args.num_experts if args.num_experts else 1.0
     blocks = total = 0
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:

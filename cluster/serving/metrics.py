@@ -49,7 +49,6 @@ class EngineMetrics:
                                         registry=r)
         self.expert_imbalance = gauge("moe_expert_load_imbalance", "Last step: the most loaded "
                                       "expert's tokens over the mean per expert (worst layer; 1 = even).")
-        self._seen_experts: dict[tuple[int, int], int] = {}
         self._last_load = None
 
     def observe_engine(self, engine) -> None:
@@ -72,17 +71,17 @@ class EngineMetrics:
                 self.expert_step_tokens.labels(*self._labels, str(layer), str(expert)).set(n)
         for layer, totals in load.totals.items():
             for expert, total in enumerate(totals):
-                seen = self._seen_experts.get((layer, expert), 0)
-                if total > seen:
-                    self.expert_tokens.labels(*self._labels, str(layer), str(expert)).inc(total - seen)
-                self._seen_experts[(layer, expert)] = total
+                self._advance(self.expert_tokens.labels(*self._labels, str(layer), str(expert)),
+                              ("expert", layer, expert), total)
         imbalance = load.imbalance()
         if imbalance is not None:
             self.expert_imbalance.set(imbalance)
 
-    def _advance(self, counter, key: str, total: int) -> None:
-        if total > self._seen[key]:
-            counter.inc(total - self._seen[key])
+    def _advance(self, counter, key, total: int) -> None:
+        """Move ``counter`` up to ``total``, a total of the engine's kept under ``key``."""
+        seen = self._seen.get(key, 0)
+        if total > seen:
+            counter.inc(total - seen)
         self._seen[key] = total  # a smaller total: the engine's bookkeeping was rebuilt
 
     def text(self) -> str:

@@ -297,11 +297,10 @@ class CausalLM(nn.Module):
             if proj is None or not self.layers[index].mlp.owns(expert):
                 return []
             return [(f"{layer}.{'w2' if proj == 'down' else 'w13'}", (proj, expert))]
-        m = re.fullmatch(r"shared_expert\.(\w+)", module)
-        if m and m.group(1) in ("gate_proj", "up_proj"):
-            return [(f"{layer}.shared.gate_up_proj.weight", m.group(1)[:-5])]
-        if m and m.group(1) == "down_proj":
-            return [(f"{layer}.shared.down_proj.weight", None)]
+        if module.startswith("shared_expert."):  # named as a dense MLP's inside it
+            proj = module.removeprefix("shared_expert.")
+            target, shard = _FUSED.get(f"mlp.{proj}", (f"mlp.{proj}", None))
+            return [(f"{layer}.shared.{target.removeprefix('mlp.')}.weight", shard)]
         return []
 
     @property
