@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 import traceback
+import uuid
 
 import msgpack
 import ray
@@ -50,7 +51,7 @@ class EngineService:
         self.metrics = EngineMetrics(self.config.model.model, self.config.deployment.name)
         self._commands: queue.Queue = queue.Queue()
         self.outputs = None  # cluster.serving.output_processor.OutputProcessor, with the engine
-        self._open = 0  # generate() calls in progress (see deployment.max_open_requests)
+        self._open = 0  # requests submitted and not ended (see deployment.max_open_requests)
         # submit()/subscribe(): each subscriber's feed of events, and which feed each
         # submitted request's events go to
         self._feeds: dict[str, asyncio.Queue] = {}
@@ -147,43 +148,26 @@ class EngineService:
 
     # ---- the actor's API -------------------------------------------------------------------
     async def generate(self, request: bytes):
-        """Stream one request's events (encoded, see :mod:`cluster.contract.events`)."""
-        self._open += 1
-        admitted, finished = None, False
+        """Stream one request's events (encoded, see :mod:`cluster.contract.events`): a
+        subscription of its own (:meth:`subscribe`) holding that one request; a caller that
+        goes away has it aborted, even during its admission."""
+        subscriber = f"stream-{uuid.uuid4().hex}"
+        feed = self._feed(subscriber)
+        submitting = asyncio.ensure_future(self.submit(request, subscriber))
         try:
-            try:
-                self._refuse_if_unavailable()
-                body = events.decode_request(request)
-            except Exception as exc:
-                finished = True
-                yield events.encode(events.error_event(exc))
-                return
-            loop, queue_ = asyncio.get_running_loop(), asyncio.Queue()
-            try:  # tokenized here, in a pool: a huge prompt does not hold up the engine thread
-                body["tokenized"] = await self._tokenize(loop, body)
-            except Exception as exc:
-                finished = True
-                yield events.encode(events.error_event(exc))
-                return
-            admitted = loop.create_future()
-            self._commands.put(lambda: self._admit(body, loop, queue_, admitted))
-            request_id = await asyncio.shield(admitted)  # a cancelled caller must not cancel it
-            if isinstance(request_id, dict):  # an error event
-                finished = True
-                yield events.encode(request_id)
-                return
-            while not finished:
-                event = await queue_.get()
-                finished = event["type"] != "delta"
-                yield events.encode(event)
+            while True:
+                _, data, last = await feed.get()
+                yield data
+                if last:
+                    return
         finally:
-            self._open -= 1
-            if not finished and admitted is not None:  # the caller went away, perhaps before
-                admitted.add_done_callback(self._abort_admitted)  # admission: free its blocks
+            self._drop(subscriber)
+            if not submitting.done():  # still being admitted: drop what it routes then
+                submitting.add_done_callback(lambda _: self._drop(subscriber))
 
     async def subscribe(self, subscriber: str):
         """Stream the events of every request submitted under ``subscriber`` (:meth:`submit`),
-        batched: an item holds what is ready, msgpack ``[[request_id, event bytes], ...]``
+        batched: an item holds what is ready, msgpack ``[[request_id, event bytes, last], ...]``
         (an API replica reads one stream for all its requests instead of one per request: a
         step's tokens travel as one item). When the subscriber goes away, its requests are
         aborted."""
@@ -195,10 +179,7 @@ class EngineService:
                     batch.append(feed.get_nowait())
                 yield msgpack.packb(batch)
         finally:
-            self._feeds.pop(subscriber, None)
-            for request_id in [r for r, sub in self._routes.items() if sub == subscriber]:
-                self._unroute(request_id)
-                self._commands.put(lambda rid=request_id: self._forget(rid))
+            self._drop(subscriber)
 
     async def submit(self, request: bytes, subscriber: str) -> None:
         """Start a request (as :meth:`generate` takes it) whose events go to ``subscriber``'s
@@ -210,7 +191,7 @@ class EngineService:
             body = events.decode_request(request)
         except Exception as exc:
             self._open -= 1
-            feed.put_nowait([_request_id_of(request), events.encode(events.error_event(exc))])
+            feed.put_nowait([_request_id_of(request), events.encode(events.error_event(exc)), True])
             return
         request_id, loop = body["request_id"], asyncio.get_running_loop()
         self._routes[request_id] = subscriber
@@ -231,6 +212,13 @@ class EngineService:
     def _feed(self, subscriber: str) -> asyncio.Queue:
         return self._feeds.setdefault(subscriber, asyncio.Queue())
 
+    def _drop(self, subscriber: str) -> None:
+        """A subscriber gone: its feed, and its requests still running aborted."""
+        self._feeds.pop(subscriber, None)
+        for request_id in [r for r, sub in self._routes.items() if sub == subscriber]:
+            self._unroute(request_id)
+            self._commands.put(lambda rid=request_id: self._forget(rid))
+
     def _unroute(self, request_id: str) -> None:
         if self._routes.pop(request_id, None) is not None:
             self._open -= 1
@@ -244,11 +232,6 @@ class EngineService:
         return await loop.run_in_executor(self._tokenizers, engine.admission.prompt_ids,
                                           body["prompt"], body["prompt_token_ids"],
                                           body["messages"], body.get("tools"))
-
-    def _abort_admitted(self, admitted: asyncio.Future) -> None:
-        request_id = admitted.result()
-        if isinstance(request_id, str):
-            self._commands.put(lambda: self._forget(request_id))
 
     def _forget(self, request_id: str) -> None:
         """On the engine thread: abort a request whose caller went away, and drop its stream."""
@@ -429,8 +412,9 @@ class _Route:
     def put_nowait(self, event: dict) -> None:
         if self.request_id not in self.service._routes:  # aborted, or its subscriber went away
             return
-        self.feed.put_nowait([self.request_id, events.encode(event)])
-        if event["type"] != "delta":
+        last = event["type"] != "delta"
+        self.feed.put_nowait([self.request_id, events.encode(event), last])
+        if last:
             self.service._unroute(self.request_id)
 
 

@@ -286,7 +286,7 @@ class Mux:
         try:
             async for ref in stream:
                 self.items += 1
-                for request_id, data in msgpack.unpackb(await ref):
+                for request_id, data, _ in msgpack.unpackb(await ref):
                     queue_ = self.queues.get(request_id)
                     if queue_ is not None:
                         queue_.put_nowait(data)
