@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--ingress", choices=("direct", "proxy"), default="direct",
+                     help="direct (default): the API replicas listen on the port themselves, "
+                     "on the head node; proxy: Ray Serve's proxy listens and forwards to them")
     srv.add_argument("--api-key", action="append", help="required Bearer key (repeatable; "
                      "also $SHARDLM_API_KEY); none: the API is open")
     srv.add_argument("--served-model-name", help="the model id clients use (default: --model)")
@@ -183,7 +186,7 @@ def _serve(args) -> int:
 
     config = engine_config(args)
     url = serve.deploy(config, host=args.host, port=args.port, api_keys=args.api_key,
-                       served_model_name=args.served_model_name)
+                       served_model_name=args.served_model_name, ingress=args.ingress)
     print(f"shardlm is serving {config.model.model} at {url} (Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop` and Kubernetes send SIGTERM
     try:

@@ -17,8 +17,10 @@ created on first use) and turns its events into OpenAI responses
   401 key, 404 model, 413 body, 503 (with ``Retry-After``) while the engine starts or failed.
 - A streaming client that disconnects aborts its request; its KV blocks are freed.
 
-KubeRay's ``serveConfigV2`` names ``cluster.serving.http.deploy:app_builder``; ``shardlm serve``
-calls :func:`cluster.serving.http.deploy.deploy`.
+KubeRay's ``serveConfigV2`` names ``cluster.serving.http.deploy:app_builder`` (requests come
+through Serve's proxy); ``shardlm serve`` calls :func:`cluster.serving.http.deploy.deploy`, by
+default with direct ingress: each replica listens on the port itself
+(:mod:`cluster.serving.http.listener`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cluster.serving.http.format import (ApiError, ChatStream, CompletionStream,
                                          ToolMode, api_error, chat_response, completion_response,
                                          sse, validation_error)
 from cluster.serving.http.gate import KeyAndSizeGate
+from cluster.serving.http.listener import Listener
 from cluster.serving.http.openapi import ERROR_RESPONSES, finish_openapi, streamed_responses
 from cluster.serving.http.tools import engine_fields as tool_fields
 from cluster.serving.http.protocol import (ChatCompletionChunk, ChatCompletionRequest,
@@ -65,6 +68,9 @@ class Settings:
     served_model_name: str
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # direct ingress: the replica itself listens on (host, port) (cluster.serving.http.listener);
+    # None: Serve's proxy forwards requests to it
+    listen: tuple[str, int] | None = None
 
 
 HEALTH_TIMEOUT_S = 2.0
@@ -111,6 +117,7 @@ class OpenAIServer:
         if not settings.api_keys:  # Serve's logger: the line lands in the replica's log
             logging.getLogger("ray.serve").warning(
                 "shardlm: no API key configured: the API is open to anyone who can reach it")
+        self._listener = Listener(build_app(self), *settings.listen) if settings.listen else None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self)

@@ -1,6 +1,11 @@
 """Building and deploying the HTTP API: the Serve application from a config (``build``),
 KubeRay's application builder (``app_builder``, named by ``serveConfigV2``), and
-``deploy``/``shutdown`` for ``shardlm serve`` and tests."""
+``deploy``/``shutdown`` for ``shardlm serve`` and tests.
+
+Two ways in (``ingress``): ``"direct"`` (``deploy``'s default) has each API replica listen on
+the port itself, on the head node, and starts no Serve proxy; ``"proxy"`` (and KubeRay) has
+Serve's proxy take the requests and forward them to the replicas. Direct ingress saves the
+proxy's hop for every streamed chunk (docs/ARCHITECTURE.md, "A request's walk")."""
 
 from __future__ import annotations
 
@@ -14,19 +19,29 @@ from ray import serve
 
 from cluster.contract.config import SECTIONS, EngineConfig
 from cluster.serving.http.app import DEFAULT_MAX_BODY_BYTES, OpenAIServer, Settings
+from cluster.serving.http.listener import check_port_free
 
 log = logging.getLogger("shardlm.serve")
+INGRESS = ("direct", "proxy")
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node
 
 
 def build(config: EngineConfig, api_keys=None, served_model_name: str | None = None,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, num_replicas: int = 1) -> serve.Application:
-    """The Serve application for ``config``; keys from ``api_keys`` plus ``$SHARDLM_API_KEY``."""
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, num_replicas: int = 1,
+          listen: tuple[str, int] | None = None) -> serve.Application:
+    """The Serve application for ``config``; keys from ``api_keys`` plus ``$SHARDLM_API_KEY``.
+    ``listen``: (host, port) on which the replicas listen themselves, on the head node
+    (direct ingress); None: behind Serve's proxy."""
     keys = _keys(api_keys) + _keys(os.environ.get("SHARDLM_API_KEY"))
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes!r}: must be a positive integer")
     settings = Settings(config.to_dict(), served_model_name or config.model.model,
-                        tuple(dict.fromkeys(keys)), max_body_bytes)
-    return OpenAIServer.options(num_replicas=num_replicas).bind(settings)
+                        tuple(dict.fromkeys(keys)), max_body_bytes,
+                        (listen[0], int(listen[1])) if listen else None)
+    options = {"num_replicas": num_replicas}
+    if listen:  # where the port was promised: the head node, as Serve's own proxy would be
+        options["ray_actor_options"] = {"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}
+    return OpenAIServer.options(**options).bind(settings)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -46,20 +61,37 @@ def app_builder(args: dict) -> serve.Application:
 
 
 def deploy(config: EngineConfig | str | Path, host: str = "127.0.0.1", port: int = 8000,
-           api_keys=None, blocking: bool = False, **kwargs) -> str:
-    """Start Serve's proxy on ``host:port`` and run the API there; the base URL."""
+           api_keys=None, blocking: bool = False, ingress: str = "direct", **kwargs) -> str:
+    """Run the API on ``host:port`` of the head node; the base URL. ``ingress``: "direct"
+    (the replicas listen themselves) or "proxy" (Serve's proxy listens)."""
     from cluster.ray_utils import connect_ray
 
+    if ingress not in INGRESS:
+        raise ValueError(f"ingress={ingress!r}: must be one of {', '.join(INGRESS)}")
     config = config if isinstance(config, EngineConfig) else EngineConfig.from_yaml(config)
     connect_ray(config.deployment.ray_address)
-    serve.start(http_options={"host": host, "port": port})
+    if ingress == "direct":
+        if _on_head_node():  # else the replica's own bind names the address if it fails
+            check_port_free(host, port)
+        serve.start(proxy_location="Disabled")
+        kwargs["listen"] = (host, port)
+    else:
+        serve.start(http_options={"host": host, "port": port})
     url = f"http://{host}:{port}/v1"
-    log.info("OpenAI API for %s at %s (%s)", config.model.model, url,
+    log.info("OpenAI API for %s at %s (%s; %s)", config.model.model, url,
              "API keys required" if _keys(api_keys) or os.environ.get("SHARDLM_API_KEY")
-             else "open: no API key configured")
+             else "open: no API key configured", f"{ingress} ingress")
     serve.run(build(config, api_keys, **kwargs), name=config.deployment.name, route_prefix="/",
               blocking=blocking)
     return url
+
+
+def _on_head_node() -> bool:
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return any(n["NodeID"] == here and HEAD_NODE in n.get("Resources", {})
+               for n in ray.nodes() if n.get("Alive"))
 
 
 def shutdown(name: str = "shardlm", namespace: str = "shardlm", replicas: int = 1) -> None:
