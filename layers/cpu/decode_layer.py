@@ -16,6 +16,8 @@ import torch
 
 from layers.cpu.kernels import KV_DTYPES, LOWP_FORMATS, PANEL, check_slots, i64_rows, float32_kernels, load
 
+FMT_AMX = 3  # decode_layer.c: bf16 weights in AMX's tile order (amx_linear.c)
+
 
 class DecodeStep:
     """A decode step's arguments shared by every layer: rotary cos/sin (rows, hd / 2), the
@@ -70,12 +72,17 @@ class DecodeLayer:
     inter: int
     format: int = 0  # 0 packed float32 panels, 1 bf16, 2 int8 (lowp_linear.c)
     scales: tuple = (None, None, None, None)  # int8: qkv, o, gate_up, down scales
+    # bf16: the four weights' copies in AMX's tile order (amx_pack), which the steps of
+    # ``tile_rows`` rows or more multiply with (decode_layer.c's format 3); None: no AMX
+    tiles: tuple | None = None
+    tile_rows: int = 8
 
     @classmethod
     def make(cls, input_norm: torch.Tensor, input_eps: float, qkv: torch.Tensor, num_q: int,
              num_kv: int, scale: float, cache: torch.Tensor, o: torch.Tensor,
              post_norm: torch.Tensor, post_eps: float, gate_up: torch.Tensor,
-             down: torch.Tensor, scales: tuple | None = None) -> "DecodeLayer | None":
+             down: torch.Tensor, scales: tuple | None = None, tiles: tuple | None = None,
+             tile_rows: int = 8) -> "DecodeLayer | None":
         weights = (qkv, o, gate_up, down)
         if (float32_kernels(input_norm, post_norm) is None or cache.dim() != 5
                 or cache.dtype not in KV_DTYPES or not cache.is_contiguous()):
@@ -100,10 +107,26 @@ class DecodeLayer:
                      and all(tuple(w.shape) == shape for w, shape in zip(weights, shapes)))
         if not (shapes_ok and formats_ok):
             return None
+        if fmt != 1 or tiles is None or not all(
+                t is not None and t.shape == w.shape and t.dtype == torch.bfloat16
+                for t, w in zip(tiles, weights)):
+            tiles = None
         return cls(input_norm=input_norm, input_eps=input_eps, qkv=qkv, num_q=num_q, num_kv=num_kv,
                    hd=hd, scale=scale, cache=cache, num_blocks=num_blocks, block_size=block_size,
                    o=o, post_norm=post_norm, post_eps=post_eps, gate_up=gate_up, down=down,
-                   hidden=hidden, inter=inter, format=fmt, scales=scales)
+                   hidden=hidden, inter=inter, format=fmt, scales=scales,
+                   tiles=tuple(tiles) if tiles is not None else None, tile_rows=tile_rows)
+
+    def applies(self, rows: int) -> bool:
+        """Whether a step of ``rows`` runs here: bf16 weights from ``tile_rows`` rows on only
+        with their AMX copies (widening bf16 in registers is the small batches' kernel)."""
+        return self.format != 1 or rows < self.tile_rows or self.tiles is not None
+
+    def _weights(self, rows: int) -> tuple[int, tuple]:
+        """The format and the (qkv, o, gate_up, down) matrices a step of ``rows`` reads."""
+        if self.tiles is not None and rows >= self.tile_rows:
+            return FMT_AMX, self.tiles
+        return self.format, (self.qkv, self.o, self.gate_up, self.down)
 
     def _scale(self, i: int) -> int:
         return 0 if self.scales[i] is None else self.scales[i].data_ptr()
@@ -119,16 +142,17 @@ class DecodeLayer:
         kernel does not apply. Before tensor parallelism's all-reduce: this rank's partial sum.
 
         x: (seqs, hidden) -> (seqs, hidden)"""
-        if not self._fits(step, x):
+        if not (self._fits(step, x) and self.applies(step.rows)):
             return None
         cos, sin, slots, tables, lens = step.tensors
+        fmt, (qkv, o, _, _) = self._weights(step.rows)
         out = x.new_empty(step.rows, self.hidden)
         rc = load().decode_attention_half(
             x.data_ptr(), step.rows, self.hidden, self.input_norm.data_ptr(), self.input_eps,
-            self.qkv.data_ptr(), self._scale(0), self.num_q, self.num_kv, self.hd, cos.data_ptr(),
+            qkv.data_ptr(), self._scale(0), self.num_q, self.num_kv, self.hd, cos.data_ptr(),
             sin.data_ptr(), self.cache.data_ptr(), slots.data_ptr(), self.num_blocks,
             self.block_size, tables.data_ptr(), step.max_blocks, lens.data_ptr(), self.scale,
-            self.o.data_ptr(), self._scale(1), out.data_ptr(), self.format,
+            o.data_ptr(), self._scale(1), out.data_ptr(), fmt,
             int(self.cache.dtype == torch.bfloat16), torch.get_num_threads())
         check_slots(rc, self.num_blocks * self.block_size)
         return out if rc == 0 else None
@@ -140,12 +164,13 @@ class DecodeLayer:
         Without ``add_residual``, the first is before tensor parallelism's all-reduce.
 
         attn, x: (rows, hidden) -> both (rows, hidden)"""
-        if not self._fits(step, attn, x):
+        if not (self._fits(step, attn, x) and self.applies(step.rows)):
             return None
+        fmt, (_, _, gate_up, down) = self._weights(step.rows)
         h, out = torch.empty_like(x), torch.empty_like(x)
         rc = load().decode_mlp_half(
             attn.data_ptr(), x.data_ptr(), step.rows, self.hidden, self.post_norm.data_ptr(),
-            self.post_eps, self.gate_up.data_ptr(), self._scale(2), self.inter, self.down.data_ptr(),
-            self._scale(3), h.data_ptr(), out.data_ptr(), int(add_residual), self.format,
+            self.post_eps, gate_up.data_ptr(), self._scale(2), self.inter, down.data_ptr(),
+            self._scale(3), h.data_ptr(), out.data_ptr(), int(add_residual), fmt,
             torch.get_num_threads())
         return (out, h) if rc == 0 else None

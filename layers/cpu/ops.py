@@ -219,9 +219,10 @@ class CpuOps(TorchOps):
         all-reduce, the residual added in C): at small batches dispatching the ops one by one
         cost about a fifth of the step. None where the kernels decline, before anything was
         written."""
-        small = self.weights != "bfloat16" or x.shape[0] < BF16_KERNEL_ROWS  # else torch's GEMM
-        kernel = self._kernel(layer) if self.fused_layers and small else None
-        if kernel is None:
+        # bf16 weights past AMX_MAX_ROWS: oneDNN's GEMM, op by op
+        fits = self.weights != "bfloat16" or x.shape[0] <= AMX_MAX_ROWS
+        kernel = self._kernel(layer) if self.fused_layers and fits else None
+        if kernel is None or not kernel.applies(x.shape[0]):
             return None
         if "decode_step" not in batch.platform_state:  # once per step, for every layer
             cos, sin = layer.self_attn.rotary.cos_sin(positions, full=False)
@@ -254,10 +255,11 @@ class CpuOps(TorchOps):
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
         scales = tuple(self._scales.get(id(m.weight)) for m in linears)
+        tiles = tuple(self._amx.get(id(m.weight)) for m in linears)
         kernel = None if any(m.bias is not None for m in linears) else DecodeLayer.make(
             n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
             sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight,
-            scales)
+            scales, tiles, BF16_KERNEL_ROWS)
         self._layers[key] = kernel
         return kernel
 

@@ -444,17 +444,20 @@ def _tiny_llama(seed: int, ops: CpuOps):
     for param in model.parameters():
         param.data.normal_(0, 0.2)
     assert use_ops(model, ops) == 2 * 4 + 1
-    kv_cache.allocate(model, 16, 8, ops.kv_cache_dtype, torch.device("cpu"))
+    kv_cache.allocate(model, 32, 8, ops.kv_cache_dtype, torch.device("cpu"))
     return model
 
 
 @pytest.mark.parametrize("weights,kv", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                                         ("int8", torch.bfloat16), ("int8", torch.float32)])
-@pytest.mark.parametrize("seqs", [1, 3])
+@pytest.mark.parametrize("seqs", [1, 3, 9])
 def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
     """A decode step through the two-call C layers gives the hidden states and the cache
-    contents of the op-by-op path (itself checked against transformers end to end)."""
+    contents of the op-by-op path (itself checked against transformers end to end). bf16
+    weights at 9 rows (past BF16_KERNEL_ROWS) run the layer on AMX tiles where the CPU has
+    AMX, and op by op where it has not."""
     from layers.attention import AttnBatch
+    from layers.cpu.ops import BF16_KERNEL_ROWS
 
     taken = []
     for name in ("attention_half", "mlp_half"):  # record that the kernels ran
@@ -462,11 +465,12 @@ def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
         monkeypatch.setattr(cpu_decode_layer.DecodeLayer, name,
                             lambda *a, _real=real, **k: taken.append(_real(*a, **k)) or taken[-1])
 
-    lens = [5, 9, 16][:seqs]
-    tables = torch.tensor([[3, 7, 1], [0, 2, 5], [4, 6, 8]])[:seqs]
+    lens = [5, 9, 16, 3, 12, 7, 15, 2, 11][:seqs]
+    tables = torch.tensor([[3, 7, 1], [0, 2, 5], [4, 6, 8]] + [[9 + 2 * i, 10 + 2 * i, 31]
+                                                              for i in range(6)])[:seqs]
     positions = torch.tensor(lens) - 1  # each sequence's new token, its keys written now
     slots = torch.stack([tables[i, p // 8] * 8 + p % 8 for i, p in enumerate(positions.tolist())])
-    ids = torch.tensor([11, 57, 140])[:seqs]
+    ids = torch.tensor([11, 57, 140, 3, 99, 150, 42, 7, 120])[:seqs]
     outs, caches = [], []
     for fused in (True, False):
         model = _tiny_llama(seed=seqs, ops=CpuOps(fused_layers=fused, weights=weights,
@@ -475,7 +479,12 @@ def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
         with torch.inference_mode():
             outs.append(model(ids, positions, batch))
         caches.append([layer.self_attn.attn.kv_cache.clone() for layer in model.layers.values()])
-    assert len(taken) == 4 and all(out is not None for out in taken)  # 2 layers x 2 halves, fused run
+    fused_expected = weights != "bfloat16" or seqs < BF16_KERNEL_ROWS or cpu_kernels.amx_pack(
+        torch.zeros(32, 32, dtype=torch.bfloat16)) is not None
+    if fused_expected:  # 2 layers x 2 halves, fused run
+        assert len(taken) == 4 and all(out is not None for out in taken)
+    else:  # no AMX: bf16 weights at 9 rows go op by op
+        assert all(out is None for out in taken)
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
     for fused_cache, plain_cache in zip(*caches):
         torch.testing.assert_close(fused_cache, plain_cache, atol=1e-6, rtol=1e-6)
