@@ -4,7 +4,11 @@ Each :meth:`Scheduler.schedule` call plans one step:
 
 1. every running sequence, in (priority, arrival) order, gets its next chunk:
    one token (the last, whose KV is not yet written) when decoding, or the next
-   piece of its prefill, within the token budget ``max_num_batched_tokens``.
+   piece of its prefill, within the token budget ``max_num_batched_tokens``. A
+   prefill whose rest past the budget would be a tail of at most 1/16 of the budget
+   is taken whole (so a step holds up to ``max_step_tokens``): left for the next
+   step, those few tokens would delay the request's first token by a whole step,
+   to shorten this one by next to nothing.
    When a chunk needs a block and none is free, the lowest-priority,
    latest-arrived running sequence not yet planned this step is preempted (its
    blocks freed, ``num_computed_tokens`` reset, back to the waiting queue with
@@ -37,6 +41,14 @@ from dataclasses import dataclass, field
 from cluster.engine.block_manager import BlockManager
 from cluster.contract.messages import FOLLOW, SeqChunk
 from cluster.engine.sequence import Sequence, SequenceStatus
+
+
+TAIL_FRACTION = 16  # a prefill tail of at most budget / 16 tokens joins its chunk
+
+
+def max_step_tokens(max_num_batched_tokens: int) -> int:
+    """The most tokens a step plans: the budget plus the longest tail it may take."""
+    return max_num_batched_tokens + max_num_batched_tokens // TAIL_FRACTION
 
 
 class SchedulerError(RuntimeError):
@@ -205,7 +217,7 @@ class Scheduler:
                     budget -= 1
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 raise RuntimeError(f"sequence {seq.seq_id} sampled a token that was neither "
                                    "appended nor finished")
@@ -228,6 +240,12 @@ class Scheduler:
                 i += 1
         return budget
 
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens to plan of a prefill with ``remaining`` left: the budget, or all of them
+        where the rest would be a tail of at most max_num_batched_tokens / TAIL_FRACTION."""
+        tail = self.max_num_batched_tokens // TAIL_FRACTION
+        return remaining if remaining <= budget + tail else budget
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int, limit: int) -> None:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and len(out.seqs) < limit):
@@ -238,7 +256,7 @@ class Scheduler:
             if n > budget and not self.enable_chunked_prefill:
                 self.block_manager.cancel_admission(seq)
                 break
-            n = min(n, budget)
+            n = self._chunk(n, budget)
             if not self.block_manager.ensure_slots(seq, cached + n):
                 self.block_manager.cancel_admission(seq)
                 break

@@ -13,7 +13,7 @@ import pytest
 from cluster.engine.block_manager import BlockManager
 from cluster.contract.messages import FOLLOW
 from cluster.contract.sampling import SamplingParams
-from cluster.engine.scheduler import Scheduler, SchedulerError
+from cluster.engine.scheduler import Scheduler, SchedulerError, max_step_tokens
 from cluster.engine.sequence import Sequence, SequenceStatus
 
 
@@ -68,7 +68,8 @@ def step(sched, model, log=None):
     """One engine step: schedule, run, commit, append tokens, finish by length."""
     out = sched.schedule()
     assert not out.is_empty
-    assert out.num_prefill_tokens + out.num_decode_tokens <= sched.max_num_batched_tokens
+    assert out.num_prefill_tokens + out.num_decode_tokens <= max_step_tokens(
+        sched.max_num_batched_tokens)
     assert len(out.chunks) <= sched.max_num_seqs
     assert len({c.seq_id for c in out.chunks}) == len(out.chunks)
     for s, c in zip(out.seqs, out.chunks):
@@ -113,6 +114,31 @@ def test_chunked_prefill_respects_budget_and_only_last_chunk_samples():
     assert [o.num_decode_tokens for o in log] == [0, 0, 0, 0, 1, 1]
     assert s.output_token_ids == reference(list(range(100, 125)), 3)
     assert s.finish_reason == "length" and s.status is SequenceStatus.FINISHED
+    assert_all_free(bm)
+
+
+def test_a_short_prefill_tail_joins_its_chunk_instead_of_waiting_a_step():
+    """Budget 32: a tail of at most 32 // 16 = 2 tokens past it is taken in the same step
+    (the request's first token then comes a step earlier); a longer tail is chunked."""
+    bm, sched, model = make(budget=32)
+    a = seq(1, range(10), max_tokens=6)
+    sched.add(a)
+    step(sched, model)  # a decodes from now on: one token of each step's budget
+    b, c = seq(2, range(40, 72), max_tokens=2), seq(3, range(80, 115), max_tokens=2)
+    sched.add(b)
+    out = step(sched, model)  # 1 + 32 = 33: b's 32nd token would have been a tail of 1
+    assert [(ch.seq_id, len(ch.token_ids), ch.sample) for ch in out.chunks] == [
+        (1, 1, True), (2, 32, True)]
+    assert max_step_tokens(32) == 34
+    sched.add(c)
+    out = step(sched, model)  # a, b decode; c's 35 tokens past the 30 left: a tail of 5
+    assert [(ch.seq_id, len(ch.token_ids)) for ch in out.chunks] == [(1, 1), (2, 1), (3, 30)]
+    out = step(sched, model)
+    assert (out.chunks[-1].seq_id, len(out.chunks[-1].token_ids)) == (3, 5)
+    run_all(sched, model)
+    assert [s.output_token_ids for s in (a, b, c)] == [
+        reference(list(range(10)), 6), reference(list(range(40, 72)), 2),
+        reference(list(range(80, 115)), 2)]
     assert_all_free(bm)
 
 
