@@ -272,14 +272,14 @@ def sample(logits: torch.Tensor, params: list[SamplerParams],
     if adjust is not None and (any(adjusts(p) for p in params) or any(a.banned for a in adjust)):
         chosen_from = adjust_logits(logits, params, adjust)
     rand = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_EPS]
-    if len(rand) < rows:  # greedy rows: the first maximum (the lowest id)
-        tokens = torch.argmax(chosen_from, dim=-1)
-    if len(rand) == rows:  # every row random: no copy of their logits
+    if len(rand) == rows:  # every row random: no argmax, no copy of their logits
         tokens = _sample_random(chosen_from, params, positions, ops)
-    elif rand:
-        idx = torch.tensor(rand, device=logits.device)
-        tokens[idx] = _sample_random(chosen_from.index_select(0, idx), [params[i] for i in rand],
-                                     [positions[i] for i in rand], ops)
+    else:
+        tokens = torch.argmax(chosen_from, dim=-1)  # greedy: the first maximum, the lowest id
+        if rand:
+            idx = torch.tensor(rand, device=logits.device)
+            tokens[idx] = _sample_random(chosen_from.index_select(0, idx),
+                                         [params[i] for i in rand], [positions[i] for i in rand], ops)
     token_list = tokens.tolist()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     chosen_lp: dict[int, float] = {}

@@ -48,7 +48,11 @@ TAIL_FRACTION = 16  # a prefill tail of at most budget / 16 tokens joins its chu
 
 def max_step_tokens(max_num_batched_tokens: int) -> int:
     """The most tokens a step plans: the budget plus the longest tail it may take."""
-    return max_num_batched_tokens + max_num_batched_tokens // TAIL_FRACTION
+    return max_num_batched_tokens + _longest_tail(max_num_batched_tokens)
+
+
+def _longest_tail(max_num_batched_tokens: int) -> int:
+    return max_num_batched_tokens // TAIL_FRACTION
 
 
 class SchedulerError(RuntimeError):
@@ -243,7 +247,7 @@ class Scheduler:
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens to plan of a prefill with ``remaining`` left: the budget, or all of them
         where the rest would be a tail of at most max_num_batched_tokens / TAIL_FRACTION."""
-        tail = self.max_num_batched_tokens // TAIL_FRACTION
+        tail = _longest_tail(self.max_num_batched_tokens)
         return remaining if remaining <= budget + tail else budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, limit: int) -> None:

@@ -73,16 +73,16 @@ class DecodeLayer:
     format: int = 0  # 0 packed float32 panels, 1 bf16, 2 int8 (lowp_linear.c)
     scales: tuple = (None, None, None, None)  # int8: qkv, o, gate_up, down scales
     # bf16: the four weights' copies in AMX's tile order (amx_pack), which the steps of
-    # ``tile_rows`` rows or more multiply with (decode_layer.c's format 3); None: no AMX
+    # ``tile_rows`` = (first, last) rows multiply with (decode_layer.c's format 3); None: no AMX
     tiles: tuple | None = None
-    tile_rows: int = 8
+    tile_rows: tuple[int, int] = (8, 768)
 
     @classmethod
     def make(cls, input_norm: torch.Tensor, input_eps: float, qkv: torch.Tensor, num_q: int,
              num_kv: int, scale: float, cache: torch.Tensor, o: torch.Tensor,
              post_norm: torch.Tensor, post_eps: float, gate_up: torch.Tensor,
              down: torch.Tensor, scales: tuple | None = None, tiles: tuple | None = None,
-             tile_rows: int = 8) -> "DecodeLayer | None":
+             tile_rows: tuple[int, int] = (8, 768)) -> "DecodeLayer | None":
         weights = (qkv, o, gate_up, down)
         if (float32_kernels(input_norm, post_norm) is None or cache.dim() != 5
                 or cache.dtype not in KV_DTYPES or not cache.is_contiguous()):
@@ -118,13 +118,16 @@ class DecodeLayer:
                    tiles=tuple(tiles) if tiles is not None else None, tile_rows=tile_rows)
 
     def applies(self, rows: int) -> bool:
-        """Whether a step of ``rows`` runs here: bf16 weights from ``tile_rows`` rows on only
-        with their AMX copies (widening bf16 in registers is the small batches' kernel)."""
-        return self.format != 1 or rows < self.tile_rows or self.tiles is not None
+        """Whether a step of ``rows`` runs here: bf16 weights from ``tile_rows[0]`` rows on
+        only with their AMX copies and up to ``tile_rows[1]`` (widening bf16 in registers is
+        the small batches' kernel; past the tiles' range, oneDNN's GEMM op by op)."""
+        first, last = self.tile_rows
+        return (self.format != 1 or rows < first
+                or (self.tiles is not None and rows <= last))
 
     def _weights(self, rows: int) -> tuple[int, tuple]:
         """The format and the (qkv, o, gate_up, down) matrices a step of ``rows`` reads."""
-        if self.tiles is not None and rows >= self.tile_rows:
+        if self.tiles is not None and rows >= self.tile_rows[0]:
             return FMT_AMX, self.tiles
         return self.format, (self.qkv, self.o, self.gate_up, self.down)
 

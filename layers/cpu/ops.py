@@ -219,9 +219,7 @@ class CpuOps(TorchOps):
         all-reduce, the residual added in C): at small batches dispatching the ops one by one
         cost about a fifth of the step. None where the kernels decline, before anything was
         written."""
-        # bf16 weights past AMX_MAX_ROWS: oneDNN's GEMM, op by op
-        fits = self.weights != "bfloat16" or x.shape[0] <= AMX_MAX_ROWS
-        kernel = self._kernel(layer) if self.fused_layers and fits else None
+        kernel = self._kernel(layer) if self.fused_layers else None
         if kernel is None or not kernel.applies(x.shape[0]):
             return None
         if "decode_step" not in batch.platform_state:  # once per step, for every layer
@@ -259,7 +257,7 @@ class CpuOps(TorchOps):
         kernel = None if any(m.bias is not None for m in linears) else DecodeLayer.make(
             n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
             sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight,
-            scales, tiles, BF16_KERNEL_ROWS)
+            scales, tiles, (BF16_KERNEL_ROWS, AMX_MAX_ROWS))
         self._layers[key] = kernel
         return kernel
 

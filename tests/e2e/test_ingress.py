@@ -50,7 +50,7 @@ def _complete(url: str, model: str, prompt: list[int], timeout: float = 60) -> l
     return r.json()["choices"][0]["logprobs"]["tokens"]
 
 
-def _wait_answering(url: str, model: str, timeout: float = 180) -> None:
+def _wait_answering(url: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -74,7 +74,7 @@ def test_direct_ingress_replicas_share_the_port_and_survive_one_lost(ray_session
     config, port = _config(tiny), find_free_port("127.0.0.1")
     try:
         url = _within(DEPLOY_TIMEOUT_S, lambda: deploy(config, port=port, num_replicas=2))
-        _wait_answering(url, str(tiny))
+        _wait_answering(url)
         assert serve.status().proxies == {}, "direct ingress starts no Serve proxy"
         replicas = _replica_actors()
         assert len(replicas) == 2
@@ -117,7 +117,7 @@ def _deploy_proxy(tiny) -> str:
     from cluster.serving.http.deploy import deploy
 
     url = deploy(_config(tiny), port=find_free_port("127.0.0.1"), ingress="proxy")
-    _wait_answering(url, str(tiny))
+    _wait_answering(url)
     return url
 
 

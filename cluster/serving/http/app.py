@@ -117,10 +117,11 @@ class OpenAIServer:
         if not settings.api_keys:  # Serve's logger: the line lands in the replica's log
             logging.getLogger("ray.serve").warning(
                 "shardlm: no API key configured: the API is open to anyone who can reach it")
-        self._listener = Listener(build_app(self), *settings.listen) if settings.listen else None
+        self._app = build_app(self)  # Serve's ingress, or the replica's own listener
+        self._listener = Listener(self._app, *settings.listen) if settings.listen else None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self)
+        return self._app
 
     # ---- engine state ----------------------------------------------------------------------
     async def health(self) -> dict:

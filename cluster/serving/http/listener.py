@@ -70,6 +70,3 @@ class Listener:
     def _ended(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("the API replica's listener failed: %r", task.exception())
-
-    def close(self) -> None:
-        self.server.should_exit = True
