@@ -81,9 +81,10 @@ class ColumnParallelLinear(nn.Module):
         offset, start, size = self.offsets[shard_id]
         load_rows(param, source, start, size, offset)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (tokens, in_features) -> (tokens, out_local), fused blocks side by side
-        return self.ops.linear(x, self.weight, self.bias)
+    def project(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        # x: (tokens, in_features) -> (tokens, out_local), fused blocks side by side (of
+        # ``out_dtype`` where given)
+        return self.ops.linear(x, self.weight, self.bias, out_dtype)
 
     forward = project
 

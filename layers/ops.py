@@ -36,10 +36,11 @@ class TorchOps:
         return 0
 
     # ---- matmuls and lookups -----------------------------------------------------------------
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        # x: (rows, in); weight: (out, in) -> (rows, out)
-        return F.linear(x, weight, bias)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        # x: (rows, in); weight: (out, in) -> (rows, out), of ``out_dtype`` where given
+        y = F.linear(x, weight, bias)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def embedding(self, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # index: (n,); weight: (rows, hidden) -> (n, hidden)
@@ -93,6 +94,12 @@ class TorchOps:
 
         x: (rows, hidden) -> (rows, inter)"""
         return self.silu_mul(gate_up.project(x))
+
+    def attention_dtype(self, attn: nn.Module, batch) -> torch.dtype | None:
+        """The dtype a step's queries, keys and values travel in, from the q/k/v projection of
+        ``attn`` (a layer's self-attention) to its output projection, where the platform
+        carries them narrower than the activations; None: the activations' dtype."""
+        return None
 
     def fused_decode(self, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, batch
                      ) -> torch.Tensor | None:

@@ -180,7 +180,7 @@ class Engine:
         """Advance by one step: launch steps until the pipeline is full (one at a time
         without pipeline parallelism), then finish the oldest; the deltas it produced."""
         deltas: list[Delta] = []
-        while len(self.in_flight) < self.max_in_flight and self._launch(deltas):
+        while self._room() and self._launch(deltas):
             pass
         if not self.in_flight:
             return deltas
@@ -235,6 +235,17 @@ class Engine:
             position = scores.first_position + i
             request.prompt_logprobs[position] = dict(top) | {
                 request.prompt_token_ids[position]: logprob}
+
+    def _room(self) -> bool:
+        """Whether to launch another step now: up to ``max_in_flight``, and under async
+        scheduling not behind a step with prompt tokens. Such a step is long, so the planning
+        a step launched behind it would hide is a sliver of it; and prompts that arrive while
+        it runs then join the very next step instead of queueing behind one planned before
+        they came (a whole step of their time to the first token)."""
+        if len(self.in_flight) >= self.max_in_flight:
+            return False
+        return not (self.async_scheduling
+                    and any(out.num_prefill_tokens for out, _, _ in self.in_flight))
 
     def _launch(self, deltas: list[Delta]) -> bool:
         """Plan and submit one step (a micro-batch under pipelining); False if nothing to run."""

@@ -122,7 +122,9 @@ def load() -> ctypes.CDLL | None:
         "rms_norm": [_F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
         "add_rms_norm": [_F32P, _F32P, _F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
         "rope_inplace": [_F32P, _I64, _I64, _I64, _I64, _F32P, _F32P, _INT],
+        "rope_inplace_bf16": [_F32P, _I64, _I64, _I64, _I64, _F32P, _F32P, _INT],
         "write_kv": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64, _INT],
+        "write_kv_bf16": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64],
         "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
         "silu_mul_bf16": [_F32P, _F32P, _I64, _I64, _INT],
         "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT,
@@ -272,10 +274,10 @@ def float32_kernels(*tensors: torch.Tensor):
     return None
 
 
-def _rows_of_heads(t: torch.Tensor) -> bool:
-    """(rows, heads, hd) float32 on a CPU with heads contiguous within a row (rows may be
-    any stride apart, e.g. slices of the fused qkv output)."""
-    return (t.dim() == 3 and t.device.type == "cpu" and t.dtype == torch.float32
+def _rows_of_heads(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """(rows, heads, hd) of ``dtype`` on a CPU with heads contiguous within a row (rows may
+    be any stride apart, e.g. slices of the fused qkv output)."""
+    return (t.dim() == 3 and t.device.type == "cpu" and t.dtype == dtype
             and t.stride(2) == 1 and t.stride(1) == t.shape[2])
 
 
@@ -310,31 +312,39 @@ def rope_inplace(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> b
     """Rotate every head of every token in place (Llama's half-rotation); False where the
     kernel does not apply (the caller rotates with torch).
 
-    heads: (tokens, n, hd), rows any stride apart, heads contiguous within a row (a slice of
-    the fused qkv output); cos, sin: (tokens, hd / 2)"""
+    heads: (tokens, n, hd) float32 or bf16 (rotated in float32, rounded once), rows any
+    stride apart, heads contiguous within a row (a slice of the fused qkv output); cos, sin:
+    (tokens, hd / 2)"""
     lib = float32_kernels(cos, sin)
     tokens, n, hd = heads.shape
-    if lib is None or not _rows_of_heads(heads) or cos.shape != (tokens, hd // 2):
+    if lib is None or not _rows_of_heads(heads, heads.dtype) or heads.dtype not in KV_DTYPES \
+            or cos.shape != (tokens, hd // 2):
         return False
-    return lib.rope_inplace(heads.data_ptr(), heads.stride(0), tokens, n, hd, cos.data_ptr(),
-                            sin.data_ptr(), torch.get_num_threads()) == 0
+    rotate = lib.rope_inplace_bf16 if heads.dtype == torch.bfloat16 else lib.rope_inplace
+    return rotate(heads.data_ptr(), heads.stride(0), tokens, n, hd, cos.data_ptr(),
+                  sin.data_ptr(), torch.get_num_threads()) == 0
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> bool:
     """cache[0][slots[t]] = k[t], cache[1][slots[t]] = v[t]; False where the kernel does not
     apply. Slots out of range raise.
 
-    k, v: (tokens, num_kv, hd) float32, rows the same stride apart, each row contiguous;
-    cache: (2, blocks, block_size, num_kv, hd) float32, or bf16 (rounded to nearest even);
-    slots: (tokens,) int64"""
+    k, v: (tokens, num_kv, hd) float32, or bf16 into a bf16 cache, rows the same stride
+    apart, each row contiguous; cache: (2, blocks, block_size, num_kv, hd) float32, or bf16
+    (float32 keys and values rounded to nearest even); slots: (tokens,) int64"""
     lib = load() if cache.device.type == "cpu" and cache.dtype in KV_DTYPES and cache.is_contiguous() else None
     tokens, num_kv, hd = k.shape
-    if (lib is None or not _rows_of_heads(k) or not _rows_of_heads(v) or v.stride() != k.stride()
-            or slots.dim() != 1 or not i64_rows(slots, tokens)):
+    source = torch.bfloat16 if k.dtype == torch.bfloat16 == cache.dtype else torch.float32
+    if (lib is None or not _rows_of_heads(k, source) or not _rows_of_heads(v, source)
+            or v.stride() != k.stride() or slots.dim() != 1 or not i64_rows(slots, tokens)):
         return False
     total = cache.shape[1] * cache.shape[2]
-    rc = lib.write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), cache.data_ptr(), slots.data_ptr(),
-                      tokens, num_kv * hd, total, int(cache.dtype == torch.bfloat16))
+    args = (k.data_ptr(), v.data_ptr(), k.stride(0), cache.data_ptr(), slots.data_ptr(), tokens,
+            num_kv * hd, total)
+    if source == torch.bfloat16:
+        rc = lib.write_kv_bf16(*args)
+    else:
+        rc = lib.write_kv(*args, int(cache.dtype == torch.bfloat16))
     check_slots(rc, total)
     return rc == 0
 

@@ -126,9 +126,12 @@ class CpuOps(TorchOps):
                 return y
         return bf16_gemm(x, weight, self._blocked.get(id(weight))).to(out_dtype)
 
-    def linear(self, x, weight, bias=None):
-        # x: (rows, in) float32 (bf16 after swiglu); weight: (out, in) float32, bf16 or int8,
-        # or packed float32 panels (out / 16, in, 16) -> (rows, out) float32
+    def linear(self, x, weight, bias=None, out_dtype=None):
+        # x: (rows, in) float32 (bf16 after swiglu and attention_dtype); weight: (out, in)
+        # float32, bf16 or int8, or packed float32 panels (out / 16, in, 16) -> (rows, out)
+        # float32, or of out_dtype (bf16 weights, no bias: the GEMM's own rounding)
+        if weight.dtype == torch.bfloat16 and bias is None and out_dtype is not None:
+            return self.bf16_matmul(x, weight, out_dtype)
         if weight.dtype == torch.bfloat16:
             y = self.bf16_matmul(x, weight)
         elif weight.dtype == torch.int8:
@@ -137,10 +140,25 @@ class CpuOps(TorchOps):
             if y is None:
                 y = torch.nn.functional.linear(x, weight.float() * scales[:, None])
         elif weight.dim() == 2:
-            return super().linear(x, weight, bias)
+            return super().linear(x, weight, bias, out_dtype)
         else:
             y = kernels.packed_linear(x, weight)
-        return y if bias is None else y + bias
+        y = y if bias is None else y + bias
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def attention_dtype(self, attn, batch):
+        """bf16 on a step with prompt chunks where prompt attention runs in bf16 (AMX) and the
+        q/k/v projection is a bf16 GEMM without bias or per-head norms. Attention reads q, k
+        and v in bf16 and the cache keeps k and v in bf16 anyway: carried in float32 they only
+        cost conversions, about a tenth of a prompt step on the default model. Past
+        AMX_MAX_ROWS the GEMM rounds its output to bf16 itself and the values are the same;
+        below it q and k are rounded once more, before rotation, and a decoding sequence's
+        query in such a step is rounded to bf16 before the float32 decode kernel reads it."""
+        qkv = attn.qkv_proj
+        if (self.bf16_prompt_attention and batch.max_query_len > 1 and not attn.qk_norm
+                and qkv.weight.dtype == torch.bfloat16 and qkv.bias is None):
+            return torch.bfloat16
+        return None
 
     def swiglu(self, gate_up, x):
         # x: (rows, hidden) float32 -> (rows, inter): bf16 from a tiled GEMM (bf16 weights,
@@ -192,18 +210,22 @@ class CpuOps(TorchOps):
             super().write_kv(k, v, cache, slots)
 
     def paged_decode(self, q, cache, batch, scale, window=None, softcap=None):
-        # the kernel reads each sequence's blocks in place (no gather into a padded copy)
-        out = kernels.paged_decode_attention(q, cache, batch.block_tables,
+        # the kernel reads each sequence's blocks in place (no gather into a padded copy);
+        # q: float32, or bf16 (attention_dtype) read as float32 -> out in q's dtype
+        q32 = q.float()
+        out = kernels.paged_decode_attention(q32, cache, batch.block_tables,
                                              batch.context_lens_tensor(), scale, window, softcap)
-        return out if out is not None else super().paged_decode(q, cache, batch, scale, window,
-                                                                softcap)
+        if out is None:
+            out = super().paged_decode(q32, cache, batch, scale, window, softcap)
+        return out.to(q.dtype)
 
     def attend(self, q, k, v, scale, causal_offset, window=None, softcap=None):
-        # q: (n, num_q, hd) float32; k, v: (ctx, num_kv, hd) float32, or bf16 from the cache
+        # q: (n, num_q, hd) float32 or bf16 (attention_dtype); k, v: (ctx, num_kv, hd)
+        # float32, or bf16 (attention_dtype, or read from the cache) -> in q's dtype
         if self.bf16_prompt_attention:
             bf16 = torch.bfloat16
             return super().attend(q.to(bf16), k.to(bf16), v.to(bf16), scale, causal_offset,
-                                  window, softcap).float()
+                                  window, softcap).to(q.dtype)
         if k.dtype != q.dtype:  # keys and values read back from a bf16 cache
             k, v = k.to(q.dtype), v.to(q.dtype)
         if k.shape[0] == q.shape[0] + causal_offset:  # the causal case the kernel covers

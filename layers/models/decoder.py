@@ -95,6 +95,8 @@ def feed_forward(args: DecoderArgs, layer: int, dtype: torch.dtype, comm: Tensor
 
 
 class SelfAttention(nn.Module):
+    ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+
     def __init__(self, args: DecoderArgs, shard: HeadShard, dtype: torch.dtype,
                  comm: TensorParallelGroup, rotary: RotaryEmbedding, window: int | None = None):
         super().__init__()
@@ -119,7 +121,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), or (kept rows, hidden) with ``keep``
-        qkv = self.qkv_proj.project(x)  # (tokens, (local_q + 2 * local_kv) * hd)
+        # (tokens, (local_q + 2 * local_kv) * hd), in the platform's choice for this step
+        qkv = self.qkv_proj.project(x, self.ops.attention_dtype(self, batch))
         heads = qkv.view(qkv.shape[0], -1, self.head_dim)  # (tokens, local_q + 2 * local_kv, hd)
         if self.qk_norm:
             self._norm_heads(heads)

@@ -62,8 +62,10 @@ def test_greedy_matches_transformers_generate(llm, reference):
 
 def test_async_scheduling_overlaps_steps_and_stops_at_the_same_token(llm, reference):
     """Async scheduling (the default): while a request decodes, step() returns with the next
-    step already in flight. A stop token ends the request exactly where the reference has it;
-    the follow-up step planned before that token was known comes back and is dropped."""
+    step already in flight; not behind its prompt step, after which the next step is planned
+    once it is back (prompts arriving meanwhile join it). A stop token ends the request
+    exactly where the reference has it; the follow-up step planned before that token was
+    known comes back and is dropped."""
     engine = llm.engine
     assert engine.async_scheduling and engine.max_in_flight == 2
     prompt = PROMPTS[3]
@@ -81,8 +83,9 @@ def test_async_scheduling_overlaps_steps_and_stops_at_the_same_token(llm, refere
     assert out.token_ids == ref[:end] and out.finish_reason == "stop"
     assert out.stop_reason == stop
     assert engine.stats["generation_tokens"] - generated == end  # the dropped token not counted
-    # a step was always out while decoding; the last call only took back the dropped one
-    assert in_flight == [1] * end + [0]
+    # nothing out after the prompt step, a step always out while decoding; the last call
+    # only took back the dropped one
+    assert in_flight == [0] + [1] * (end - 1) + [0]
 
 
 def test_without_async_scheduling_one_step_at_a_time(ray_session, tiny, reference):

@@ -242,13 +242,54 @@ def test_rms_norm_kernels_match_transformers(rows):
 
 
 @pytest.mark.parametrize("rows", [1, 64])
-def test_silu_mul_matches_torch(rows):
-    gate_up = torch.randn(rows, 2 * 1536) * 8  # large |gate| on both sides: exp range
+@pytest.mark.parametrize("inter", [1536, 24])  # 24: a 16-wide AVX-512 pass, then an 8-wide tail
+def test_silu_mul_matches_torch(rows, inter):
+    gate_up = torch.randn(rows, 2 * inter) * 8  # large |gate| on both sides: exp range
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-8])
+    gate_up[0, 4:6] = torch.tensor([-200.0, float("nan")])  # past exp's clamp; NaN stays NaN
     got = cpu_kernels.silu_mul(gate_up)
     assert got is not None
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(got, F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, F.silu(gate) * up, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("inter", [1536, 24])
+def test_silu_mul_on_bf16_rounds_the_float32_result_once(inter):
+    """bf16 in and out (a bf16 GEMM's output): torch's silu * up of the values widened to
+    float32, rounded to bf16 (within one bf16 step where the float32 results differ in the
+    last bits across a rounding boundary)."""
+    gate_up = (torch.randn(64, 2 * inter) * 8).bfloat16()
+    gate_up[0, :3] = torch.tensor([-100.0, float("nan"), float("inf")])
+    got = cpu_kernels.silu_mul(gate_up)
+    assert got is not None and got.dtype == torch.bfloat16
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    want = (F.silu(gate) * up).bfloat16()
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7, equal_nan=True)
+    assert (got == want).float().mean() > 0.99  # almost all exactly the rounded reference
+
+
+@pytest.mark.parametrize("hd", [16, 64])
+def test_rope_on_bf16_heads_is_the_float32_rotation_rounded_once(hd):
+    """Rotary embedding in place on the q/k heads of a bf16 fused qkv output (a strided view):
+    the float32 kernel's rotation of the same values, rounded to bf16, and torch's rotation
+    (computed in float32, rounded) within one bf16 step; the v heads are untouched."""
+    from layers.ops import rotate
+
+    g = torch.Generator().manual_seed(5)
+    tokens, nq, nkv = 37, 9, 3
+    qkv = (torch.randn(tokens, (nq + 2 * nkv) * hd, generator=g) * 4).bfloat16()
+    heads = qkv.view(tokens, nq + 2 * nkv, hd)[:, :nq + nkv]
+    angles = torch.rand(tokens, hd // 2, generator=g) * 50
+    cos, sin = angles.cos(), angles.sin()
+    as_float = heads.float().contiguous()
+    before = qkv.clone()
+    assert cpu_kernels.rope_inplace(as_float, cos, sin)
+    assert cpu_kernels.rope_inplace(heads, cos, sin)
+    assert torch.equal(heads, as_float.bfloat16())
+    full = (torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None])
+    want = rotate(before.view(tokens, -1, hd)[:, :nq + nkv], *full)
+    torch.testing.assert_close(heads.float(), want.float(), atol=1e-2, rtol=2 ** -7)
+    assert torch.equal(qkv.view(tokens, -1, hd)[:, nq + nkv:], before.view(tokens, -1, hd)[:, nq + nkv:])
 
 
 def test_write_kv_matches_index_copy_and_checks_slots():
@@ -284,6 +325,24 @@ def test_write_kv_into_a_bf16_cache_rounds_as_torch_does():
     with pytest.raises(IndexError):
         cpu_kernels.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 32]))
     assert torch.equal(cache, before)
+
+
+def test_write_kv_copies_bf16_keys_and_values_into_a_bf16_cache():
+    g = torch.Generator().manual_seed(4)
+    cache = torch.randn(2, 8, 4, 3, 16, generator=g).bfloat16()
+    heads = torch.randn(5, 15, 16, generator=g).bfloat16()  # fused rows: strided k and v
+    k, v = heads[:, 9:12], heads[:, 12:]
+    slots = torch.tensor([31, 0, 7, 8, 20])
+    want = cache.clone().view(2, 32, 3, 16)
+    want[0].index_copy_(0, slots, k)
+    want[1].index_copy_(0, slots, v)
+    assert cpu_kernels.write_kv(k, v, cache, slots)
+    assert torch.equal(cache.view(2, 32, 3, 16), want)
+    before = cache.clone()
+    with pytest.raises(IndexError):
+        cpu_kernels.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 32]))
+    assert torch.equal(cache, before)
+    assert not cpu_kernels.write_kv(k, v, torch.zeros(2, 8, 4, 3, 16), slots)  # bf16 into float32: torch
 
 
 LOWP_ROWS = [1, 2, 3, 4, 5, 13, 64]
@@ -429,9 +488,9 @@ def test_prefill_attention_declines_unsupported_shapes():
     assert cpu_kernels.prefill_attention(q, k, k, 1.0) is None
 
 
-def _tiny_llama(seed: int, ops: CpuOps):
+def _tiny_llama(seed: int, ops: CpuOps, blocks: int = 32):
     """A 2-layer Llama (GQA 6/2, head_dim 16) with random weights, packed (or converted to the
-    ops' weight format), with a KV cache of the ops' dtype."""
+    ops' weight format), with a KV cache of the ops' dtype (``blocks`` blocks of 8 tokens)."""
     from layers.models import build_model
     from workers import kv_cache
     from workers.comm import TrivialCommunicator
@@ -444,7 +503,7 @@ def _tiny_llama(seed: int, ops: CpuOps):
     for param in model.parameters():
         param.data.normal_(0, 0.2)
     assert use_ops(model, ops) == 2 * 4 + 1
-    kv_cache.allocate(model, 32, 8, ops.kv_cache_dtype, torch.device("cpu"))
+    kv_cache.allocate(model, blocks, 8, ops.kv_cache_dtype, torch.device("cpu"))
     return model
 
 
@@ -525,3 +584,56 @@ def test_gumbel_argmax_rows_is_the_samplers_noise_made_in_place(rows):
     picked = scores.gather(1, got[:, None])[:, 0]
     assert torch.allclose(picked, scores.max(dim=-1).values, rtol=0, atol=1e-5)
     assert (got == want).float().mean() >= 0.9 and (got % 3 != 0).all()
+
+
+# (fresh prompt, decoding, fresh prompt, decoding, continuing chunk) tokens; rows in all
+STEPS = {"amx": [10, 1, 7, 1, 5], "onednn": [500, 1, 300, 1, 50]}
+
+
+@pytest.mark.parametrize("gemm", list(STEPS))
+def test_a_prompt_step_carried_in_bf16_keeps_the_float32_carrys_values(gemm, monkeypatch):
+    """A step of fresh prompts, a continuing chunk and decoding sequences, bf16 weights and
+    cache. Where prompt attention runs in bf16 (AMX), CpuOps carries the step's q/k/v and
+    attention output in bf16 (attention_dtype) instead of float32. Past AMX_MAX_ROWS rows,
+    where the q/k/v GEMM rounds its output to bf16 itself, the prompt rows' hidden states and
+    their keys and values come out bit for bit as with the float32 carry; below, q and k are
+    rounded once more before rotation (close). Decoding rows differ by their query rounded."""
+    from layers.attention import AttnBatch
+    from layers.cpu.ops import AMX_MAX_ROWS
+
+    query_lens, start_pos = STEPS[gemm], [0, 8, 0, 14, 6]
+    assert (sum(query_lens) > AMX_MAX_ROWS) == (gemm == "onednn")
+    per_seq = -(-(max(query_lens) + 14) // 8)  # blocks per sequence
+    tables = torch.arange(5 * per_seq).view(5, per_seq)
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start_pos, query_lens)])
+    seq_of_row = torch.cat([torch.full((n,), i) for i, n in enumerate(query_lens)])
+    slots = tables[seq_of_row, positions // 8] * 8 + positions % 8
+    ids = torch.randint(0, 160, (len(positions),), generator=torch.Generator().manual_seed(1))
+    decode_rows = torch.tensor([sum(query_lens[:i]) for i in (1, 3)])  # sequences 1 and 3
+    outs, caches, chosen = [], [], []
+    for carry in ("bf16", "float32"):
+        ops = CpuOps(weights="bfloat16", kv_cache_dtype=torch.bfloat16)
+        if carry == "float32":
+            monkeypatch.setattr(ops, "attention_dtype", lambda attn, batch: None)
+        model = _tiny_llama(seed=7, ops=ops, blocks=5 * per_seq)
+        g = torch.Generator().manual_seed(2)
+        for layer in model.layers.values():  # earlier tokens of the continuing sequences
+            cache = layer.self_attn.attn.kv_cache
+            cache.copy_(torch.randn(cache.shape, generator=g))
+        batch = AttnBatch(query_lens, start_pos, tables, slots)
+        chosen.append(ops.attention_dtype(model.layers["0"].self_attn, batch))
+        with torch.inference_mode():
+            outs.append(model(ids, positions, batch))
+        caches.append([layer.self_attn.attn.kv_cache.clone() for layer in model.layers.values()])
+    amx = "amx_bf16" in cpu_flags()
+    assert chosen == [torch.bfloat16 if amx else None, None]
+    prompt_rows = torch.ones(len(positions), dtype=torch.bool)
+    prompt_rows[decode_rows] = False
+    if gemm == "onednn" or not amx:
+        assert torch.equal(outs[0][prompt_rows], outs[1][prompt_rows])
+        for bf16_cache, float_cache in zip(*caches):  # the prompt tokens' keys and values
+            kept = [c.view(2, -1, *c.shape[3:])[:, slots[prompt_rows]] for c in (bf16_cache, float_cache)]
+            assert torch.equal(*kept)
+    torch.testing.assert_close(outs[0], outs[1], atol=0.02, rtol=0.02)
+    for bf16_cache, float_cache in zip(*caches):
+        torch.testing.assert_close(bf16_cache, float_cache, atol=0.02, rtol=0.02)

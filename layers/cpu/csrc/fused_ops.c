@@ -7,7 +7,8 @@
  *   write_kv      each token's keys and values into the paged cache at its slot
  *   silu_mul      out = silu(gate) * up                      gate_up (rows, 2 * inter)
  *
- * float32, contiguous rows. Widths must be multiples of 8 (head_dim of 16); otherwise the
+ * float32, contiguous rows; rope, write_kv and silu_mul also on bf16 (computed in float32,
+ * rounded once). Widths must be multiples of 8 (head_dim of 16); otherwise the
  * functions return -1 and the layers use torch. Threads split rows once a call has enough
  * work to pay for waking them.
  */
@@ -85,12 +86,37 @@ int rope_inplace(float *x, int64_t stride, int64_t tokens, int64_t heads, int64_
     return 0;
 }
 
+/* rotate_head on bf16 heads: computed in float32 and rounded once */
+static inline void rotate_head_bf16(uint16_t *x, const float *cos, const float *sin, int64_t half) {
+    for (int64_t i = 0; i < half; i += W) {
+        const vec x1 = load_bf16(x + i), x2 = load_bf16(x + half + i), c = load(cos + i), s = load(sin + i);
+        store_bf16(x + i, x1 * c - x2 * s);
+        store_bf16(x + half + i, x2 * c + x1 * s);
+    }
+}
+
+/* rope_inplace on bf16 rows (`stride` bf16 values apart) */
+int rope_inplace_bf16(uint16_t *x, int64_t stride, int64_t tokens, int64_t heads, int64_t hd,
+                      const float *cos, const float *sin, int threads) {
+    if (hd % (2 * W)) return -1;
+    const int64_t half = hd / 2;
+#pragma omp parallel for num_threads(threads) if (tokens * heads * hd >= PARALLEL_MIN) schedule(static)
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++) rotate_head_bf16(x + t * stride + h * hd, cos + t * half, sin + t * half, half);
+    return 0;
+}
+
+static int slots_in_range(const int64_t *slots, int64_t tokens, int64_t total_slots) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= total_slots) return 0;
+    return 1;
+}
+
 /* k, v: tokens rows `stride` floats apart, each row `width` = num_kv * hd floats; cache
  * (2, total_slots, width): token t's keys go to cache[0][slots[t]], values to cache[1][slots[t]] */
 int write_kv(const float *k, const float *v, int64_t stride, void *cache, const int64_t *slots,
              int64_t tokens, int64_t width, int64_t total_slots, int bf16) {
-    for (int64_t t = 0; t < tokens; t++)
-        if (slots[t] < 0 || slots[t] >= total_slots) return -3;  /* nothing written */
+    if (!slots_in_range(slots, tokens, total_slots)) return -3;  /* nothing written */
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t at_k = slots[t] * width, at_v = (total_slots + slots[t]) * width;
         if (bf16) {  /* a bf16 cache: each value rounded to nearest even */
@@ -112,6 +138,17 @@ int write_kv(const float *k, const float *v, int64_t stride, void *cache, const 
     return 0;
 }
 
+/* write_kv of bf16 keys and values (rows `stride` bf16 values apart) into a bf16 cache */
+int write_kv_bf16(const uint16_t *k, const uint16_t *v, int64_t stride, uint16_t *cache,
+                  const int64_t *slots, int64_t tokens, int64_t width, int64_t total_slots) {
+    if (!slots_in_range(slots, tokens, total_slots)) return -3;  /* nothing written */
+    for (int64_t t = 0; t < tokens; t++) {
+        memcpy(cache + slots[t] * width, k + t * stride, width * sizeof(uint16_t));
+        memcpy(cache + (total_slots + slots[t]) * width, v + t * stride, width * sizeof(uint16_t));
+    }
+    return 0;
+}
+
 /* silu(g) = g / (1 + e^-g), with e^-|g| (never overflows) */
 static inline vec silu(vec g) {
     const vec zero = splat(0.0f), one = splat(1.0f);
@@ -125,7 +162,7 @@ static inline vec silu(vec g) {
     const vec sig_pos = one / (one + e);  /* sigmoid(|g|) */
     vec sig;
     ivec sp, sn;
-    const vec sig_neg = e / (one + e);    /* sigmoid(-|g|) */
+    const vec sig_neg = e * sig_pos;      /* sigmoid(-|g|) */
     memcpy(&sp, &sig_pos, sizeof sp);
     memcpy(&sn, &sig_neg, sizeof sn);
     sp = (sn & neg) | (sp & ~neg);
@@ -133,14 +170,78 @@ static inline vec silu(vec g) {
     return g * sig;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define W16 16 /* floats per AVX-512 register: silu * up at twice vec.h's width */
+
+/* vexp (vec.h) on 16 lanes, the same steps: clamp at -87 (NaN too), n = round(x / ln2),
+ * r = x - n ln2 in two parts, the degree-6 polynomial, times 2^n */
+static inline __m512 vexp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  /* a NaN lane takes -87, as in vexp */
+    const __m512 n = _mm512_roundscale_ps(
+        _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145752f))),
+                                   _mm512_mul_ps(n, _mm512_set1_ps(1.42860677e-6f)));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);  /* p * 2^n */
+}
+
+/* silu (below) on 16 lanes */
+static inline __m512 silu16(__m512 g) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 e = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __m512 sig_pos = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mul_ps(g, _mm512_mask_mul_ps(sig_pos, neg, e, sig_pos));
+}
+
+static inline __m512 load16_bf16(const uint16_t *p) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+/* store_bf16 (vec.h) on 16 lanes: nearest even, a NaN kept quiet */
+static inline void store16_bf16(uint16_t *p, __m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    h = _mm512_mask_or_epi32(h, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(h));
+}
+#endif
+
+/* silu(gate) * up of one row: 16 lanes at a time where AVX-512 runs, else vec.h's width */
+static inline void silu_mul_row(const float *g, const float *u, float *o, int64_t inter) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + W16 <= inter; i += W16)
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu16(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(u + i)));
+#endif
+    for (; i < inter; i += W) store(o + i, silu(load(g + i)) * load(u + i));
+}
+
+static inline void silu_mul_row_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t inter) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + W16 <= inter; i += W16)
+        store16_bf16(o + i, _mm512_mul_ps(silu16(load16_bf16(g + i)), load16_bf16(u + i)));
+#endif
+    for (; i < inter; i += W) store_bf16(o + i, silu(load_bf16(g + i)) * load_bf16(u + i));
+}
+
 int silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int threads) {
     if (inter % W) return -1;
 #pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = gate_up + r * 2 * inter, *u = g + inter;
-        float *o = out + r * inter;
-        for (int64_t i = 0; i < inter; i += W) store(o + i, silu(load(g + i)) * load(u + i));
-    }
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
     return 0;
 }
 
@@ -148,11 +249,8 @@ int silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int 
 int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int threads) {
     if (inter % W) return -1;
 #pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
-        uint16_t *o = out + r * inter;
-        for (int64_t i = 0; i < inter; i += W) store_bf16(o + i, silu(load_bf16(g + i)) * load_bf16(u + i));
-    }
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul_row_bf16(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
     return 0;
 }
 
