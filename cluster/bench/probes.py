@@ -36,7 +36,7 @@ def probe(engine, opts: BenchOptions, vocab_size: int, kind: str, seed: int) -> 
     rng = random.Random(seed)
     ids = lambda k: [rng.randrange(vocab_size) for _ in range(k)]
     if kind == "prefill":
-        cap = min(opts.prompt_len[1], engine.config.scheduler.max_num_batched_tokens,
+        cap = min(opts.prompt_len[1], engine.scheduler.max_num_batched_tokens,
                   engine.max_model_len - 2)
         return {"prefill_tokens": cap,
                 "prefill_s": _median_step(drive(engine, [ids(cap)], 1, 1, opts), cap, 0)}

@@ -61,7 +61,7 @@ class Engine:
         self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens)
+                                   config.scheduler.step_tokens(self.group.device))
         self.requests: dict[str, Request] = {}
         self.by_seq: dict[int, tuple[Request, int]] = {}  # live sequence -> (request, choice)
         self._seq_ids = itertools.count()

@@ -18,6 +18,8 @@ from cluster.contract.config import ConfigError, EngineConfig, ParallelConfig
     ({"gpu_memory_utilization": 0}, "cache.gpu_memory_utilization", "0"),
     ({"enforce_eager": "no"}, "model.enforce_eager", "'no'"),
     ({"max_num_seqs": 0}, "scheduler.max_num_seqs", "0"),
+    ({"max_num_batched_tokens": 0}, "scheduler.max_num_batched_tokens", "0"),
+    ({"max_num_batched_tokens": 512.0}, "scheduler.max_num_batched_tokens", "512.0"),
     ({"async_scheduling": "yes"}, "scheduler.async_scheduling", "'yes'"),
     ({"dtype": "int3"}, "model.dtype", "'int3'"),
     ({"name": "has space"}, "deployment.name", "'has space'"),
@@ -103,3 +105,12 @@ def test_auto_dtype_on_a_cpu_follows_its_bf16_dot_products(flags, expected):
 def test_quantization_must_be_known():
     with pytest.raises(ConfigError, match="model.quantization='int4'"):
         EngineConfig.from_dict({"model": {"quantization": "int4"}})
+
+
+def test_step_token_budget_follows_the_device_unless_set():
+    """null (the default): 512 tokens a step on CPU workers, 2048 on GPUs; a number wins."""
+    default = EngineConfig().scheduler
+    assert default.max_num_batched_tokens is None
+    assert (default.step_tokens("cpu"), default.step_tokens("cuda")) == (512, 2048)
+    chosen = EngineConfig().with_overrides(max_num_batched_tokens=1024).scheduler
+    assert (chosen.step_tokens("cpu"), chosen.step_tokens("cuda")) == (1024, 1024)
