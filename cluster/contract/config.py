@@ -137,17 +137,19 @@ class CacheConfig:
                   "must be in (0, 1]")
 
 
-# A step's token budget where max_num_batched_tokens is null, by the workers' device. On a
-# CPU a step of 2048 prompt tokens takes about half a second, in which every decoding stream
-# waits and every prompt arriving meanwhile queues: 512 keeps steps near a tenth of a second
-# (docs/ARCHITECTURE.md, "A request's walk"). A GPU runs 2048 in tens of milliseconds.
-STEP_TOKENS = {"cpu": 512, "cuda": 2048}
+# A step's token budget where max_num_batched_tokens is null, by the workers' device and by
+# whether the engine serves requests as they arrive (the engine service: online) or runs a
+# batch (LLM: offline). On a CPU a step of 2048 prompt tokens takes about half a second, in
+# which every decoding stream waits and every prompt arriving meanwhile queues: served, 512
+# keeps steps near a tenth of a second (docs/ARCHITECTURE.md, "A request's walk"); a batch
+# has no one waiting and runs faster in larger steps. A GPU runs 2048 in tens of milliseconds.
+STEP_TOKENS = {"cpu": {"online": 512, "offline": 2048}, "cuda": {"online": 2048, "offline": 2048}}
 
 
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # None: STEP_TOKENS of the workers' device
+    max_num_batched_tokens: int | None = None  # None: STEP_TOKENS (by device and use)
     # plan step N+1 while step N runs (the workers feed decode steps their own last sampled
     # tokens), hiding dispatch and driver time; applies without pipeline parallelism
     async_scheduling: bool = True
@@ -159,9 +161,10 @@ class SchedulerConfig:
         if not isinstance(self.async_scheduling, bool):
             _fail("scheduler", "async_scheduling", self.async_scheduling, "must be true or false")
 
-    def step_tokens(self, device: str) -> int:
-        """The token budget of a step on ``device`` ("cpu" or "cuda")."""
-        return self.max_num_batched_tokens or STEP_TOKENS[device]
+    def step_tokens(self, device: str, online: bool) -> int:
+        """The token budget of a step on ``device`` ("cpu" or "cuda") of an engine serving
+        requests as they arrive (``online``) or running a batch."""
+        return self.max_num_batched_tokens or STEP_TOKENS[device]["online" if online else "offline"]
 
 
 @dataclass

@@ -40,10 +40,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, detokenize: bool = True):
+    def __init__(self, config: EngineConfig, detokenize: bool = True, online: bool = False):
         """``detokenize=False``: outputs carry token ids only, and stop strings are the
         caller's to find (the engine service detokenizes on a thread of its own and calls
-        :meth:`stop_choice`)."""
+        :meth:`stop_choice`). ``online``: requests arrive while others run (the engine
+        service), which sets the default step budget (``SchedulerConfig.step_tokens``)."""
         self.config = config
         self.model_dir = resolve_model(config.model.model)
         self.hf_config = json.loads((self.model_dir / "config.json").read_text())
@@ -61,7 +62,7 @@ class Engine:
         self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.step_tokens(self.group.device))
+                                   config.scheduler.step_tokens(self.group.device, online))
         self.requests: dict[str, Request] = {}
         self.by_seq: dict[int, tuple[Request, int]] = {}  # live sequence -> (request, choice)
         self._seq_ids = itertools.count()

@@ -235,7 +235,8 @@ class WorkerGroup:
             "cache_bytes": cache.kv_cache_bytes,
             "fraction": cache.kv_cache_memory_fraction / max(1, per_node[info.node_id]),
             "gpu_memory_utilization": cache.gpu_memory_utilization,
-            "profile_tokens": max_step_tokens(sched.step_tokens(self.device)), "profile_seqs": sched.max_num_seqs})
+            "profile_tokens": max_step_tokens(max(sched.step_tokens(self.device, online)
+                                                    for online in (False, True))), "profile_seqs": sched.max_num_seqs})
             for w, info in zip(self.workers, self.ranks)])
         num_blocks = min(fits)
         if num_blocks < 1:

@@ -68,7 +68,7 @@ class EngineService:
         from cluster.engine.engine import Engine
 
         try:
-            engine = Engine(self.config, detokenize=False)
+            engine = Engine(self.config, detokenize=False, online=True)
             self.outputs = OutputProcessor(
                 engine.tokenizer,
                 on_stop=lambda rid, index, stop: self._commands.put(

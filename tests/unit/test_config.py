@@ -107,10 +107,12 @@ def test_quantization_must_be_known():
         EngineConfig.from_dict({"model": {"quantization": "int4"}})
 
 
-def test_step_token_budget_follows_the_device_unless_set():
-    """null (the default): 512 tokens a step on CPU workers, 2048 on GPUs; a number wins."""
+def test_step_token_budget_follows_the_device_and_use_unless_set():
+    """null (the default): 512 tokens a step on CPU workers serving requests as they come,
+    2048 for a batch and on GPUs; a number wins everywhere."""
     default = EngineConfig().scheduler
     assert default.max_num_batched_tokens is None
-    assert (default.step_tokens("cpu"), default.step_tokens("cuda")) == (512, 2048)
-    chosen = EngineConfig().with_overrides(max_num_batched_tokens=1024).scheduler
-    assert (chosen.step_tokens("cpu"), chosen.step_tokens("cuda")) == (1024, 1024)
+    budgets = lambda sched: [sched.step_tokens(device, online) for device in ("cpu", "cuda")
+                             for online in (True, False)]
+    assert budgets(default) == [512, 2048, 2048, 2048]
+    assert budgets(EngineConfig().with_overrides(max_num_batched_tokens=1024).scheduler) == [1024] * 4
