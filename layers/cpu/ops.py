@@ -24,13 +24,16 @@ from layers.ops import TorchOps
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 
-# Below this many rows a bf16 matmul is the C kernel (bound by the weights' bytes), from it
-# a tiled GEMM: on AMX our own kernel (amx_linear.c) up to AMX_MAX_ROWS rows and torch's
-# (oneDNN) past them; without AMX oneDNN's bf16 GEMM on its blocked copy (AVX512-BF16).
-# Measured on the default model's shapes (docs/ARCHITECTURE.md, "CPU precision"): the C kernel
-# 1.5-3x ahead of oneDNN at 1-4 rows, level at 8; from 8 to 768 rows the AMX kernel 1.1-2x
-# ahead of oneDNN's blocked GEMM, behind it from about 1024 rows (prefill chunks).
+# Below a number of rows a bf16 matmul is the C kernel (bound by the weights' bytes), from it
+# a tiled GEMM: on AMX our own kernel (amx_linear.c) from AMX_MIN_ROWS up to AMX_MAX_ROWS
+# rows and torch's (oneDNN) past them; without AMX, from BF16_KERNEL_ROWS, oneDNN's bf16 GEMM
+# on its blocked copy (AVX512-BF16). Measured on the default model's shapes
+# (docs/ARCHITECTURE.md, "CPU precision"): the C kernel 1.5-3x ahead of oneDNN at 1-4 rows,
+# level at 8; against the AMX kernel level at 4 rows and behind from 5 (a decode step at 5,
+# 6 and 7 rows 3%, 3-6% and 8% faster on the tiles); from 8 to 768 rows the AMX kernel
+# 1.1-2x ahead of oneDNN's blocked GEMM, behind it from about 1024 rows (prefill chunks).
 BF16_KERNEL_ROWS = int(os.environ.get("SHARDLM_BF16_KERNEL_ROWS", "8"))
+AMX_MIN_ROWS = int(os.environ.get("SHARDLM_AMX_MIN_ROWS", "5"))
 AMX_MAX_ROWS = int(os.environ.get("SHARDLM_AMX_MAX_ROWS", "768"))
 
 
@@ -100,8 +103,14 @@ class CpuOps(TorchOps):
             model.dtype = self.activation_dtype  # what travels between pipeline stages
         return len(matmul)
 
+    @property
+    def lowp_rows(self) -> int:
+        """Below this many rows a bf16 matmul is the C kernel: AMX_MIN_ROWS where the weights
+        have AMX tile copies, else BF16_KERNEL_ROWS."""
+        return AMX_MIN_ROWS if self._amx else BF16_KERNEL_ROWS
+
     def _tile_copy(self, param) -> None:
-        """The copy of a bf16 weight the GEMM of rows >= BF16_KERNEL_ROWS reads: AMX's tile
+        """The copy of a bf16 weight the GEMM of rows >= lowp_rows reads: AMX's tile
         order where AMX runs, else oneDNN's blocked layout (where this torch has one)."""
         packed = kernels.amx_pack(param.data)
         if packed is not None:
@@ -115,7 +124,7 @@ class CpuOps(TorchOps):
         # x: (rows, in) float32 or bf16; weight: (out, in) bf16 -> (rows, out) of out_dtype
         # (float32 sums, rounded once for bf16)
         rows = x.shape[0]
-        if rows < BF16_KERNEL_ROWS and x.dtype == torch.float32:
+        if rows < self.lowp_rows and x.dtype == torch.float32:
             y = kernels.lowp_linear(x, weight)
             if y is not None:
                 return y.to(out_dtype)
@@ -162,10 +171,10 @@ class CpuOps(TorchOps):
 
     def swiglu(self, gate_up, x):
         # x: (rows, hidden) float32 -> (rows, inter): bf16 from a tiled GEMM (bf16 weights,
-        # rows >= BF16_KERNEL_ROWS), which the down projection's GEMM reads as it is; else float32
+        # rows >= lowp_rows), which the down projection's GEMM reads as it is; else float32
         weight = gate_up.weight
         if (weight.dtype != torch.bfloat16 or gate_up.bias is not None
-                or x.shape[0] < BF16_KERNEL_ROWS):
+                or x.shape[0] < self.lowp_rows):
             return super().swiglu(gate_up, x)
         return self.silu_mul(self.bf16_matmul(x, weight, torch.bfloat16))  # (rows, 2 * inter) bf16
 
@@ -279,7 +288,7 @@ class CpuOps(TorchOps):
         kernel = None if any(m.bias is not None for m in linears) else DecodeLayer.make(
             n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
             sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight,
-            scales, tiles, (BF16_KERNEL_ROWS, AMX_MAX_ROWS))
+            scales, tiles, (self.lowp_rows, AMX_MAX_ROWS))
         self._layers[key] = kernel
         return kernel
 

@@ -509,14 +509,15 @@ def _tiny_llama(seed: int, ops: CpuOps, blocks: int = 32):
 
 @pytest.mark.parametrize("weights,kv", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                                         ("int8", torch.bfloat16), ("int8", torch.float32)])
-@pytest.mark.parametrize("seqs", [1, 3, 9])
+@pytest.mark.parametrize("seqs", [1, 3, 6, 9])
 def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
     """A decode step through the two-call C layers gives the hidden states and the cache
     contents of the op-by-op path (itself checked against transformers end to end). bf16
-    weights at 9 rows (past BF16_KERNEL_ROWS) run the layer on AMX tiles where the CPU has
-    AMX, and op by op where it has not."""
+    weights at 6 and 9 rows (past AMX_MIN_ROWS) run the layer on AMX tiles where the CPU has
+    AMX; without AMX, at 6 rows on the register kernel and at 9 (past BF16_KERNEL_ROWS) op
+    by op."""
     from layers.attention import AttnBatch
-    from layers.cpu.ops import BF16_KERNEL_ROWS
+    from layers.cpu.ops import AMX_MIN_ROWS, BF16_KERNEL_ROWS
 
     taken = []
     for name in ("attention_half", "mlp_half"):  # record that the kernels ran
@@ -530,16 +531,20 @@ def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
     positions = torch.tensor(lens) - 1  # each sequence's new token, its keys written now
     slots = torch.stack([tables[i, p // 8] * 8 + p % 8 for i, p in enumerate(positions.tolist())])
     ids = torch.tensor([11, 57, 140, 3, 99, 150, 42, 7, 120])[:seqs]
-    outs, caches = [], []
+    outs, caches, formats = [], [], []
     for fused in (True, False):
-        model = _tiny_llama(seed=seqs, ops=CpuOps(fused_layers=fused, weights=weights,
-                                                  kv_cache_dtype=kv))
+        ops = CpuOps(fused_layers=fused, weights=weights, kv_cache_dtype=kv)
+        model = _tiny_llama(seed=seqs, ops=ops)
         batch = AttnBatch([1] * seqs, [n - 1 for n in lens], tables, slots)
         with torch.inference_mode():
             outs.append(model(ids, positions, batch))
         caches.append([layer.self_attn.attn.kv_cache.clone() for layer in model.layers.values()])
-    fused_expected = weights != "bfloat16" or seqs < BF16_KERNEL_ROWS or cpu_kernels.amx_pack(
-        torch.zeros(32, 32, dtype=torch.bfloat16)) is not None
+        kernel = ops._kernel(model.layers["0"])
+        formats.append(kernel and kernel.applies(seqs) and kernel._weights(seqs)[0])
+    amx = cpu_kernels.amx_pack(torch.zeros(32, 32, dtype=torch.bfloat16)) is not None
+    if weights == "bfloat16":  # on the tiles from AMX_MIN_ROWS (5) where AMX runs
+        assert (formats[0] == cpu_decode_layer.FMT_AMX) == (amx and seqs >= AMX_MIN_ROWS)
+    fused_expected = weights != "bfloat16" or seqs < BF16_KERNEL_ROWS or amx
     if fused_expected:  # 2 layers x 2 halves, fused run
         assert len(taken) == 4 and all(out is not None for out in taken)
     else:  # no AMX: bf16 weights at 9 rows go op by op
