@@ -231,12 +231,13 @@ class WorkerGroup:
         per_node = {}
         for info in self.ranks:  # CPU workers of one node share its memory (GPUs have their own)
             per_node[info.node_id] = per_node.get(info.node_id, 0) + (self.device == "cpu")
+        # the largest step the engine may plan, served or batched (profiled on GPUs)
+        largest = max_step_tokens(max(sched.step_tokens(self.device, online) for online in (False, True)))
         fits = ray.get([w.cache_capacity.remote(cache.block_size, {
             "cache_bytes": cache.kv_cache_bytes,
             "fraction": cache.kv_cache_memory_fraction / max(1, per_node[info.node_id]),
             "gpu_memory_utilization": cache.gpu_memory_utilization,
-            "profile_tokens": max_step_tokens(max(sched.step_tokens(self.device, online)
-                                                    for online in (False, True))), "profile_seqs": sched.max_num_seqs})
+            "profile_tokens": largest, "profile_seqs": sched.max_num_seqs})
             for w, info in zip(self.workers, self.ranks)])
         num_blocks = min(fits)
         if num_blocks < 1:

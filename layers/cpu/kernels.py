@@ -317,8 +317,8 @@ def rope_inplace(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> b
     (tokens, hd / 2)"""
     lib = float32_kernels(cos, sin)
     tokens, n, hd = heads.shape
-    if lib is None or not _rows_of_heads(heads, heads.dtype) or heads.dtype not in KV_DTYPES \
-            or cos.shape != (tokens, hd // 2):
+    if (lib is None or heads.dtype not in KV_DTYPES or not _rows_of_heads(heads, heads.dtype)
+            or cos.shape != (tokens, hd // 2)):
         return False
     rotate = lib.rope_inplace_bf16 if heads.dtype == torch.bfloat16 else lib.rope_inplace
     return rotate(heads.data_ptr(), heads.stride(0), tokens, n, hd, cos.data_ptr(),

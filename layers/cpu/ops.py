@@ -139,8 +139,8 @@ class CpuOps(TorchOps):
         # x: (rows, in) float32 (bf16 after swiglu and attention_dtype); weight: (out, in)
         # float32, bf16 or int8, or packed float32 panels (out / 16, in, 16) -> (rows, out)
         # float32, or of out_dtype (bf16 weights, no bias: the GEMM's own rounding)
-        if weight.dtype == torch.bfloat16 and bias is None and out_dtype is not None:
-            return self.bf16_matmul(x, weight, out_dtype)
+        if weight.dtype == torch.bfloat16 and bias is None:  # rounded once, in the GEMM
+            return self.bf16_matmul(x, weight, out_dtype or torch.float32)
         if weight.dtype == torch.bfloat16:
             y = self.bf16_matmul(x, weight)
         elif weight.dtype == torch.int8:
