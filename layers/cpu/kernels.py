@@ -17,9 +17,12 @@ and the attention over it took over half the step); ``prefill_attention``
 small ops (rms_norm, residual add + rms_norm, rotary in place, KV-cache write, silu * up),
 one call each, and ``decode_layer.c`` a decode step's whole layer in two calls around the
 all-reduces (``layers.cpu.decode_layer``). The C files are compiled with the
-system's C compiler (``$CC``, default ``cc``) for this CPU (``-O3 -march=native -fopenmp``)
-into ``$SHARDLM_HOME/kernels`` (default ``~/.cache/shardlm/kernels``), keyed by a hash of
-the sources and headers, the flags and the CPU, so nodes with other CPUs build their own. OpenMP comes
+system's C compiler (``$CC``, default ``cc``) for this CPU (``-O3 -march=native -fopenmp``;
+``SHARDLM_CPU_ISA=avx2`` builds for AVX2 and FMA alone instead, ``layers.cpu.flags``) into
+``$SHARDLM_HOME/kernels`` (default ``~/.cache/shardlm/kernels``), keyed by a hash of the
+sources and headers, the flags and the CPU, so nodes with other CPUs build their own. Each
+kernel picks its code when it is compiled, by the instruction set it is compiled for
+(AVX-512, AVX2 + FMA, or portable vectors). OpenMP comes
 from the ``libgomp.so.1`` torch already loaded, so the kernels share torch's thread pool.
 
 Where there is no compiler or the build fails, ``load()`` returns None (with one warning)
@@ -42,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from layers.cpu.flags import ISAS, kernel_isa
+
 log = logging.getLogger("shardlm.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
@@ -50,7 +55,7 @@ SOURCES = [CSRC / name for name in (
     "decode_layer.c")]
 HEADERS = [CSRC / name for name in ("vec.h", "microkernel.h", "kernels.h")]  # included by the sources: part of the cache key
 PANEL = 16  # output features per packed panel (NR in packed_linear.c)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]  # and the ISA's (flags.ISAS)
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
 
 
@@ -69,23 +74,24 @@ def _cpu_signature() -> str:
 
 
 def build(sources: list[Path] = SOURCES, out_dir: Path | None = None,
-          headers: list[Path] = HEADERS) -> Path:
-    """Compile ``sources`` into one shared library (once per sources, headers, flags and
-    CPU); its path."""
+          headers: list[Path] = HEADERS, isa: str = "native") -> Path:
+    """Compile ``sources`` for the instruction set ``isa`` (``layers.cpu.flags.ISAS``) into
+    one shared library (once per sources, headers, flags and CPU); its path."""
     compiler = os.environ.get("CC", "cc")
     if not shutil.which(compiler):
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
+    flags = [*FLAGS, *ISAS[isa]]
     text = b"".join(path.read_bytes() for path in [*sources, *headers])
-    key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
     out_dir = out_dir or kernel_dir()
-    target = out_dir / f"shardlm-kernels-{key}.so"
+    target = out_dir / f"shardlm-kernels-{isa}-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # other workers may build at once
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", tmp, "-lm"],
+        done = subprocess.run([compiler, *flags, *map(str, sources), "-o", tmp, "-lm"],
                               capture_output=True, text=True)
         if done.returncode:
             names = ", ".join(source.name for source in sources)
@@ -97,13 +103,18 @@ def build(sources: list[Path] = SOURCES, out_dir: Path | None = None,
     return target
 
 
-@lru_cache(maxsize=None)
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they are turned off or cannot be built."""
+    """The compiled kernels for the instruction set of ``SHARDLM_CPU_ISA`` (default: this
+    CPU's own), or None where they are turned off or cannot be built."""
     if os.environ.get("SHARDLM_CPU_KERNELS", "1") == "0":
         return None
+    return _load(kernel_isa())
+
+
+@lru_cache(maxsize=None)
+def _load(isa: str) -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(isa=isa)))
     except (RuntimeError, OSError) as exc:
         log.warning("CPU kernels unavailable, the layers use PyTorch: %s", exc)
         return None
@@ -186,7 +197,7 @@ def lowp_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | No
                 ) -> torch.Tensor | None:
     """``x @ weight.T`` for a bf16 weight, or an int8 weight times ``scales`` per output
     feature, widened in registers against float32 activations; None where the kernel does
-    not apply (no AVX-512, widths not multiples of 16 and 4).
+    not apply (neither AVX-512 nor AVX2, widths not multiples of 16 and 4).
 
     x: (rows, in) float32; weight: (out, in) bf16 or int8; scales: (out,) float32 -> (rows, out)
     """

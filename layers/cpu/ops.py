@@ -32,9 +32,14 @@ WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 # level at 8; against the AMX kernel level at 4 rows and behind from 5 (a decode step at 5,
 # 6 and 7 rows 3%, 3-6% and 8% faster on the tiles); from 8 to 768 rows the AMX kernel
 # 1.1-2x ahead of oneDNN's blocked GEMM, behind it from about 1024 rows (prefill chunks).
+# Without bf16 dot products in the CPU (no avx512_bf16 or amx_bf16: AVX2-only CPUs, older
+# AVX-512 ones) torch's bf16 GEMM is emulated, orders of magnitude slower than widening in
+# registers: there the C kernel takes every row count (NO_BF16_GEMM_ROWS).
 BF16_KERNEL_ROWS = int(os.environ.get("SHARDLM_BF16_KERNEL_ROWS", "8"))
 AMX_MIN_ROWS = int(os.environ.get("SHARDLM_AMX_MIN_ROWS", "5"))
 AMX_MAX_ROWS = int(os.environ.get("SHARDLM_AMX_MAX_ROWS", "768"))
+NO_BF16_GEMM_ROWS = 1 << 62
+BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # the CPU multiplies bf16 itself
 
 
 class CpuOps(TorchOps):
@@ -49,7 +54,9 @@ class CpuOps(TorchOps):
         self.kv_cache_dtype = kv_cache_dtype  # bf16: decode reads half the bytes per token
         # prompt attention in bf16 through torch's flash kernel where AMX runs it: 2-3x the
         # float32 C kernel at 128-512 tokens, fresh or continuing (docs/ARCHITECTURE.md)
-        self.bf16_prompt_attention = kv_cache_dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
+        flags = cpu_flags()
+        self.bf16_prompt_attention = kv_cache_dtype == torch.bfloat16 and "amx_bf16" in flags
+        self.native_bf16 = bool(flags & BF16_DOT_FLAGS)  # else torch's bf16 GEMM is emulated
         self.fused_layers = fused_layers  # the two-call decode layer (tests compare both ways)
         self.weights = weights
         self._layers: dict[int, DecodeLayer | None] = {}  # id(decoder layer) -> its kernel view
@@ -106,17 +113,21 @@ class CpuOps(TorchOps):
     @property
     def lowp_rows(self) -> int:
         """Below this many rows a bf16 matmul is the C kernel: AMX_MIN_ROWS where the weights
-        have AMX tile copies, else BF16_KERNEL_ROWS."""
-        return AMX_MIN_ROWS if self._amx else BF16_KERNEL_ROWS
+        have AMX tile copies, BF16_KERNEL_ROWS where the CPU has bf16 dot products, else
+        every row count (NO_BF16_GEMM_ROWS)."""
+        if self._amx:
+            return AMX_MIN_ROWS
+        return BF16_KERNEL_ROWS if self.native_bf16 else NO_BF16_GEMM_ROWS
 
     def _tile_copy(self, param) -> None:
         """The copy of a bf16 weight the GEMM of rows >= lowp_rows reads: AMX's tile
-        order where AMX runs, else oneDNN's blocked layout (where this torch has one)."""
+        order where AMX runs, else oneDNN's blocked layout (where this torch has one and the
+        CPU has bf16 dot products; elsewhere no GEMM reads a copy)."""
         packed = kernels.amx_pack(param.data)
         if packed is not None:
             self._amx[id(param)] = packed
             return
-        blocked = onednn_blocked(param.data)
+        blocked = onednn_blocked(param.data) if self.native_bf16 else None
         if blocked is not None:
             self._blocked[id(param)] = blocked
 

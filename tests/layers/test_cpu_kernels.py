@@ -12,10 +12,42 @@ import torch.nn.functional as F
 from layers.attention import Attention, AttnBatch
 from layers.cpu import decode_layer as cpu_decode_layer
 from layers.cpu import kernels as cpu_kernels
-from layers.cpu.flags import cpu_flags
-from layers.cpu.ops import CpuOps, quantize_int8
+from layers.cpu.flags import avx2_is_forcible, cpu_flags
+from layers.cpu.ops import BF16_DOT_FLAGS, CpuOps, quantize_int8
 from layers.ops import NATIVE
 from layers.platform import select_ops, use_ops
+
+# The kernels pick their code by the instruction set they are compiled for. Tests of kernels
+# with code of their own per instruction set run each build this CPU can run: its own
+# (native) and, on an x86 CPU with AVX-512, the AVX2-only build (SHARDLM_CPU_ISA=avx2, which
+# also hides the flags past AVX2), so that a machine with AVX-512 still tests what an AVX2
+# machine runs.
+ISAS = ["native", "avx2"] if avx2_is_forcible() else ["native"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SHARDLM_CPU_ISA", request.param)
+    return request.param
+
+
+def test_avx2_build_is_the_avx2_machines(monkeypatch):
+    """Under SHARDLM_CPU_ISA=avx2 the kernels are another library with no flag past AVX2 in
+    sight (dtype auto and the GEMM choices follow), and a name the build does not know is a
+    clear error."""
+    native = cpu_kernels.load()
+    if not avx2_is_forcible():  # an AVX2-only CPU (or another architecture): nothing to force
+        assert not {"avx2", "avx512f"} <= cpu_flags()
+        return
+    monkeypatch.setenv("SHARDLM_CPU_ISA", "avx2")
+    avx2 = cpu_kernels.load()
+    assert avx2 is not None and avx2 is not native and "-avx2-" in avx2._name
+    assert {"avx2", "fma"} <= cpu_flags() and not {f for f in cpu_flags() if f.startswith(("avx512", "amx"))}
+    assert not avx2.amx_linear_available()
+    monkeypatch.setenv("SHARDLM_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="SHARDLM_CPU_ISA='sse9'"):
+        cpu_kernels.load()
+
 
 # num_q, num_kv, head_dim, block_size (groups of 3, 1, 8, 6 and 16 query heads per KV head)
 SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 128, 8), (12, 2, 48, 16), (16, 1, 64, 16)]
@@ -45,7 +77,7 @@ def _reference(q, cache, tables, lens, scale):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_matches_torch_attention(shape):
+def test_kernel_matches_torch_attention(shape, isa):
     q, cache, tables, lens = _case(*shape)
     scale = shape[2] ** -0.5
     got = cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), scale)
@@ -54,7 +86,7 @@ def test_kernel_matches_torch_attention(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_reads_a_bf16_cache(shape):
+def test_kernel_reads_a_bf16_cache(shape, isa):
     """A bf16 cache: the same attention as torch's over the cache's bf16 values widened."""
     q, cache, tables, lens = _case(*shape)
     cache = cache.to(torch.bfloat16)
@@ -78,16 +110,12 @@ def test_attention_module_paths_agree(shape, monkeypatch):
     assert isinstance(attn.ops, CpuOps)
     torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
                                atol=2e-6, rtol=1e-5)
-    monkeypatch.setenv("SHARDLM_CPU_KERNELS", "0")
-    cpu_kernels.load.cache_clear()
-    try:
-        assert cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), 1.0) is None
-        attn.ops = select_ops("cpu", torch.float32)
-        assert attn.ops is NATIVE
-        torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
-                                   atol=2e-6, rtol=1e-5)
-    finally:
-        cpu_kernels.load.cache_clear()
+    monkeypatch.setenv("SHARDLM_CPU_KERNELS", "0")  # read on every load()
+    assert cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), 1.0) is None
+    attn.ops = select_ops("cpu", torch.float32)
+    assert attn.ops is NATIVE
+    torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
+                               atol=2e-6, rtol=1e-5)
 
 
 def _reference_capped(q, cache, tables, lens, scale, window, softcap):
@@ -112,7 +140,7 @@ CAPPED = [(None, 3.0), (4, None), (7, 2.5), (16, None), (1, None)]
 @pytest.mark.parametrize("window,softcap", CAPPED, ids=[f"w{w}-cap{c}" for w, c in CAPPED])
 @pytest.mark.parametrize("shape", SHAPES[:3])
 @pytest.mark.parametrize("kv", ["float32", "bfloat16"])
-def test_sliding_window_and_softcap_on_every_path(shape, window, softcap, kv):
+def test_sliding_window_and_softcap_on_every_path(shape, window, softcap, kv, isa):
     """Gemma's attention: a window starting inside a block (or beyond the context), soft-capped
     scores; the C kernel and the device-generic path against a float64 reference."""
     q, cache, tables, lens = _case(*shape, seed=2)
@@ -243,7 +271,7 @@ def test_rms_norm_kernels_match_transformers(rows):
 
 @pytest.mark.parametrize("rows", [1, 64])
 @pytest.mark.parametrize("inter", [1536, 24])  # 24: a 16-wide AVX-512 pass, then an 8-wide tail
-def test_silu_mul_matches_torch(rows, inter):
+def test_silu_mul_matches_torch(rows, inter, isa):
     gate_up = torch.randn(rows, 2 * inter) * 8  # large |gate| on both sides: exp range
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-8])
     gate_up[0, 4:6] = torch.tensor([-200.0, float("nan")])  # past exp's clamp; NaN stays NaN
@@ -254,7 +282,7 @@ def test_silu_mul_matches_torch(rows, inter):
 
 
 @pytest.mark.parametrize("inter", [1536, 24])
-def test_silu_mul_on_bf16_rounds_the_float32_result_once(inter):
+def test_silu_mul_on_bf16_rounds_the_float32_result_once(inter, isa):
     """bf16 in and out (a bf16 GEMM's output): torch's silu * up of the values widened to
     float32, rounded to bf16 (within one bf16 step where the float32 results differ in the
     last bits across a rounding boundary)."""
@@ -351,20 +379,20 @@ LOWP_SHAPES = [(576, 960), (1536, 576), (48, 16)]  # in, out; 48: not a multiple
 
 @pytest.mark.parametrize("rows", LOWP_ROWS)
 @pytest.mark.parametrize("in_features,out_features", LOWP_SHAPES)
-def test_bf16_linear_matches_torch(rows, in_features, out_features):
+def test_bf16_linear_matches_torch(rows, in_features, out_features, isa):
     """bf16 weights widened against float32 activations: torch's float32 matmul of the same
     bf16 values is the reference (the sums differ in order only)."""
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
     got = cpu_kernels.lowp_linear(x, w)
-    assert got is not None, "the kernel did not build on this machine (AVX-512 is required)"
+    assert got is not None, "the kernel did not build on this machine (AVX2 and FMA are required)"
     torch.testing.assert_close(got, x @ w.float().T, atol=2e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", LOWP_ROWS)
 @pytest.mark.parametrize("in_features,out_features", LOWP_SHAPES)
-def test_int8_linear_matches_torch_int8_weight_matmul(rows, in_features, out_features):
+def test_int8_linear_matches_torch_int8_weight_matmul(rows, in_features, out_features, isa):
     """int8 weights with a scale per output feature against torch's own weight-only int8
     matmul (``_weight_int8pack_mm``); the kernel's 14-bit activations cost at most about
     1e-4 of the output's scale."""
@@ -375,6 +403,8 @@ def test_int8_linear_matches_torch_int8_weight_matmul(rows, in_features, out_fea
     assert got is not None
     want = torch.ops.aten._weight_int8pack_mm(x, q, scales)
     assert (got - want).abs().max() <= 3e-4 * want.abs().max()
+    dequantized = x @ (q.float() * scales[:, None]).T  # the float32 reference of the same weights
+    assert (got - dequantized).abs().max() <= 3e-4 * dequantized.abs().max()
 
 
 def test_quantize_int8_keeps_each_row_within_half_a_step():
@@ -384,7 +414,7 @@ def test_quantize_int8_keeps_each_row_within_half_a_step():
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-12).all()
 
 
-def test_lowp_linear_declines_what_it_does_not_handle():
+def test_lowp_linear_declines_what_it_does_not_handle(isa):
     x = torch.randn(2, 40)
     assert cpu_kernels.lowp_linear(x, torch.randn(16, 40).to(torch.bfloat16)) is None  # in % 16
     assert cpu_kernels.lowp_linear(torch.randn(2, 48), torch.randn(6, 48).to(torch.bfloat16)) is None
@@ -422,7 +452,7 @@ def test_amx_pack_declines_widths_off_the_tiles():
 
 
 @pytest.mark.parametrize("rows", [3, 8, 64, 1000])
-def test_bf16_linear_op_at_every_row_count(rows):
+def test_bf16_linear_op_at_every_row_count(rows, isa):
     """CpuOps' bf16 matmul across its three kernels (the C kernel below 8 rows, the tiled GEMM
     up to AMX_MAX_ROWS, torch's GEMM past it) against torch's float32 matmul of the same bf16
     weight: within bf16 rounding of the activations."""
@@ -510,7 +540,7 @@ def _tiny_llama(seed: int, ops: CpuOps, blocks: int = 32):
 @pytest.mark.parametrize("weights,kv", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                                         ("int8", torch.bfloat16), ("int8", torch.float32)])
 @pytest.mark.parametrize("seqs", [1, 3, 6, 9])
-def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
+def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch, isa):
     """A decode step through the two-call C layers gives the hidden states and the cache
     contents of the op-by-op path (itself checked against transformers end to end). bf16
     weights at 6 and 9 rows (past AMX_MIN_ROWS) run the layer on AMX tiles where the CPU has
@@ -544,10 +574,12 @@ def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
     amx = cpu_kernels.amx_pack(torch.zeros(32, 32, dtype=torch.bfloat16)) is not None
     if weights == "bfloat16":  # on the tiles from AMX_MIN_ROWS (5) where AMX runs
         assert (formats[0] == cpu_decode_layer.FMT_AMX) == (amx and seqs >= AMX_MIN_ROWS)
-    fused_expected = weights != "bfloat16" or seqs < BF16_KERNEL_ROWS or amx
+    # without bf16 dot products the register kernel takes every row count
+    native_bf16 = bool(cpu_flags() & BF16_DOT_FLAGS)
+    fused_expected = weights != "bfloat16" or seqs < BF16_KERNEL_ROWS or amx or not native_bf16
     if fused_expected:  # 2 layers x 2 halves, fused run
         assert len(taken) == 4 and all(out is not None for out in taken)
-    else:  # no AMX: bf16 weights at 9 rows go op by op
+    else:  # bf16 dot products without AMX: bf16 weights at 9 rows go op by op
         assert all(out is None for out in taken)
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
     for fused_cache, plain_cache in zip(*caches):
@@ -555,7 +587,7 @@ def test_fused_decode_layer_matches_op_by_op(seqs, weights, kv, monkeypatch):
 
 
 @pytest.mark.parametrize("rows,n", [(1, 49152), (64, 24576), (3, 37), (5, 16)])
-def test_argmax_rows_matches_torch_max_with_first_index_on_ties(rows, n):
+def test_argmax_rows_matches_torch_max_with_first_index_on_ties(rows, n, isa):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(rows, n, generator=g)
     x[0, n // 3] = x[0, n - 1] = x[0].max() + 1  # a tie: the first one wins
@@ -569,7 +601,7 @@ def test_argmax_rows_matches_torch_max_with_first_index_on_ties(rows, n):
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
-def test_gumbel_argmax_rows_is_the_samplers_noise_made_in_place(rows):
+def test_gumbel_argmax_rows_is_the_samplers_noise_made_in_place(rows, isa):
     """The kernel against the sampler's torch code (x / temp + gumbel_noise, argmax): the same
     hash bits; only the last bit of a logarithm may differ, so a token may differ only where
     two scores are that close. Filtered entries (-inf) never win."""
@@ -596,7 +628,7 @@ STEPS = {"amx": [10, 1, 7, 1, 5], "onednn": [500, 1, 300, 1, 50]}
 
 
 @pytest.mark.parametrize("gemm", list(STEPS))
-def test_a_prompt_step_carried_in_bf16_keeps_the_float32_carrys_values(gemm, monkeypatch):
+def test_a_prompt_step_carried_in_bf16_keeps_the_float32_carrys_values(gemm, monkeypatch, isa):
     """A step of fresh prompts, a continuing chunk and decoding sequences, bf16 weights and
     cache. Where prompt attention runs in bf16 (AMX), CpuOps carries the step's q/k/v and
     attention output in bf16 (attention_dtype) instead of float32. Past AMX_MAX_ROWS rows,
