@@ -59,6 +59,31 @@ class Server:
             time.sleep(0.2)
 
 
+def wait_until_ready(base: str, timeout: float = 300.0) -> float:
+    """Poll ``GET {base}/health``, the API's documented readiness signal (503 with
+    ``Retry-After`` and the state while the engine starts or recovers, 200 once it serves),
+    until it answers 200; the seconds waited. ``deploy`` returns once the API replicas are up,
+    not the engine (it loads the model in the background), so a test that sends requests
+    right after deploying waits here first. Fails at once if the engine failed to start,
+    and past ``timeout`` with the last answer."""
+    started = time.monotonic()
+    while True:
+        try:
+            health = requests.get(base + "/health", timeout=30)
+        except requests.ConnectionError as exc:  # the listener not bound yet
+            last = repr(exc)
+        else:
+            if health.status_code == 200:
+                return time.monotonic() - started
+            assert health.status_code == 503 and health.headers.get("retry-after"), health.text
+            assert health.json()["status"] != "failed", f"the engine failed to start: {health.text}"
+            last = health.text
+        waited = time.monotonic() - started
+        assert waited < timeout, (f"the engine at {base} was not ready after {waited:.0f} s "
+                                  f"(GET /health: {last})")
+        time.sleep(1)
+
+
 @contextmanager
 def serve_api(name: str):
     """Deploy the API (engine service and Serve app both named ``name``), wait until

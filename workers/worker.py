@@ -138,6 +138,7 @@ class Worker:
         self.dtype = ops.kv_cache_dtype or ops.activation_dtype or build_dtype  # the KV cache's
         return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
                 "packed_weights": packed, "ops": self.ops.name, "dtype": dtype,
+                "kernel_isa": getattr(self.ops, "isa", None),
                 "quantization": quantization, "rss_before": rss_before, "rss_after": rss_bytes(),
                 "load_s": time.perf_counter() - started,
                 "loaded": sorted(name for name, _ in stats.loaded)}

@@ -5,6 +5,11 @@ Ceilings (measured with torch in the driver process, at a given thread count, be
 several repetitions so that a busy neighbour lowers them as little as possible):
 
 - ``matmul_flops``: fp32 (2048 x 2048) @ (2048 x 2048), 2 n^3 FLOP per product;
+- ``matmul_bf16_flops``: the same product in bf16, only where the device multiplies bf16
+  itself (a GPU; a CPU with ``avx512_bf16`` or ``amx_bf16`` among the flags the kernels see,
+  ``layers.cpu.flags.cpu_flags``). Elsewhere torch emulates bf16, orders of magnitude slower
+  than fp32, a figure of nothing the engine runs and a long wait: it is left out and
+  ``matmul_bf16`` says why;
 - ``read_bytes_per_s``: ``x.sum()`` over a 256 MiB fp32 tensor (bytes read / time), the
   ceiling for decoding, which mostly reads weights;
 - ``copy_bytes_per_s``: ``y.copy_(x)`` of the same tensor, counting read + write bytes.
@@ -67,42 +72,74 @@ def _best_time(fn, device: str, min_reps: int = 3, budget_s: float = 1.0) -> flo
     return best
 
 
+def bf16_matmul_unmeasured(device: str) -> str | None:
+    """Why ``machine_ceilings`` leaves the bf16 matmul out on ``device``, or None where it
+    measures it (a GPU; a CPU with bf16 dot products among the flags the kernels see)."""
+    if device != "cpu":
+        return None
+    # the CPU's flags as the kernels see them: SHARDLM_CPU_ISA=avx2 stands for an AVX2-only CPU
+    from layers.cpu.flags import cpu_flags
+    from layers.cpu.ops import BF16_DOT_FLAGS
+
+    if cpu_flags() & BF16_DOT_FLAGS:
+        return None
+    avx2 = os.environ.get("SHARDLM_CPU_ISA") == "avx2"
+    seen = " as kernels built for avx2 see it" if avx2 else ""
+    return (f"not measured: no bf16 dot products ({', '.join(sorted(BF16_DOT_FLAGS))}) on this "
+            f"CPU{seen}, where torch would emulate them")
+
+
 def machine_ceilings(threads: int, device: str = "cpu", n: int = 2048,
                      stream_bytes: int = 256 << 20) -> dict:
-    """Peak fp32 and bf16 matmul FLOP/s and memory bandwidth at ``threads`` torch threads."""
+    """Peak fp32 matmul FLOP/s, peak bf16 matmul FLOP/s where the device multiplies bf16
+    itself (else no ``matmul_bf16_flops`` and ``matmul_bf16`` says why:
+    ``bf16_matmul_unmeasured``) and memory bandwidth, at ``threads`` torch threads."""
+    unmeasured = bf16_matmul_unmeasured(device)
     with torch_threads(threads), torch.inference_mode():
         a = torch.randn(n, n, device=device)  # (n, n)
         b = torch.randn(n, n, device=device)
         matmul_s = _best_time(lambda: a @ b, device)
-        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
-        matmul16_s = _best_time(lambda: a16 @ b16, device)
+        if unmeasured is None:
+            a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+            matmul16_s = _best_time(lambda: a16 @ b16, device)
         x = torch.rand(stream_bytes // 4, device=device)  # (elements,) fp32
         y = torch.empty_like(x)
         read_s = _best_time(lambda: x.sum(), device)
         copy_s = _best_time(lambda: y.copy_(x), device)
+    bf16 = ({"matmul_bf16_flops": 2 * n ** 3 / matmul16_s} if unmeasured is None
+            else {"matmul_bf16": unmeasured})
     return {"threads": threads, "device": device, "matmul_n": n,
-            "matmul_flops": 2 * n ** 3 / matmul_s, "matmul_bf16_flops": 2 * n ** 3 / matmul16_s,
+            "matmul_flops": 2 * n ** 3 / matmul_s, **bf16,
             "read_bytes_per_s": stream_bytes / read_s,
             "copy_bytes_per_s": 2 * stream_bytes / copy_s}
 
 
-NOTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+NOTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+               "amx_int8")
 
 
 def cpu_description() -> dict:
-    """This machine's CPU model and the flags its kernels choose by (``/proc/cpuinfo``)."""
-    model, flags = "", set()
+    """This machine's CPU model, the flags its kernels choose by, as they see them
+    (``layers.cpu.flags.cpu_flags``: under ``SHARDLM_CPU_ISA=avx2`` none past AVX2), and the
+    instruction set the kernels are built for (``kernel_isa``: "native" or "avx2")."""
+    from layers.cpu.flags import cpu_flags, kernel_isa
+
+    model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
+            if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
+                break
     except OSError:
         pass
+    try:
+        isa = kernel_isa()
+    except ValueError as e:  # a bad SHARDLM_CPU_ISA: say so rather than lose the run's figures
+        isa = str(e)
+    flags = cpu_flags()
     return {"model": model or platform.processor() or "unknown",
-            "flags": [f for f in NOTED_FLAGS if f in flags]}
+            "flags": [f for f in NOTED_FLAGS if f in flags], "kernel_isa": isa}
 
 
 def weight_counts(model_dir: Path, hf_config: dict) -> dict:
@@ -128,8 +165,9 @@ def weight_counts(model_dir: Path, hf_config: dict) -> dict:
 
 
 def roofline(probe: dict, counts: dict, dtype_bytes: int, ceilings: dict) -> dict:
-    """Prefill against matmul FLOP/s (bf16's where the weights are narrower than float32),
-    batch-1 decode against read bandwidth (see cluster.bench.main)."""
+    """Prefill against matmul FLOP/s (bf16's where the weights are narrower than float32 and
+    the bf16 figure was measured, else fp32's), batch-1 decode against read bandwidth (see
+    cluster.bench.main)."""
     flops = 2 * counts["blocks"] * probe["prefill_tokens"] + 2 * counts["lm_head"]
     bytes_per_token = (counts["blocks"] + counts["lm_head"]) * dtype_bytes
     out = dict(probe, prefill_flops=flops, prefill_flops_per_s=flops / probe["prefill_s"],

@@ -76,6 +76,7 @@ def start_engine(opts: BenchOptions, tp: int, prompts_for, precision: str | None
                  "bytes_read_at_load": [s["bytes_read"] for s in loads],
                  "checkpoint_bytes": loads[0]["checkpoint_bytes"],
                  "backend": engine.group.backend, "dtype": engine.group.dtype,
+                 "kernel_isa": loads[0].get("kernel_isa"),  # the workers' C kernels' build
                  "quantization": engine.config.model.quantization,
                  "threads": sum(engine.group.threads),
                  "num_kv_blocks": engine.num_blocks, "model": engine.config.model.model,

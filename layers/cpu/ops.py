@@ -55,6 +55,7 @@ class CpuOps(TorchOps):
         # prompt attention in bf16 through torch's flash kernel where AMX runs it: 2-3x the
         # float32 C kernel at 128-512 tokens, fresh or continuing (docs/ARCHITECTURE.md)
         flags = cpu_flags()
+        self.isa = kernels.kernel_isa()  # what the C kernels are built for (SHARDLM_CPU_ISA)
         self.bf16_prompt_attention = kv_cache_dtype == torch.bfloat16 and "amx_bf16" in flags
         self.native_bf16 = bool(flags & BF16_DOT_FLAGS)  # else torch's bf16 GEMM is emulated
         self.fused_layers = fused_layers  # the two-call decode layer (tests compare both ways)

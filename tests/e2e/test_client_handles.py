@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from cluster.contract.config import EngineConfig
+from tests.api_server import wait_until_ready
 from workers.comm import find_free_port
 
 pytestmark = pytest.mark.slow
@@ -56,13 +57,18 @@ def deployment(ray_session):
     config = EngineConfig().with_overrides(dtype="float32", tensor_parallel_size=2, cpus_per_worker=0.5,
                                            kv_cache_bytes=64 << 20, name=NAME, namespace=NAME)
     url = deploy(config, port=port)
+    # deploy returns once the API is up; the engine still loads the model, and until it is
+    # ready /v1/* answers 503 "the engine is starting" (a handle's requests wait instead)
+    waited = wait_until_ready(url.removesuffix("/v1"), timeout=300)
+    print(f"the engine was ready {waited:.1f} s after deploy returned")
     yield url, ray.get_runtime_context().gcs_address
     shutdown(NAME, NAME)
 
 
 def test_second_process_shares_the_engine_with_http(deployment):
     url, address = deployment
-    api = openai.OpenAI(base_url=url, api_key="none")
+    # no silent retries: the engine is ready (the fixture waited), so every request is answered
+    api = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
     http_texts, errors = [], []
 
     def http_load():
@@ -81,7 +87,8 @@ def test_second_process_shares_the_engine_with_http(deployment):
     load.join(300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
-    assert not errors and len(http_texts) == 4
+    assert not load.is_alive(), "the HTTP requests did not finish in 300 s"
+    assert not errors and len(http_texts) == 4, (errors, http_texts)
     reference = api.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
                                        prompt="The capital of France is").choices[0].text
     assert out["generate"] == reference  # the same engine, the same greedy text

@@ -16,8 +16,9 @@
  * float every XQ_CHUNK columns (8191 x 127 x 2048 < 2^31: they never overflow) and are scaled
  * by the row's and the output feature's scales at the end.
  *
- * A block is OB output features x up to RB rows of x: the OB weight rows stream once along k,
- * each widened vector serving every row. Threads split the output blocks.
+ * A block is a few output features x up to a few rows of x (BF16_OB x BF16_RB, INT8_OB x
+ * INT8_RB, by the registers there are): the block's weight rows stream once along k, each
+ * widened vector serving every row. Threads split the output blocks.
  *
  * One source, two widths, chosen when it is compiled for the CPU (kernels.py builds it for the
  * CPU's own ISA and, for the tests, for AVX2 alone): 16-float registers where the CPU has
@@ -38,7 +39,6 @@
 #include <immintrin.h>
 #include <omp.h>
 
-#define OB 4 /* output features per block */
 /* Each of a block's weight rows is only a few cache lines long, too short for the hardware
  * prefetcher to ramp up on; so the same columns of the block PREFETCH blocks ahead are
  * requested while this one is multiplied (reading past the weight's end is harmless: a
@@ -49,7 +49,12 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define LANES 16 /* floats per register */
-#define RB 4     /* rows of x per pass over a block: 16 accumulators of 32 registers */
+/* output features per block and rows of x per pass over it, bf16 and int8: 16 accumulators
+ * of the 32 registers */
+#define BF16_OB 4
+#define BF16_RB 4
+#define INT8_OB 4
+#define INT8_RB 4
 typedef __m512 fv;
 typedef __m512i iv;
 static inline fv fv_zero(void) { return _mm512_setzero_ps(); }
@@ -87,7 +92,13 @@ static inline fv iv_float(iv v) { return _mm512_cvtepi32_ps(v); }
 
 #else /* AVX2 + FMA */
 #define LANES 8
-#define RB 2 /* 8 accumulators, 2 rows of x and a weight vector in 16 registers */
+/* bf16: 12 accumulators, a widened weight vector and the rows of x as memory operands in 16
+ * registers (each weight widened once per 6 rows: the widening costs as much as the FMAs at
+ * fewer rows per pass); int8: 16 int32 accumulators (each float sum touched once per chunk) */
+#define BF16_OB 2
+#define BF16_RB 6
+#define INT8_OB 4
+#define INT8_RB 4
 typedef __m256 fv;
 typedef __m256i iv;
 static inline fv fv_zero(void) { return _mm256_setzero_ps(); }
@@ -132,23 +143,23 @@ static inline fv iv_float(iv v) { return _mm256_cvtepi32_ps(v); }
 
 #define QSTEP (2 * LANES) /* int16 columns per dot_pairs */
 
-/* bf16: y[r * ldy + o] = sum_k x[r * in + k] * w[o * in + k], r < nr, o < OB */
+/* bf16: y[r * ldy + o] = sum_k x[r * in + k] * w[o * in + k], r < nr, o < BF16_OB */
 static inline __attribute__((always_inline)) void block_bf16(
         const float *x, const uint16_t *w, int64_t in, float *y, int64_t ldy, const int nr) {
-    fv acc[RB][OB];
-    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++) acc[r][o] = fv_zero();
+    fv acc[BF16_RB][BF16_OB];
+    _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 8") for (int o = 0; o < BF16_OB; o++) acc[r][o] = fv_zero();
     for (int64_t k = 0; k < in; k += LANES) {
-        fv xv[RB];
-        _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) xv[r] = fv_load(x + r * in + k);
-        _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++) {
-            _mm_prefetch((const char *)(w + (o + PREFETCH * OB) * in + k), _MM_HINT_T1);
+        fv xv[BF16_RB];
+        _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++) xv[r] = fv_load(x + r * in + k);
+        _Pragma("GCC unroll 8") for (int o = 0; o < BF16_OB; o++) {
+            _mm_prefetch((const char *)(w + (o + PREFETCH * BF16_OB) * in + k), _MM_HINT_T1);
             const fv wv = widen_bf16(w + o * in + k);
-            _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) acc[r][o] = fv_fma(xv[r], wv, acc[r][o]);
+            _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++) acc[r][o] = fv_fma(xv[r], wv, acc[r][o]);
         }
     }
-    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++) y[r * ldy + o] = fv_sum(acc[r][o]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 8") for (int o = 0; o < BF16_OB; o++) y[r * ldy + o] = fv_sum(acc[r][o]);
 }
 
 /* Each row of x as integers: xq rows `stride` int16 apart (in rounded up to QSTEP, the tail
@@ -172,75 +183,76 @@ static void quantize_rows(const float *x, int64_t rows, int64_t in, int16_t *xq,
 
 /* one QSTEP of columns (half: only the first LANES of the weights, the rest of xq is 0) */
 static inline __attribute__((always_inline)) void int_step(
-        iv sums[RB][OB], const int16_t *xq, int64_t stride, const int8_t *w, int64_t in,
+        iv sums[INT8_RB][INT8_OB], const int16_t *xq, int64_t stride, const int8_t *w, int64_t in,
         int64_t k, const int nr, const int half) {
-    iv xv[RB];
-    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) xv[r] = iv_load(xq + r * stride + k);
-    _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++) {
-        _mm_prefetch((const char *)(w + (o + 2 * PREFETCH * OB) * in + k), _MM_HINT_T1);
+    iv xv[INT8_RB];
+    _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++) xv[r] = iv_load(xq + r * stride + k);
+    _Pragma("GCC unroll 8") for (int o = 0; o < INT8_OB; o++) {
+        _mm_prefetch((const char *)(w + (o + 2 * PREFETCH * INT8_OB) * in + k), _MM_HINT_T1);
         const iv wv = half ? widen_int8_half(w + o * in + k) : widen_int8(w + o * in + k);
-        _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) sums[r][o] = dot_pairs(sums[r][o], xv[r], wv);
+        _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++) sums[r][o] = dot_pairs(sums[r][o], xv[r], wv);
     }
 }
 
 static inline __attribute__((always_inline)) void block_int8(
         const int16_t *xq, int64_t stride, const float *xs, const int8_t *w, const float *scales,
         int64_t in, float *y, int64_t ldy, const int nr) {
-    fv acc[RB][OB];
-    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++) acc[r][o] = fv_zero();
+    fv acc[INT8_RB][INT8_OB];
+    _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 8") for (int o = 0; o < INT8_OB; o++) acc[r][o] = fv_zero();
     for (int64_t k0 = 0; k0 < in; k0 += XQ_CHUNK) {
         const int64_t k1 = k0 + XQ_CHUNK < in ? k0 + XQ_CHUNK : in;
-        iv sums[RB][OB];
-        _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-            _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++) sums[r][o] = iv_zero();
+        iv sums[INT8_RB][INT8_OB];
+        _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++)
+            _Pragma("GCC unroll 8") for (int o = 0; o < INT8_OB; o++) sums[r][o] = iv_zero();
         int64_t k = k0;
         for (; k + QSTEP <= k1; k += QSTEP) int_step(sums, xq, stride, w, in, k, nr, 0);
         if (HALF_STEPS && k < k1) int_step(sums, xq, stride, w, in, k, nr, 1);
-        _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-            _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++) acc[r][o] = fv_add(acc[r][o], iv_float(sums[r][o]));
+        _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++)
+            _Pragma("GCC unroll 8") for (int o = 0; o < INT8_OB; o++) acc[r][o] = fv_add(acc[r][o], iv_float(sums[r][o]));
     }
-    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int o = 0; o < OB; o++)
+    _Pragma("GCC unroll 8") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 8") for (int o = 0; o < INT8_OB; o++)
             y[r * ldy + o] = fv_sum(acc[r][o]) * xs[r] * scales[o];
 }
 
-/* every row of x against output features [o, o + OB): RB rows per pass, the tail by count
+/* every row of x against a block of output features: rb rows per pass, the tail by count
  * (constant counts keep the accumulators in registers) */
-#define FOR_ROW_BLOCKS(rows, CALL)                            \
+#define FOR_ROW_BLOCKS(rows, rb, CALL)                        \
     do {                                                      \
         int64_t r = 0;                                        \
-        for (; r + RB <= rows; r += RB) CALL(r, RB);          \
+        for (; r + (rb) <= rows; r += (rb)) CALL(r, (rb));    \
         switch (rows - r) {                                   \
         case 1: CALL(r, 1); break;                            \
-        case 2: if (RB > 2) CALL(r, 2); break;                \
-        case 3: if (RB > 3) CALL(r, 3); break;                \
+        case 2: if ((rb) > 2) CALL(r, 2); break;              \
+        case 3: if ((rb) > 3) CALL(r, 3); break;              \
+        case 4: if ((rb) > 4) CALL(r, 4); break;              \
+        case 5: if ((rb) > 5) CALL(r, 5); break;              \
         }                                                     \
     } while (0)
 
 static void rows_bf16(const float *x, const uint16_t *w, int64_t rows, int64_t in, float *y, int64_t out) {
 #define BF16_CALL(r, n) block_bf16(x + (r) * in, w, in, y + (r) * out, out, n)
-    FOR_ROW_BLOCKS(rows, BF16_CALL);
+    FOR_ROW_BLOCKS(rows, BF16_RB, BF16_CALL);
 #undef BF16_CALL
 }
 
 static void rows_int8(const int16_t *xq, int64_t stride, const float *xs, const int8_t *w,
                       const float *scales, int64_t rows, int64_t in, float *y, int64_t out) {
 #define INT8_CALL(r, n) block_int8(xq + (r) * stride, stride, xs + (r), w, scales, in, y + (r) * out, out, n)
-    FOR_ROW_BLOCKS(rows, INT8_CALL);
+    FOR_ROW_BLOCKS(rows, INT8_RB, INT8_CALL);
 #undef INT8_CALL
 }
 
 int lowp_linear(const float *x, const void *w, const float *scales, float *y, int64_t rows,
                 int64_t in, int64_t out, int format, int threads) {
-    if (rows < 1 || in % 16 || out % OB || (format != FMT_BF16 && format != FMT_INT8) ||
+    if (rows < 1 || in % 16 || out % 4 || (format != FMT_BF16 && format != FMT_INT8) ||
         (format == FMT_INT8 && !scales))
-        return -1;
-    const int64_t blocks = out / OB;
+        return -1;  /* out % 4: every block size divides it */
     if (format == FMT_BF16) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b = 0; b < blocks; b++)
-            rows_bf16(x, (const uint16_t *)w + b * OB * in, rows, in, y + b * OB, out);
+        for (int64_t b = 0; b < out / BF16_OB; b++)
+            rows_bf16(x, (const uint16_t *)w + b * BF16_OB * in, rows, in, y + b * BF16_OB, out);
         return 0;
     }
     const int64_t stride = (in + QSTEP - 1) / QSTEP * QSTEP;
@@ -249,8 +261,9 @@ int lowp_linear(const float *x, const void *w, const float *scales, float *y, in
     float *xs = (float *)(xq + rows * stride);
     quantize_rows(x, rows, in, xq, stride, xs);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++)
-        rows_int8(xq, stride, xs, (const int8_t *)w + b * OB * in, scales + b * OB, rows, in, y + b * OB, out);
+    for (int64_t b = 0; b < out / INT8_OB; b++)
+        rows_int8(xq, stride, xs, (const int8_t *)w + b * INT8_OB * in, scales + b * INT8_OB, rows, in,
+                  y + b * INT8_OB, out);
     free(xq);
     return 0;
 }
