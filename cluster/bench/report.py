@@ -8,7 +8,7 @@ RUN_COLUMNS = [("engine", -20), ("tp", 2), ("thr", 3), ("conc", 4), ("wall s", 7
                ("peak RSS MiB/worker", -19)]
 ROOF_COLUMNS = [("roofline", -14), ("prefill tok", 11), ("prefill s", 9), ("GFLOP/s", 7),
                 ("of matmul", 9), ("b1 ms/tok", 9), ("GB/s", 6), ("of read bw", 10),
-                ("b32 ms/step", 11), ("b32 tok/s", 9)]
+                ("bN ms/step", 11), ("bN tok/s", 9)]  # N: the batch probed (32, or max_num_seqs)
 
 
 def _row(cells: list[tuple]) -> str:
@@ -77,7 +77,10 @@ def format_report(result: dict) -> str:
                      f"TPOT {q['tpot_p50_s'][0] * 1e3:.1f} vs {q['tpot_p50_s'][1] * 1e3:.1f} ms")
     roof = [r for r in result["shardlm"] if "roofline" in r]
     if roof:
-        lines += ["", _row(ROOF_COLUMNS)]
+        batches = sorted({int(r["roofline"].get("decode_batch", 32)) for r in roof})
+        columns = [(name.replace("bN", f"b{batches[0]}") if len(batches) == 1 else name, width)
+                   for name, width in ROOF_COLUMNS]
+        lines += ["", _row(columns)]
         for r in roof:
             f = r["roofline"]
             cells = [f"tp={r['tp']}" + (f" {r['precision']}" if r.get("precision") else ""), f["prefill_tokens"], f"{f['prefill_s']:.3f}",
