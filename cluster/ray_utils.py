@@ -20,7 +20,10 @@ LOCAL_CLUSTER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1"}
 
 
 def connect_ray(address: str | None = None) -> None:
-    """Join the cluster at ``address`` (or $RAY_ADDRESS, or a running local one), else start one."""
+    """Join what Ray itself would join: the cluster at ``address`` (or $RAY_ADDRESS), or the
+    one ``ray start`` last started on this machine while it answers; else start one of our
+    own. Never another process's private cluster (an ``LLM`` in a script starts one that ends
+    with it)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -30,7 +33,7 @@ def connect_ray(address: str | None = None) -> None:
     local = running_local_cluster()
     if local:
         ray.init(address=local, log_to_driver=False)
-        log.info("joined the running Ray cluster at %s", local)
+        log.info("joined the Ray cluster `ray start` started at %s", local)
     else:  # "local": never the address file of a cluster that is gone
         for name, value in LOCAL_CLUSTER_ENV.items():
             os.environ.setdefault(name, value)
@@ -39,23 +42,21 @@ def connect_ray(address: str | None = None) -> None:
 
 
 def running_local_cluster(temp_dir: str | None = None) -> str | None:
-    """The address of a Ray cluster running on this machine whose GCS answers, or None.
-
-    Candidates are, in order, the cluster Ray last recorded in
-    ``<temp dir>/ray_current_cluster`` and the GCS processes running here. After an unclean
-    exit the file outlives its cluster, and ``ray.init(address="auto")`` then retries the
-    dead address for minutes; a one-second TCP probe of each candidate skips it."""
+    """The address of the cluster ``ray start`` recorded on this machine
+    (``<temp dir>/ray_current_cluster``, as ``ray.init()`` reads it) while its GCS answers,
+    else None. Other GCS processes running here are not candidates: they belong to clusters
+    other drivers started for themselves. After an unclean exit the file outlives its
+    cluster, and ``ray.init()`` would then retry the dead address for minutes; a one-second
+    TCP probe skips it."""
     try:
-        from ray._private.services import find_gcs_addresses
         from ray._private.utils import read_ray_address
     except ImportError:  # another Ray layout: let Ray look for itself
-        return "auto"
+        return None
     recorded = read_ray_address(temp_dir)
-    for address in [recorded] + sorted(find_gcs_addresses()):
-        if address and _answers(address):
-            return address
-        if address and address == recorded:
-            log.warning("no Ray cluster answers at %s (recorded by a cluster that is gone)", address)
+    if recorded and _answers(recorded):
+        return recorded
+    if recorded:
+        log.warning("no Ray cluster answers at %s (recorded by a cluster that is gone)", recorded)
     return None
 
 

@@ -171,7 +171,7 @@ class SchedulerConfig:
 class DeploymentConfig:
     name: str = "shardlm"  # worker actors are <name>-worker-<pp_rank>-<tp_rank>
     namespace: str = "shardlm"
-    ray_address: str | None = None  # None: join a running cluster or start a local one
+    ray_address: str | None = None  # None: $RAY_ADDRESS, a `ray start` cluster here, else a new one
     # requests the engine service holds at once (streaming, or waiting for admission); past
     # it a request is refused at once (HTTP 503 with Retry-After) instead of queueing
     max_open_requests: int = 1000

@@ -47,3 +47,14 @@ class EngineUnavailable(RuntimeError):
 class ServiceError(RuntimeError):
     """The engine failed on a request for a reason of its own (HTTP 500), or its event
     stream broke off."""
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where ``text`` is not Unicode with a UTF-8 form, what is wrong with it ("a lone
+    surrogate U+D800 at character 3": JSON's \\u escapes can carry one, and a tokenizer or a
+    UTF-8 file cannot take it); None where it is fine."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    return None

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, DUPLICATE_REQUEST_ID, RequestError,
-                                     RequestTypeError)
+                                     RequestTypeError, lone_surrogate)
 from cluster.contract.sampling import SamplingParams
 from cluster.engine import chat
 from cluster.engine.outputs import CompletionOutput, Detokenizer, RequestOutput
@@ -134,6 +134,7 @@ class Admission:
             raise RequestError("this checkpoint has no tokenizer, so no bad_words", "bad_words")
         out: list[list[int]] = []
         for word in words:
+            check_text(word, "bad_words")
             for text in (word.lstrip(), " " + word.lstrip()):
                 ids = self.tokenizer(text, add_special_tokens=False).input_ids
                 if ids and ids not in out:
@@ -146,6 +147,7 @@ class Admission:
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer, so no chat template", "messages")
         text = chat.render(self.tokenizer, messages, tools)
+        check_text(text, "messages")
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _encode(self, prompt) -> list[int]:
@@ -155,6 +157,7 @@ class Admission:
             raise RequestError("prompt is empty", "prompt")
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer: give prompt_token_ids", "prompt")
+        check_text(prompt, "prompt")
         return self.tokenizer(prompt).input_ids
 
     def _checked_ids(self, ids) -> list[int]:
@@ -171,6 +174,14 @@ class Admission:
         if bad:
             raise RequestError(f"{name} hold ids outside the vocabulary "
                                f"[0, {self.vocab_size}): {bad[:5]}", name)
+
+
+def check_text(text: str, name: str) -> None:
+    """A RequestError naming ``name`` where ``text`` is not Unicode a tokenizer can read (a
+    lone surrogate: the tokenizer would fail on it with a TypeError)."""
+    wrong = lone_surrogate(text) if isinstance(text, str) else None
+    if wrong:
+        raise RequestError(f"{name} is not valid Unicode text: {wrong}", name)
 
 
 def check_grammar(spec: list) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.contract.config import ConfigError
-from cluster.contract.errors import RequestError
+from cluster.contract.errors import RequestError, lone_surrogate
 
 log = logging.getLogger("shardlm.batch")
 ENGINE_KEYS = ("prompt", "messages", "prompt_token_ids")
@@ -98,6 +98,9 @@ are checked where every request's are: at the engine's admission)."""
     item_id = obj.get("id", f"line-{number}")
     if not isinstance(item_id, (str, int)):
         raise ValueError("id must be a string or an integer")
+    wrong = lone_surrogate(item_id) if isinstance(item_id, str) else None
+    if wrong:  # no UTF-8 form: no output row could carry it
+        raise ValueError(f"id is not valid Unicode text: {wrong}")
     return BatchItem(number, str(item_id), obj.get("prompt"), obj.get("messages"),
                      obj.get("prompt_token_ids"), params, fingerprint(text, obj))
 
@@ -189,7 +192,10 @@ def run_batch(llm, input_path: str | Path, output_path: str | Path, window: int 
     lines = input_lines(source)
     summary = BatchSummary(total=sum(1 for t in lines if t.strip()))
     todo, seen = [], set()
+    created = not output.exists()
     with output.open("a", encoding="utf-8") as out:
+        if created:  # the new file's name survives a crash of the machine, as its rows do
+            _fsync_directory(output.parent)
         for number, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
@@ -273,7 +279,18 @@ def _result(item: BatchItem, output) -> dict:
     return row
 
 
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write(out, row: dict) -> None:
-    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    text = json.dumps(row, ensure_ascii=False)
+    if lone_surrogate(text):  # one quoted from an input line: written as a \u escape
+        text = json.dumps(row)
+    out.write(text + "\n")
     out.flush()
     os.fsync(out.fileno())  # a row reported written survives a crash of the machine

@@ -94,3 +94,30 @@ def test_interrupted_run_resumes_without_generating_twice(tiny, tmp_path):
     assert f"{total - len(done_before)} generated, {len(done_before)} already done" in second.stdout
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"q{i}" for i in range(total))  # every line exactly once
+
+
+def test_lone_surrogates_get_error_rows_and_the_job_goes_on(ray_session, tmp_path):
+    """A good line, one with a lone surrogate in its id and one with it in its prompt (each
+    "\\ud800" in the JSON: valid JSON, not Unicode text). Each gets its row: the good line its
+    text, the others an error naming what is wrong; the prompt's once reached the tokenizer,
+    whose TypeError stopped the job before any row was written, the good line's included."""
+    from cluster.checkpoints.store import DEFAULT_MODEL
+
+    lines = ['{"id": "good", "prompt": "The capital of France is", "params": {"max_tokens": 4, '
+             '"temperature": 0}}',
+             '{"id": "bad\\ud800id", "prompt": "Hello", "params": {"max_tokens": 4}}',
+             '{"id": "bad-prompt", "prompt": "Hi \\ud800 there", "params": {"max_tokens": 4}}']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    with LLM(model=DEFAULT_MODEL, dtype="float32", cpus_per_worker=0.5, kv_cache_bytes=16 << 20,
+             name="batch-surrogates") as llm:
+        summary = run_batch(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+        expected = llm.generate("The capital of France is",
+                                SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].text
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert (summary.total, summary.generated, summary.errors) == (3, 1, 2)
+    by_line = {r.get("line"): r for r in rows}
+    good = next(r for r in rows if r["id"] == "good")
+    assert good["text"] == expected and good["finish_reason"] == "length"
+    assert by_line[2]["id"] == "line-2" and "id is not valid Unicode" in by_line[2]["error"]
+    assert "U+D800" in by_line[2]["error"]
+    assert by_line[3]["id"] == "bad-prompt" and "prompt is not valid Unicode" in by_line[3]["error"]

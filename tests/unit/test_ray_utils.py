@@ -14,16 +14,11 @@ def _write_address(tmp_path, address: str) -> str:
 
 
 def test_stale_address_file_is_ignored(tmp_path):
-    """The recorded address is skipped; what comes back is None or a cluster that is running
-    here (the test session's own Ray, when there is one)."""
+    """A recorded address nothing answers at is skipped, and nothing else is looked for."""
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    found = running_local_cluster(_write_address(tmp_path, f"127.0.0.1:{port}"))
-    assert found is None or not found.endswith(f":{port}")
-    if found is not None:
-        host, _, live_port = found.rpartition(":")
-        socket.create_connection((host, int(live_port)), timeout=1.0).close()
+    assert running_local_cluster(_write_address(tmp_path, f"127.0.0.1:{port}")) is None
 
 
 def test_address_that_answers_is_returned(tmp_path):
