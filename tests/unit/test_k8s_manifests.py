@@ -229,13 +229,6 @@ def test_embedded_configs_match_configs_dir_and_fit_the_cluster(name):
             assert par.tensor_parallel_size <= max(gpus_per_pod), f"{name}: a TP group spans pods"
 
 
-def _pinned_shardlm(pip: list[str]) -> bool:
-    """shardlm is installed at an exact version (whoever controls a bare name on the package
-    index would run code on the pods)."""
-    return any(re.fullmatch(r"shardlm==\d+(\.\d+)*", entry) for entry in pip) and not any(
-        re.fullmatch(r"shardlm\s*(>=.*)?", entry) for entry in pip)
-
-
 @pytest.mark.parametrize("name", sorted(MANIFESTS))
 def test_ray_clusters_require_tokens_and_pods_run_unprivileged(name):
     cluster = _cluster_spec(_ray_object(name))
@@ -296,7 +289,6 @@ def test_rayservice_serve_config_names_the_shardlm_application():
     assert app["name"] == "shardlm"
     assert app["import_path"] == SERVE_IMPORT_PATH
     assert app["route_prefix"] == "/"
-    assert _pinned_shardlm(app["runtime_env"]["pip"])
     config_maps = _config_maps("rayservice.yaml")
     for pod_name, pod in _pod_specs(service["spec"]["rayClusterConfig"]):
         text = _resolve_config(app["args"]["config"], pod, config_maps)
@@ -313,8 +305,6 @@ def test_rayjob_runs_shardlm_batch_with_its_config_on_the_head():
     options = dict(zip(argv[2::2], argv[3::2]))
     assert set(options) >= {"--input", "--output", "--config"}
     assert spec["shutdownAfterJobFinishes"] is True
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert _pinned_shardlm(runtime_env["pip"])
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]  # the entrypoint runs here
     config = EngineConfig.from_dict(yaml.safe_load(
         _resolve_config(options["--config"], head, _config_maps("rayjob.yaml"))))
@@ -324,6 +314,188 @@ def test_rayjob_runs_shardlm_batch_with_its_config_on_the_head():
         parents = PurePosixPath(options[flag]).parents
         (mount,) = [m for path, m in mounts.items() if PurePosixPath(path) in parents]
         assert flag == "--input" or not mount.get("readOnly", False), f"{flag}: read-only mount"
+
+
+# ---- what the pods install ---------------------------------------------------------------
+
+SHA256_PIN = re.compile(r"--hash[= ]sha256:[0-9a-f]{64}(\s|$)")
+_PIP_VALUE_OPTIONS = {"-r", "--requirement", "-c", "--constraint", "-f", "--find-links",
+                      "-i", "--index-url", "--extra-index-url", "-e", "--editable"}
+_SHELL_SEPARATORS = {"&&", "||", ";", "|"}
+
+
+def _install_problem(entries: list[str], options: list[str]) -> str | None:
+    """Why one pip/uv install could fetch a package by its bare name from an index, or None.
+
+    Safe installs: every requirement carries a sha256 hash (pip's hash-checking mode, which
+    then also refuses any dependency that has none), ``--require-hashes`` (the same for
+    requirement files), or ``--no-index`` with local ``--find-links`` only."""
+    if "--require-hashes" in options:
+        return None
+    if "--no-index" in options:
+        links = [v for o, v in zip(options, options[1:]) if o in ("-f", "--find-links")]
+        links += [o.split("=", 1)[1] for o in options if o.startswith("--find-links=")]
+        remote = [link for link in links if "://" in link and not link.startswith("file://")]
+        return f"--no-index but remote --find-links {remote}" if remote else None
+    unpinned = [e for e in entries if not SHA256_PIN.search(e)]
+    if unpinned or not entries:
+        return f"installs {unpinned or entries} without a sha256 pin, from an index"
+    return None
+
+
+def _command_installs(text: str) -> list[tuple[list[str], list[str]]]:
+    """(requirements, options) of each ``pip install``/``uv pip install`` in a shell text."""
+    try:
+        words = shlex.split(text, comments=True)
+    except ValueError:
+        words = text.split()
+    installs = []
+    for i, word in enumerate(words):
+        if word != "install" or i == 0 or PurePosixPath(words[i - 1]).name not in ("pip", "pip3"):
+            continue
+        entries, options, rest = [], [], iter(words[i + 1:])
+        for arg in rest:
+            if arg in _SHELL_SEPARATORS or arg.endswith(";"):
+                break
+            if arg.startswith("-"):
+                options.append(arg)
+                if arg in _PIP_VALUE_OPTIONS:
+                    options.append(next(rest, ""))
+            else:
+                entries.append(arg)
+        installs.append((entries, options))
+    return installs
+
+
+def _runtime_env_installs(env: dict) -> list[tuple[str, object, list[str]]]:
+    """(field, requirements, options) of a Ray runtime_env's ``pip``/``uv`` fields."""
+    installs = []
+    for field, options_key in (("pip", "pip_install_options"), ("uv", "uv_pip_install_options")):
+        value = env.get(field)
+        if isinstance(value, dict):
+            installs.append((field, value.get("packages"), list(value.get(options_key) or [])))
+        elif value is not None:
+            installs.append((field, value, []))
+    return installs
+
+
+def _install_problems(node, where: str = "") -> list[str]:
+    """Every install in a parsed manifest (runtime_env ``pip``/``uv`` fields at any depth,
+    including YAML/JSON held in strings such as ``runtimeEnvYAML``, ``serveConfigV2`` or a
+    ``--runtime-env-json`` argument; ``pip install`` in container commands, args and
+    entrypoints) that could fetch a package by name from an index."""
+    problems = []
+    if isinstance(node, dict):
+        for field, requirements, options in _runtime_env_installs(node):
+            if isinstance(requirements, list) and all(isinstance(r, str) for r in requirements):
+                problem = _install_problem(requirements, options)
+            else:  # a requirements file on the pod (or garbage): nothing here can vouch for it
+                problem = f"{requirements!r} is not a list of pinned requirements"
+            if problem:
+                problems.append(f"{where}.{field}: {problem}")
+        for key, value in node.items():
+            problems += _install_problems(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        if node and all(isinstance(item, str) for item in node):  # a command: argv
+            problems += _install_problems(" ".join(shlex.quote(w) for w in node), where)
+        for i, item in enumerate(node):
+            problems += _install_problems(item, f"{where}[{i}]")
+    elif isinstance(node, str):
+        for entries, options in _command_installs(node):
+            problem = _install_problem(entries, options)
+            if problem:
+                problems.append(f"{where}: pip install {problem}")
+        try:
+            candidates = [node] + [w for w in shlex.split(node) if w[:1] in "{["]
+        except ValueError:
+            candidates = [node]
+        for i, text in enumerate(candidates):
+            if i == 0 and "\n" not in text and text[:1] not in "{[":
+                continue
+            try:
+                inner = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue
+            if isinstance(inner, (dict, list)):
+                problems += _install_problems(inner, f"{where}<yaml>")
+    return sorted(set(problems))
+
+
+HASH = "0" * 64
+INSTALLS = [
+    ({"pip": ["shardlm==0.1.0"]}, True),
+    ({"pip": ["shardlm"]}, True),
+    ({"pip": [f"shardlm==0.1.0 --hash=sha256:{HASH}", "torch>=2.4"]}, True),
+    ({"pip": [f"shardlm @ https://example.com/shardlm-0.1.0-py3-none-any.whl --hash=sha256:{HASH}"]},
+     False),
+    ({"pip": "/wheels/requirements.txt"}, True),
+    ({"pip": {"packages": ["shardlm"]}}, True),
+    ({"pip": {"packages": ["shardlm"], "pip_install_options": ["--no-index", "--find-links", "/wheels"]}},
+     False),
+    ({"pip": {"packages": ["shardlm"],
+              "pip_install_options": ["--no-index", "--find-links", "https://example.com/wheels/"]}},
+     True),
+    ({"uv": ["shardlm==0.1.0"]}, True),
+    ({"conda": {"dependencies": ["python=3.11", {"pip": ["shardlm==0.1.0"]}]}}, True),
+    ({"spec": {"runtimeEnvYAML": "pip:\n  - shardlm==0.1.0\n"}}, True),
+    ({"spec": {"serveConfigV2": "applications:\n  - name: x\n    runtime_env:\n      pip: [shardlm]\n"}},
+     True),
+    ({"command": ["pip", "install", "shardlm==0.1.0"]}, True),
+    ({"command": ["bash", "-c", "pip install --no-cache-dir shardlm && ray start --head"]}, True),
+    ({"args": ["python -m pip install -U 'shardlm[gpu]'"]}, True),
+    ({"args": ["uv pip install shardlm"]}, True),
+    ({"args": ["pip install --require-hashes -r /wheels/requirements.txt && ray start"]}, False),
+    ({"args": ["pip install --no-index --find-links /wheels shardlm; ray start"]}, False),
+    ({"args": ["pip install --no-index --find-links=https://example.com/ shardlm"]}, True),
+    ({"entrypoint": "ray job submit --runtime-env-json '{\"pip\": [\"shardlm\"]}' -- shardlm batch"},
+     True),
+    ({"entrypoint": "shardlm batch --config /configs/a.yaml --input /data/p.jsonl"}, False),
+]
+
+
+@pytest.mark.parametrize("obj,flagged", INSTALLS, ids=[json.dumps(c[0])[:70] for c in INSTALLS])
+def test_install_check_flags_installs_by_name(obj, flagged):
+    assert bool(_install_problems(obj)) == flagged, _install_problems(obj)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_pods_install_nothing_by_name_from_an_index(name):
+    """Whoever registers a name on a public index would run code beside the API key: no pip
+    install in a manifest may fetch a package by name without a sha256 pin."""
+    problems = [p for d in load_documents(K8S / name) for p in _install_problems(d, d["kind"])]
+    assert problems == [], problems
+
+
+def _project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_pods_run_the_image_k8s_dockerfile_builds_from_a_hashed_wheel():
+    """Nothing installs shardlm when a pod starts, so every Ray container runs one image that
+    carries it: k8s/Dockerfile on the Ray image of rayVersion, installing the wheel of this
+    version by its sha256 and from no index."""
+    version = _project_version()
+    images, ray_versions = set(), set()
+    for name in MANIFESTS:
+        cluster = _cluster_spec(_ray_object(name))
+        ray_versions.add(cluster["rayVersion"])
+        images |= {c["image"] for _, pod in _pod_specs(cluster) for c in pod["containers"]}
+    (ray_version,) = ray_versions
+    (image,) = images
+    repository, _, tag = image.rpartition(":")
+    assert not repository.startswith(("rayproject/", "docker.io/rayproject/")), \
+        f"{image}: the stock Ray image has no shardlm"
+    assert tag == f"{version}-ray{ray_version}-gpu", image
+    dockerfile = (K8S / "Dockerfile").read_text()
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray_version)}-py311-gpu$", dockerfile, re.M)
+    assert re.search(rf"^ARG SHARDLM_WHEEL=shardlm-{re.escape(version)}-py3-none-any\.whl$",
+                     dockerfile, re.M)
+    run_lines = " ".join(re.findall(r"^RUN (?:.*\\\n)*.*", dockerfile, re.M)).replace("\\\n", " ")
+    (install,) = [i for i in _command_installs(run_lines) if "--no-deps" in i[1]]
+    assert {"--require-hashes", "--no-index"} <= set(install[1]), install
+    assert "--hash=sha256:${SHARDLM_SHA256}" in dockerfile
 
 
 # ---- the Grafana dashboard --------------------------------------------------------------
