@@ -57,7 +57,9 @@ class Detokenizer:
     tokens before them as context (a tokenizer may render a token differently at the start
     of a text: a leading space, a byte of a multi-byte character), so a whole generation
     costs linear, not quadratic, decoding. New tokens whose text ends in an incomplete UTF-8
-    sequence (the tokenizer's U+FFFD) wait for the next token. Text is only released once
+    sequence (the tokenizer's U+FFFD) wait for the next token; given several at once (a
+    resumed output arrives whole), those before that character are taken, so the text is
+    the one a token-by-token update would have reached. Text is only released once
     it is stable: never the last characters that could still turn out to be the start of a
     stop string; stop strings are searched for only where new text could complete one.
     """
@@ -71,6 +73,7 @@ class Detokenizer:
         self.emitted = 0  # characters of self.text already released
         self._prefix = 0  # first token of the context decoded beside the new ones
         self._read = 0  # tokens whose text is in self.text
+        self._checked = 0  # output length at the last update (shorter ends were tried then)
         self._tokens: list[int] = []  # the output tokens (the caller's live list)
         self._stopped = False
 
@@ -79,12 +82,22 @@ class Detokenizer:
         if self.tokenizer is None:  # a weights-only checkpoint: token ids, no text
             return None
         self._tokens = token_ids
-        window = self._window(token_ids)
+        end, checked = len(token_ids), self._checked
+        self._checked = end
+        window = self._window(token_ids, end)
+        # the tokens of a character still incomplete at the end wait; the ones before it are
+        # text now (else a resumed output, cut inside a character, would decode to nothing
+        # and its caller's text would be released to it again). Only ends not tried before:
+        # token by token, each update tries one
+        while window is not None and window.endswith("\ufffd") \
+                and end - 1 > max(self._read, checked):
+            end -= 1
+            window = self._window(token_ids, end)
         if window is None or window.endswith("\ufffd"):
             return None  # an incomplete character (or nothing visible yet): wait
         searched_from = max(0, len(self.text) - self.hold)
         self.text += window
-        self._prefix, self._read = self._read, len(token_ids)
+        self._prefix, self._read = self._read, end
         if len(token_ids) < self.min_tokens:
             return None
         found = [(at, stop) for stop in self.stop
@@ -96,12 +109,12 @@ class Detokenizer:
             return stop
         return None
 
-    def _window(self, token_ids: list[int]) -> str | None:
-        """The text the tokens after ``_read`` add (decoded beside their context); None when
-        they add nothing visible."""
+    def _window(self, token_ids: list[int], end: int | None = None) -> str | None:
+        """The text the tokens after ``_read`` (up to ``end``) add, decoded beside their
+        context; None when they add nothing visible."""
         decode = self.tokenizer.decode
         context = decode(token_ids[self._prefix:self._read], skip_special_tokens=True)
-        window = decode(token_ids[self._prefix:], skip_special_tokens=True)
+        window = decode(token_ids[self._prefix:end], skip_special_tokens=True)
         return window[len(context):] if len(window) > len(context) else None
 
     def release(self, final: bool) -> str:

@@ -264,10 +264,13 @@ class EngineService:
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
                 body["request_id"], body["priority"] or 0, body["messages"], body["resume"],
                 keep_logprobs=False, tokenized=body.get("tokenized"), tools=body.get("tools"))
-            self.outputs.open(self.engine.requests[request_id], (loop, queue_),
+            request = self.engine.requests[request_id]
+            self.outputs.open(request, (loop, queue_),
                               keep_logprobs=body["final_logprobs"] is not False,
                               echo=bool(body["echo"]))
-            self.metrics.prompt_tokens.inc(len(self.engine.requests[request_id].prompt_token_ids))
+            self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+            if request.finished:  # resumed with every choice ended (its final event was lost):
+                self._finish(request, time.monotonic())  # no step will end it: answer now
             result = request_id
         except Exception as exc:  # typed errors keep their kind; never leave a caller waiting
             if not isinstance(exc, (ValueError, EngineUnavailable)):

@@ -4,19 +4,28 @@
 16 streams (greedy, one seeded) run through client handles; at a random moment of each trial the engine
 actor is killed. Ray restarts the actor, which starts a new engine (and a new worker gang);
 each RequestStream resumes its request there from its journal. Every stream must receive
-exactly the tokens of a run without the failure, none twice and none missing, and the
+exactly the tokens of a run without the failure, none twice and none missing, and the same
+text: the tiny model speaks through SmolLM2's byte-level tokenizer, whose byte tokens make
+characters of two bytes (and lone bytes, U+FFFD) that a kill can cut in the middle. The
 service must say ready again by itself. The reference is the same requests on the same
-service before any failure (greedy decoding is a pure function of the prompt)."""
+service before any failure (greedy decoding is a pure function of the prompt).
+
+A resume is also sent directly, as RequestStream sends one (``resume``: per choice, the
+tokens its caller has): cut inside a character, and with every choice already ended."""
 
 from __future__ import annotations
 
+import queue
 import random
+import shutil
 import threading
 import time
 
 import pytest
 import ray
 
+from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
+from cluster.contract import events
 from cluster.contract.config import EngineConfig
 from cluster.serving.client import Handle
 from cluster.serving.service import get_or_start_service, stop_service
@@ -32,6 +41,11 @@ TOKENS = 200  # with the prompts, up to 235 of the tiny model's 256 positions
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tiny = write_tiny_checkpoint("llama-gqa", tmp_path_factory.mktemp("restart"), seed=3)
+    # SmolLM2's tokenizer: the tiny vocabulary (151 ids) is its special tokens, printable
+    # ASCII, the continuation bytes 0xA1-0xBF and the lead bytes 0xC2-0xCB, so the output
+    # has text, and characters spread over two tokens
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(resolve_model(DEFAULT_MODEL) / name, tiny / name)
     config = EngineConfig().with_overrides(dtype="float32", 
         model=str(tiny), tensor_parallel_size=1, cpus_per_worker=0.5, block_size=4,
         kv_cache_bytes=1 << 22, name=NAME, namespace=NAME)
@@ -57,9 +71,11 @@ def _sampling(i: int) -> dict:
 def test_killing_the_engine_loses_no_request(service):
     expected = [service.generate(prompt_token_ids=_prompt(i), **_sampling(i))
                 for i in range(STREAMS)]
+    assert all(want.text for want in expected)  # there is text to compare
     rng = random.Random(5)
     for trial in range(3):
         received: dict[int, list[int]] = {i: [] for i in range(STREAMS)}
+        texts: dict[int, str] = {i: "" for i in range(STREAMS)}
         finals: dict[int, dict] = {}
         resumed: dict[int, dict] = {}
         errors: list[BaseException] = []
@@ -71,6 +87,7 @@ def test_killing_the_engine_loses_no_request(service):
                     for event in stream:
                         if event["type"] == "delta":
                             received[i] += event["token_ids"]
+                            texts[i] += event["text"]
                             for _ in event["token_ids"]:
                                 counted.release()
                         else:
@@ -94,7 +111,9 @@ def test_killing_the_engine_loses_no_request(service):
         for i, want in enumerate(expected):
             got = finals[i]["outputs"][0]
             assert received[i] == want.token_ids, (trial, i, kill_after)  # none twice or missing
+            assert texts[i] == want.text, (trial, i, kill_after)  # no text twice or missing
             assert got["token_ids"] == want.token_ids and got["finish_reason"] == "length"
+            assert got["text"] == want.text
         lp = finals[0]["outputs"][0]["logprobs"]  # the journal keeps the logprobs sent before
         assert [e["token_id"] for e in lp] == expected[0].token_ids
         assert all(e["logprob"] == e["logprob"] for e in lp)  # none lost (NaN) across the kill
@@ -130,3 +149,80 @@ def test_a_request_that_fails_on_the_engine_thread_fails_alone(service):
     assert first["type"] == "delta"
     assert service.health()["status"] == "ready"
     assert service.generate(prompt_token_ids=_prompt(1), **_sampling(1)).token_ids == expected[0]
+
+
+def _resumed(service, request_id: str, timeout: float = 60, **fields) -> list[dict]:
+    """The events of a request sent as RequestStream sends one to a replacement engine
+    (``fields`` with ``resume``), read against a deadline: a request the engine never ends
+    fails the test instead of hanging it."""
+    body = events.encode_request(request_id=request_id, **fields)
+    stream = service.actor.generate.options(num_returns="streaming").remote(body)
+    got: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            for ref in stream:
+                got.put(events.decode(ray.get(ref)))
+        except BaseException as exc:  # reported below
+            got.put(exc)
+        got.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    received: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while (item := got.get(timeout=max(0.01, deadline - time.monotonic()))) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            received.append(item)
+    except queue.Empty:
+        ray.cancel(stream)  # frees the request
+        pytest.fail(f"{request_id}: no final event within {timeout:.0f} s; received {received}")
+    assert received and received[-1]["type"] == "final", received
+    return received
+
+
+def test_a_resume_inside_a_character_repeats_and_loses_no_text(service):
+    """The stream was cut where its last token holds the first byte of a two-byte character
+    (its text held back, waiting for the rest): resumed from there, the new engine streams
+    exactly the rest, so the caller's text reads as that of a run without the failure."""
+    params = dict(max_tokens=TOKENS, temperature=0, ignore_eos=True)
+    with service.request(prompt_token_ids=_prompt(9), **params) as stream:
+        deltas = [e for e in stream if e["type"] == "delta"]
+    tokens = [t for d in deltas for t in d["token_ids"]]
+    full = "".join(d["text"] for d in deltas)
+    # cuts after a token whose text waits for the next, which completes one character
+    # outside ASCII (not U+FFFD: a real character spread over the two tokens)
+    cuts = [k for k in range(1, len(deltas)) if deltas[k - 1]["text"] == ""
+            and len(deltas[k]["text"]) == 1 and "\x7f" < deltas[k]["text"] != "\ufffd"]
+    assert len(cuts) >= 3, [d["text"] for d in deltas]  # the tokenizer splits characters
+    for k in cuts[:3] + [len(deltas) // 2]:
+        had = "".join(d["text"] for d in deltas[:k])
+        resumed = _resumed(service, f"cut-{k}", prompt_token_ids=_prompt(9), params=params,
+                           resume=[{"token_ids": tokens[:k], "finish_reason": None}])
+        rest = "".join(e["text"] for e in resumed if e["type"] == "delta")
+        assert [t for e in resumed[:-1] for t in e["token_ids"]] == tokens[k:], k
+        assert had + rest == full, (k, had[-8:], rest[:8])
+        assert resumed[-1]["outputs"][0]["text"] == full
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_resumed_request_whose_choices_all_ended_ends_at_once(service, n):
+    """Every choice had ended before the engine was lost, but the final event was lost with
+    it: the new engine schedules nothing and answers at once with the final event (finish
+    reasons as sent, usage counting the sent tokens), and the request's slot is free."""
+    prompt = _prompt(4)
+    want = service.generate(prompt_token_ids=prompt, max_tokens=6, temperature=0,
+                            ignore_eos=True)
+    sent = [{"token_ids": want.token_ids, "finish_reason": "length"},
+            {"token_ids": want.token_ids[:3], "finish_reason": "stop"}][:n]
+    opened = service.stats()["open_requests"]
+    (final,) = _resumed(service, f"ended-{n}", timeout=30, prompt_token_ids=prompt,
+                        params=dict(max_tokens=6, temperature=0, ignore_eos=True, n=n),
+                        resume=sent)
+    assert [(o["token_ids"], o["finish_reason"]) for o in final["outputs"]] == \
+        [(s["token_ids"], s["finish_reason"]) for s in sent]
+    assert final["outputs"][0]["text"] == want.text
+    assert final["prompt_tokens"] == len(prompt)
+    assert final["completion_tokens"] == sum(len(s["token_ids"]) for s in sent)
+    assert service.stats()["open_requests"] == opened

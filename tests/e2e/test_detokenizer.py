@@ -1,7 +1,10 @@
 """Incremental detokenization against the tokenizer's own decode of the whole output, with
 the default model's tokenizer: token by token, the released text is exactly the full
 decode (accents, CJK, emoji split across tokens, code, spaces), and a stop string is found
-wherever it completes, also across token boundaries."""
+wherever it completes, also across token boundaries. A detokenizer resumed from a cut output
+(given its tokens at once, as the engine service's output thread is after an engine loss)
+releases exactly what the token-by-token one had not, wherever the cut falls, inside a
+character too."""
 
 from __future__ import annotations
 
@@ -61,3 +64,21 @@ def test_stop_strings_are_found_across_tokens(tokenizer, stop):
     released, found = _stream(tokenizer, ids, [stop, "never there"])
     full = tokenizer.decode(ids, skip_special_tokens=True)
     assert found == stop and released == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("stop", [[], ["never there"]])  # no text held back; 9 characters held
+def test_a_resumed_output_releases_exactly_the_rest(tokenizer, stop):
+    for text in TEXTS[1:3]:  # accents, CJK and emoji, whose bytes spread over several tokens
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        streamed, had = Detokenizer(tokenizer, stop), []
+        for k in range(len(ids)):
+            resumed = Detokenizer(tokenizer, stop)  # cut after k tokens, the caller had `had`
+            resumed.update(ids[:k])
+            assert resumed.release(final=False) == "".join(had), (text, k)  # as the caller
+            rest = []
+            for j in range(k, len(ids)):
+                resumed.update(ids[:j + 1])
+                rest.append(resumed.release(final=j == len(ids) - 1))
+            assert "".join(had + rest) == tokenizer.decode(ids), (text, k, had[-2:], rest[:2])
+            streamed.update(ids[:k + 1])
+            had.append(streamed.release(final=k == len(ids) - 1))

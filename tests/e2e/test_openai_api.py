@@ -6,6 +6,8 @@ Greedy text is checked against `transformers.generate` on the same checkpoint.""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 import openai
@@ -187,6 +189,37 @@ def test_disconnected_stream_is_aborted(server):
     stream.response.close()
     stats = server.wait_idle(timeout=30)
     assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Count slowly:"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count slowly."}]}),
+])
+def test_a_disconnected_non_streaming_request_is_aborted(server, path, body):
+    """A client that gives up waiting for a non-streaming answer (closes its connection) has
+    its request aborted at once, as a streaming client has: its KV blocks freed and its slot
+    among the engine's open requests given back, not held until max_tokens are made."""
+    max_tokens = 1500
+    before = server.stats()
+    payload = json.dumps({"model": DEFAULT_MODEL, "max_tokens": max_tokens, "temperature": 0,
+                          "ignore_eos": True, "stream": False, **body}).encode()
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n")
+    # a raw socket: closing it is a plain disconnect, with no client library in between
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + payload)
+        deadline = time.monotonic() + 60
+        while server.stats()["num_running"] != 1:
+            assert time.monotonic() < deadline, "the request never started running"
+            time.sleep(0.1)
+        time.sleep(1)  # decoding
+    stats = server.wait_idle(timeout=10)  # far less than 1500 tokens take here
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"], stats
+    assert stats["open_requests"] == 0, stats
+    generated = stats["generation_tokens"] - before["generation_tokens"]
+    assert 0 < generated < max_tokens, f"{generated} tokens: it ran to the end, not aborted"
 
 
 def test_metrics_move_after_requests(server):

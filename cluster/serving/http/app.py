@@ -14,7 +14,12 @@ created on first use) and turns its events into OpenAI responses
 - Bodies over ``max_body_bytes`` (default 4 MiB: a full 128K-token context as text or as
   token ids, with room to spare) get 413 before any route reads them.
 - Errors have OpenAI's shape ``{"error": {message, type, param, code}}``: 400 bad input,
-  401 key, 404 model, 413 body, 503 (with ``Retry-After``) while the engine starts or failed.
+  401 key, 404 model, 413 body, 503 (with ``Retry-After``) while the engine starts or failed,
+  500 for the server's own faults. A 5xx (or an error event inside a stream that is not the
+  client's fault) says a fixed public sentence and a request id (in the message and in
+  ``X-Request-Id``: the completion's id where there is one); its detail (exception text, Ray
+  traceback, which worker or node) is logged under that id, never sent
+  (:func:`cluster.serving.http.format.api_error`).
 - A streaming client that disconnects aborts its request; its KV blocks are freed.
 
 KubeRay's ``serveConfigV2`` names ``cluster.serving.http.deploy:app_builder`` (requests come
@@ -40,9 +45,9 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from cluster.contract.config import EngineConfig
-from cluster.contract.errors import EngineUnavailable, RequestError, ServiceError
-from cluster.serving.http.format import (ApiError, ChatStream, CompletionStream, ResponseInfo,
-                                         ToolMode, api_error, chat_response, completion_response,
+from cluster.serving.http.format import (REQUEST_ID_HEADER, ApiError, ChatStream,
+                                         CompletionStream, ResponseInfo, ToolMode, api_error,
+                                         chat_response, completion_response, internal_error,
                                          sse, validation_error)
 from cluster.serving.http.gate import KeyAndSizeGate
 from cluster.serving.http.listener import Listener
@@ -56,7 +61,6 @@ from cluster.serving.metrics import merge_exposition
 from cluster.serving.router import Router, routing_key
 from cluster.serving.stream import MuxedRequestStream, RequestStream
 
-log = logging.getLogger("shardlm.serve")
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READY_TTL_S = 2.0  # a replica trusts a "ready" answer this long before asking again
@@ -136,8 +140,9 @@ class OpenAIServer:
             return {"status": "ready", "reason": PUBLIC_REASONS["some_ready"]}
         return ready[0] if ready else states[0]
 
-    async def require_ready(self) -> None:
-        """Requests are queued while the engine recovers; refused while it starts or failed."""
+    async def require_ready(self, request_id: str | None = None) -> None:
+        """Requests are queued while the engine recovers; refused while it starts or failed
+        (with the public reason only: health() names no internals)."""
         if time.monotonic() - self._ready_at < READY_TTL_S:
             return
         health = await self.health()
@@ -145,14 +150,15 @@ class OpenAIServer:
             self._ready_at = time.monotonic()
         elif health["status"] != "recovering":
             raise ApiError(503, f"the engine is {health['status']}: {health.get('reason')}",
-                           code=f"engine_{health['status']}")
+                           code=f"engine_{health['status']}", request_id=request_id)
 
     async def model_info(self) -> dict:
         if self._info is None:
             try:
                 info = await asyncio.wait_for(self.service.model_info.remote(), 10)
             except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
-                raise ApiError(503, f"the engine service does not answer: {exc}") from exc
+                raise internal_error(503, "engine_unavailable", None,
+                                     "the engine service does not answer model_info", exc) from exc
             if not info.get("max_model_len"):
                 return info
             self._info = info
@@ -166,8 +172,8 @@ class OpenAIServer:
     # ---- generation ------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest):
         self.check_model(body.model)
-        await self.require_ready()
         info = ResponseInfo(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
+        await self.require_ready(info.id)
         params = body.sampling_params(body.max_tokens or 16, body.logprobs)
         if body.echo and body.logprobs is not None:  # the prompt's tokens get logprobs too
             params["prompt_logprobs"] = body.logprobs
@@ -176,13 +182,13 @@ class OpenAIServer:
                     for i, (text, ids) in enumerate(body.prompts())]
         if body.stream:
             return await self.stream(requests, CompletionStream(info, body.include_usage), "prompt")
-        finals = await self.collect(requests, "prompt")
+        finals = await self.collect(requests, "prompt", info.id)
         return JSONResponse(completion_response(info, finals).model_dump(mode="json"))
 
     async def chat(self, body: ChatCompletionRequest):
         self.check_model(body.model)
-        await self.require_ready()
         info = ResponseInfo(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model, body.n)
+        await self.require_ready(info.id)
         params = body.sampling_params(body.max_new_tokens(), body.engine_logprobs)
         tools, constraint = tool_fields(body)
         if constraint is not None:  # tool_choice required or named
@@ -194,13 +200,14 @@ class OpenAIServer:
         if body.stream:
             return await self.stream([request], ChatStream(info, body.include_usage, calls),
                                      "messages")
-        (final,) = await self.collect([request], "messages")
+        (final,) = await self.collect([request], "messages", info.id)
         return JSONResponse(chat_response(info, final, calls).model_dump(mode="json"))
 
-    def open_streams(self, requests: list[dict], field: str, final_logprobs: bool = True
-                     ) -> list[RequestStream]:
+    def open_streams(self, requests: list[dict], field: str, response_id: str,
+                     final_logprobs: bool = True) -> list[RequestStream]:
         """One stream per request; if one cannot be sent (its text is not valid Unicode),
-        none is left running and the caller gets the error."""
+        none is left running and the caller gets the error. ``response_id``: the id the
+        client sees (its errors name it)."""
         calls: list[RequestStream] = []
         try:
             for request in requests:
@@ -208,7 +215,7 @@ class OpenAIServer:
         except Exception as exc:
             for call in calls:
                 call.cancel()
-            raise api_error(exc, field) from exc
+            raise api_error(exc, field, response_id) from exc
         return calls
 
     def _routed(self, request: dict, final_logprobs: bool = True) -> RequestStream:
@@ -220,10 +227,10 @@ class OpenAIServer:
         stream.on_close = lambda: self.router.closed(replica)
         return stream
 
-    async def collect(self, requests: list[dict], field: str) -> list[dict]:
+    async def collect(self, requests: list[dict], field: str, response_id: str) -> list[dict]:
         """Each request's ``final`` event; ``field``: the API's name of the prompt input."""
-        calls = self.open_streams(requests, field)
-        tasks = [asyncio.ensure_future(_final(c, field)) for c in calls]
+        calls = self.open_streams(requests, field, response_id)
+        tasks = [asyncio.ensure_future(_final(c, field, response_id)) for c in calls]
         try:
             return list(await asyncio.gather(*tasks))
         finally:  # one failed, or the client went away: stop the others
@@ -235,9 +242,11 @@ class OpenAIServer:
         """Wait for every request's admission (so that a bad one is an HTTP error, not a
         broken stream), then stream all of them as server-sent events."""
         # the deltas carry each token's logprobs: the final event (usage only) needs none
-        calls = self.open_streams(requests, field, final_logprobs=False)
+        response_id = fmt.meta.id
+        calls = self.open_streams(requests, field, response_id, final_logprobs=False)
         events: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(_pump(i, c, events, field)) for i, c in enumerate(calls)]
+        tasks = [asyncio.create_task(_pump(i, c, events, field, response_id))
+                 for i, c in enumerate(calls)]
 
         def close() -> None:
             for task in tasks:
@@ -276,30 +285,33 @@ class OpenAIServer:
                     for chunk in fmt.end():
                         yield chunk
                 yield sse("[DONE]")
+            except Exception as exc:  # a fault of ours mid-stream (making a chunk): the
+                # headers are gone, so the client learns it from an error event, not a cut
+                yield sse(api_error(exc, field, response_id).body())
             finally:  # also when the client went away: abort what still runs
                 close()
 
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": "no-cache",
+                                          REQUEST_ID_HEADER: response_id})
 
 
-async def _final(call: RequestStream, field: str) -> dict:
+async def _final(call: RequestStream, field: str, response_id: str) -> dict:
     try:
         return await call.afinal()
     except Exception as exc:
-        raise api_error(exc, field) from exc
+        raise api_error(exc, field, response_id) from exc
 
 
-async def _pump(index: int, call: RequestStream, events: asyncio.Queue, field: str) -> None:
+async def _pump(index: int, call: RequestStream, events: asyncio.Queue, field: str,
+                response_id: str) -> None:
     """Move one request's events into ``events`` as (index, event, None), or end with
-    (index, None, the ApiError)."""
+    (index, None, the ApiError; api_error logs what the client is not told)."""
     try:
         async for event in call:
             events.put_nowait((index, event, None))
     except Exception as exc:
-        if not isinstance(exc, (RequestError, EngineUnavailable, ServiceError)):
-            log.exception("engine stream failed")
-        events.put_nowait((index, None, api_error(exc, field)))
+        events.put_nowait((index, None, api_error(exc, field, response_id)))
 
 
 # ---- routes --------------------------------------------------------------------------------
@@ -317,6 +329,14 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return validation_error(exc).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # any other fault of ours: OpenAI's shape with a fixed message, the detail logged
+        # (Starlette's own answer would be a plain-text 500 with no id to look up)
+        return internal_error(500, "internal_error", None,
+                              f"{request.method} {request.url.path} failed: "
+                              f"{type(exc).__name__}: {exc}", exc).response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
@@ -360,7 +380,8 @@ def build_app(server: OpenAIServer) -> FastAPI:
             texts = await asyncio.wait_for(asyncio.gather(
                 *[s.metrics_text.remote() for s in server.services]), 10)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
-            raise ApiError(503, "an engine service does not answer; retry later") from exc
+            raise internal_error(503, "engine_unavailable", None,
+                                 "an engine service does not answer metrics_text", exc) from exc
         return PlainTextResponse(merge_exposition(texts), media_type=METRICS_CONTENT_TYPE)
 
     generate = app.openapi

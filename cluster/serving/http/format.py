@@ -5,12 +5,20 @@ request with a ``final`` event or an ``error`` event; the functions here build t
 :mod:`cluster.serving.http.protocol` objects from them. A choice's index is
 ``prompt_index * n + index``, as in OpenAI's API. :func:`api_error` maps the typed errors
 of :mod:`cluster.contract.errors` to HTTP statuses, by class and kind.
+
+An error that is not the client's fault (5xx, and the same errors inside a stream) says only
+a fixed public sentence and a request id: its own text can hold worker names, pids, node
+addresses and Ray tracebacks (``ray::Worker.execute_step() (pid=..., ip=...)``), which are
+the operators' business. :func:`api_error` logs the whole of it (``shardlm.serve``) under
+that id, and the response names the id in its message and in ``X-Request-Id``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import uuid
 from dataclasses import astuple, dataclass
 
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +31,16 @@ from cluster.serving.http.protocol import (
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
     CompletionResponse, ErrorDetail, ErrorResponse, PromptTokensDetails, TopLogprob, Usage)
 
+log = logging.getLogger("shardlm.serve")
 RETRY_AFTER_S = 5
+REQUEST_ID_HEADER = "X-Request-Id"
+# what a client is told of an error that is not its own (by its code): fixed sentences, so
+# that no exception text reaches it
+PUBLIC_MESSAGES = {
+    "engine_unavailable": "the engine is unavailable (restarting, overloaded or failed); "
+                          "retry later",
+    "internal_error": "internal error",
+}
 PROMPT_INPUTS = ("prompt", "prompt_token_ids", "messages")  # the engine's names of a prompt
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
@@ -34,34 +51,62 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape ``{"error": {message, type, param, code}}``."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, retry: bool = False):
+                 code: str | None = None, retry: bool = False, request_id: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry = retry or status == 503
+        # the id the server's log names this error by (the message quotes it, so that it
+        # survives clients that keep the body and drop the headers)
+        self.request_id = request_id
 
     def body(self) -> dict:
-        detail = ErrorDetail(message=self.message, type=_TYPES.get(self.status, "invalid_request_error"),
+        message = self.message
+        if self.request_id is not None:
+            message += f" (request id {self.request_id})"
+        detail = ErrorDetail(message=message, type=_TYPES.get(self.status, "invalid_request_error"),
                              param=self.param, code=self.code)
         return ErrorResponse(error=detail).model_dump()
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.retry else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.retry else {}
+        if self.request_id is not None:
+            headers[REQUEST_ID_HEADER] = self.request_id
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
-def api_error(exc: BaseException, field: str) -> ApiError:
+def new_request_id() -> str:
+    """An id for an error of a request that has none of its own yet (no completion id)."""
+    return f"req-{uuid.uuid4().hex}"
+
+
+def internal_error(status: int, code: str, request_id: str | None, what: str,
+                   exc: BaseException | None = None) -> ApiError:
+    """The public answer to an error that is not the client's: ``what`` happened and the
+    exception (text and traceback, Ray's remote one included) go to the log under the
+    request id, the client gets the fixed sentence of ``code`` and the id."""
+    request_id = request_id or new_request_id()
+    level = logging.WARNING if status == 503 else logging.ERROR
+    log.log(level, "request %s: %s (answered %d %s)", request_id, what, status, code,
+            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None)
+    return ApiError(status, PUBLIC_MESSAGES[code], code=code, request_id=request_id)
+
+
+def api_error(exc: BaseException, field: str, request_id: str | None = None) -> ApiError:
     """The HTTP answer to an error of the engine or its stream: a RequestError is 400 with
-    its kind as the code and its parameter (the engine's prompt inputs, or none, named as
-    the request's ``field`` that carried the prompt); EngineUnavailable is 503; anything
-    else 500."""
+    its kind as the code, its own message and its parameter (the engine's prompt inputs, or
+    none, named as the request's ``field`` that carried the prompt): the client's own input,
+    said precisely. EngineUnavailable is 503 and anything else 500, each with a fixed public
+    message and ``request_id`` (made if None); their text is logged (:func:`internal_error`)."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, RequestError):
         param = field if exc.param in (None, *PROMPT_INPUTS) else exc.param
         return ApiError(400, exc.message, param, exc.kind)
     if isinstance(exc, EngineUnavailable):
-        return ApiError(503, str(exc), code="engine_unavailable")
-    return ApiError(500, f"internal error: {exc}", code="internal_error")
+        return internal_error(503, "engine_unavailable", request_id,
+                              f"the engine is unavailable: {exc}", exc)
+    return internal_error(500, "internal_error", request_id,
+                          f"failed: {type(exc).__name__}: {exc}", exc)
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
