@@ -201,13 +201,18 @@ class FaultConfig:
     restart_window_s: float = 600.0
     recovery_timeout_s: float = 300.0  # how long one recovery waits for capacity
     restart_backoff_s: float = 1.0  # first wait between restart attempts (doubles, max 30 s)
+    # an engine that fails to start (checkpoint missing or broken, no capacity) is tried again
+    # after start_backoff_s, doubling up to start_backoff_max_s, until one starts
+    start_backoff_s: float = 2.0
+    start_backoff_max_s: float = 60.0
     max_queued_requests: int = 1024  # new requests held while recovering; more get 503
     # fault injection for tests and drills: every worker raises in a step that holds this
     # token id (a request that fails deterministically; see cluster/engine/isolation.py)
     poison_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        for key in ("step_timeout_s", "restart_window_s", "recovery_timeout_s", "restart_backoff_s"):
+        for key in ("step_timeout_s", "restart_window_s", "recovery_timeout_s", "restart_backoff_s",
+                    "start_backoff_s", "start_backoff_max_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 _fail("fault", key, value, "must be a positive number of seconds")

@@ -71,14 +71,17 @@ def raise_if_error(event: dict) -> dict:
 
 # ---- the request a front door sends (the service's generate() argument) -------------------
 REQUEST_FIELDS = ("request_id", "prompt", "messages", "prompt_token_ids", "params", "priority",
-                  "resume", "final_logprobs", "echo", "tools")
+                  "resume", "final_logprobs", "echo", "tools", "incarnation")
 
 
 def encode_request(**fields) -> bytes:
     """A request to the engine service: exactly one of ``prompt``, ``messages`` and
     ``prompt_token_ids``, ``params`` (sampling parameters by name), ``request_id`` and
     ``priority``; ``resume`` (sent by :class:`cluster.serving.stream.RequestStream` only): per
-    choice, the tokens its caller already has from an engine that was lost;
+    choice, the tokens its caller already has from an engine that was lost; with it,
+    ``incarnation``: the engine incarnation (``EngineService.incarnation``) the request was
+    last sent to, so that this engine, if it is that one and still holds the request, lets
+    the resumed request replace its copy (the caller's stream broke, not the engine);
     ``final_logprobs: false``: a caller that reads the deltas (which carry every token's
     logprobs) needs none in the final event, so the engine keeps none (memory bounded by a
     step, not by the output); ``echo: true``: each choice's first delta and the final event

@@ -46,16 +46,20 @@ class EngineService:
     def __init__(self, config: dict):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.config = EngineConfig.from_dict(config)
+        # this actor instance: Ray keeps the name and handles across a restart, so a caller
+        # whose stream broke tells a live engine from its replacement by this (health())
+        self.incarnation = uuid.uuid4().hex
         self.engine = None  # cluster.engine.engine.Engine, once started
         self.status, self.reason = "starting", "loading the model onto the workers"
         self.metrics = EngineMetrics(self.config.model.model, self.config.deployment.name)
         self._commands: queue.Queue = queue.Queue()
         self.outputs = None  # cluster.serving.output_processor.OutputProcessor, with the engine
+        self._retry_at: float | None = None  # failed: when the engine thread tries again
         self._open = 0  # requests submitted and not ended (see deployment.max_open_requests)
         # submit()/subscribe(): each subscriber's feed of events, and which feed each
         # submitted request's events go to
         self._feeds: dict[str, asyncio.Queue] = {}
-        self._routes: dict[str, str] = {}
+        self._routes: dict[str, _Route] = {}
         self._started = time.time()
         self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="shardlm-tokenize")
         self._thread = threading.Thread(target=self._main, name="shardlm-engine", daemon=True)
@@ -68,28 +72,72 @@ class EngineService:
         from cluster.engine.engine import Engine
 
         try:
-            engine = Engine(self.config, detokenize=False, online=True)
+            while True:  # "failed" is never final: the service replaces a failed engine
+                self._start(Engine)
+                self._serve()
+                self._retire()
+        except BaseException:  # the barrier: never a silent dead thread behind "ready"
+            self._die("the engine thread failed")
+
+    def _start(self, Engine) -> None:
+        """Start an engine, trying again with backoff (``fault.start_backoff_s`` doubling up to
+        ``fault.start_backoff_max_s``) until one starts: a checkpoint not there yet, or capacity
+        that comes back, heals by itself, since Ray does not replace a live actor. Meanwhile
+        health says failed with the reason and when the next try is, and requests are
+        refused."""
+        fault = self.config.fault
+        backoff = fault.start_backoff_s
+        while True:
+            self.status, self.reason = "starting", "loading the model onto the workers"
+            try:
+                engine = Engine(self.config, detokenize=False, online=True)
+                break
+            except Exception as exc:
+                self._retry_at = time.monotonic() + backoff
+                self.status, self.reason = "failed", f"engine start failed: {exc}"
+                log.error("%s; next try in %.0fs\n%s", self.reason, backoff,
+                          traceback.format_exc())
+                self._wait(self._retry_at)
+                backoff = min(backoff * 2, fault.start_backoff_max_s)
+        self._retry_at = None
+        if self.outputs is None:  # one output thread for the service's life, over engines
             self.outputs = OutputProcessor(
                 engine.tokenizer,
                 on_stop=lambda rid, index, stop: self._commands.put(
                     lambda: self._stop_choice(rid, index, stop)),
-                on_error=lambda rid: self._commands.put(lambda: self.engine.abort(rid)))
-            self.engine = engine
-        except Exception as exc:  # the service stays up to say why
-            self.status, self.reason = "failed", f"engine start failed: {exc}"
-            log.error("%s\n%s", self.reason, traceback.format_exc())
-            return
+                on_error=lambda rid: self._commands.put(lambda: self._forget(rid)))
+        self.engine = engine
         self.status, self.reason = "ready", None
         log.info("engine ready: %s at tp=%d", self.config.model.model,
                  self.config.parallel.tensor_parallel_size)
-        while True:
-            try:
-                self._drain_commands(block=not self.engine.has_unfinished())
-                if self.engine.has_unfinished():
-                    self._step()
-                self.metrics.observe_engine(self.engine)
-            except BaseException:  # the barrier: never a silent dead thread behind "ready"
-                self._die("the engine thread failed")
+
+    def _serve(self) -> None:
+        """Step the engine until its supervisor gives up on its gang (``fault.max_restarts``;
+        it has then failed every request it held)."""
+        while self.engine.status != "failed":
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                self._step()
+            self.metrics.observe_engine(self.engine)
+
+    def _retire(self) -> None:
+        """An engine that gave up refuses requests for ``fault.restart_window_s`` (the restart
+        budget bounds how often gangs are rebuilt, it does not end the service), then a new
+        engine starts. Its gang goes at once: survivors of the failed one would hold their
+        devices and placement meanwhile."""
+        engine, window = self.engine, self.config.fault.restart_window_s
+        self._retry_at = time.monotonic() + window
+        log.error("the engine gave up (%s); a new engine in %.0fs (fault.restart_window_s)",
+                  engine.reason, window)
+        engine.shutdown()
+        self._wait(self._retry_at)
+        self.status, self.reason = "starting", "loading the model onto the workers"
+        self.engine = None
+
+    def _wait(self, until: float) -> None:
+        """Until ``until`` (monotonic), run commands: admissions are refused meanwhile."""
+        while time.monotonic() < until:
+            self._drain_commands(block=True)
 
     def _die(self, why: str) -> None:
         """An error the engine cannot contain (its state is no longer trusted): end the actor's
@@ -143,6 +191,8 @@ class EngineService:
 
     def _stop_choice(self, request_id: str, index: int, stop: str) -> None:
         """On the engine thread: a stop string the output thread found ends that choice."""
+        if self.engine is None:  # its engine was replaced meanwhile (it failed the request)
+            return
         if self.engine.stop_choice(request_id, index, stop):
             self._finish(self.engine.requests[request_id], time.monotonic())
 
@@ -157,6 +207,8 @@ class EngineService:
         try:
             while True:
                 _, data, last = await feed.get()
+                if data is None:  # its request was taken back by a new stream (_take_back)
+                    return
                 yield data
                 if last:
                     return
@@ -177,13 +229,15 @@ class EngineService:
                 batch = [await feed.get()]
                 while not feed.empty():
                     batch.append(feed.get_nowait())
+                if batch[-1][1] is None:  # its caller is gone and its requests taken back
+                    return
                 yield msgpack.packb(batch)
         finally:
             self._drop(subscriber)
 
-    async def submit(self, request: bytes, subscriber: str) -> None:
+    async def submit(self, request: bytes, subscriber: str) -> str:
         """Start a request (as :meth:`generate` takes it) whose events go to ``subscriber``'s
-        stream (:meth:`subscribe`), an error event included."""
+        stream (:meth:`subscribe`), an error event included. Returns :attr:`incarnation`."""
         feed = self._feed(subscriber)
         self._open += 1
         try:
@@ -192,10 +246,11 @@ class EngineService:
         except Exception as exc:
             self._open -= 1
             feed.put_nowait([_request_id_of(request), events.encode(events.error_event(exc)), True])
-            return
+            return self.incarnation
         request_id, loop = body["request_id"], asyncio.get_running_loop()
-        self._routes[request_id] = subscriber
-        route = _Route(self, feed, request_id)
+        if self._taken_back(body):
+            self._take_back(request_id)
+        route = self._routes[request_id] = _Route(self, feed, request_id, subscriber)
         try:
             body["tokenized"] = await self._tokenize(loop, body)
         except Exception as exc:
@@ -208,6 +263,25 @@ class EngineService:
             route.put_nowait(result)
         elif request_id not in self._routes:  # aborted while it was being admitted
             self._commands.put(lambda: self._forget(request_id))
+        return self.incarnation
+
+    def _taken_back(self, body: dict) -> bool:
+        """A resume sent to this very incarnation: its caller's stream broke with this engine
+        alive (a transient Ray error), and the caller takes its request back from here."""
+        return body["resume"] is not None and body.get("incarnation") == self.incarnation
+
+    def _take_back(self, request_id: str) -> None:
+        """Before a taken-back request is routed: the copy still held gives way (its slot, its
+        route; _admit drops it from the engine on the engine thread). The events it sent since
+        the break went to a stream its caller no longer reads; the caller's journal holds what
+        arrived. A subscriber left with no request (its caller's side of the stream is broken)
+        is ended, else its generator would wait on its feed for ever."""
+        route = self._routes.get(request_id)
+        if route is None:  # already ended here, or never admitted: nothing to replace
+            return
+        self._unroute(request_id)
+        if not any(r.subscriber == route.subscriber for r in self._routes.values()):
+            route.feed.put_nowait([request_id, None, True])
 
     def _feed(self, subscriber: str) -> asyncio.Queue:
         return self._feeds.setdefault(subscriber, asyncio.Queue())
@@ -215,7 +289,8 @@ class EngineService:
     def _drop(self, subscriber: str) -> None:
         """A subscriber gone: its feed, and its requests still running aborted."""
         self._feeds.pop(subscriber, None)
-        for request_id in [r for r, sub in self._routes.items() if sub == subscriber]:
+        for request_id in [r for r, route in self._routes.items()
+                           if route.subscriber == subscriber]:
             self._unroute(request_id)
             self._commands.put(lambda rid=request_id: self._forget(rid))
 
@@ -235,14 +310,17 @@ class EngineService:
 
     def _forget(self, request_id: str) -> None:
         """On the engine thread: abort a request whose caller went away, and drop its stream."""
-        self.engine.abort(request_id)
-        self.outputs.close(request_id)
+        if self.engine is not None:  # none: between engines, where no request runs
+            self.engine.abort(request_id)
+        if self.outputs is not None:
+            self.outputs.close(request_id)
 
     def _refuse_if_unavailable(self) -> None:
         """EngineUnavailable when the engine cannot take a request now."""
         status, reason = self._status()
         if status == "failed":
-            raise EngineUnavailable(f"the engine is not serving: {reason}")
+            raise EngineUnavailable(f"the engine is not serving: {reason}"
+                                    + _next_try(self.health()))
         bound = self.config.deployment.max_open_requests
         if self._open > bound:
             raise EngineUnavailable(f"the engine service holds {self._open - 1} open requests "
@@ -253,13 +331,18 @@ class EngineService:
                 "already queued (fault.max_queued_requests); retry later")
 
     def _status(self) -> tuple[str, str | None]:
-        if self.engine is None:
+        engine = self.engine  # once: the engine thread may replace it meanwhile
+        if engine is None:
             return self.status, self.reason
-        return self.engine.status, self.engine.reason
+        return engine.status, engine.reason
 
     def _admit(self, body: dict, loop, queue_: asyncio.Queue, admitted: asyncio.Future) -> None:
         """On the engine thread: admit the request (its id) or say why not (an error event)."""
         try:
+            if self.engine is None:  # queued while starting, and the start failed
+                raise EngineUnavailable(f"the engine is not serving: {self.reason}")
+            if self._taken_back(body) and body["request_id"] in self.engine.requests:
+                self._forget(body["request_id"])  # the copy it replaces (see _take_back)
             request_id = self.engine.add_request(  # logprobs are kept by the output thread
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
                 body["request_id"], body["priority"] or 0, body["messages"], body["resume"],
@@ -285,8 +368,15 @@ class EngineService:
 
     @control
     def health(self) -> dict:
+        """``status`` and ``reason``; ``incarnation`` (this actor instance: new after Ray
+        restarts it); when failed, ``retry_in_s``: the seconds until the engine thread tries
+        again (a new engine), when it has said so."""
         status, reason = self._status()
-        return {"status": status, "reason": reason}
+        state = {"status": status, "reason": reason, "incarnation": self.incarnation}
+        retry_at = self._retry_at
+        if status == "failed" and retry_at is not None:
+            state["retry_in_s"] = round(max(0.0, retry_at - time.monotonic()), 1)
+        return state
 
     @control
     def metrics_text(self) -> str:
@@ -326,7 +416,8 @@ class EngineService:
         loop, done = asyncio.get_running_loop(), asyncio.Event()
 
         def reset() -> None:
-            self.engine.reset_measurement()
+            if self.engine is not None:
+                self.engine.reset_measurement()
             loop.call_soon_threadsafe(done.set)
 
         self._commands.put(reset)
@@ -344,7 +435,7 @@ class EngineService:
     @control
     async def poison(self, request_id: str) -> None:
         """Fault injection: the request's next token fails on the engine thread."""
-        self._commands.put(lambda: self.engine.poisoned.add(request_id))
+        self._commands.put(lambda: self.engine and self.engine.poisoned.add(request_id))
 
     @control
     def pid(self) -> dict:
@@ -409,16 +500,24 @@ class _Route:
     output processor puts events here as into a request's own queue); its last event closes
     the route."""
 
-    def __init__(self, service: EngineService, feed: asyncio.Queue, request_id: str):
+    def __init__(self, service: EngineService, feed: asyncio.Queue, request_id: str,
+                 subscriber: str):
         self.service, self.feed, self.request_id = service, feed, request_id
+        self.subscriber = subscriber
 
     def put_nowait(self, event: dict) -> None:
-        if self.request_id not in self.service._routes:  # aborted, or its subscriber went away
+        # aborted, its subscriber gone, or taken back (a new route under the same id)
+        if self.service._routes.get(self.request_id) is not self:
             return
         last = event["type"] != "delta"
         self.feed.put_nowait([self.request_id, events.encode(event), last])
         if last:
             self.service._unroute(self.request_id)
+
+
+def _next_try(health: dict) -> str:
+    retry = health.get("retry_in_s")
+    return "" if retry is None else f"; it tries again in {retry:.0f} s"
 
 
 def _request_id_of(request: bytes) -> str | None:

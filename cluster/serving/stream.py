@@ -16,6 +16,10 @@ read its events (:mod:`cluster.contract.events`) from it, synchronously or with 
   (``resume``): the engine takes the sent tokens as already generated and goes on, so the
   caller receives no token twice and none missing, and greedy or seeded output equals a run
   without the failure. It gives up (EngineUnavailable) after ``resume_timeout_s``.
+  A read that fails with the engine still alive (a transient Ray error: the actor answers
+  health() as the same incarnation the request was sent to) takes the request back there
+  instead: sent again with the journal and that incarnation, it replaces the engine's copy,
+  whose events since the break were lost with the broken stream.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class RequestStream:
         self.resume_timeout_s = resume_timeout_s
         self.journal: dict[int, dict] = {}  # choice -> token_ids, logprobs, finish_reason sent
         self.resumes = 0  # how many times the request moved to a new engine
+        self.retakes = 0  # how many times it was taken back from the same engine
+        # the engine incarnation (EngineService.incarnation) it was last sent to: an ObjectRef
+        # until the stream breaks (resolving it costs the happy path nothing), then its value
+        self._sent_to = None
+        self._resent = False  # sent more than once: always with ``resume`` (maybe empty)
         self._lost_at: float | None = None  # when the engine was found lost
         # the last resume's moments (time.monotonic): the loss seen, the new engine ready, the
         # first event from it
@@ -76,17 +85,23 @@ class RequestStream:
         self._done = value
 
     def _submit(self):
-        return self.service.generate.options(num_returns="streaming").remote(self._body())
+        events_ = self.service.generate.options(num_returns="streaming").remote(self._body())
+        # which incarnation took it, read only if the stream breaks; asked after the request,
+        # so that a restart in between names the new engine, which does not hold the request
+        # (it takes the resume as any new engine does)
+        self._sent_to = self.service.health.remote()
+        return events_
 
     def _body(self) -> bytes:
         """The request as the engine service takes it, with what the journal holds."""
-        resume = None
-        if self.journal:
+        resume = incarnation = None
+        if self.journal or self._resent:  # even with nothing sent: it may replace a live copy
             n = int(self._fields["params"].get("n") or 1)
             resume = [{"token_ids": self.journal.get(i, {}).get("token_ids", []),
                        "finish_reason": self.journal.get(i, {}).get("finish_reason")}
                       for i in range(n)]
-        return events.encode_request(**self._fields, resume=resume)
+            incarnation = self._sent_to if isinstance(self._sent_to, str) else None
+        return events.encode_request(**self._fields, resume=resume, incarnation=incarnation)
 
     # ---- reading ---------------------------------------------------------------------------
     def __iter__(self) -> "RequestStream":
@@ -101,7 +116,7 @@ class RequestStream:
                     raise ServiceError("the engine ended the request without a result") from None
                 return self._accept(data)
             self._wait_for_engine()
-            self._events = self._submit()
+            self._resend()
         raise StopIteration
 
     def __aiter__(self) -> "RequestStream":
@@ -116,7 +131,7 @@ class RequestStream:
                     raise ServiceError("the engine ended the request without a result") from None
                 return self._accept(data)
             await self._await_engine()
-            self._events = self._submit()
+            self._resend()
         raise StopAsyncIteration
 
     def final(self) -> dict:
@@ -140,7 +155,7 @@ class RequestStream:
         self._lost_at = None
         if event["type"] == "delta":
             self._record(event)
-        elif event["type"] == "final" and self.resumes:
+        elif event["type"] == "final" and (self.resumes or self.retakes):
             self._restore_logprobs(event)
         return events.raise_if_error(event)
 
@@ -160,6 +175,10 @@ class RequestStream:
                 output["logprobs"][:len(sent)] = sent
 
     # ---- an engine lost and replaced ----------------------------------------------------------
+    def _resend(self) -> None:
+        self._resent = True
+        self._events = self._submit()
+
     def _may_resume(self) -> bool:
         now = time.monotonic()
         if self._lost_at is None:
@@ -167,8 +186,19 @@ class RequestStream:
         return now - self._lost_at < self.resume_timeout_s
 
     def _engine_state(self, state: dict | None) -> bool:
-        """Whether the replacement engine is ready; raises when it will not be."""
-        if state is not None and state.get("status") == "failed":
+        """Whether the request can be sent again: the same engine answers (the break was
+        Ray's, not the engine's: take the request back there), or a replacement is ready;
+        raises when it will not be."""
+        if state is not None and isinstance(self._sent_to, str) \
+                and state.get("incarnation") == self._sent_to:
+            self.retakes += 1
+            log.warning("request %s: its stream broke with the engine alive; taking it back "
+                        "(retake %d)", self.request_id, self.retakes)
+            return True
+        # failed for good; one that says when it tries again (retry_in_s: a replacement whose
+        # start failed, e.g. its checkpoint or capacity not back yet) is waited for
+        if state is not None and state.get("status") == "failed" \
+                and state.get("retry_in_s") is None:
             self.done = True
             raise EngineUnavailable(f"the engine did not come back: {state.get('reason')}")
         if state is not None and state.get("status") == "ready":
@@ -184,6 +214,10 @@ class RequestStream:
         return False
 
     def _wait_for_engine(self) -> None:
+        try:
+            self._sent_to = _incarnation(ray.get(self._sent_to, timeout=_POLL_S * 4))
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError, TypeError, ValueError):
+            self._sent_to = None  # unknown: only a new engine's readiness lets it go on
         while True:
             try:
                 state = ray.get(self.service.health.remote(), timeout=_POLL_S * 4)
@@ -194,6 +228,10 @@ class RequestStream:
             time.sleep(_POLL_S)
 
     async def _await_engine(self) -> None:
+        try:
+            self._sent_to = _incarnation(await asyncio.wait_for(self._sent_to, _POLL_S * 4))
+        except (ray.exceptions.RayError, asyncio.TimeoutError, TypeError, ValueError):
+            self._sent_to = None  # unknown: only a new engine's readiness lets it go on
         while True:
             try:
                 state = await asyncio.wait_for(self.service.health.remote(), _POLL_S * 4)
@@ -236,6 +274,11 @@ class RequestStream:
 
     def __exit__(self, *exc) -> None:
         self.cancel()
+
+
+def _incarnation(answer) -> str | None:
+    """The incarnation in a health() answer (a dict) or a submit() answer (the id itself)."""
+    return answer.get("incarnation") if isinstance(answer, dict) else answer
 
 
 def _final(last: dict | None) -> dict:
@@ -308,7 +351,8 @@ class MuxedRequestStream(RequestStream):
     def _submit(self):
         mux = Mux.of(self.service)
         self._queue = mux.open(self.request_id)
-        self.service.submit.remote(self._body(), mux.subscriber)
+        # submit() answers with the incarnation that took the request
+        self._sent_to = self.service.submit.remote(self._body(), mux.subscriber)
         return mux
 
     def __next__(self) -> dict:
@@ -325,7 +369,7 @@ class MuxedRequestStream(RequestStream):
                     self._events.close(self.request_id)
                 return event
             await self._await_engine()
-            self._events = self._submit()
+            self._resend()
         raise StopAsyncIteration
 
     def cancel(self) -> None:

@@ -215,7 +215,7 @@ def test_a_disconnected_non_streaming_request_is_aborted(server, path, body):
             assert time.monotonic() < deadline, "the request never started running"
             time.sleep(0.1)
         time.sleep(1)  # decoding
-    stats = server.wait_idle(timeout=10)  # far less than 1500 tokens take here
+    stats = server.wait_idle(timeout=10)  # all 1500 tokens take about 40 s on 2 cores
     assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"], stats
     assert stats["open_requests"] == 0, stats
     generated = stats["generation_tokens"] - before["generation_tokens"]

@@ -20,7 +20,8 @@ created on first use) and turns its events into OpenAI responses
   ``X-Request-Id``: the completion's id where there is one); its detail (exception text, Ray
   traceback, which worker or node) is logged under that id, never sent
   (:func:`cluster.serving.http.format.api_error`).
-- A streaming client that disconnects aborts its request; its KV blocks are freed.
+- A client that disconnects before its answer is complete (streaming or not) aborts its
+  requests; their KV blocks are freed.
 
 KubeRay's ``serveConfigV2`` names ``cluster.serving.http.deploy:app_builder`` (requests come
 through Serve's proxy); ``shardlm serve`` calls :func:`cluster.serving.http.deploy.deploy`, by
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import ray
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -82,7 +84,8 @@ PUBLIC_REASONS = {
     "starting": "loading the model onto the workers",
     "recovering": "replacing lost workers; requests wait and resume",
     "restarting": "the engine is restarting; requests wait and resume",
-    "failed": "the engine failed; the engine service's log says why",
+    "failed": "the engine failed; it tries again by itself (retry_in_s); the engine service's "
+              "log says why",
     "unavailable": "the engine service is gone",
     "some_ready": "some engines are recovering; requests go to the others",
 }
@@ -100,7 +103,10 @@ async def _engine_health(service) -> dict:
     status = state.get("status")
     if status not in ("starting", "ready", "recovering", "failed"):
         return {"status": "unavailable", "reason": PUBLIC_REASONS["unavailable"]}
-    return {"status": status, "reason": PUBLIC_REASONS.get(status)}
+    public = {"status": status, "reason": PUBLIC_REASONS.get(status)}
+    if isinstance(state.get("retry_in_s"), (int, float)):  # a number: it names no internals
+        public["retry_in_s"] = float(state["retry_in_s"])
+    return public
 
 
 # ---- the deployment ------------------------------------------------------------------------
@@ -314,6 +320,39 @@ async def _pump(index: int, call: RequestStream, events: asyncio.Queue, field: s
         events.put_nowait((index, None, api_error(exc, field, response_id)))
 
 
+async def _while_connected(request: Request, work):
+    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled,
+    which aborts its engine requests (``collect``'s and ``stream``'s cleanup), and nobody is
+    answered. Serve's proxy cancels a handler whose client went away; uvicorn (direct
+    ingress) does not: it only tells whoever awaits ``receive()``, and a non-streaming
+    request waiting for its final event awaits nothing of the client's, so it would run on
+    to ``max_tokens`` holding its KV blocks and its open-request slot. (A stream's response,
+    once returned, watches for the disconnect itself.)"""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        done, _ = await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler cancelled (Serve's proxy saw the client go)
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.wait((task,))  # its cleanup has run (this handler's own cancel still raises)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error no one can be told of is not "never retrieved"
+    return Response(status_code=499)  # nginx's "client closed request"; it is never sent
+
+
+async def _disconnect(receive) -> None:
+    """Return once the client has disconnected. The body has been read: the only message
+    left for this request is ``http.disconnect`` (an empty last ``http.request`` at most)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 # ---- routes --------------------------------------------------------------------------------
 def build_app(server: OpenAIServer) -> FastAPI:
     app = FastAPI(title="shardlm", version="0.1.0",
@@ -347,13 +386,13 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=keyed,
               responses=streamed_responses(CompletionResponse), summary="Complete prompts")
-    async def completions(body: CompletionRequest):
-        return await server.completions(body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await _while_connected(request, server.completions(body))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=keyed,
               responses=streamed_responses(ChatCompletionChunk), summary="Answer a conversation")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await server.chat(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _while_connected(request, server.chat(body))
 
     @app.get("/v1/models", response_model=ModelList, dependencies=keyed, responses=ERROR_RESPONSES)
     async def list_models():
@@ -370,8 +409,10 @@ def build_app(server: OpenAIServer) -> FastAPI:
         state = await server.health()
         if state["status"] == "ready":
             return Health(**state)
+        # a failed engine says when it tries again: clients need not poll before then
+        retry = max(1, math.ceil(state["retry_in_s"])) if state.get("retry_in_s") else 5
         return JSONResponse(Health(**state).model_dump(), status_code=503,
-                            headers={"Retry-After": "5"})
+                            headers={"Retry-After": str(retry)})
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 503: {"model": ErrorResponse}})

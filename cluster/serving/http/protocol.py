@@ -525,3 +525,5 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["starting", "ready", "recovering", "failed", "unavailable"]
     reason: str | None = None
+    # failed: seconds until the engine service tries again (a new engine), when it said so
+    retry_in_s: float | None = None
