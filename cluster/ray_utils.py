@@ -50,7 +50,7 @@ def running_local_cluster(temp_dir: str | None = None) -> str | None:
     TCP probe skips it."""
     try:
         from ray._private.utils import read_ray_address
-    except ImportError:  # another Ray layout: let Ray look for itself
+    except ImportError:  # another Ray layout: no recorded cluster to read; start our own
         return None
     recorded = read_ray_address(temp_dir)
     if recorded and _answers(recorded):

@@ -27,11 +27,9 @@ from layers.ops import NATIVE, TorchOps
 def cpu_dtype(flags: set[str] | None = None) -> str:
     """``model.dtype: auto`` on a CPU: bfloat16 where the CPU has native bf16 dot products
     (AVX512-BF16 or AMX-BF16), float32 elsewhere."""
-    if flags is None:
-        from layers.cpu.flags import cpu_flags  # CPU workers only: a GPU worker never loads layers.cpu
+    from layers.cpu.flags import BF16_DOT_FLAGS, cpu_flags  # CPU only: a GPU worker never loads layers.cpu
 
-        flags = cpu_flags()
-    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return "bfloat16" if (cpu_flags() if flags is None else flags) & BF16_DOT_FLAGS else "float32"
 
 
 def select_ops(device: torch.device | str, dtype: torch.dtype, quantization: str | None = None

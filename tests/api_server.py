@@ -59,13 +59,14 @@ class Server:
             time.sleep(0.2)
 
 
-def wait_until_ready(base: str, timeout: float = 300.0) -> float:
+def wait_until_ready(base: str, timeout: float = 300.0, while_waiting=None) -> float:
     """Poll ``GET {base}/health``, the API's documented readiness signal (503 with
     ``Retry-After`` and the state while the engine starts or recovers, 200 once it serves),
     until it answers 200; the seconds waited. ``deploy`` returns once the API replicas are up,
     not the engine (it loads the model in the background), so a test that sends requests
     right after deploying waits here first. Fails at once if the engine failed to start,
-    and past ``timeout`` with the last answer."""
+    and past ``timeout`` with the last answer. ``while_waiting``: called with each 503's
+    state."""
     started = time.monotonic()
     while True:
         try:
@@ -78,6 +79,8 @@ def wait_until_ready(base: str, timeout: float = 300.0) -> float:
             assert health.status_code == 503 and health.headers.get("retry-after"), health.text
             assert health.json()["status"] != "failed", f"the engine failed to start: {health.text}"
             last = health.text
+            if while_waiting is not None:
+                while_waiting(health.json())
         waited = time.monotonic() - started
         assert waited < timeout, (f"the engine at {base} was not ready after {waited:.0f} s "
                                   f"(GET /health: {last})")
@@ -100,16 +103,15 @@ def serve_api(name: str, **overrides):
     url = deploy(config, port=port, api_keys=[API_KEY])
     base = url.removesuffix("/v1")
     try:
-        deadline, while_starting = time.monotonic() + 600, []
-        while (health := requests.get(base + "/health", timeout=30)).status_code != 200:
-            assert health.status_code == 503 and health.headers.get("retry-after"), health.text
-            assert health.json()["status"] != "failed", health.text
-            assert time.monotonic() < deadline, f"the engine did not become ready: {health.text}"
-            if health.json()["status"] == "starting" and len(while_starting) < 3:
+        while_starting = []
+
+        def ask_while_starting(state: dict) -> None:
+            if state["status"] == "starting" and len(while_starting) < 3:
                 while_starting.append(requests.post(
                     url + "/completions", json={"model": DEFAULT_MODEL, "prompt": PROMPT},
                     headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120))
-            time.sleep(1)
+
+        wait_until_ready(base, timeout=600, while_waiting=ask_while_starting)
         engine = ray.get_actor(name, namespace=name)
         yield Server(base, openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0), engine,
                      while_starting)

@@ -78,13 +78,11 @@ def bf16_matmul_unmeasured(device: str) -> str | None:
     if device != "cpu":
         return None
     # the CPU's flags as the kernels see them: SHARDLM_CPU_ISA=avx2 stands for an AVX2-only CPU
-    from layers.cpu.flags import cpu_flags
-    from layers.cpu.ops import BF16_DOT_FLAGS
+    from layers.cpu.flags import BF16_DOT_FLAGS, cpu_flags, forced_avx2
 
     if cpu_flags() & BF16_DOT_FLAGS:
         return None
-    avx2 = os.environ.get("SHARDLM_CPU_ISA") == "avx2"
-    seen = " as kernels built for avx2 see it" if avx2 else ""
+    seen = " as kernels built for avx2 see it" if forced_avx2() else ""
     return (f"not measured: no bf16 dot products ({', '.join(sorted(BF16_DOT_FLAGS))}) on this "
             f"CPU{seen}, where torch would emulate them")
 

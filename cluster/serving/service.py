@@ -319,8 +319,9 @@ class EngineService:
         """EngineUnavailable when the engine cannot take a request now."""
         status, reason = self._status()
         if status == "failed":
+            retry = self._retry_in_s()
             raise EngineUnavailable(f"the engine is not serving: {reason}"
-                                    + _next_try(self.health()))
+                                    + ("" if retry is None else f"; it tries again in {retry:.0f} s"))
         bound = self.config.deployment.max_open_requests
         if self._open > bound:
             raise EngineUnavailable(f"the engine service holds {self._open - 1} open requests "
@@ -373,10 +374,15 @@ class EngineService:
         again (a new engine), when it has said so."""
         status, reason = self._status()
         state = {"status": status, "reason": reason, "incarnation": self.incarnation}
-        retry_at = self._retry_at
-        if status == "failed" and retry_at is not None:
-            state["retry_in_s"] = round(max(0.0, retry_at - time.monotonic()), 1)
+        retry = self._retry_in_s() if status == "failed" else None
+        if retry is not None:
+            state["retry_in_s"] = retry
         return state
+
+    def _retry_in_s(self) -> float | None:
+        """Seconds until the engine thread tries a new engine, where it has said when."""
+        retry_at = self._retry_at
+        return None if retry_at is None else round(max(0.0, retry_at - time.monotonic()), 1)
 
     @control
     def metrics_text(self) -> str:
@@ -513,11 +519,6 @@ class _Route:
         self.feed.put_nowait([self.request_id, events.encode(event), last])
         if last:
             self.service._unroute(self.request_id)
-
-
-def _next_try(health: dict) -> str:
-    retry = health.get("retry_in_s")
-    return "" if retry is None else f"; it tries again in {retry:.0f} s"
 
 
 def _request_id_of(request: bytes) -> str | None:

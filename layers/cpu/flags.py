@@ -19,6 +19,8 @@ from functools import lru_cache
 ISAS = {"native": ("-march=native",), "avx2": ("-march=x86-64-v3", "-mtune=native")}
 # flags the avx2 build never uses: dropped from cpu_flags() under SHARDLM_CPU_ISA=avx2
 _BEYOND_AVX2 = ("avx512", "amx", "avx_vnni", "avx_ifma", "avx_ne_convert")
+# the CPU multiplies bf16 itself (else torch's bf16 GEMM is an emulation)
+BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @lru_cache(maxsize=1)
@@ -34,7 +36,7 @@ def _proc_flags() -> frozenset[str]:
 def kernel_isa() -> str:
     """The instruction set the C kernels are built for (``SHARDLM_CPU_ISA``, default native);
     a clear error for a name it does not know or an ISA this CPU lacks."""
-    isa = os.environ.get("SHARDLM_CPU_ISA", "native") or "native"
+    isa = _requested_isa()
     if isa not in ISAS:
         raise ValueError(f"SHARDLM_CPU_ISA={isa!r}: expected one of {', '.join(ISAS)}")
     if isa == "avx2" and not {"avx2", "fma"} <= _proc_flags():
@@ -48,13 +50,21 @@ def cpu_flags() -> frozenset[str]:
     may use, empty where they cannot be read; under ``SHARDLM_CPU_ISA=avx2`` without those
     past AVX2."""
     flags = _proc_flags()
-    if os.environ.get("SHARDLM_CPU_ISA") == "avx2":
+    if forced_avx2():
         return frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2))
     return flags
+
+
+def forced_avx2() -> bool:
+    """Whether ``SHARDLM_CPU_ISA=avx2`` stands for an AVX2-only CPU here."""
+    return _requested_isa() == "avx2"
+
+
+def _requested_isa() -> str:
+    return os.environ.get("SHARDLM_CPU_ISA") or "native"
 
 
 def avx2_is_forcible() -> bool:
     """Whether this CPU has more than AVX2 and can also build and run the AVX2-only kernels
     (an x86 CPU with AVX2 and FMA and AVX-512): the tests then run both."""
-    flags = _proc_flags()
-    return {"avx2", "fma", "avx512f"} <= flags
+    return {"avx2", "fma", "avx512f"} <= _proc_flags()

@@ -103,12 +103,24 @@ def build(sources: list[Path] = SOURCES, out_dir: Path | None = None,
     return target
 
 
+_UNCHOSEN = object()
+_chosen = _UNCHOSEN  # the library load() returns, chosen from the environment once
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernels for the instruction set of ``SHARDLM_CPU_ISA`` (default: this
-    CPU's own), or None where they are turned off or cannot be built."""
-    if os.environ.get("SHARDLM_CPU_KERNELS", "1") == "0":
-        return None
-    return _load(kernel_isa())
+    CPU's own), or None where they are turned off (``SHARDLM_CPU_KERNELS=0``) or cannot be
+    built. Every op's wrapper calls it: the environment is read on the first call only
+    (:func:`reselect` reads it again)."""
+    return reselect() if _chosen is _UNCHOSEN else _chosen
+
+
+def reselect() -> ctypes.CDLL | None:
+    """Choose the library :func:`load` returns from the environment as it is now (a test
+    that changes ``SHARDLM_CPU_KERNELS`` or ``SHARDLM_CPU_ISA`` calls it after)."""
+    global _chosen
+    _chosen = None if os.environ.get("SHARDLM_CPU_KERNELS", "1") == "0" else _load(kernel_isa())
+    return _chosen
 
 
 @lru_cache(maxsize=None)

@@ -18,7 +18,7 @@ from torch import nn
 
 from layers.cpu import kernels
 from layers.cpu.decode_layer import DecodeLayer, DecodeStep
-from layers.cpu.flags import cpu_flags
+from layers.cpu.flags import BF16_DOT_FLAGS, cpu_flags
 from layers.ops import TorchOps
 
 
@@ -39,7 +39,6 @@ BF16_KERNEL_ROWS = int(os.environ.get("SHARDLM_BF16_KERNEL_ROWS", "8"))
 AMX_MIN_ROWS = int(os.environ.get("SHARDLM_AMX_MIN_ROWS", "5"))
 AMX_MAX_ROWS = int(os.environ.get("SHARDLM_AMX_MAX_ROWS", "768"))
 NO_BF16_GEMM_ROWS = 1 << 62
-BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # the CPU multiplies bf16 itself
 
 
 class CpuOps(TorchOps):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from layers.attention import Attention, AttnBatch
 from layers.cpu import decode_layer as cpu_decode_layer
 from layers.cpu import kernels as cpu_kernels
-from layers.cpu.flags import avx2_is_forcible, cpu_flags
-from layers.cpu.ops import BF16_DOT_FLAGS, CpuOps, quantize_int8
+from layers.cpu.flags import BF16_DOT_FLAGS, avx2_is_forcible, cpu_flags
+from layers.cpu.ops import CpuOps, quantize_int8
 from layers.ops import NATIVE
 from layers.platform import select_ops, use_ops
 
@@ -27,8 +27,11 @@ ISAS = ["native", "avx2"] if avx2_is_forcible() else ["native"]
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    monkeypatch.setenv("SHARDLM_CPU_ISA", request.param)
-    return request.param
+    with monkeypatch.context() as env:
+        env.setenv("SHARDLM_CPU_ISA", request.param)
+        cpu_kernels.reselect()
+        yield request.param
+    cpu_kernels.reselect()
 
 
 def test_avx2_build_is_the_avx2_machines(monkeypatch):
@@ -39,14 +42,19 @@ def test_avx2_build_is_the_avx2_machines(monkeypatch):
     if not avx2_is_forcible():  # an AVX2-only CPU (or another architecture): nothing to force
         assert not {"avx2", "avx512f"} <= cpu_flags()
         return
-    monkeypatch.setenv("SHARDLM_CPU_ISA", "avx2")
-    avx2 = cpu_kernels.load()
-    assert avx2 is not None and avx2 is not native and "-avx2-" in avx2._name
-    assert {"avx2", "fma"} <= cpu_flags() and not {f for f in cpu_flags() if f.startswith(("avx512", "amx"))}
-    assert not avx2.amx_linear_available()
-    monkeypatch.setenv("SHARDLM_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="SHARDLM_CPU_ISA='sse9'"):
-        cpu_kernels.load()
+    try:
+        monkeypatch.setenv("SHARDLM_CPU_ISA", "avx2")
+        avx2 = cpu_kernels.reselect()
+        assert avx2 is not None and avx2 is not native and "-avx2-" in avx2._name
+        assert cpu_kernels.load() is avx2
+        assert {"avx2", "fma"} <= cpu_flags() and not {f for f in cpu_flags() if f.startswith(("avx512", "amx"))}
+        assert not avx2.amx_linear_available()
+        monkeypatch.setenv("SHARDLM_CPU_ISA", "sse9")
+        with pytest.raises(ValueError, match="SHARDLM_CPU_ISA='sse9'"):
+            cpu_kernels.reselect()
+    finally:
+        monkeypatch.delenv("SHARDLM_CPU_ISA")
+        cpu_kernels.reselect()
 
 
 # num_q, num_kv, head_dim, block_size (groups of 3, 1, 8, 6 and 16 query heads per KV head)
@@ -110,12 +118,17 @@ def test_attention_module_paths_agree(shape, monkeypatch):
     assert isinstance(attn.ops, CpuOps)
     torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
                                atol=2e-6, rtol=1e-5)
-    monkeypatch.setenv("SHARDLM_CPU_KERNELS", "0")  # read on every load()
-    assert cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), 1.0) is None
-    attn.ops = select_ops("cpu", torch.float32)
-    assert attn.ops is NATIVE
-    torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
-                               atol=2e-6, rtol=1e-5)
+    monkeypatch.setenv("SHARDLM_CPU_KERNELS", "0")
+    cpu_kernels.reselect()
+    try:
+        assert cpu_kernels.paged_decode_attention(q, cache, tables, torch.tensor(lens), 1.0) is None
+        attn.ops = select_ops("cpu", torch.float32)
+        assert attn.ops is NATIVE
+        torch.testing.assert_close(attn.ops.paged_decode(q, cache, batch(), attn.scale), expected,
+                                   atol=2e-6, rtol=1e-5)
+    finally:
+        monkeypatch.delenv("SHARDLM_CPU_KERNELS")
+        cpu_kernels.reselect()
 
 
 def _reference_capped(q, cache, tables, lens, scale, window, softcap):

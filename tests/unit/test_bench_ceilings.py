@@ -12,8 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cluster.bench.baseline import NOTED_FLAGS, cpu_description, machine_ceilings
 from cluster.bench.probes import summarize_rounds
 from cluster.bench.report import format_report
-from layers.cpu.flags import cpu_flags
-from layers.cpu.ops import BF16_DOT_FLAGS
+from layers.cpu.flags import BF16_DOT_FLAGS, cpu_flags
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "dot", "mv"}
 

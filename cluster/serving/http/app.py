@@ -47,7 +47,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from cluster.contract.config import EngineConfig
-from cluster.serving.http.format import (REQUEST_ID_HEADER, ApiError, ChatStream,
+from cluster.serving.http.format import (REQUEST_ID_HEADER, RETRY_AFTER_S, ApiError, ChatStream,
                                          CompletionStream, ResponseInfo, ToolMode, api_error,
                                          chat_response, completion_response, internal_error,
                                          sse, validation_error)
@@ -410,7 +410,8 @@ def build_app(server: OpenAIServer) -> FastAPI:
         if state["status"] == "ready":
             return Health(**state)
         # a failed engine says when it tries again: clients need not poll before then
-        retry = max(1, math.ceil(state["retry_in_s"])) if state.get("retry_in_s") else 5
+        retry = (max(1, math.ceil(state["retry_in_s"])) if state.get("retry_in_s")
+                 else RETRY_AFTER_S)
         return JSONResponse(Health(**state).model_dump(), status_code=503,
                             headers={"Retry-After": str(retry)})
 
