@@ -1,8 +1,8 @@
 """Structured output: grammars, one matcher per constrained sequence, and a step's token masks.
 
 The grammar library is xgrammar (why: the README's "Structured output" section gives the
-mask times measured against llguidance and outlines-core). A request's constraint arrives
-as the spec ``[kind, source, compact, end token ids]`` (``cluster.contract.sampling``):
+mask times measured against llguidance and outlines-core). A request's constraint is a spec
+``[kind, source, compact]`` (``cluster.contract.sampling``) and its end tokens:
 
 - ``json``: a JSON schema (strict: no properties or items the schema does not name);
   ``json_object``: any JSON object; ``compact``: no whitespace between JSON tokens;
@@ -13,10 +13,16 @@ as the spec ``[kind, source, compact, end token ids]`` (``cluster.contract.sampl
 Once the grammar is complete only the end tokens (EOS, the request's stop token ids) are
 allowed, so the output ends there.
 
-The state of a sequence's matcher is a function of its output tokens, which every sampling
-chunk of a constrained sequence carries (its ``history``). So a matcher is advanced by the
-tokens it has not seen, and rebuilt from the output when it is missing (a new worker after a
-failure, a sequence evicted here) or disagrees with it (a preempted sequence that was
+The driver compiles a spec (:class:`Compiler`) before its request is admitted, on threads
+of its own: a request waits for its grammar in its own state while every other stream goes
+on, and one whose grammar does not compile in time is refused. The compiled grammar goes to
+the sampling rank once, serialized, with the first plan of a sequence that uses it
+(:class:`Grammars` loads it).
+
+The state of a sequence's matcher is a function of its output tokens, which the sampling
+rank keeps for a constrained sequence (``workers.model_runner.SeqState``). So a matcher is
+advanced by the tokens it has not seen, and rebuilt from the output when it is missing (a
+new worker after a failure) or disagrees with it (a preempted sequence that was
 recomputed): a constrained request survives every failure the engine survives.
 
 The masks of a step are computed on a thread of their own while the step's forward pass
@@ -26,23 +32,32 @@ constrained rows do none of this.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
 log = logging.getLogger("shardlm.grammar")
-MAX_COMPILED = 64  # compiled grammars kept (least recently used dropped)
-IDLE_STEPS = 256  # a matcher not used for this many steps is dropped (rebuilt if needed)
+MAX_COMPILED = 64  # compiled grammars the driver keeps (least recently used dropped)
+MAX_COMPILED_BYTES = 256 << 20  # the largest compiled grammar (serialized) a request may use
+COMPILE_THREADS = 2  # the library's threads per compilation
+COMPILER_CACHE_BYTES = 256 << 20  # the library's cache of compiled rules (shared by specs)
 
 
 class GrammarError(ValueError):
-    """A constraint the grammar library cannot compile (its message says why)."""
+    """A constraint the grammar library cannot compile (its message says why; ``kind``: the
+    structured output kind at fault, where known)."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _xgr():
@@ -69,7 +84,7 @@ def grammar_of(kind: str, source, compact: bool = False):
         if kind == "grammar":
             return xgr.Grammar.from_ebnf(source)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise GrammarError(f"the {kind} cannot be compiled: {_first_line(exc)}") from None
+        raise GrammarError(f"the {kind} cannot be compiled: {_first_line(exc)}", kind) from None
     raise GrammarError(f"unknown structured output kind {kind!r}")
 
 
@@ -88,9 +103,8 @@ def _first_line(exc: BaseException) -> str:
 class _Matcher:
     """One sequence's matcher and the output tokens it has taken."""
 
-    def __init__(self, key: tuple, matcher):
+    def __init__(self, key: str, matcher):
         self.key, self.matcher, self.taken, self.broken = key, matcher, [], False
-        self.last_step = 0
 
     def follow(self, output: list[int]) -> None:
         """Bring the matcher to the end of ``output`` (the sequence's tokens so far)."""
@@ -107,104 +121,180 @@ class _Matcher:
             self.taken.append(token)
 
 
+class Compiled(NamedTuple):
+    """A grammar compiled for the model's tokenizer: ``key`` names it (its spec and end
+    tokens), ``ends`` the tokens it allows once complete, ``blob`` the library's serialized
+    form, which the sampling rank loads."""
+
+    key: str
+    ends: tuple
+    blob: str
+
+
+def grammar_key(spec: list, ends) -> str:
+    """The name of a spec ([kind, source, compact]) compiled with these end tokens."""
+    text = json.dumps([spec[0], spec[1], bool(spec[2]), sorted(ends)], ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+class Compiler:
+    """The driver's grammar compiler: each (spec, end tokens) compiled once, on threads of
+    its own, never on the engine's step. :meth:`submit` answers a future of
+    :class:`Compiled` (GrammarError when the spec cannot be compiled or compiles past
+    ``max_bytes``), shared by every request with the same spec. A compilation that outlives
+    its caller's patience runs on to the end (the library cannot be interrupted) and is kept
+    for the next request with that spec; ``threads`` bound how many run at once (each on
+    COMPILE_THREADS of the library's threads)."""
+
+    def __init__(self, tokenizer, vocab_size: int, threads: int = 2,
+                 max_bytes: int = MAX_COMPILED_BYTES):
+        self.tokenizer, self.vocab_size, self.max_bytes = tokenizer, vocab_size, max_bytes
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shardlm-grammar")
+        self._lock = threading.Lock()
+        self._futures: OrderedDict[str, Future] = OrderedDict()
+        self._compilers: dict[tuple, object] = {}
+
+    def submit(self, spec: list, ends) -> Future:
+        ends = tuple(sorted(ends))
+        key = grammar_key(spec, ends)
+        with self._lock:
+            future = self._futures.get(key)
+            if future is None:
+                future = self._futures[key] = self._pool.submit(self._compile, key, spec, ends)
+                while len(self._futures) > MAX_COMPILED:
+                    self._futures.popitem(last=False)
+            self._futures.move_to_end(key)
+        return future
+
+    def _compile(self, key: str, spec: list, ends: tuple) -> Compiled:
+        grammar = grammar_of(spec[0], spec[1], bool(spec[2]))
+        try:
+            blob = self._compiler(ends).compile_grammar(grammar).serialize_json()
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise GrammarError(f"the {spec[0]} cannot be compiled: {_first_line(exc)}",
+                               spec[0]) from None
+        if len(blob) > self.max_bytes:
+            raise GrammarError(f"the {spec[0]} compiles to {len(blob) >> 20} MiB, over the "
+                               f"limit of {self.max_bytes >> 20} MiB", spec[0])
+        return Compiled(key, ends, blob)
+
+    def _compiler(self, ends: tuple):
+        with self._lock:
+            compiler = self._compilers.get(ends)
+        if compiler is None:
+            xgr = _xgr()
+            compiler = xgr.GrammarCompiler(_tokenizer_info(self.tokenizer, self.vocab_size, ends),
+                                           max_threads=COMPILE_THREADS,
+                                           cache_limit_bytes=COMPILER_CACHE_BYTES)
+            with self._lock:
+                compiler = self._compilers.setdefault(ends, compiler)
+        return compiler
+
+
+def _tokenizer_info(tokenizer, vocab_size: int, ends):
+    return _xgr().TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                 stop_token_ids=list(ends))
+
+
 class Grammars:
-    """The sampling rank's grammars: compiled once per (spec, end tokens), a matcher per
-    sequence. ``tokenizer_dir``: the checkpoint (its tokenizer files); ``vocab_size``: the
-    width of the logits."""
+    """The sampling rank's grammars: the compiled ones its plans sent (:meth:`add`, until
+    :meth:`release`), a matcher per sequence (until :meth:`forget`). Everything runs on the
+    mask thread, in the order asked. ``tokenizer_dir``: the checkpoint (its tokenizer files);
+    ``vocab_size``: the width of the logits."""
 
     def __init__(self, tokenizer_dir: str, vocab_size: int):
         self.tokenizer_dir, self.vocab_size = tokenizer_dir, vocab_size
         self._tokenizer = None
-        self._compilers: dict[tuple, object] = {}
-        self._compiled: OrderedDict[tuple, object] = OrderedDict()
+        self._infos: dict[tuple, object] = {}
+        self._compiled: dict[str, object] = {}  # key -> the library's compiled grammar
         self._matchers: dict[int, _Matcher] = {}
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None  # started with the first constrained row
-        self._step = 0
+        self._thread: threading.Thread | None = None  # started with the first grammar
 
-    def start(self, rows: list[tuple[int, list, list[int]]]) -> Future:
-        """Start computing the masks of a step's constrained rows, each (sequence id, spec,
-        output tokens so far), on the mask thread: a future of (rows, vocab) bool (its
-        ``result()`` re-raises the thread's error)."""
-        self._step += 1
+    def add(self, key: str, ends: list[int], blob: str) -> None:
+        """A compiled grammar (:class:`Compiled`'s fields) that rows may name by ``key``."""
+        self._run(None, lambda: self._load(key, tuple(ends), blob))
+
+    def release(self, key: str) -> None:
+        self._run(None, lambda: self._compiled.pop(key, None))
+
+    def forget(self, seq_id: int) -> None:
+        self._run(None, lambda: self._matchers.pop(seq_id, None))
+
+    def start(self, rows: list[tuple[int, str, list[int], list[int]]]) -> Future:
+        """Start computing the masks of a step's constrained rows, each (sequence id, grammar
+        key, end tokens, output tokens so far), on the mask thread: a future of (rows, vocab)
+        bool (its ``result()`` re-raises the thread's error)."""
+        future = Future()
+        self._run(future, lambda: self._masks(rows))
+        return future
+
+    def _run(self, future: Future | None, job) -> None:
         if self._thread is None:  # a daemon: a worker told to exit does not wait for it
             self._thread = threading.Thread(target=self._serve, name="grammar-masks", daemon=True)
             self._thread.start()
-        future = Future()
-        self._jobs.put((future, rows, self._step))
-        return future
+        self._jobs.put((future, job))
 
     def _serve(self) -> None:
-        """The mask thread: one step's masks after the other."""
+        """The mask thread: one job after the other."""
         while True:
-            future, rows, step = self._jobs.get()
+            future, job = self._jobs.get()
             try:
-                future.set_result(self._masks(rows, step))
-            except BaseException as exc:  # the sampler re-raises it
-                future.set_exception(exc)
+                result = job()
+            except BaseException as exc:  # a mask job's: the sampler re-raises it
+                if future is None:
+                    log.error("grammar bookkeeping failed: %s", _first_line(exc))
+                else:
+                    future.set_exception(exc)
+                continue
+            if future is not None:
+                future.set_result(result)
 
-    def _masks(self, rows: list, step: int) -> torch.Tensor:
+    def _load(self, key: str, ends: tuple, blob: str) -> None:
+        try:
+            self._compiled[key] = _xgr().CompiledGrammar.deserialize_json(blob, self._info(ends))
+        except Exception as exc:  # not expected: its rows may only end (see _masks)
+            log.error("grammar %s cannot be loaded here: %s", key, _first_line(exc))
+            self._compiled.pop(key, None)
+
+    def _masks(self, rows: list) -> torch.Tensor:
         """(rows, vocab) bool: the tokens each row may sample."""
         bitmask = _xgr().allocate_token_bitmask(len(rows), self.vocab_size)  # (rows, words)
-        for i, (seq_id, spec, output) in enumerate(rows):
+        for i, (seq_id, key, ends, output) in enumerate(rows):
             try:
-                self._fill(bitmask, i, seq_id, spec, output, step)
-            except Exception as exc:  # not expected (specs are checked at admission): the
+                self._fill(bitmask, i, seq_id, key, ends, output)
+            except Exception as exc:  # not expected: the sequence ends, the rest go on
                 log.error("sequence %d: its grammar failed here (%s); it may only end",
-                          seq_id, _first_line(exc))  # sequence ends, the rest go on
+                          seq_id, _first_line(exc))
                 self._matchers.pop(seq_id, None)
-                _only(bitmask[i], spec[3])
-        self._drop_idle(step)
+                _only(bitmask[i], ends)
         return unpack_bits(bitmask, self.vocab_size)
 
-    def _fill(self, bitmask: torch.Tensor, i: int, seq_id: int, spec: list, output: list[int],
-              step: int) -> None:
+    def _fill(self, bitmask: torch.Tensor, i: int, seq_id: int, key: str, ends: list[int],
+              output: list[int]) -> None:
         """Row ``i`` of the bitmask: what sequence ``seq_id`` may sample after ``output``."""
-        m = self._matcher(seq_id, spec)
-        m.last_step = step
+        m = self._matchers.get(seq_id)
+        if m is None or m.key != key:
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                raise GrammarError(f"grammar {key} is not loaded on this worker")
+            m = self._matchers[seq_id] = _Matcher(key, _xgr().GrammarMatcher(compiled))
         m.follow(output)
         # terminated: the output already ended (a step planned before the driver saw its end
         # token; its sample is dropped)
         if m.broken or m.matcher.is_terminated():
-            _only(bitmask[i], spec[3])
+            _only(bitmask[i], ends)
         else:
             m.matcher.fill_next_token_bitmask(bitmask, i)
 
-    def _matcher(self, seq_id: int, spec: list) -> _Matcher:
-        kind, source, compact, ends = spec  # the key: a choice's list as a tuple
-        key = (kind, tuple(source) if isinstance(source, list) else source, bool(compact),
-               tuple(ends))
-        m = self._matchers.get(seq_id)
-        if m is None or m.key != key:
-            m = self._matchers[seq_id] = _Matcher(key, _xgr().GrammarMatcher(self._compile(key)))
-        return m
-
-    def _compile(self, key: tuple):
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
-        kind, source, compact, ends = key
-        compiled = self._compiler(ends).compile_grammar(grammar_of(kind, source, compact))
-        self._compiled[key] = compiled
-        if len(self._compiled) > MAX_COMPILED:
-            self._compiled.popitem(last=False)
-        return compiled
-
-    def _compiler(self, ends: tuple):
-        if ends not in self._compilers:
-            xgr = _xgr()
+    def _info(self, ends: tuple):
+        if ends not in self._infos:
             if self._tokenizer is None:
                 from transformers import AutoTokenizer
 
                 self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=list(ends))
-            self._compilers[ends] = xgr.GrammarCompiler(info)
-        return self._compilers[ends]
-
-    def _drop_idle(self, step: int) -> None:
-        for seq_id in [s for s, m in self._matchers.items() if step - m.last_step > IDLE_STEPS]:
-            del self._matchers[seq_id]
+            self._infos[ends] = _tokenizer_info(self._tokenizer, self.vocab_size, ends)
+        return self._infos[ends]
 
 
 def _only(words: torch.Tensor, tokens: list[int]) -> None:

@@ -90,16 +90,16 @@ def wait_until_ready(base: str, timeout: float = 300.0, while_waiting=None) -> f
 @contextmanager
 def serve_api(name: str, **overrides):
     """Deploy the API (engine service and Serve app both named ``name``; ``overrides``: more
-    config fields), wait until /health is ready (asking for completions while it says
+    config fields, or other values of the defaults here), wait until /health is ready (asking for completions while it says
     starting), yield the Server."""
     import ray
 
     from cluster.serving.http.deploy import deploy, shutdown
 
     port = find_free_port("127.0.0.1")
-    config = EngineConfig().with_overrides(dtype="float32", tensor_parallel_size=2,
-                                           cpus_per_worker=0.5, kv_cache_bytes=64 << 20,
-                                           name=name, namespace=name, **overrides)
+    config = EngineConfig().with_overrides(**{
+        "dtype": "float32", "tensor_parallel_size": 2, "cpus_per_worker": 0.5,
+        "kv_cache_bytes": 64 << 20, "name": name, "namespace": name, **overrides})
     url = deploy(config, port=port, api_keys=[API_KEY])
     base = url.removesuffix("/v1")
     try:

@@ -83,3 +83,15 @@ def hf_logits(directory: Path, token_ids: list[list[int]]) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return torch.cat([model(torch.tensor([ids])).logits[0] for ids in token_ids])
+
+
+def write_word_tokenizer(directory: Path, vocab_size: int = BASE["vocab_size"]) -> Path:
+    """A tokenizer for a tiny checkpoint: token i is the word ``w<i>`` (words split on
+    whitespace, decoded joined by spaces), so a generation's text names its token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(directory)
+    return directory

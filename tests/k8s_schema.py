@@ -2,8 +2,10 @@
 
 KubeRay objects are checked against the ``openAPIV3Schema`` of the served CRD version
 (the CRD files live in ``../shared/k8s-schemas`` next to the repository, or wherever
-``$SHARDLM_K8S_SCHEMAS`` points). The walker does what the API server does before it
-accepts an object, as far as a structural schema can tell:
+``$SHARDLM_K8S_SCHEMAS`` points); a Service and a Deployment against the core types those CRDs
+embed (``EMBEDDED_KINDS``); a ConfigMap and a NetworkPolicy against the subsets below. The
+walker does what the API server does before it accepts an object, as far as a structural
+schema can tell:
 
 - ``null`` values of fields that are not ``nullable`` are dropped (the server prunes them);
 - ``default`` values are filled in before ``required`` is checked;
@@ -120,6 +122,45 @@ CORE_SCHEMAS = {
     },
 }
 
+# Core kinds whose schemas the KubeRay CRDs carry: controller-gen copies the Kubernetes types a
+# CRD embeds, so a head group's ``headService`` is a whole core/v1 Service and a group's
+# ``template`` a core/v1 PodTemplateSpec (what a Deployment's ``spec.template`` is too).
+EMBEDDED_KINDS = (("v1", "Service"), ("apps/v1", "Deployment"))
+
+
+def embedded_schema(directory: str, api_version: str, kind: str) -> dict[str, Any]:
+    """The schema of a core kind built from the RayCluster CRD (see ``EMBEDDED_KINDS``)."""
+    head = crd_schema(directory, "RayCluster", "v1")["properties"]["spec"]["properties"][
+        "headGroupSpec"]["properties"]
+    envelope = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                "metadata": OBJECT_META}
+    if kind == "Service":
+        service = copy.deepcopy(head["headService"])
+        service["properties"] |= envelope
+        service["required"] = ["apiVersion", "kind", "metadata", "spec"]
+        return service
+    int32 = {"type": "integer", "format": "int32"}
+    return {  # apps/v1 DeploymentSpec, as the Kubernetes API reference defines it
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": envelope | {"spec": {
+            "type": "object",
+            "required": ["selector", "template"],
+            "properties": {
+                "replicas": int32, "minReadySeconds": int32, "revisionHistoryLimit": int32,
+                "progressDeadlineSeconds": int32, "paused": {"type": "boolean"},
+                "selector": _LABEL_SELECTOR,
+                "strategy": {"type": "object", "properties": {
+                    "type": {"type": "string", "enum": ["Recreate", "RollingUpdate"]},
+                    "rollingUpdate": {"type": "object", "properties": {
+                        "maxSurge": {"x-kubernetes-int-or-string": True},
+                        "maxUnavailable": {"x-kubernetes-int-or-string": True}}}}},
+                "template": copy.deepcopy(head["template"]),
+            },
+        }},
+    }
+
+
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 
 
@@ -170,6 +211,8 @@ def validate_object(obj: Any, directory: str | Path) -> list[str]:
         schema["required"] = sorted({*schema.get("required", ()), "apiVersion", "kind", "metadata"})
     elif (api_version, kind) in CORE_SCHEMAS:
         schema = CORE_SCHEMAS[(api_version, kind)]
+    elif (api_version, kind) in EMBEDDED_KINDS:
+        schema = embedded_schema(str(directory), api_version, kind)
     else:
         return [f"<root>: no schema for apiVersion={api_version!r} kind={kind!r}"]
     errors: list[str] = []

@@ -25,10 +25,12 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,8 @@ class Host:
     temp_dir: Path
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    ray: bool = True  # False: a host on the same network that runs no Ray node (a Redis, a client)
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources of its node
 
 
 @dataclass
@@ -91,6 +95,12 @@ class NetnsRayCluster:
     port: int
     env: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
+    head_args: list[str] = field(default_factory=list)  # more `ray start --head` options
+    head_env: dict[str, str] = field(default_factory=dict)  # ... and environment
+
+    @property
+    def ray_hosts(self) -> list[Host]:
+        return [h for h in self.hosts.values() if h.ray]
 
     @property
     def head(self) -> Host:
@@ -124,19 +134,24 @@ class NetnsRayCluster:
     def start_node(self, ns: str) -> None:
         """``ray start --block`` inside ``ns``, in a new session (its own process group)."""
         host = self.hosts[ns]
+        assert host.ray, f"{ns} runs no Ray node"
         host.temp_dir.mkdir(parents=True, exist_ok=True)
         argv = [RAY, "start", "--block", "--node-ip-address", host.ip,
                 "--num-cpus", str(host.num_cpus), "--temp-dir", str(host.temp_dir),
                 "--object-store-memory", str(100 << 20), "--disable-usage-stats",
                 "--include-log-monitor=false"]  # drivers here run with log_to_driver=False
         if host.head:
-            argv += ["--head", "--port", str(self.port), "--include-dashboard=false"]
+            argv += ["--head", "--port", str(self.port), "--include-dashboard=false",
+                     *self.head_args]
         else:
             argv += ["--address", self.address]
+        if host.resources:
+            argv += ["--resources", json.dumps(host.resources)]
         host.log = host.temp_dir / "ray-start.log"
         with open(host.log, "ab") as log:
             host.proc = self.popen_in(ns, argv, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      env=self.env | (self.head_env if host.head else {}))
 
     def kill_node(self, ns: str) -> int:
         """The host is lost: SIGKILL every process inside ``ns`` (raylet, agents, workers).
@@ -150,6 +165,15 @@ class NetnsRayCluster:
             host.proc.wait(timeout=30)
             host.proc = None
         return killed
+
+    def pids_named(self, ns: str, name: str) -> list[int]:
+        """The processes inside ``ns`` whose command name is ``name`` (e.g. ``gcs_server``)."""
+        found = []
+        for pid in _namespace_pids(ns):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                    found.append(pid)
+        return found
 
     def wait_alive(self, count: int, timeout: float = 150.0) -> list[dict]:
         """Wait until the GCS lists ``count`` alive nodes; returns their node infos."""
@@ -168,7 +192,7 @@ class NetnsRayCluster:
             "    if len(alive) >= int(sys.argv[2]) or time.monotonic() > deadline:\n"
             "        print(json.dumps(alive)); break\n"
             "    time.sleep(0.5)\n")
-        for host in self.hosts.values():  # a node that exited early: say so now
+        for host in self.ray_hosts:  # a node that exited early: say so now
             if host.proc is not None and host.proc.poll() is not None:
                 raise RuntimeError(f"ray start in {host.ns} exited {host.proc.returncode}:\n"
                                    f"{_tail(host.log)}")
@@ -179,7 +203,7 @@ class NetnsRayCluster:
         except (IndexError, json.JSONDecodeError):
             alive = []
         if len(alive) < count:
-            logs = "\n".join(f"--- {h.ns}:\n{_tail(h.log)}" for h in self.hosts.values())
+            logs = "\n".join(f"--- {h.ns}:\n{_tail(h.log)}" for h in self.ray_hosts)
             raise RuntimeError(f"only {len(alive)} of {count} Ray nodes alive after "
                                f"{time.monotonic() - started:.0f}s: {alive}\n{out.stderr[-2000:]}\n{logs}")
         return alive
@@ -279,9 +303,19 @@ def _run_lock(timeout: float):
 
 @contextlib.contextmanager
 def netns_ray_cluster(workers: tuple[str, ...] = ("w1", "w2"), head: str = "head",
-                      num_cpus: int = 1, lock_timeout: float = 600.0):
+                      num_cpus: int = 1, lock_timeout: float = 600.0, others: tuple[str, ...] = (),
+                      env: dict[str, str] | None = None, head_env: dict[str, str] | None = None,
+                      head_args: list[str] | None = None,
+                      worker_resources: dict[str, float] | None = None, before_start=None):
     """Hosts ``head`` (Ray head, 0 CPUs) and ``workers`` (Ray worker nodes, ``num_cpus``
-    each) at 198.51.100.1, .2, ...; yields a :class:`NetnsRayCluster` once all are alive."""
+    each) at 198.51.100.1, .2, ...; yields a :class:`NetnsRayCluster` once all are alive.
+
+    ``others``: hosts on the same network, after the workers, that run no Ray node (a
+    Redis, a client). ``env``: more environment for every process started in a host;
+    ``head_env`` and ``head_args``: more environment and ``ray start --head`` options for
+    the head alone; ``worker_resources``: the custom Ray resources of each worker node.
+    ``before_start(cluster)`` runs once the hosts exist, before any Ray node starts (to start
+    a service the head needs; it may add to ``cluster.head_env``)."""
     reason = unavailable_reason()
     if reason:
         raise NetnsUnavailable(reason)
@@ -290,15 +324,22 @@ def netns_ray_cluster(workers: tuple[str, ...] = ("w1", "w2"), head: str = "head
         failed, cluster = True, None
         try:
             started = time.monotonic()
-            hosts = _make_hosts([head, *workers])
+            hosts = _make_hosts([head, *workers, *others])
             for host in hosts.values():
                 host.num_cpus = 0 if host.head else num_cpus
-            env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | RAY_ENV
-            cluster = NetnsRayCluster(hosts, HEAD_PORT, env)
+                host.ray = host.ns.removeprefix(PREFIX) not in others
+                if host.ray and not host.head:
+                    host.resources = dict(worker_resources or {})
+            base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+            cluster = NetnsRayCluster(hosts, HEAD_PORT, base | RAY_ENV | (env or {}),
+                                      head_args=list(head_args or []),
+                                      head_env=dict(head_env or {}))
             cluster.timings["namespaces_s"] = time.monotonic() - started
-            for host in hosts.values():  # workers retry until the head's GCS answers
+            if before_start is not None:
+                before_start(cluster)
+            for host in cluster.ray_hosts:  # workers retry until the head's GCS answers
                 cluster.start_node(host.ns)
-            cluster.wait_alive(len(hosts))
+            cluster.wait_alive(len(cluster.ray_hosts))
             cluster.timings["ray_up_s"] = time.monotonic() - started
             yield cluster
             failed = False
@@ -315,3 +356,17 @@ def _tail(path: Path | None, chars: int = 3000) -> str:
     if path is None or not path.exists():
         return "(no log)"
     return path.read_text(errors="replace")[-chars:]
+
+
+def stdout_lines(proc: subprocess.Popen) -> queue.Queue:
+    """``proc``'s standard output lines as they come, read on a thread of their own; None
+    after the last."""
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for text in proc.stdout:
+            lines.put(text)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.contract.messages import (FOLLOW, PromptScores, ProtocolError, SampledToken, StepPlan,
-                                      StepResult)
+from cluster.contract.messages import (FOLLOW, PromptScores, ProtocolError, SampledToken,
+                                      SamplerParams, SeqParams, StepPlan, StepResult)
 from layers.attention import AttnBatch, KeepRows
 from layers.ops import host_tensor
 from layers.sampler import argmax_suffices, logprob_rows, sample
@@ -70,14 +70,40 @@ def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
     return None
 
 
+class SeqState:
+    """What this rank holds of a sequence between its plan's ``samplers`` entry and its
+    ``drop``: its sampling parameters and prompt length, and on the sampling rank, where its
+    sampling reads them, its tokens (``tokens``; None elsewhere)."""
+
+    __slots__ = ("sampler", "prompt_len", "tokens")
+
+    def __init__(self, params: SeqParams, keeps_tokens: bool):
+        self.sampler: SamplerParams = params.sampler
+        self.prompt_len = params.prompt_len
+        self.tokens: list[int] | None = [] if keeps_tokens and params.sampler.needs_history() \
+            else None
+
+    def take(self, chunk) -> None:
+        """A chunk's tokens (FOLLOW resolved): they take positions ``start_pos ..``."""
+        if self.tokens is None:
+            return
+        if chunk.history is not None:
+            self.tokens = list(chunk.history)
+        if len(self.tokens) < chunk.start_pos:
+            raise ProtocolError(f"sequence {chunk.seq_id}: a chunk at position {chunk.start_pos} "
+                                f"without its history, and this rank holds {len(self.tokens)} "
+                                "of its tokens")
+        del self.tokens[chunk.start_pos:]
+        self.tokens += chunk.token_ids
+
+
 class SampleRow:
     """What a sampling chunk's logits need beyond its parameters: its tokens up to the sampled
-    position (the plan's history plus the chunk's own, FOLLOW resolved), its bans and what its
-    grammar allows (``allowed``, set from the step's masks)."""
+    position (``history``: [prompt length, tokens], None where sampling does not read them),
+    its bans and what its grammar allows (``allowed``, set from the step's masks)."""
 
-    def __init__(self, chunk):
-        h = chunk.history
-        self.history = None if h is None else [h[0], h[1] + chunk.token_ids]
+    def __init__(self, chunk, state: SeqState):
+        self.history = None if state.tokens is None else [state.prompt_len, state.tokens]
         self.banned = chunk.banned
         self.allowed: torch.Tensor | None = None  # (vocab,) bool
 
@@ -102,6 +128,8 @@ class ModelRunner:
         # ids in row order (every rank) and their tokens (the sampling rank)
         self.sampled_seqs: list[int] = []
         self.sampled: dict[int, int] = {}
+        self.seqs: dict[int, SeqState] = {}  # the sequences the plans have named, until dropped
+        self.grammar_users: dict[str, int] = {}  # compiled grammar key -> sequences using it
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
@@ -115,10 +143,13 @@ class ModelRunner:
         return result
 
     def _execute(self, plan: StepPlan) -> StepResult | None:
+        self._take_sequences(plan)
         self._resolve_follow(plan)
+        for chunk in plan.chunks:
+            self._state(chunk.seq_id, plan.step_id).take(chunk)
         batch = prepare(plan, self.block_size, self.device)
         self.sampled_seqs, self.sampled = [c.seq_id for c in batch.sample_chunks], {}
-        rows = [SampleRow(c) for c in batch.sample_chunks]
+        rows = [SampleRow(c, self.seqs[c.seq_id]) for c in batch.sample_chunks]
         masks = self._start_masks(batch.sample_chunks, rows)  # computed during the forward
         # the final layer goes on only for the sampled rows (prompt tokens before them just
         # leave their keys and values in the cache) unless the prompt is scored; a
@@ -155,7 +186,7 @@ class ModelRunner:
             return []
         rows = torch.cat([torch.arange(first, first + n) for _, first, n in spans])  # (scored,)
         targets = torch.tensor([t for chunk, _, _ in spans for t in chunk.prompt_targets])
-        top_n = max(chunk.sampler.prompt_logprobs or 0 for chunk, _, _ in spans)
+        top_n = max(self.seqs[chunk.seq_id].sampler.prompt_logprobs or 0 for chunk, _, _ in spans)
         picked, top = [], []
         for at in range(0, rows.shape[0], SCORE_ROWS):
             part = rows[at:at + SCORE_ROWS].to(hidden.device)
@@ -169,7 +200,7 @@ class ModelRunner:
             return None
         out, at = [], 0
         for chunk, _, n in spans:
-            k = chunk.sampler.prompt_logprobs or 0
+            k = self.seqs[chunk.seq_id].sampler.prompt_logprobs or 0
             out.append(PromptScores(chunk.seq_id, chunk.start_pos + 1, picked[at:at + n],
                                     [row[:k] for row in top[at:at + n]]))
             at += n
@@ -180,15 +211,15 @@ class ModelRunner:
         (None: no row is constrained, or this rank does not sample)."""
         if self.grammars is None:
             return None
-        constrained = [(c.seq_id, c.sampler.grammar, r.output) for c, r in zip(chunks, rows)
-                       if c.sampler.grammar]
+        constrained = [(c.seq_id, *self.seqs[c.seq_id].sampler.grammar, r.output)
+                       for c, r in zip(chunks, rows) if self.seqs[c.seq_id].sampler.grammar]
         return self.grammars.start(constrained) if constrained else None
 
     def _sample(self, hidden: torch.Tensor, chunks: list, rows: list[SampleRow],
                 masks=None) -> list | None:
         """(token, logprob, top logprobs) per sampling chunk on TP rank 0, None elsewhere.
         hidden: (samples, hidden); ``masks``: the constrained rows' grammar masks, in order"""
-        params = [c.sampler for c in chunks]
+        params = [self.seqs[c.seq_id].sampler for c in chunks]
         if argmax_suffices(params, banned=any(c.banned for c in chunks)):
             # greedy on the raw logits, no logprobs: no logits need to travel (each TP rank's
             # vocabulary slice gives its argmax); penalties, a bias or bans take the path below
@@ -199,11 +230,51 @@ class ModelRunner:
             return None
         if masks is not None:
             allowed = iter(masks.result())
-            for c, row in zip(chunks, rows):
-                if c.sampler.grammar:
+            for p, row in zip(params, rows):
+                if p.grammar:
                     row.allowed = next(allowed)
         return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks], rows,
                       self.ops)
+
+    def _take_sequences(self, plan: StepPlan) -> None:
+        """The plan's news of sequences, in order: compiled grammars, the parameters of
+        sequences new here (or replaced), the sequences to forget."""
+        for key, ends, blob in plan.grammars:
+            if self.grammars is not None:
+                self.grammars.add(key, ends, blob)
+        keeps_tokens = self.grammars is not None  # the sampling rank
+        for params in plan.samplers:
+            old = self.seqs.get(params.seq_id)
+            self.seqs[params.seq_id] = state = SeqState(params, keeps_tokens)
+            if old is not None and old.tokens is not None and state.tokens is not None:
+                state.tokens = old.tokens
+            self._use_grammar(state.sampler, 1)
+            if old is not None:
+                self._use_grammar(old.sampler, -1)
+        for seq_id in plan.drop:
+            state = self.seqs.pop(seq_id, None)
+            if state is not None:
+                self._use_grammar(state.sampler, -1)
+                if self.grammars is not None:
+                    self.grammars.forget(seq_id)
+
+    def _use_grammar(self, sampler: SamplerParams, change: int) -> None:
+        """Count the sequences using a compiled grammar; the last one gone releases it."""
+        if not sampler.grammar:
+            return
+        key = sampler.grammar[0]
+        users = self.grammar_users[key] = self.grammar_users.get(key, 0) + change
+        if users <= 0:
+            del self.grammar_users[key]
+            if self.grammars is not None:
+                self.grammars.release(key)
+
+    def _state(self, seq_id: int, step_id: int) -> SeqState:
+        state = self.seqs.get(seq_id)
+        if state is None:
+            raise ProtocolError(f"step {step_id} names sequence {seq_id}, whose sampling "
+                                "parameters no plan has sent to this worker")
+        return state
 
     def _resolve_follow(self, plan: StepPlan) -> None:
         """Give each ``[FOLLOW]`` chunk the token the previous step sampled for its sequence."""

@@ -50,6 +50,7 @@ class WorkerSpec:
     layer_range: tuple[int, int] | None = None  # this stage's layers [first, end); None: all
     poison_token: int | None = None  # fault injection: a step holding this token raises
     expert_parallel: bool = False  # Mixture-of-Experts: whole experts per rank (layers.moe)
+    poison_hang_s: float = 0.0  # fault injection: such a step hangs this long instead
 
     @property
     def name(self) -> str:
@@ -241,6 +242,8 @@ class Worker:
         step = StepPlan.decode(plan)
         poison = self.spec.poison_token
         if poison is not None and any(poison in c.token_ids for c in step.chunks):
+            if self.spec.poison_hang_s:
+                time.sleep(self.spec.poison_hang_s)
             raise RuntimeError(f"fault injected: the step holds token {poison} "
                                "(fault.poison_token_id)")
         result = self.runner.execute(step)

@@ -18,6 +18,8 @@ BACKENDS = ("auto", "gloo", "shm", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("int8",)
+# Ray's own resources: asked for by their own options (num_cpus, ...), never by name
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,13 @@ def _check_int(section: str, name: str, value: Any, minimum: int) -> None:
         _fail(section, name, value, "must be an integer")
     if value < minimum:
         _fail(section, name, value, f"must be at least {minimum}")
+
+
+def _check_seconds(section: str, names: tuple[str, ...], values: Any) -> None:
+    for name in names:
+        value = getattr(values, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            _fail(section, name, value, "must be a positive number of seconds")
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -153,6 +162,9 @@ class SchedulerConfig:
     # plan step N+1 while step N runs (the workers feed decode steps their own last sampled
     # tokens), hiding dispatch and driver time; applies without pipeline parallelism
     async_scheduling: bool = True
+    # the longest a request's structured output may take to compile (off the step, before
+    # admission); a slower one is refused with a 400 naming this limit
+    grammar_compile_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_int("scheduler", "max_num_seqs", self.max_num_seqs, 1)
@@ -160,6 +172,7 @@ class SchedulerConfig:
             _check_int("scheduler", "max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if not isinstance(self.async_scheduling, bool):
             _fail("scheduler", "async_scheduling", self.async_scheduling, "must be true or false")
+        _check_seconds("scheduler", ("grammar_compile_timeout_s",), self)
 
     def step_tokens(self, device: str, online: bool) -> int:
         """The token budget of a step on ``device`` ("cpu" or "cuda") of an engine serving
@@ -175,21 +188,51 @@ class DeploymentConfig:
     # requests the engine service holds at once (streaming, or waiting for admission); past
     # it a request is refused at once (HTTP 503 with Retry-After) instead of queueing
     max_open_requests: int = 1000
+    # a streaming client that does not keep up (API replicas, direct ingress): a request's
+    # events waiting for it may take this many bytes (encoded; or two of the request's
+    # largest batches, if more), and a chunk its connection does not take within
+    # stream_stall_timeout_s ends the response; either way its requests are aborted
+    stream_buffer_bytes: int = 1 << 20
+    stream_stall_timeout_s: float = 30.0
     # engines (each a gang of tp x pp workers) behind one endpoint; replica k > 0 is the
     # engine service "<name>-<k>" with workers "<name>-<k>-worker-<pp>-<tp>"
     replicas: int = 1
     # how the HTTP front picks an engine: "prefix" (the one that holds the prompt's prefix in
     # its cache, unless it is much busier) or "random"
     routing: str = "prefix"
+    # Ray custom resources that each engine service, each API replica behind Serve's proxy and
+    # the response store ask for (name: amount), so that they run only on nodes that advertise
+    # them: KubeRay's worker pods, never the head, whose loss then takes none of them
+    # (k8s/README.md, "Losing the head"); empty: any node
+    resources: dict[str, float] = field(default_factory=dict)
+    # the Responses API's stored responses (store: true; GET /v1/responses/{id} and
+    # previous_response_id), one store shared by the API replicas: at most this many, and
+    # this many bytes (each response and its conversation as JSON); the least recently used
+    # are dropped first
+    response_store_items: int = 10000
+    response_store_bytes: int = 128 << 20
 
     def __post_init__(self) -> None:
         _check_int("deployment", "replicas", self.replicas, 1)
         _check_choice("deployment", "routing", self.routing, ("prefix", "random"))
+        if not isinstance(self.resources, dict):
+            _fail("deployment", "resources", self.resources, "must be a mapping of name: amount")
+        for name, amount in self.resources.items():
+            if not isinstance(name, str) or not name or name in RAY_BUILTIN_RESOURCES:
+                _fail("deployment", "resources", self.resources,
+                      f"{name!r} is not a custom resource name")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                _fail("deployment", "resources", self.resources,
+                      f"the amount of {name!r} must be a positive number")
         for key in ("name", "namespace"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value or any(c.isspace() for c in value):
                 _fail("deployment", key, value, "must be a non-empty name without spaces")
         _check_int("deployment", "max_open_requests", self.max_open_requests, 1)
+        _check_int("deployment", "stream_buffer_bytes", self.stream_buffer_bytes, 1)
+        _check_seconds("deployment", ("stream_stall_timeout_s",), self)
+        _check_int("deployment", "response_store_items", self.response_store_items, 1)
+        _check_int("deployment", "response_store_bytes", self.response_store_bytes, 1)
 
 
 @dataclass
@@ -209,17 +252,19 @@ class FaultConfig:
     # fault injection for tests and drills: every worker raises in a step that holds this
     # token id (a request that fails deterministically; see cluster/engine/isolation.py)
     poison_token_id: int | None = None
+    poison_hang_s: float = 0.0  # > 0: such a step hangs this long (then raises) instead
 
     def __post_init__(self) -> None:
-        for key in ("step_timeout_s", "restart_window_s", "recovery_timeout_s", "restart_backoff_s",
-                    "start_backoff_s", "start_backoff_max_s"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                _fail("fault", key, value, "must be a positive number of seconds")
+        _check_seconds("fault", ("step_timeout_s", "restart_window_s", "recovery_timeout_s",
+                                 "restart_backoff_s", "start_backoff_s", "start_backoff_max_s"),
+                       self)
         _check_int("fault", "max_restarts", self.max_restarts, 0)
         _check_int("fault", "max_queued_requests", self.max_queued_requests, 0)
         if self.poison_token_id is not None:
             _check_int("fault", "poison_token_id", self.poison_token_id, 0)
+        if isinstance(self.poison_hang_s, bool) or not isinstance(self.poison_hang_s, (int, float)) \
+                or self.poison_hang_s < 0:
+            _fail("fault", "poison_hang_s", self.poison_hang_s, "must be a number of seconds >= 0")
 
 
 SECTIONS = {

@@ -4,6 +4,13 @@ Every step the driver encodes one :class:`StepPlan` and sends the same bytes to
 every worker; the worker that samples (last pipeline stage, TP rank 0) answers
 with a :class:`StepResult`. Both carry ``PROTOCOL_VERSION`` so that a worker
 running a different shardlm fails loudly instead of misreading a plan.
+
+A sequence's sampling parameters travel once per worker gang (the plan that first names the
+sequence carries them in ``samplers``, with its compiled grammar in ``grammars`` where the
+gang has not got it yet) and the workers keep them until a plan ``drop``s the sequence. The
+sampling rank keeps the tokens of a sequence whose sampling needs them
+(:meth:`SamplerParams.needs_history`): each chunk adds its own, and only a chunk starting
+past what the gang holds carries the tokens before it (``history``).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 # A decode chunk's token id when the driver planned the step before the previous one came
 # back (async scheduling): "the token your previous step sampled for this sequence".
@@ -40,8 +47,8 @@ class SamplerParams:
     logit_bias: list[list] | None = None  # [[token id, bias], ...]
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     bad_words: list[list[int]] | None = None  # token sequences whose last token is banned
-    # [kind, source, compact, end token ids]: the grammar the output follows (see
-    # cluster.contract.sampling.StructuredOutputsParams.spec), None for none
+    # [key, end token ids]: the compiled grammar the output follows (the plan's ``grammars``
+    # carry it under that key; the end tokens are all it allows once complete), None for none
     grammar: list | None = None
 
     def to_list(self) -> list:
@@ -54,6 +61,13 @@ class SamplerParams:
     def from_list(cls, v: list) -> "SamplerParams":
         return cls(*v)
 
+    def needs_history(self) -> bool:
+        """Whether sampling reads the sequence's tokens so far: a penalty, a bad word of
+        several tokens, or a grammar (its matcher is rebuilt from them wherever it is lost)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0 or bool(self.grammar)
+                or any(len(w) > 1 for w in self.bad_words or []))
+
 
 @dataclass
 class SeqChunk:
@@ -61,46 +75,72 @@ class SeqChunk:
     ``start_pos ..`` writing their KV through ``block_table``; sample one token
     after the last of them when ``sample`` is true. ``token_ids == [FOLLOW]``: the
     token the previous step sampled for this sequence (not yet known to the driver).
-    ``prompt_targets``: score the prompt (``sampler.prompt_logprobs``): the prompt token
-    that follows each of the first ``len(prompt_targets)`` positions of this chunk.
-    ``history``: [prompt length, the sequence's tokens before this chunk], sent to a sampling
-    chunk whose penalties or grammar need them; ``banned``: token ids it may not sample now (EOS and
-    stop tokens before ``min_tokens``)."""
+    ``prompt_targets``: score the prompt (the sequence's ``prompt_logprobs``): the prompt
+    token that follows each of the first ``len(prompt_targets)`` positions of this chunk.
+    ``history``: the sequence's tokens before this chunk, sent only where the gang keeps its
+    tokens (:meth:`SamplerParams.needs_history`) and holds fewer than ``start_pos`` of them (a
+    new gang, a prompt served from the prefix cache); ``banned``: token ids it may not sample
+    now (EOS and stop tokens before ``min_tokens``)."""
 
     seq_id: int
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
     sample: bool
-    sampler: SamplerParams = field(default_factory=SamplerParams)
     prompt_targets: list[int] | None = None
-    history: list | None = None
+    history: list[int] | None = None
     banned: list[int] | None = None
 
     def to_list(self) -> list:
         return [self.seq_id, self.token_ids, self.start_pos, self.block_table, self.sample,
-                self.sampler.to_list(), self.prompt_targets, self.history, self.banned]
+                self.prompt_targets, self.history, self.banned]
 
     @classmethod
     def from_list(cls, v: list) -> "SeqChunk":
-        seq_id, token_ids, start_pos, block_table, sample, sampler, targets, history, banned = v
-        return cls(seq_id, token_ids, start_pos, block_table, sample,
-                   SamplerParams.from_list(sampler), targets, history, banned)
+        return cls(*v)
+
+
+@dataclass
+class SeqParams:
+    """A sequence's sampling parameters and prompt length, sent to a gang once (a later
+    copy replaces them)."""
+
+    seq_id: int
+    prompt_len: int
+    sampler: SamplerParams
+
+    def to_list(self) -> list:
+        return [self.seq_id, self.prompt_len, self.sampler.to_list()]
+
+    @classmethod
+    def from_list(cls, v: list) -> "SeqParams":
+        seq_id, prompt_len, sampler = v
+        return cls(seq_id, prompt_len, SamplerParams.from_list(sampler))
 
 
 @dataclass
 class StepPlan:
+    """One step: ``chunks``; before them, ``grammars`` ([key, end token ids, the compiled
+    grammar serialized] the gang does not hold yet), ``samplers`` (the parameters of
+    sequences new to the gang) and ``drop`` (sequences the gang may forget: finished or
+    aborted)."""
+
     step_id: int
     chunks: list[SeqChunk]
+    samplers: list[SeqParams] = field(default_factory=list)
+    drop: list[int] = field(default_factory=list)
+    grammars: list[list] = field(default_factory=list)
 
     def encode(self) -> bytes:
         return msgpack.packb([PROTOCOL_VERSION, "plan", self.step_id,
-                              [c.to_list() for c in self.chunks]])
+                              [c.to_list() for c in self.chunks],
+                              [p.to_list() for p in self.samplers], self.drop, self.grammars])
 
     @classmethod
     def decode(cls, data: bytes) -> "StepPlan":
-        step_id, chunks = _open(data, "plan")
-        return cls(step_id, [SeqChunk.from_list(c) for c in chunks])
+        step_id, chunks, samplers, drop, grammars = _open(data, "plan")
+        return cls(step_id, [SeqChunk.from_list(c) for c in chunks],
+                   [SeqParams.from_list(p) for p in samplers], drop, grammars)
 
 
 @dataclass

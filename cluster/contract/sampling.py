@@ -19,6 +19,12 @@ _U64 = (1 << 64) - 1
 # the longest stop string: a stream holds back that many characters less one (they could be
 # the start of a stop string), and each new piece of text is searched that far back
 MAX_STOP_LENGTH = 512
+# the longest lists a request may give (each row's parameters go to the workers and are
+# applied every step): logit_bias entries; stop strings, stop token ids and bad words; and
+# allowed_token_ids (more than any vocabulary has)
+MAX_LOGIT_BIAS = 1024
+MAX_LIST = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
 
 
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -111,6 +117,11 @@ class StructuredOutputsParams:
         return cls(**d)
 
 
+def _check_length(values, most: int, name: str) -> None:
+    if len(values) > most:
+        raise RequestError(f"{name} may hold at most {most} entries, got {len(values)}", name)
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -196,10 +207,11 @@ class SamplingParams:
                                f"({self.max_tokens})", "min_tokens")
         self.logit_bias = self._normalise_bias(self.logit_bias)
         if self.allowed_token_ids is not None:
-            ids = self._normalise_stop_ids(self.allowed_token_ids, "allowed_token_ids")
+            ids = self._normalise_stop_ids(self.allowed_token_ids, "allowed_token_ids",
+                                           MAX_ALLOWED_TOKEN_IDS)
             if not ids:
                 raise RequestError("allowed_token_ids must not be empty", "allowed_token_ids")
-            self.allowed_token_ids = ids
+            self.allowed_token_ids = sorted(set(ids))
         if self.bad_words is not None:
             words = self.bad_words
             if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
@@ -208,6 +220,7 @@ class SamplingParams:
             if any(not w.strip() for w in words):
                 raise RequestError(f"bad_words must not hold empty words, got {list(words)!r}",
                                    "bad_words")
+            _check_length(words, MAX_LIST, "bad_words")
             self.bad_words = list(words) or None
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
@@ -245,6 +258,7 @@ class SamplingParams:
                                    "stop")
         if any(s == "" for s in stop):
             raise RequestError(f"stop must not contain empty strings, got {list(stop)!r}", "stop")
+        _check_length(stop, MAX_LIST, "stop")
         longest = max(len(s) for s in stop) if stop else 0
         if longest > MAX_STOP_LENGTH:
             raise RequestError(f"each stop string must be at most {MAX_STOP_LENGTH} characters, "
@@ -259,6 +273,7 @@ class SamplingParams:
         if not isinstance(bias, dict):
             raise RequestTypeError(f"logit_bias must map token ids to numbers, got {bias!r}",
                                    "logit_bias")
+        _check_length(bias, MAX_LOGIT_BIAS, "logit_bias")
         out = {}
         for key, value in bias.items():
             token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
@@ -271,11 +286,15 @@ class SamplingParams:
         return out
 
     @staticmethod
-    def _normalise_stop_ids(ids: object, name: str = "stop_token_ids") -> list[int]:
+    def _normalise_stop_ids(ids: object, name: str = "stop_token_ids",
+                            most: int = MAX_LIST) -> list[int]:
         if ids is None:
             return []
-        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
-            raise RequestTypeError(f"{name} must be a list of integers, got {ids!r}", name)
+        if not isinstance(ids, (list, tuple)):
+            raise RequestTypeError(f"{name} must be a list of integers, got {ids!r}"[:300], name)
+        _check_length(ids, most, name)
+        if not all(_is_int(t) for t in ids):
+            raise RequestTypeError(f"{name} must be a list of integers, got {ids!r}"[:300], name)
         if any(t < 0 for t in ids):
             raise RequestError(f"{name} must be non-negative, got {list(ids)!r}", name)
         return list(ids)
@@ -293,11 +312,13 @@ class SamplingParams:
                                f"accepted: {', '.join(known)}", unknown[0], UNKNOWN_PARAMETER)
         return cls(**d)
 
-    def to_sampler(self, seed: int, end_ids: list[int] | None = None) -> SamplerParams:
+    def to_sampler(self, seed: int, end_ids: list[int] | None = None,
+                   grammar_key: str | None = None) -> SamplerParams:
         """The kernel's view of these parameters, with ``seed`` (the request's
         seed, or the one the engine drew for it) reduced to an unsigned 64-bit
         value. ``top_k`` 0 is mapped to -1 (off). ``end_ids``: the tokens that end the
-        output (EOS unless ignored, stop token ids), which a complete grammar allows."""
+        output (EOS unless ignored, stop token ids), which a complete grammar allows;
+        ``grammar_key``: the name of the structured output's compiled grammar."""
         return SamplerParams(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -313,13 +334,5 @@ class SamplingParams:
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self._bad_words_ids,
             grammar=None if self.structured_outputs is None
-            else self.structured_outputs.spec() + [list(end_ids or [])],
+            else [grammar_key, list(end_ids or [])],
         )
-
-    @property
-    def penalized(self) -> bool:
-        """Whether sampling needs the sequence's tokens so far (a penalty, a bad word of
-        several tokens, or a grammar: its state is rebuilt from them wherever it is lost)."""
-        return (self.structured_outputs is not None or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
-                or self.presence_penalty != 0.0
-                or any(len(w) > 1 for w in self._bad_words_ids or []))

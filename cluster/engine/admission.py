@@ -8,7 +8,6 @@ fault, before anything is queued, and the engine goes on serving the others.
 
 from __future__ import annotations
 
-import functools
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -123,8 +122,6 @@ class Admission:
         self._check_vocabulary(params.allowed_token_ids or [], "allowed_token_ids")
         if params.bad_words:
             params = replace(params, _bad_words_ids=self._bad_word_ids(params.bad_words))
-        if params.structured_outputs is not None:
-            check_grammar(params.structured_outputs.spec())
         return params
 
     def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
@@ -141,24 +138,43 @@ class Admission:
                     out.append(ids)
         return out
 
-    def chat_token_ids(self, messages, tools: list | None = None) -> list[int]:
+    def chat_token_ids(self, messages, tools: list | None = None,
+                       add_generation_prompt: bool = True, continue_final_message: bool = False,
+                       add_special_tokens: bool = False) -> list[int]:
         """A conversation rendered with the tokenizer's chat template (and ``tools``, see
-        :mod:`cluster.engine.chat`), as token ids."""
+        :mod:`cluster.engine.chat`), as token ids. The other options are for ``POST
+        /tokenize`` (a request's prompt takes the defaults): where the text ends (see
+        :func:`cluster.engine.chat.render`), and the tokenizer's special tokens (e.g. BOS)
+        added on top of the template's."""
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer, so no chat template", "messages")
-        text = chat.render(self.tokenizer, messages, tools)
+        text = chat.render(self.tokenizer, messages, tools, add_generation_prompt,
+                           continue_final_message)
         check_text(text, "messages")
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def text_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text as token ids, as a prompt is tokenized (with the tokenizer's special tokens,
+        e.g. BOS, unless ``add_special_tokens`` is false)."""
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer: give prompt_token_ids", "prompt")
+        check_text(text, "prompt")
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def decode(self, ids) -> str:
+        """Token ids (of the model's vocabulary, else a RequestError naming ``tokens``) as text,
+        special tokens included, as ``tokenizer.decode`` gives it."""
+        self._check_vocabulary(ids, "tokens")
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer, so no text", "tokens")
+        return self.tokenizer.decode(list(ids))
 
     def _encode(self, prompt) -> list[int]:
         if not isinstance(prompt, str):
             raise RequestTypeError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
         if not prompt:
             raise RequestError("prompt is empty", "prompt")
-        if self.tokenizer is None:
-            raise RequestError("this checkpoint has no tokenizer: give prompt_token_ids", "prompt")
-        check_text(prompt, "prompt")
-        return self.tokenizer(prompt).input_ids
+        return self.text_ids(prompt)
 
     def _checked_ids(self, ids) -> list[int]:
         if not isinstance(ids, (list, tuple)) or not ids:
@@ -184,25 +200,28 @@ def check_text(text: str, name: str) -> None:
         raise RequestError(f"{name} is not valid Unicode text: {wrong}", name)
 
 
-def check_grammar(spec: list) -> None:
-    """A RequestError naming the structured output when its grammar does not compile (with
-    the function the sampling rank compiles it with, so what passes here compiles there).
-    Admission runs on the engine thread: a spec that compiled once is not compiled again."""
+def wait_grammar(future, limit: float):
+    """The compiled grammar of a :meth:`Engine.grammar` future, waiting at most ``limit``
+    seconds; a RequestError naming the structured output when it cannot be compiled or takes
+    longer."""
+    try:
+        return future.result(timeout=limit)
+    except BaseException as exc:
+        raise grammar_error(exc, limit) from None
+
+
+def grammar_error(exc: BaseException, limit: float) -> BaseException:
+    """The RequestError a client gets for a grammar that failed to compile (``exc``, or a
+    TimeoutError past ``limit`` seconds); any other error as it is."""
     from layers.grammar import GrammarError
 
-    kind, source, compact = spec[:3]
-    try:
-        _compiles(kind, tuple(source) if isinstance(source, list) else source, bool(compact))
-    except GrammarError as exc:
-        raise RequestError(f"structured_outputs: {exc}", kind) from None
-
-
-@functools.lru_cache(maxsize=256)  # failures raise, so only specs that compiled are kept
-def _compiles(kind: str, source, compact: bool) -> bool:
-    from layers.grammar import check
-
-    check([kind, list(source) if isinstance(source, tuple) else source, compact])
-    return True
+    if isinstance(exc, TimeoutError):
+        return RequestError(f"structured_outputs: the grammar did not compile within {limit:g} s "
+                            "(scheduler.grammar_compile_timeout_s); simplify it",
+                            "structured_outputs")
+    if isinstance(exc, GrammarError):
+        return RequestError(f"structured_outputs: {exc}", exc.kind or "structured_outputs")
+    return exc
 
 
 def sampling_params(params) -> SamplingParams:

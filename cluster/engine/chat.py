@@ -24,19 +24,35 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def render(tokenizer, messages: list, tools: list | None = None) -> str:
-    """The prompt text of a conversation, ending where the assistant's answer begins."""
+def render(tokenizer, messages: list, tools: list | None = None,
+           add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    """The prompt text of a conversation, ending where the assistant's answer begins (or,
+    with ``continue_final_message``, inside the last message, which the model continues;
+    without ``add_generation_prompt``, after the last message)."""
     check_messages(messages)
     if tools is not None:
         check_tools(tools)
     template = _template_text(tokenizer)
+    options = {"add_generation_prompt": add_generation_prompt}
+    if continue_final_message:
+        options["continue_final_message"] = True
     if tools and "tools" in template:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=True)
+        return _apply(tokenizer, messages, tools=tools, **options)
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         if "tool_calls" not in template:
             messages = hermes_messages(messages, tools or [])
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _apply(tokenizer, messages, **options)
+
+
+def _apply(tokenizer, messages: list, **options) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except ValueError as exc:  # transformers: the last message cannot be continued
+        if not options.get("continue_final_message"):
+            raise
+        reason = (str(exc).splitlines() or ["?"])[0][:200]
+        raise RequestError(f"continue_final_message: the last message cannot be continued "
+                           f"({reason})", "continue_final_message") from None
 
 
 def _template_text(tokenizer) -> str:

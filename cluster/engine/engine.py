@@ -13,25 +13,28 @@ import collections
 import itertools
 import json
 import logging
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 from cluster.contract.config import EngineConfig
 from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, INVALID_VALUE, EngineUnavailable,
                                      RequestError)
-from cluster.contract.messages import PromptScores, SampledToken, StepPlan
+from cluster.contract.messages import PromptScores, SampledToken
 from cluster.checkpoints.store import resolve_model
 from cluster.engine import recovery
-from cluster.engine.admission import Admission, Request, check_request_id
+from cluster.engine.admission import Admission, Request, check_request_id, wait_grammar
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.expert_load import ExpertLoad
+from cluster.engine.gang_state import GangState
 from cluster.engine.isolation import Isolation
 from cluster.engine.outputs import Delta, RequestOutput
 from cluster.engine.scheduler import Scheduler, SchedulerError
 from cluster.engine.sequence import SequenceStatus
 from cluster.engine.stops import StopRules, eos_ids
 from cluster.engine.supervisor import Supervisor
-from cluster.engine.worker_group import step_raised
+from cluster.engine.worker_group import StepTimeout, step_raised
 from cluster.ray_utils import connect_ray
 from layers.models import model_args
 
@@ -80,10 +83,14 @@ class Engine:
         self.recovered_at: float | None = None  # to time the replay after a recovery
         self.poisoned: set[str] = set()  # fault injection: requests whose next token fails
         self.isolation = Isolation()  # the request behind a step that fails every time
+        self.gang = GangState()  # what the workers hold of each sequence
+        self._grammars = None  # layers.grammar.Compiler, made with the first structured output
+        self._grammars_lock = threading.Lock()
         self.expert_load = ExpertLoad()  # Mixture-of-Experts: tokens routed to each expert
         self.kv_usage_peak = 0.0  # highest KV-cache usage right after scheduling a step
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                      "mixed_steps": 0}  # mixed: prefill and decode work in one step
+                      "mixed_steps": 0,  # mixed: prefill and decode work in one step
+                      "plan_bytes": 0}  # the step plans' encoded size, all together
 
     def _max_model_len(self) -> int:
         length = min(self.config.model.max_model_len or self.args.max_position_embeddings,
@@ -98,7 +105,8 @@ class Engine:
                     prompt_token_ids: list[int] | None = None, request_id: str | None = None,
                     priority: int = 0, messages: list[dict] | None = None,
                     resume: list[dict] | None = None, keep_logprobs: bool = True,
-                    tokenized: list[int] | None = None, tools: list | None = None) -> str:
+                    tokenized: list[int] | None = None, tools: list | None = None,
+                    grammar=None) -> str:
         """Queue a request given by exactly one of ``prompt``, ``prompt_token_ids`` and chat
         ``messages``; ``params``: SamplingParams, a dict of them, or None. Its id; a typed
         RequestError (nothing queued) where it cannot be served.
@@ -107,7 +115,9 @@ class Engine:
         (``token_ids`` already sent to the caller, ``finish_reason`` if that choice ended):
         those tokens become the choice's output, as if generated here (no delta is sent for
         them), and generation goes on from there. ``keep_logprobs=False``: the caller reads
-        each token's logprobs from the deltas; the outputs keep none (bounded memory)."""
+        each token's logprobs from the deltas; the outputs keep none (bounded memory).
+        ``grammar``: the structured output's compiled grammar (:meth:`grammar`'s result),
+        compiled here, waiting for it, when not given."""
         if self.status == "failed":
             raise EngineUnavailable(f"the engine is not serving: {self.reason}")
         request_id = request_id or f"req-{next(self._request_ids)}"
@@ -117,13 +127,12 @@ class Engine:
         if not keep_logprobs:
             for output in request.outputs:
                 output.logprobs = None
-        eos = set() if request.params.ignore_eos else self.stops.eos_ids
-        ends = sorted(eos | set(request.params.stop_token_ids))
-        if request.params.structured_outputs is not None and not ends:
-            raise RequestError("structured_outputs with ignore_eos needs stop_token_ids: the "
-                               "output must be able to end where its grammar does", "ignore_eos")
+        ends = self.end_ids(request.params)
+        if request.params.structured_outputs is not None and grammar is None:
+            grammar = wait_grammar(self.grammar(request.params),
+                                   self.config.scheduler.grammar_compile_timeout_s)
         for seq in request.seqs:  # before min_tokens they may not be sampled either
-            seq.end_ids = ends
+            seq.end_ids, seq.grammar = ends, grammar
         if resume:
             self._resume(request, resume)
         for i, seq in enumerate(request.seqs):
@@ -140,6 +149,35 @@ class Engine:
         self.requests[request_id] = request
         self.stats["prompt_tokens"] += len(request.prompt_token_ids)
         return request_id
+
+    def end_ids(self, params) -> list[int]:
+        """The tokens that end a request's output: EOS unless ignored, its stop token ids."""
+        eos = set() if params.ignore_eos else self.stops.eos_ids
+        ends = sorted(eos | set(params.stop_token_ids))
+        if params.structured_outputs is not None and not ends:
+            raise RequestError("structured_outputs with ignore_eos needs stop_token_ids: the "
+                               "output must be able to end where its grammar does", "ignore_eos")
+        return ends
+
+    def grammar(self, params) -> Future | None:
+        """The compilation of a request's structured output, started (or shared with an
+        earlier request of the same spec): a future of ``layers.grammar.Compiled``; None
+        without one. Any thread may call it: the engine service starts it before admission,
+        so that no step waits for a grammar."""
+        from cluster.engine.admission import sampling_params
+        from layers.grammar import Compiler
+
+        params = sampling_params(params)
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer, so no structured output",
+                               "structured_outputs")
+        ends = self.end_ids(params)
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Compiler(self.tokenizer, self.args.vocab_size)
+        return self._grammars.submit(params.structured_outputs.spec(), ends)
 
     def _resume(self, request: Request, resume: list[dict]) -> None:
         """Replay each choice's sent tokens into its sequence, detokenizer and output."""
@@ -189,7 +227,8 @@ class Engine:
         try:
             result = self.group.collect(refs, timeout=self.config.fault.step_timeout_s)
         except Exception as exc:  # a dead or hung worker, or a step that raised: a new gang
-            if step_raised(exc):  # a worker raised: which request causes it, if it repeats?
+            if step_raised(exc) or isinstance(exc, StepTimeout):  # which request causes it,
+                # if it repeats? (a worker that raised, or a step that never ends)
                 deltas += self.isolation.on_failure(self, exc, out.seqs)
             deltas += recovery.recover(self, exc, started)
             self.isolation.after_recovery(self)
@@ -268,7 +307,9 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["mixed_steps"] += bool(out.num_prefill_tokens and out.num_decode_tokens)
         self.kv_usage_peak = max(self.kv_usage_peak, self.block_manager.usage)
-        refs = self.group.submit(StepPlan(self.step_id, out.chunks).encode())
+        plan = self.gang.plan(self.group, self.step_id, out, self.by_seq).encode()
+        self.stats["plan_bytes"] += len(plan)
+        refs = self.group.submit(plan)
         self.in_flight.append((out, refs, time.monotonic()))
         return True
 

@@ -202,10 +202,7 @@ class Scheduler:
             start_pos=start,
             block_table=list(seq.block_table),
             sample=sample,
-            sampler=seq.sampling_params.to_sampler(seq.seed, seq.end_ids),
             prompt_targets=_prompt_targets(seq, start, len(token_ids)),
-            history=[seq.num_prompt_tokens, seq.all_token_ids[:start]]
-            if sample and seq.sampling_params.penalized else None,
             banned=seq.end_ids if sample and _before_min_tokens(seq, start + len(token_ids))
             else None,
         ))

@@ -48,6 +48,8 @@ class Sequence:
     # the tokens that end it (EOS unless ignored, and the stop token ids): banned before
     # min_tokens outputs, and all a complete grammar allows
     end_ids: list[int] = field(default_factory=list)
+    # its structured output's compiled grammar (layers.grammar.Compiled), None for none
+    grammar: object = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -162,7 +162,7 @@ class WorkerGroup:
             spec = WorkerSpec(dep.name, pp_rank, tp_rank, par.tensor_parallel_size,
                               par.pipeline_parallel_size, self.device, par.threads_per_worker,
                               ranges[pp_rank], self.config.fault.poison_token_id,
-                              par.enable_expert_parallel)
+                              par.enable_expert_parallel, self.config.fault.poison_hang_s)
             options = dict(
                 name=spec.name, namespace=dep.namespace,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(

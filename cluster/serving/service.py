@@ -28,6 +28,7 @@ import ray
 from cluster.contract import events
 from cluster.contract.config import EngineConfig
 from cluster.contract.errors import EngineUnavailable
+from cluster.engine.admission import grammar_error
 from cluster.serving.metrics import EngineMetrics
 from cluster.serving.output_processor import OutputProcessor
 
@@ -253,6 +254,7 @@ class EngineService:
         route = self._routes[request_id] = _Route(self, feed, request_id, subscriber)
         try:
             body["tokenized"] = await self._tokenize(loop, body)
+            body["grammar"] = await self._grammar(body)
         except Exception as exc:
             route.put_nowait(events.error_event(exc))
             return
@@ -308,6 +310,21 @@ class EngineService:
                                           body["prompt"], body["prompt_token_ids"],
                                           body["messages"], body.get("tools"))
 
+    async def _grammar(self, body: dict):
+        """The request's structured output compiled (``layers.grammar.Compiled``), off the
+        engine thread: the request waits for it here while every other stream goes on (None:
+        none asked, or the engine not started yet: admission compiles it). A RequestError
+        when it does not compile, or not within ``scheduler.grammar_compile_timeout_s``."""
+        engine = self.engine
+        future = None if engine is None else engine.grammar(body["params"])
+        if future is None:
+            return None
+        limit = self.config.scheduler.grammar_compile_timeout_s
+        try:  # shielded: other requests may wait for the same compilation
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limit)
+        except Exception as exc:
+            raise grammar_error(exc, limit) from None
+
     def _forget(self, request_id: str) -> None:
         """On the engine thread: abort a request whose caller went away, and drop its stream."""
         if self.engine is not None:  # none: between engines, where no request runs
@@ -347,7 +364,8 @@ class EngineService:
             request_id = self.engine.add_request(  # logprobs are kept by the output thread
                 body["prompt"], body["params"] or {}, body["prompt_token_ids"],
                 body["request_id"], body["priority"] or 0, body["messages"], body["resume"],
-                keep_logprobs=False, tokenized=body.get("tokenized"), tools=body.get("tools"))
+                keep_logprobs=False, tokenized=body.get("tokenized"), tools=body.get("tools"),
+                grammar=body.get("grammar"))
             request = self.engine.requests[request_id]
             self.outputs.open(request, (loop, queue_),
                               keep_logprobs=body["final_logprobs"] is not False,
@@ -392,6 +410,33 @@ class EngineService:
     def model_info(self) -> dict:
         return {"id": self.config.model.model, "created": int(self._started),
                 "max_model_len": self.engine.max_model_len if self.engine else None}
+
+    async def tokenize(self, request: dict) -> dict:
+        """``POST /tokenize``'s ids, as admission makes a prompt's
+        (:func:`cluster.engine.tokenization.tokenize`), or an error event."""
+        return await self._in_tokenizer_pool("tokenize", request)
+
+    async def detokenize(self, tokens: list) -> dict:
+        """``POST /detokenize``'s text (:func:`cluster.engine.tokenization.detokenize`), or an
+        error event."""
+        return await self._in_tokenizer_pool("detokenize", tokens)
+
+    async def _in_tokenizer_pool(self, name: str, arg) -> dict:
+        """A :mod:`cluster.engine.tokenization` call, in the tokenizer pool (not a control
+        call: a burst of them must not hold back health). Errors come back as an error event
+        (:func:`cluster.contract.events.raise_if_error` raises it again)."""
+        from cluster.engine import tokenization
+
+        engine = self.engine  # once: the engine thread may replace it meanwhile
+        try:
+            if engine is None:
+                raise EngineUnavailable(f"the engine is not serving: {self.reason}")
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tokenizers, getattr(tokenization, name), engine, arg)
+        except Exception as exc:
+            if not isinstance(exc, (ValueError, EngineUnavailable)):
+                log.exception("%s failed", name)
+            return events.error_event(exc)
 
     @control
     def recovery(self) -> dict:
@@ -460,10 +505,11 @@ def get_or_start_service(config: EngineConfig):
     # a dead engine actor (its process or its node lost) is restarted by Ray, without end, and
     # starts a new engine; calls in flight fail (max_task_retries=0) and each caller's
     # RequestStream resumes its request on the new engine from what it already received
+    # (deployment.resources: only on nodes that advertise them, e.g. not the head)
     actor = ray.remote(concurrency_groups={"control": CONTROL_CALLS})(EngineService).options(
         name=dep.name, namespace=dep.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_concurrency=dep.max_open_requests + REFUSAL_SLOTS,
-        max_restarts=-1, max_task_retries=0)
+        num_cpus=0, resources=dict(dep.resources),
+        max_concurrency=dep.max_open_requests + REFUSAL_SLOTS, max_restarts=-1, max_task_retries=0)
     return actor.remote(config.to_dict())
 
 

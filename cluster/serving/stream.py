@@ -20,18 +20,21 @@ read its events (:mod:`cluster.contract.events`) from it, synchronously or with 
   health() as the same incarnation the request was sent to) takes the request back there
   instead: sent again with the journal and that incarnation, it replaces the engine's copy,
   whose events since the break were lost with the broken stream.
+
+What a stream has handed on is kept only as far as a resume or the final event needs it:
+token ids, and logprobs only where the final event carries them. (The API replica reads its
+streams through :mod:`cluster.serving.mux`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
+from array import array
 from contextlib import contextmanager
 
-import msgpack
 import ray
 
 from cluster.contract import events
@@ -97,7 +100,7 @@ class RequestStream:
         resume = incarnation = None
         if self.journal or self._resent:  # even with nothing sent: it may replace a live copy
             n = int(self._fields["params"].get("n") or 1)
-            resume = [{"token_ids": self.journal.get(i, {}).get("token_ids", []),
+            resume = [{"token_ids": list(self.journal.get(i, {}).get("token_ids", [])),
                        "finish_reason": self.journal.get(i, {}).get("finish_reason")}
                       for i in range(n)]
             incarnation = self._sent_to if isinstance(self._sent_to, str) else None
@@ -160,10 +163,14 @@ class RequestStream:
         return events.raise_if_error(event)
 
     def _record(self, delta: dict) -> None:
-        entry = self.journal.setdefault(delta["index"], {"token_ids": [], "logprobs": [],
-                                                         "finish_reason": None})
-        entry["token_ids"] += delta["token_ids"]
-        entry["logprobs"] += delta.get("logprobs") or []
+        entry = self.journal.setdefault(delta["index"], {
+            "token_ids": array("i"), "logprobs": [], "finish_reason": None})  # 4 bytes a token
+        entry["token_ids"].extend(delta["token_ids"])
+        # the rendered logprobs are kept only for a final event that carries them (a resumed
+        # engine knows only its own); a caller that reads them from the deltas asked for
+        # none there (final_logprobs false), and they would grow with the output for nothing
+        if self._fields["final_logprobs"]:
+            entry["logprobs"] += delta.get("logprobs") or []
         entry["finish_reason"] = delta.get("finish_reason") or entry["finish_reason"]
 
     def _restore_logprobs(self, final: dict) -> None:
@@ -285,95 +292,3 @@ def _final(last: dict | None) -> dict:
     if last is None or last["type"] != "final":
         raise ServiceError("the engine closed the stream without a final result")
     return last
-
-
-class Mux:
-    """One subscription (``EngineService.subscribe``) carrying the events of every request
-    this process sends an engine service through :class:`MuxedRequestStream`: a step's
-    tokens for all of them arrive as one Ray item instead of one item per request and token.
-    Each request's events go to its own asyncio queue; when the subscription breaks (the
-    engine actor lost), every open request gets the error, resumes as a
-    :class:`RequestStream` does, and the next request opens a new subscription."""
-
-    _of: dict = {}  # engine service actor id -> its Mux in this process
-
-    def __init__(self, service):
-        self.service = service
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.subscriber: str | None = None
-        self.stream = None  # the subscription's Ray stream
-        self.items = 0  # batches received (each holds the events ready at once)
-        self._task: asyncio.Task | None = None
-
-    @classmethod
-    def of(cls, service) -> "Mux":
-        key = service._actor_id.hex()
-        if key not in cls._of:
-            cls._of[key] = cls(service)
-        return cls._of[key]
-
-    def open(self, request_id: str) -> asyncio.Queue:
-        """The queue of ``request_id``'s events (encoded), or of the exception that broke the
-        subscription; subscribes if nothing does yet."""
-        if self._task is None or self._task.done():
-            self.subscriber = f"{os.getpid()}-{uuid.uuid4().hex}"
-            self._task = asyncio.ensure_future(self._read(self.subscriber))
-        self.queues[request_id] = queue_ = asyncio.Queue()
-        return queue_
-
-    def close(self, request_id: str) -> None:
-        self.queues.pop(request_id, None)
-
-    async def _read(self, subscriber: str) -> None:
-        self.stream = stream = self.service.subscribe.options(num_returns="streaming").remote(subscriber)
-        try:
-            async for ref in stream:
-                self.items += 1
-                for request_id, data, _ in msgpack.unpackb(await ref):
-                    queue_ = self.queues.get(request_id)
-                    if queue_ is not None:
-                        queue_.put_nowait(data)
-            error: BaseException = ServiceError("the engine service ended the subscription")
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # the engine actor lost, or the stream broken
-            error = exc
-        if self.subscriber == subscriber:  # every request still open learns it
-            for queue_ in self.queues.values():
-                queue_.put_nowait(error)
-            self.queues.clear()
-
-
-class MuxedRequestStream(RequestStream):
-    """A :class:`RequestStream` read with asyncio whose events arrive through the process's
-    :class:`Mux` (the API replica's way in); the same journal, resumption and cancellation."""
-
-    def _submit(self):
-        mux = Mux.of(self.service)
-        self._queue = mux.open(self.request_id)
-        # submit() answers with the incarnation that took the request
-        self._sent_to = self.service.submit.remote(self._body(), mux.subscriber)
-        return mux
-
-    def __next__(self) -> dict:
-        raise TypeError("a MuxedRequestStream is read with async for")
-
-    async def __anext__(self) -> dict:
-        while not self.done:
-            with self._errors():
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                event = self._accept(item)
-                if self.done:
-                    self._events.close(self.request_id)
-                return event
-            await self._await_engine()
-            self._resend()
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        if not self.done:
-            self.done = True
-            self._events.close(self.request_id)
-            self.service.abort.remote(self.request_id)

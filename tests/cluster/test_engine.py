@@ -229,3 +229,55 @@ def test_prefix_cache_hits_and_keeps_outputs(llm, tiny):
     for prompt, out in zip(prompts, first + rest):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
         assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_sampling_parameters_and_history_go_to_the_workers_once(ray_session, tiny):
+    """A request whose sampling reads its tokens (a repetition penalty) and restricts them
+    (allowed_token_ids) sends those parameters with its first plan only, and its tokens as
+    they come: over a generation its plans outweigh a plain request's of the same length by
+    about one copy of them, not one per step. Its greedy tokens equal transformers' with the
+    same processors, also when its prompt comes from the prefix cache (the gang then gets
+    the tokens before the first chunk). An engine of its own whose cache has fewer than 128
+    blocks: every block id then packs in one byte, so block tables weigh the same whichever
+    blocks each request gets."""
+    llm = _llm(tiny, 1, "engine-plan-bytes", kv_cache_bytes=150_000)
+    try:
+        assert 76 <= llm.engine.num_blocks < 128, llm.engine.num_blocks  # two requests fit
+        _plans_carry_parameters_once(llm, tiny)
+    finally:
+        llm.shutdown()
+
+
+def _plans_carry_parameters_once(llm, tiny) -> None:
+    import msgpack
+    import transformers
+
+    n = 120  # prompt tokens; ids below 128 pack in one byte each, so both prompts weigh alike
+    heavy_prompt = [(5 * j) % 127 + 1 for j in range(n)]
+    plain_prompt = [(3 * j + 7) % 127 + 1 for j in range(n)]
+    allowed = list(range(1, 151, 2))
+    heavy = SamplingParams(max_tokens=32, temperature=0, repetition_penalty=1.3,
+                           allowed_token_ids=allowed)
+
+    def plan_bytes(prompt, params):
+        before = llm.engine.stats["plan_bytes"]
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0]
+        return llm.engine.stats["plan_bytes"] - before, out
+
+    plain, _ = plan_bytes(plain_prompt, SamplingParams(max_tokens=32, temperature=0,
+                                                       ignore_eos=True))
+    weighed, first = plan_bytes(heavy_prompt, heavy)
+    assert len(first.outputs[0].token_ids) == 32
+    once = len(msgpack.packb(allowed)) + len(msgpack.packb(heavy_prompt))
+    assert weighed - plain < 2 * once, (weighed, plain, once)
+    _, again = plan_bytes(heavy_prompt, heavy)  # from the prefix cache
+    assert again.num_cached_tokens > 0
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    ref = model.generate(torch.tensor([heavy_prompt]), max_new_tokens=32, do_sample=False,
+                         pad_token_id=0, repetition_penalty=1.3,
+                         prefix_allowed_tokens_fn=lambda batch, ids: allowed)
+    expected = ref[0, n:].tolist()
+    assert set(expected) <= set(allowed)
+    assert first.outputs[0].token_ids == expected
+    assert again.outputs[0].token_ids == expected

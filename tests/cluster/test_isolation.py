@@ -42,3 +42,28 @@ def test_the_poisoned_request_fails_alone(ray_session, tiny):
     assert all(o.outputs[0].error is None for o in outputs)
     print(f"7 requests, one poisoned: isolated after {restarts} gang restarts")
     assert restarts <= 5  # bisection: about log2(7) + 1 rounds, not one per request
+
+
+def test_a_request_that_hangs_every_step_fails_alone(ray_session, tiny):
+    """The same when the poisoned steps hang past ``fault.step_timeout_s`` instead of
+    raising (a request that stalls its gang, e.g. a kernel that never returns on its shapes):
+    timeouts are bisected like errors. Before, each timeout rebuilt the gang and replayed the
+    whole batch into the same hang until the restart budget ran out and every request
+    failed."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    common = dict(model=str(tiny), dtype="float32", tensor_parallel_size=1, cpus_per_worker=0.5,
+                  kv_cache_bytes=1 << 22, name="isolation-hang", namespace="isolation-hang",
+                  restart_backoff_s=0.1, max_restarts=8)
+    prompts = _prompts()[:4] + [_prompts()[4]]  # the poisoned one last
+    with LLM(**common) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts[:4],
+                                                            sampling_params=params)]
+    with LLM(**common, poison_token_id=POISON, poison_hang_s=60.0, step_timeout_s=3.0) as llm:
+        outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        restarts = llm.engine.stats.get("restarts", 0)
+    poisoned = outputs.pop().outputs[0]
+    assert poisoned.finish_reason == "abort"
+    assert "isolated and failed alone" in poisoned.error and "step_timeout_s" in poisoned.error
+    assert [o.outputs[0].token_ids for o in outputs] == want
+    assert all(o.outputs[0].error is None for o in outputs)
+    print(f"5 requests, one hanging its steps: isolated after {restarts} gang restarts")

@@ -91,10 +91,13 @@ TOP = 5
 
 
 def _chunk(seq_id, ids, start, table, sample, logprobs):
-    from cluster.contract.messages import SamplerParams, SeqChunk
+    """A chunk, and its sequence's sampling parameters (each plan sends them again: a
+    worker takes a sequence's latest)."""
+    from cluster.contract.messages import SamplerParams, SeqChunk, SeqParams
 
-    return SeqChunk(seq_id, ids, start, table, sample, SamplerParams(temperature=0.0, seed=seq_id,
-                                                                      logprobs=logprobs))
+    return (SeqChunk(seq_id, ids, start, table, sample),
+            SeqParams(seq_id, len(PROMPTS[seq_id]),
+                      SamplerParams(temperature=0.0, seed=seq_id, logprobs=logprobs)))
 
 
 PAGED_MODELS = ["llama-gqa", "qwen3", "phi3", "gemma2", "gemma3", *MOE_MODELS,
@@ -139,11 +142,12 @@ def test_paged_steps_match_transformers(ray_session, checkpoints, tp, backend, m
         for step_id in range(1, 8):
             chunks = steps[step_id - 1] if step_id <= len(steps) else []
             if step_id > 1:  # every sequence that sampled last step decodes its token now
-                ready = {c.seq_id for c in chunks}
+                ready = {c.seq_id for c, _ in chunks}
                 chunks = chunks + [_chunk(s, seqs[s][-1:], len(seqs[s]) - 1, tables[s], True,
                                           logprobs[s]) for s in range(3)
                                    if s not in ready and sampled_last.get(s)]
-            result = group.collect(group.submit(StepPlan(step_id, chunks).encode()))
+            result = group.collect(group.submit(StepPlan(
+                step_id, [c for c, _ in chunks], [p for _, p in chunks]).encode()))
             sampled_last = {}
             for token in result.tokens:
                 results.append((token.seq_id, len(seqs[token.seq_id]), token))

@@ -14,7 +14,6 @@ import json
 import queue
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,14 +36,7 @@ def run_scenario(cluster: netns.NetnsRayCluster, *args: str) -> dict:
     with open(log, "w") as err:
         proc = cluster.popen_in(cluster.head.ns, argv, cwd=ROOT, env=env, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-        lines: queue.Queue = queue.Queue()
-
-        def read() -> None:
-            for text in proc.stdout:
-                lines.put(text)
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
+        lines = netns.stdout_lines(proc)
         result, kills, deadline = None, [], time.monotonic() + SCENARIO_TIMEOUT_S + 30
         try:
             while (line := lines.get(timeout=max(1.0, deadline - time.monotonic()))) is not None:

@@ -1,7 +1,9 @@
 """An API replica's requests share one subscription to their engine service
-(:class:`cluster.serving.stream.Mux`): their tokens equal transformers' greedy ones, a step's
+(:class:`cluster.serving.mux.Mux`): their tokens equal transformers' greedy ones, a step's
 tokens for all of them arrive together (fewer Ray items than events), and when the subscriber
-goes away the service aborts its requests and frees their KV blocks."""
+goes away the service aborts its requests and frees their KV blocks. A request whose reader
+does not read holds at most its backlog's bound, then is dropped and aborted alone, while a
+stream read beside it gets every token."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import ray
 import torch
 
 from cluster.contract.config import EngineConfig
+from cluster.contract.errors import ServiceError
 from cluster.serving.service import get_or_start_service, stop_service
-from cluster.serving.stream import Mux, MuxedRequestStream
+from cluster.serving.mux import Mux, MuxedRequestStream
 from tests.checkpoints import write_tiny_checkpoint
 from tests.services import wait_ready
 
@@ -92,3 +95,80 @@ def test_a_subscriber_that_goes_away_frees_its_requests(service):
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
+
+
+def _wait_idle(service, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = ray.get(service.stats.remote())
+        if (stats["num_running"] == stats["open_requests"] == stats["streams"] == 0
+                and stats["num_free_blocks"] == stats["num_blocks"]):
+            return stats
+        assert time.monotonic() < deadline, f"a request still runs: {stats}"
+        time.sleep(0.2)
+
+
+async def _read_beside(unread: MuxedRequestStream, stream: MuxedRequestStream,
+                       sample=lambda: 0) -> tuple[list[int], int]:
+    """Read ``stream`` to its end, ``unread`` once (it is admitted) and then no more; the
+    tokens read and the most ``sample()`` said meanwhile."""
+    await unread.__anext__()
+    tokens, peak = [], 0
+    async for event in stream:
+        peak = max(peak, sample())
+        if event["type"] == "delta":
+            tokens += event["token_ids"]
+    return tokens, peak
+
+
+def test_a_stream_nobody_reads_is_dropped_alone(service):
+    """The default bound (deployment.stream_buffer_bytes, 1 MiB): 20 logprobs a token are about
+    1 KB of events, so the unread stream passes it near its 1000th token, long before its
+    3000, while the stream beside it, read, gets all of its 1500."""
+    heavy = {"logprobs": 20}
+
+    async def run():
+        unread = MuxedRequestStream(service, prompt_token_ids=PROMPTS[0],
+                                    params=_params(3000) | heavy, final_logprobs=False)
+        read = MuxedRequestStream(service, prompt_token_ids=PROMPTS[1],
+                                  params=_params(1500) | heavy, final_logprobs=False)
+        tokens, _ = await _read_beside(unread, read)
+        later, error = [], None
+        try:
+            async for event in unread:  # what waited for it
+                later.append(event)
+        except ServiceError as exc:
+            error = exc
+        return tokens, later, error
+
+    tokens, later, error = asyncio.run(run())
+    assert len(tokens) == 1500
+    waited = sum(len(e.get("token_ids") or []) for e in later)
+    assert error is not None and "dropped" in str(error), (
+        f"the unread stream was not dropped: {len(later)} events ({waited} tokens) waited "
+        f"for it, then {error!r}")
+    assert later == [], "the dropped stream's waiting events were freed"
+    _wait_idle(service)  # its request was aborted: nothing runs, every block is free
+
+
+def test_an_unread_backlog_stays_under_its_bound(service):
+    """A small bound: the unread stream's waiting events never pass it (and a batch, the
+    largest one the bound lets through), and it is dropped long before its 3000 tokens."""
+    limit = 16 << 10
+    params = _params(3000) | {"logprobs": 5}
+
+    async def run():
+        unread = MuxedRequestStream(service, prompt_token_ids=PROMPTS[2], params=params,
+                                    final_logprobs=False, buffer_bytes=limit)
+        read = MuxedRequestStream(service, prompt_token_ids=PROMPTS[3], params=_params(400),
+                                  final_logprobs=False, buffer_bytes=limit)
+        tokens, peak = await _read_beside(unread, read, lambda: unread.buffered_bytes)
+        with pytest.raises(ServiceError, match="dropped"):
+            await unread.__anext__()
+        return tokens, peak, unread._queue.burst
+
+    tokens, peak, burst = asyncio.run(run())
+    assert len(tokens) == 400
+    assert 0 < peak <= max(limit, 2 * burst) and burst < limit // 4, (peak, burst)
+    _wait_idle(service)
+

@@ -343,13 +343,15 @@ def test_schemathesis_finds_no_server_errors(server):
     def small(case) -> None:  # keep generations short: this checks handling, not the model
         body = case.body
         if isinstance(body, dict):
-            for key in ("max_tokens", "max_completion_tokens"):
+            for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                 value = body.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     body[key] = max(-1, min(int(value), 2))
             unbounded = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
             if "messages" in body and unbounded:  # the chat default: the whole context
                 body["max_completion_tokens"] = 2
+            if "input" in body and body.get("max_output_tokens") is None:  # the same (responses)
+                body["max_output_tokens"] = 2
 
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -371,7 +373,9 @@ def test_schemathesis_finds_no_server_errors(server):
                     checks.response_schema_conformance])
 
             check()
-    for path in ("/v1/completions", "/v1/chat/completions"):  # both accepted and refused cases
+    # both accepted and refused cases
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+                 "/v1/responses"):
         assert seen.get(f"POST {path} 200") and seen.get(f"POST {path} 400"), seen
     ok = server.post("/v1/completions", _body())
     assert ok.status_code == 200, ok.text

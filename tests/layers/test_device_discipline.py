@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from cluster.contract.messages import SamplerParams, SeqChunk, StepPlan
+from cluster.contract.messages import SamplerParams, SeqChunk, SeqParams, StepPlan
 from layers.models import build_model
 from layers.ops import NATIVE
 from layers.platform import use_ops
@@ -59,16 +59,22 @@ def _plans() -> list[StepPlan]:
     sequence recomputed from scratch into new blocks."""
     p0, p1 = list(range(1, 12)), list(range(40, 47))
     return [
-        StepPlan(1, [SeqChunk(0, p0[:6], 0, [0, 1, 2], False, GREEDY),  # first chunk of 0
-                     SeqChunk(1, p1, 0, [3, 4], True, LOGPROBS)]),  # whole prompt of 1
-        StepPlan(2, [SeqChunk(0, p0[6:], 6, [0, 1, 2], True, GREEDY),  # continued prefill
-                     SeqChunk(1, [77], 7, [3, 4], True, LOGPROBS)]),  # decode beside it
-        StepPlan(3, [SeqChunk(0, [5], 11, [0, 1, 2], True, RANDOM),
-                     SeqChunk(1, [78], 8, [3, 4, 5], True, GREEDY)]),  # decode only
-        StepPlan(4, [SeqChunk(2, p0[8:] + [9], 8, [0, 1, 6], True, GREEDY),  # prefix hit
-                     SeqChunk(0, [6], 12, [0, 1, 2, 7], True, LOGPROBS)]),
-        StepPlan(5, [SeqChunk(1, p1 + [77, 78, 79], 0, [8, 9, 10], True, RANDOM)]),  # recompute
+        _plan(1, [(SeqChunk(0, p0[:6], 0, [0, 1, 2], False), GREEDY),  # first chunk of 0
+                  (SeqChunk(1, p1, 0, [3, 4], True), LOGPROBS)]),  # whole prompt of 1
+        _plan(2, [(SeqChunk(0, p0[6:], 6, [0, 1, 2], True), GREEDY),  # continued prefill
+                  (SeqChunk(1, [77], 7, [3, 4], True), LOGPROBS)]),  # decode beside it
+        _plan(3, [(SeqChunk(0, [5], 11, [0, 1, 2], True), RANDOM),
+                  (SeqChunk(1, [78], 8, [3, 4, 5], True), GREEDY)]),  # decode only
+        _plan(4, [(SeqChunk(2, p0[8:] + [9], 8, [0, 1, 6], True), GREEDY),  # prefix hit
+                  (SeqChunk(0, [6], 12, [0, 1, 2, 7], True), LOGPROBS)]),
+        _plan(5, [(SeqChunk(1, p1 + [77, 78, 79], 0, [8, 9, 10], True), RANDOM)]),  # recompute
     ]
+
+
+def _plan(step_id: int, chunks: list) -> StepPlan:
+    """A plan whose chunks' sequences get these sampling parameters from now on."""
+    return StepPlan(step_id, [c for c, _ in chunks],
+                    [SeqParams(c.seq_id, 4, sampler) for c, sampler in chunks])
 
 
 def _run(default_device: str | None) -> list:

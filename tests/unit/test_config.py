@@ -23,6 +23,9 @@ from cluster.contract.config import ConfigError, EngineConfig, ParallelConfig
     ({"async_scheduling": "yes"}, "scheduler.async_scheduling", "'yes'"),
     ({"dtype": "int3"}, "model.dtype", "'int3'"),
     ({"name": "has space"}, "deployment.name", "'has space'"),
+    ({"resources": {"CPU": 1}}, "deployment.resources", "{'CPU': 1}"),  # num_cpus' business
+    ({"resources": {"shardlm_serving": 0}}, "deployment.resources", "{'shardlm_serving': 0}"),
+    ({"resources": ["shardlm_serving"]}, "deployment.resources", "['shardlm_serving']"),
 ])
 def test_bad_values_name_field_and_value(overrides, field, value):
     with pytest.raises(ConfigError) as err:

@@ -99,7 +99,19 @@ def test_manifest_validates(name, schemas):
     documents = validate_file(K8S / name, schemas)
     ray_objects = [d for d in documents if d["apiVersion"] == "ray.io/v1"]
     assert [d["kind"] for d in ray_objects] == [MANIFESTS[name]]
-    assert {d["kind"] for d in documents} <= {MANIFESTS[name], "ConfigMap", "NetworkPolicy"}
+    assert {d["kind"] for d in documents} <= {MANIFESTS[name], "ConfigMap", "NetworkPolicy",
+                                              "Deployment", "Service"}
+
+
+def test_embedded_core_kinds_catch_typos(schemas):
+    """A Deployment and a Service are checked against the core types the CRDs embed."""
+    (redis,) = [d for d in load_documents(K8S / "rayservice.yaml") if d["kind"] == "Deployment"]
+    broken = _edit(redis, ("spec", "template", "spec", "containers", 0, "image"), rename="imag")
+    assert any(e.startswith("spec.template.spec.containers[0].imag: unknown field")
+               for e in validate_object(broken, schemas))
+    (service,) = [d for d in load_documents(K8S / "rayservice.yaml") if d["kind"] == "Service"]
+    broken = _edit(service, ("spec", "ports", 0, "port"), value="6379")
+    assert "spec.ports[0].port: expected integer, got str '6379'" in validate_object(broken, schemas)
 
 
 def _edit(obj: dict, path: tuple, *, rename: str | None = None, value=None) -> dict:
@@ -250,12 +262,12 @@ def test_network_policy_admits_only_the_api_from_outside(name, schemas):
     (reachable from anywhere) opens the API port alone, every other rule names in-cluster
     sources only (pods, namespaces: no IP blocks), and the Ray pods reach each other."""
     documents = validate_file(K8S / name, schemas)
-    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    cluster = _cluster_spec(_ray_object(name))
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy" and _selects(d, templates[0])]
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress"]
     selector = spec["podSelector"]["matchLabels"]
-    cluster = _cluster_spec(_ray_object(name))
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:
         assert selector.items() <= template["metadata"]["labels"].items()
     open_rules = [r for r in spec["ingress"] if not r.get("from")]
@@ -265,6 +277,11 @@ def test_network_policy_admits_only_the_api_from_outside(name, schemas):
             assert "ipBlock" not in peer and peer.keys() <= {"podSelector", "namespaceSelector"}
     assert any(r.get("from") == [{"podSelector": {"matchLabels": selector}}] and not r.get("ports")
                for r in spec["ingress"])
+
+
+def _selects(policy: dict, template: dict) -> bool:
+    labels = template["metadata"]["labels"]
+    return policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_rayservice_takes_its_api_key_from_a_secret():

@@ -3,7 +3,7 @@
 import msgpack
 import pytest
 
-from cluster.contract.messages import SamplerParams, SeqChunk
+from cluster.contract.messages import SamplerParams, SeqChunk, SeqParams, StepPlan
 from cluster.contract.sampling import SamplingParams
 
 
@@ -75,10 +75,13 @@ def test_to_sampler_carries_seed_and_encodes():
     s = p.to_sampler(seed=-1)
     assert s == SamplerParams(temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05,
                               seed=(1 << 64) - 1, logprobs=3)
-    chunk = SeqChunk(1, [1, 2], 0, [0], True, s)
+    assert not s.needs_history()
+    chunk = SeqChunk(1, [1, 2], 0, [0], True)
     assert SeqChunk.from_list(msgpack.unpackb(msgpack.packb(chunk.to_list()))) == chunk
     penalized = SamplingParams(repetition_penalty=1.2, presence_penalty=0.5,
                                logit_bias={"7": -3, 9: 1.5}).to_sampler(seed=1)
     assert penalized.logit_bias == [[7, -3.0], [9, 1.5]] and penalized.repetition_penalty == 1.2
-    chunk = SeqChunk(1, [1, 2], 0, [0], True, penalized, None, [1, [4, 4]], [0, 2])
-    assert SeqChunk.from_list(msgpack.unpackb(msgpack.packb(chunk.to_list()))) == chunk
+    assert penalized.needs_history()
+    plan = StepPlan(3, [SeqChunk(1, [1, 2], 2, [0], True, None, [4, 4], [0, 2])],
+                    [SeqParams(1, 1, penalized)], [0], [["key", [2], "{}"]])
+    assert StepPlan.decode(plan.encode()) == plan

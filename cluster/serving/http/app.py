@@ -5,8 +5,10 @@ forwards them to the engine service (the detached actor of :mod:`cluster.serving
 created on first use) and turns its events into OpenAI responses
 (:mod:`cluster.serving.http.format`). Routes: ``POST /v1/completions``, ``POST
 /v1/chat/completions`` (both with ``stream: true`` as server-sent events), ``GET
-/v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``, and FastAPI's
-``/openapi.json`` and ``/docs``.
+/v1/models``, ``GET /v1/models/{model}``, vLLM's ``POST /tokenize`` and ``POST /detokenize``
+(:mod:`cluster.serving.http.tokenize`), the Responses API's ``POST /v1/responses`` and
+``GET``/``DELETE /v1/responses/{id}`` (:mod:`cluster.serving.http.responses`), ``GET
+/health``, ``GET /metrics``, and FastAPI's ``/openapi.json`` and ``/docs``.
 
 - API keys (``api_key``/``api_keys`` or ``$SHARDLM_API_KEY``, comma-separated) guard
   ``/v1/*`` with ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open
@@ -22,6 +24,11 @@ created on first use) and turns its events into OpenAI responses
   (:func:`cluster.serving.http.format.api_error`).
 - A client that disconnects before its answer is complete (streaming or not) aborts its
   requests; their KV blocks are freed.
+- A streaming client must keep reading: each of its requests' events wait for it in a backlog
+  bounded by ``deployment.stream_buffer_bytes`` (:mod:`cluster.serving.mux`), and a
+  chunk its connection does not take within ``deployment.stream_stall_timeout_s`` ends the
+  response (:class:`cluster.serving.http.format.EventStream`). Either way its requests are
+  aborted and the log names them; the other streams go on.
 
 KubeRay's ``serveConfigV2`` names ``cluster.serving.http.deploy:app_builder`` (requests come
 through Serve's proxy); ``shardlm serve`` calls :func:`cluster.serving.http.deploy.deploy`, by
@@ -41,31 +48,34 @@ from dataclasses import dataclass
 import ray
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
 from ray import serve
 from starlette.exceptions import HTTPException
 
 from cluster.contract.config import EngineConfig
 from cluster.serving.http.format import (REQUEST_ID_HEADER, RETRY_AFTER_S, ApiError, ChatStream,
-                                         CompletionStream, ResponseInfo, ToolMode, api_error,
-                                         chat_response, completion_response, internal_error,
-                                         sse, validation_error)
+                                         CompletionStream, EventStream, ResponseInfo, ToolMode,
+                                         api_error, chat_response, completion_response,
+                                         internal_error, validation_error)
 from cluster.serving.http.gate import KeyAndSizeGate
 from cluster.serving.http.listener import Listener
 from cluster.serving.http.openapi import ERROR_RESPONSES, finish_openapi, streamed_responses
 from cluster.serving.http.tools import engine_fields as tool_fields
+from cluster.serving.http.tokenize import register as register_tokenizer_routes
+from cluster.serving.http.responses import add_routes as register_response_routes
+from cluster.serving.http.store import get_or_start_store
 from cluster.serving.http.protocol import (ChatCompletionChunk, ChatCompletionRequest,
                                            ChatCompletionResponse, CompletionRequest,
                                            CompletionResponse, ErrorResponse, Health, ModelCard,
                                            ModelList)
 from cluster.serving.metrics import merge_exposition
-from cluster.serving.router import Router, routing_key
-from cluster.serving.stream import MuxedRequestStream, RequestStream
+from cluster.serving.router import Router, preference, routing_key
+from cluster.serving.mux import MuxedRequestStream, StreamDropped
+from cluster.serving.stream import RequestStream
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-READY_TTL_S = 2.0  # a replica trusts a "ready" answer this long before asking again
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,10 @@ class OpenAIServer:
         self.services = get_or_start_services(config)  # one engine service per replica
         self.service = self.services[0]  # the one asked for the model's facts
         self.router = Router(len(self.services), config.deployment.routing)
-        self._ready_at = -1e9
+        self.store = get_or_start_store(config)  # the stored responses, shared by the replicas
+        # a slow streaming client's bounds (see the module docstring)
+        self.buffer_bytes = config.deployment.stream_buffer_bytes
+        self.stall_timeout_s = config.deployment.stream_stall_timeout_s
         self._info: dict | None = None
         if not settings.api_keys:  # Serve's logger: the line lands in the replica's log
             logging.getLogger("ray.serve").warning(
@@ -137,24 +150,27 @@ class OpenAIServer:
     async def health(self) -> dict:
         """The engines' state with a short public reason: /health is open to anyone, so it
         names no process, address or error text (the services' logs have them). Ready while
-        any engine is ready (requests go to the others meanwhile)."""
+        any engine is ready (requests go to the others meanwhile); else the state of the one
+        that would serve soonest (the router's order). The router is told each state."""
         states = await asyncio.gather(*[_engine_health(s) for s in self.services])
+        for replica, state in enumerate(states):
+            self.router.observe(replica, state["status"], state.get("retry_in_s"))
         if len(states) == 1:
             return states[0]
         ready = [s for s in states if s["status"] == "ready"]
         if ready and len(ready) < len(states):
             return {"status": "ready", "reason": PUBLIC_REASONS["some_ready"]}
-        return ready[0] if ready else states[0]
+        return min(states, key=lambda s: (preference(s["status"]),
+                                          s.get("retry_in_s", math.inf)))
 
     async def require_ready(self, request_id: str | None = None) -> None:
         """Requests are queued while the engine recovers; refused while it starts or failed
-        (with the public reason only: health() names no internals)."""
-        if time.monotonic() - self._ready_at < READY_TTL_S:
+        (with the public reason only: health() names no internals). The engines are asked
+        only when what the router was told of them is stale or no engine was ready."""
+        if self.router.ready_known():
             return
         health = await self.health()
-        if health["status"] == "ready":
-            self._ready_at = time.monotonic()
-        elif health["status"] != "recovering":
+        if health["status"] not in ("ready", "recovering"):
             raise ApiError(503, f"the engine is {health['status']}: {health.get('reason')}",
                            code=f"engine_{health['status']}", request_id=request_id)
 
@@ -228,7 +244,8 @@ class OpenAIServer:
         """A request's stream on the engine the router picks (counted open until it ends)."""
         replica = self.router.pick(routing_key(request.get("prompt"), request.get("messages"),
                                                request.get("prompt_token_ids")))
-        stream = MuxedRequestStream(self.services[replica], **request, final_logprobs=final_logprobs)
+        stream = MuxedRequestStream(self.services[replica], **request,
+                                    final_logprobs=final_logprobs, buffer_bytes=self.buffer_bytes)
         self.router.opened(replica)
         stream.on_close = lambda: self.router.closed(replica)
         return stream
@@ -246,11 +263,22 @@ class OpenAIServer:
 
     async def stream(self, requests: list[dict], fmt: CompletionStream, field: str):
         """Wait for every request's admission (so that a bad one is an HTTP error, not a
-        broken stream), then stream all of them as server-sent events."""
+        broken stream), then stream all of them as server-sent events. Each request's events
+        wait in its own bounded backlog until the client takes them (``events`` holds at most
+        one per request): a client that does not read holds back its own requests only, and
+        is dropped (see the module docstring)."""
         # the deltas carry each token's logprobs: the final event (usage only) needs none
         response_id = fmt.meta.id
         calls = self.open_streams(requests, field, response_id, final_logprobs=False)
-        events: asyncio.Queue = asyncio.Queue()
+        firsts = [asyncio.ensure_future(_first(c, field, response_id)) for c in calls]
+        try:
+            first = list(await asyncio.gather(*firsts))
+        except BaseException:
+            for task, call in zip(firsts, calls):
+                task.cancel()
+                call.cancel()
+            raise
+        events: asyncio.Queue = asyncio.Queue(maxsize=len(calls))
         tasks = [asyncio.create_task(_pump(i, c, events, field, response_id))
                  for i, c in enumerate(calls)]
 
@@ -260,46 +288,43 @@ class OpenAIServer:
             for call in calls:
                 call.cancel()
 
-        first: list[tuple[int, dict]] = []
-        try:
-            while len({i for i, _ in first}) < len(calls):
-                i, event, error = await events.get()
-                if error is not None:
-                    raise error
-                first.append((i, event))
-        except BaseException:
-            close()
-            raise
-
         async def body():
             try:
                 for chunk in fmt.start():
                     yield chunk
-                pending, finals = list(first), 0
+                finals = 0
+                for i, event in enumerate(first):
+                    finals += event["type"] == "final"
+                    for chunk in fmt.on_event(i, event):
+                        yield chunk
+                first.clear()
                 while finals < len(calls):
-                    if pending:
-                        i, event = pending.pop(0)
-                    else:
-                        i, event, error = await events.get()
-                        if error is not None:
-                            yield sse(error.body())
-                            break
+                    i, event, error = await events.get()
+                    if error is not None:
+                        for chunk in fmt.error(error):
+                            yield chunk
+                        break
                     finals += event["type"] == "final"
                     for chunk in fmt.on_event(i, event):
                         yield chunk
                 else:
-                    for chunk in fmt.end():
+                    for chunk in await fmt.finish():
                         yield chunk
-                yield sse("[DONE]")
             except Exception as exc:  # a fault of ours mid-stream (making a chunk): the
                 # headers are gone, so the client learns it from an error event, not a cut
-                yield sse(api_error(exc, field, response_id).body())
-            finally:  # also when the client went away: abort what still runs
+                for chunk in fmt.error(api_error(exc, field, response_id), broken=True):
+                    yield chunk
+            finally:  # also when the client went away or stalled: abort what still runs
                 close()
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          REQUEST_ID_HEADER: response_id})
+        def stalled() -> None:
+            logging.getLogger("shardlm.serve").warning(
+                "request %s: its client took nothing for %.0f s (deployment."
+                "stream_stall_timeout_s): its stream is dropped and its requests aborted",
+                response_id, self.stall_timeout_s)
+
+        return EventStream(body(), self.stall_timeout_s, stalled,
+                           headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: response_id})
 
 
 async def _final(call: RequestStream, field: str, response_id: str) -> dict:
@@ -309,15 +334,27 @@ async def _final(call: RequestStream, field: str, response_id: str) -> dict:
         raise api_error(exc, field, response_id) from exc
 
 
+async def _first(call: RequestStream, field: str, response_id: str) -> dict:
+    """The request's first event: it has been admitted (or an error says why not)."""
+    try:
+        return await call.__anext__()
+    except Exception as exc:
+        raise api_error(exc, field, response_id) from exc
+
+
 async def _pump(index: int, call: RequestStream, events: asyncio.Queue, field: str,
                 response_id: str) -> None:
-    """Move one request's events into ``events`` as (index, event, None), or end with
-    (index, None, the ApiError; api_error logs what the client is not told)."""
+    """Move one request's events into ``events`` as (index, event, None), waiting while it is
+    full (its events wait in the request's backlog meanwhile), or end with (index, None, the
+    ApiError; api_error logs what the client is not told)."""
     try:
         async for event in call:
-            events.put_nowait((index, event, None))
+            await events.put((index, event, None))
+    except StreamDropped as exc:  # its client fell behind (the stream's Mux logged it)
+        await events.put((index, None, ApiError(408, str(exc), code="stream_dropped",
+                                                request_id=response_id)))
     except Exception as exc:
-        events.put_nowait((index, None, api_error(exc, field, response_id)))
+        await events.put((index, None, api_error(exc, field, response_id)))
 
 
 async def _while_connected(request: Request, work):
@@ -363,6 +400,8 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        if exc.status == 503:  # an engine refused: the next request asks them all again
+            server.router.doubt()
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -403,6 +442,9 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def get_model(model: str):
         server.check_model(model)
         return await _card(server)
+
+    register_tokenizer_routes(app, server, keyed)  # POST /tokenize, /detokenize (vLLM's)
+    register_response_routes(app, server, keyed, _while_connected)  # /v1/responses
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():

@@ -31,7 +31,7 @@ def build(config: EngineConfig, api_keys=None, served_model_name: str | None = N
           listen: tuple[str, int] | None = None) -> serve.Application:
     """The Serve application for ``config``; keys from ``api_keys`` plus ``$SHARDLM_API_KEY``.
     ``listen``: (host, port) on which the replicas listen themselves, on the head node
-    (direct ingress); None: behind Serve's proxy."""
+    (direct ingress); None: behind Serve's proxy, on nodes with ``deployment.resources``."""
     keys = _keys(api_keys) + _keys(os.environ.get("SHARDLM_API_KEY"))
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes!r}: must be a positive integer")
@@ -41,6 +41,9 @@ def build(config: EngineConfig, api_keys=None, served_model_name: str | None = N
     options = {"num_replicas": num_replicas}
     if listen:  # where the port was promised: the head node, as Serve's own proxy would be
         options["ray_actor_options"] = {"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}
+    elif config.deployment.resources:  # behind the proxy: where the engine services may run
+        options["ray_actor_options"] = {"num_cpus": 0,
+                                        "resources": dict(config.deployment.resources)}
     return OpenAIServer.options(**options).bind(settings)
 
 
@@ -95,11 +98,14 @@ def _on_head_node() -> bool:
 
 
 def shutdown(name: str = "shardlm", namespace: str = "shardlm", replicas: int = 1) -> None:
-    """Stop Serve and the engine services of deployment ``name`` (each of its replicas)."""
+    """Stop Serve, the engine services of deployment ``name`` (each of its replicas) and its
+    response store."""
+    from cluster.serving.http.store import stop_store
     from cluster.serving.service import stop_services
 
     serve.shutdown()
     stop_services(name, namespace, replicas)
+    stop_store(name, namespace)
 
 
 def _keys(value) -> list[str]:

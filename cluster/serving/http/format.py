@@ -15,14 +15,16 @@ that id, and the response names the id in its message and in ``X-Request-Id``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from cluster.contract.errors import EngineUnavailable, RequestError
 from cluster.serving.http import tools
@@ -137,6 +139,39 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+class EventStream(StreamingResponse):
+    """A server-sent event stream whose client must keep reading: a chunk its connection has
+    not taken within ``stall_timeout_s`` (the server's write buffer for it stays full: uvicorn
+    holds ``send`` until it drains) ends the response: ``on_stall()`` is called and the body
+    closed (its ``finally`` aborts the requests), and the server closes the connection once it
+    has flushed what it holds. Behind Serve's proxy ``send`` never waits (the proxy takes every
+    chunk, and buffers it for its client), so this never fires there."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, stall_timeout_s: float, on_stall: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.stall_timeout_s, self.on_stall = stall_timeout_s, on_stall
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            if not await self._send(send, chunk, True):
+                return  # the response left incomplete: the server closes the connection
+        await self._send(send, b"", False)
+
+    async def _send(self, send, chunk: bytes, more: bool) -> bool:
+        try:
+            async with asyncio.timeout(self.stall_timeout_s):
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            return True
+        except TimeoutError:
+            self.on_stall()
+            await self.body_iterator.aclose()
+            return False
+
+
 def _logprob(x: float) -> float:
     return x if math.isfinite(x) else _MIN_LOGPROB
 
@@ -244,15 +279,17 @@ class CompletionStream:
     def __init__(self, meta: ResponseInfo, include_usage: bool):
         self.meta, self.include_usage = meta, include_usage
         self.offsets: dict[int, int] = {}
-        self.finals: list[dict] = []
+        self.finals: list[dict] = []  # the final events' token counts (their text was streamed)
 
     def start(self) -> list[bytes]:
         return []
 
     def _worth_sending(self, event: dict) -> bool:
-        """Keeps final events for the usage chunk; False for events with nothing to send."""
+        """Keeps final events' counts for the usage chunk; False for events with nothing to
+        send."""
         if event["type"] == "final":
-            self.finals.append(event)
+            self.finals.append({k: event.get(k, 0) for k in
+                                ("prompt_tokens", "completion_tokens", "cached_tokens")})
             return False
         return bool(event["text"] or event["finish_reason"] or event.get("logprobs")
                     or event.get("prompt_text"))
@@ -277,6 +314,15 @@ class CompletionStream:
 
     def end(self) -> list[bytes]:
         return [self._chunk([], total_usage(self.finals))] if self.include_usage else []
+
+    async def finish(self) -> list[bytes]:
+        """The last chunks, once every request ended: :meth:`end`'s, then ``[DONE]``."""
+        return [*self.end(), sse("[DONE]")]
+
+    def error(self, error: ApiError, broken: bool = False) -> list[bytes]:
+        """The chunks of an error that ends the stream: its body, then ``[DONE]`` unless the
+        stream broke in the making of a chunk (``broken``)."""
+        return [sse(error.body())] if broken else [sse(error.body()), sse("[DONE]")]
 
 
 class ChatStream(CompletionStream):

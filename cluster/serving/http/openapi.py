@@ -7,6 +7,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from cluster.serving.http.protocol import ChatCompletionChunk, ErrorResponse
+from cluster.serving.http.responses_protocol import ResponseStreamEvent
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 
@@ -28,14 +29,15 @@ def streamed_responses(model: type[BaseModel]) -> dict:
 
 
 def finish_openapi(schema: dict, model: str) -> dict:
-    """Add the chat chunk schemas (only streams refer to them), and say which ``model`` the
-    deployment accepts (others get 404)."""
+    """Add the schemas of the chat chunks and of the Responses API's events (only streams
+    refer to them), and say which ``model`` the deployment accepts (others get 404)."""
     components = schema["components"]["schemas"]
-    if "ChatCompletionChunk" not in components:
-        _, defs = models_json_schema([(ChatCompletionChunk, "serialization")],
-                                     ref_template="#/components/schemas/{model}")
-        for name, definition in defs["$defs"].items():
-            components.setdefault(name, definition)
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
+    for streamed in (ChatCompletionChunk, ResponseStreamEvent):
+        if streamed.__name__ not in components:
+            _, defs = models_json_schema([(streamed, "serialization")],
+                                         ref_template="#/components/schemas/{model}")
+            for name, definition in defs["$defs"].items():
+                components.setdefault(name, definition)
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest"):
         components[name]["properties"]["model"]["enum"] = [model]
     return schema
