@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
+from cluster.checkpoints.store import DEFAULT_MODEL
 from tests.api_server import API_KEY, PROMPT, error_of, serve_api
 
 pytestmark = pytest.mark.slow
@@ -28,16 +28,6 @@ CHAT = [{"role": "user", "content": "What is the capital of France? Answer in on
 def server(ray_session):
     with serve_api(NAME) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def hf():
-    import transformers
-
-    model_dir = resolve_model(DEFAULT_MODEL)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return tokenizer, model
 
 
 def hf_greedy(hf, ids: list[int], max_new_tokens: int) -> str:

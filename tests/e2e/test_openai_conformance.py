@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 
-from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
+from cluster.checkpoints.store import DEFAULT_MODEL
 from tests.api_server import API_KEY, PROMPT, error_of, serve_api
 
 pytestmark = pytest.mark.slow
@@ -30,16 +30,6 @@ LOGPROB_TOL = 2e-3  # float32 at tp=2 against float32 transformers, in nats
 def server(ray_session):
     with serve_api(NAME) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def hf():
-    import transformers
-
-    model_dir = resolve_model(DEFAULT_MODEL)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return tokenizer, model
 
 
 def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
+from cluster.checkpoints.store import DEFAULT_MODEL
 from cluster.contract.errors import RequestError
 
 pytestmark = pytest.mark.slow
@@ -36,16 +36,6 @@ DATE = r"(19|20)\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d)"
 def _json_prompt(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Invent person number {i} and describe them as JSON "
                                         "with name, age and pet."}]
-
-
-@pytest.fixture(scope="module")
-def hf():
-    import transformers
-
-    model_dir = resolve_model(DEFAULT_MODEL)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return tokenizer, model
 
 
 def _hf_constrained(hf, ids: list[int], grammar: str, source: str, max_new: int) -> list[int]:

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from cluster.checkpoints.store import DEFAULT_MODEL, resolve_model
+from cluster.checkpoints.store import DEFAULT_MODEL
 from tests.api_server import API_KEY, error_of, serve_api
 
 pytestmark = pytest.mark.slow
@@ -35,15 +35,6 @@ TOOLS = [{"type": "function", "function": {
 def server(ray_session):
     with serve_api(NAME) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def hf():
-    import transformers
-
-    model_dir = resolve_model(DEFAULT_MODEL)
-    return (transformers.AutoTokenizer.from_pretrained(model_dir),
-            transformers.AutoConfig.from_pretrained(model_dir).vocab_size)
 
 
 def tokenize(server, **body) -> dict:
@@ -128,7 +119,8 @@ def test_tokenize_messages_matches_the_chat_template_and_admission(server, hf):
 
 # ---- /detokenize ----------------------------------------------------------------------------
 def test_detokenize_matches_decode(server, hf):
-    tokenizer, vocab_size = hf
+    tokenizer, model = hf
+    vocab_size = model.config.vocab_size
     for text in TEXTS:
         ids = tokenizer(text).input_ids
         assert detokenize(server, ids) == tokenizer.decode(ids) == text
@@ -164,7 +156,7 @@ def test_retrieve_model_and_unknown_ids(server):
 
 # ---- bad input ------------------------------------------------------------------------------
 def test_bad_input_is_a_400_naming_the_field(server, hf):
-    _, vocab_size = hf
+    vocab_size = hf[1].config.vocab_size
 
     def refused(path: str, body, param: str, status: int = 400) -> dict:
         return error_of(server.post(path, body), status, param)
