@@ -239,8 +239,8 @@ class ModelRunner:
     def _take_sequences(self, plan: StepPlan) -> None:
         """The plan's news of sequences, in order: compiled grammars, the parameters of
         sequences new here (or replaced), the sequences to forget."""
-        for key, ends, blob in plan.grammars:
-            if self.grammars is not None:
+        if self.grammars is not None:  # the sampling rank
+            for key, ends, blob in plan.grammars:
                 self.grammars.add(key, ends, blob)
         keeps_tokens = self.grammars is not None  # the sampling rank
         for params in plan.samplers:

@@ -24,7 +24,8 @@ from cluster.contract.errors import (CONTEXT_LENGTH_EXCEEDED, INVALID_VALUE, Eng
 from cluster.contract.messages import PromptScores, SampledToken
 from cluster.checkpoints.store import resolve_model
 from cluster.engine import recovery
-from cluster.engine.admission import Admission, Request, check_request_id, wait_grammar
+from cluster.engine.admission import (Admission, Request, check_request_id, sampling_params,
+                                     wait_grammar)
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.expert_load import ExpertLoad
 from cluster.engine.gang_state import GangState
@@ -36,6 +37,7 @@ from cluster.engine.stops import StopRules, eos_ids
 from cluster.engine.supervisor import Supervisor
 from cluster.engine.worker_group import StepTimeout, step_raised
 from cluster.ray_utils import connect_ray
+from layers.grammar import Compiler
 from layers.models import model_args
 
 log = logging.getLogger("shardlm.engine")
@@ -164,9 +166,6 @@ class Engine:
         earlier request of the same spec): a future of ``layers.grammar.Compiled``; None
         without one. Any thread may call it: the engine service starts it before admission,
         so that no step waits for a grammar."""
-        from cluster.engine.admission import sampling_params
-        from layers.grammar import Compiler
-
         params = sampling_params(params)
         if params.structured_outputs is None:
             return None

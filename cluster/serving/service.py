@@ -348,6 +348,10 @@ class EngineService:
                 f"the engine is {status} ({reason}) and {self._commands.qsize()} requests are "
                 "already queued (fault.max_queued_requests); retry later")
 
+    def _not_serving(self) -> EngineUnavailable:
+        """The refusal while no engine exists (starting, or its start failed)."""
+        return EngineUnavailable(f"the engine is not serving: {self.reason}")
+
     def _status(self) -> tuple[str, str | None]:
         engine = self.engine  # once: the engine thread may replace it meanwhile
         if engine is None:
@@ -358,7 +362,7 @@ class EngineService:
         """On the engine thread: admit the request (its id) or say why not (an error event)."""
         try:
             if self.engine is None:  # queued while starting, and the start failed
-                raise EngineUnavailable(f"the engine is not serving: {self.reason}")
+                raise self._not_serving()
             if self._taken_back(body) and body["request_id"] in self.engine.requests:
                 self._forget(body["request_id"])  # the copy it replaces (see _take_back)
             request_id = self.engine.add_request(  # logprobs are kept by the output thread
@@ -375,9 +379,7 @@ class EngineService:
                 self._finish(request, time.monotonic())  # no step will end it: answer now
             result = request_id
         except Exception as exc:  # typed errors keep their kind; never leave a caller waiting
-            if not isinstance(exc, (ValueError, EngineUnavailable)):
-                log.exception("admission failed")
-            result = events.error_event(exc)
+            result = _error_event(exc, "admission")
         loop.call_soon_threadsafe(admitted.set_result, result)
 
     @control
@@ -430,13 +432,11 @@ class EngineService:
         engine = self.engine  # once: the engine thread may replace it meanwhile
         try:
             if engine is None:
-                raise EngineUnavailable(f"the engine is not serving: {self.reason}")
+                raise self._not_serving()
             return await asyncio.get_running_loop().run_in_executor(
                 self._tokenizers, getattr(tokenization, name), engine, arg)
         except Exception as exc:
-            if not isinstance(exc, (ValueError, EngineUnavailable)):
-                log.exception("%s failed", name)
-            return events.error_event(exc)
+            return _error_event(exc, name)
 
     @control
     def recovery(self) -> dict:
@@ -565,6 +565,15 @@ class _Route:
         self.feed.put_nowait([self.request_id, events.encode(event), last])
         if last:
             self.service._unroute(self.request_id)
+
+
+def _error_event(exc: Exception, what: str) -> dict:
+    """The error event of a call that failed (``what``: its name, for the log): a request's
+    own fault (ValueError) or an unavailable engine as they are; anything else is also logged
+    with its traceback."""
+    if not isinstance(exc, (ValueError, EngineUnavailable)):
+        log.exception("%s failed", what)
+    return events.error_event(exc)
 
 
 def _request_id_of(request: bytes) -> str | None:

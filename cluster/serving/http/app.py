@@ -77,6 +77,8 @@ from cluster.serving.stream import RequestStream
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+log = logging.getLogger("shardlm.serve")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -318,7 +320,7 @@ class OpenAIServer:
                 close()
 
         def stalled() -> None:
-            logging.getLogger("shardlm.serve").warning(
+            log.warning(
                 "request %s: its client took nothing for %.0f s (deployment."
                 "stream_stall_timeout_s): its stream is dropped and its requests aborted",
                 response_id, self.stall_timeout_s)
