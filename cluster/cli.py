@@ -135,6 +135,9 @@ def _precision_args(parser: argparse.ArgumentParser) -> None:
                         "on CPUs with bf16 dot products, else float32; 16-bit on GPUs)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
                         help="model.quantization: int8 linear weights (CPU workers)")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="model.deterministic: a sequence's logits the same bit for bit "
+                        "whatever else runs beside it, and after a failure's replay")
 
 
 def engine_config(args):
@@ -143,7 +146,8 @@ def engine_config(args):
     config = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     overrides = {"model": args.model, "tensor_parallel_size": args.tp,
                  "pipeline_parallel_size": args.pp, "replicas": getattr(args, "replicas", None),
-                 "dtype": args.dtype, "quantization": args.quantization}
+                 "dtype": args.dtype, "quantization": args.quantization,
+                 "deterministic": getattr(args, "deterministic", None)}
     return config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
 
 

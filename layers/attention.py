@@ -64,6 +64,16 @@ class AttnBatch:
         return AttnBatch([1] * len(seqs), [lens[i] - 1 for i in seqs],
                          self.block_tables.index_select(0, index))
 
+    def token_rows(self) -> "AttnBatch":
+        """Every new token as a sequence of its own that decodes it: its context up to its
+        own position, its sequence's block table (deterministic attention on CPUs)."""
+        tokens = sum(self.query_lens)
+        index = host_tensor([i for i, n in enumerate(self.query_lens) for _ in range(n)],
+                            self.block_tables.device)
+        return AttnBatch([1] * tokens, [s + j for s, n in zip(self.start_pos, self.query_lens)
+                                        for j in range(n)],
+                         self.block_tables.index_select(0, index))
+
     def split(self) -> "SplitBatch":
         """Single-token sequences (attended together) apart from longer chunks; built once."""
         if self._split is None:

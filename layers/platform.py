@@ -32,12 +32,26 @@ def cpu_dtype(flags: set[str] | None = None) -> str:
     return "bfloat16" if (cpu_flags() if flags is None else flags) & BF16_DOT_FLAGS else "float32"
 
 
-def select_ops(device: torch.device | str, dtype: torch.dtype, quantization: str | None = None
-               ) -> TorchOps:
+def select_ops(device: torch.device | str, dtype: torch.dtype, quantization: str | None = None,
+               deterministic: bool = False) -> TorchOps:
     """The platform for a worker on ``device`` with weights of ``dtype`` (``quantization``
     int8: CPU workers only). ``SHARDLM_OPS`` overrides the choice: ``torch`` (the reference)
     or ``triton`` (the CUDA kernels; on a CPU only under ``TRITON_INTERPRET=1``, how
-    ``gpu-check --device cpu`` runs them)."""
+    ``gpu-check --device cpu`` runs them). ``deterministic``: only the CPU kernels keep a
+    row's sums in one order whatever else the step holds; any other platform refuses it
+    (ValueError naming the platform)."""
+    ops = _select_ops(device, dtype, quantization, deterministic)
+    if deterministic and not getattr(ops, "deterministic", False):
+        raise ValueError(
+            f"model.deterministic: the {ops.name} platform ({torch.device(device).type}, "
+            f"{str(dtype).removeprefix('torch.')}) has no batch-invariant kernels: its matmuls "
+            f"and attention sum in an order that depends on the step's other rows. It runs on "
+            f"CPU workers with the C kernels (float32, bfloat16 or int8)")
+    return ops
+
+
+def _select_ops(device, dtype: torch.dtype, quantization: str | None, deterministic: bool
+                ) -> TorchOps:
     forced = os.environ.get("SHARDLM_OPS", "")
     if forced not in ("", "torch", "triton"):
         raise ValueError(f"SHARDLM_OPS={forced!r}: expected 'torch' or 'triton'")
@@ -58,7 +72,7 @@ def select_ops(device: torch.device | str, dtype: torch.dtype, quantization: str
         weights = quantization or {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
         kv = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         if kernels_available() or weights != "float32":  # bf16 / int8 fall back op by op
-            return CpuOps(weights=weights, kv_cache_dtype=kv)
+            return CpuOps(weights=weights, kv_cache_dtype=kv, deterministic=deterministic)
     if torch.device(device).type == "cuda":
         try:
             from layers.cuda.ops import CudaOps  # only CUDA workers load triton

@@ -25,7 +25,8 @@ from layers.linear import param_memory
 from layers.models import build_model
 from layers.platform import cpu_dtype, select_ops, use_ops
 from workers.host_memory import HugePageArena, retain_freed_memory
-from workers.comm import Communicator, Rendezvous, create_communicator, find_free_port
+from workers.comm import (Communicator, Rendezvous, create_communicator, find_free_port,
+                          ordered_sums)
 from workers.cuda_graphs import DecodeGraphs
 from workers import kv_cache
 from workers.loader import load_shard
@@ -109,16 +110,20 @@ class Worker:
         return threads
 
     # ---- weights ---------------------------------------------------------------------------
-    def load(self, checkpoint: str, dtype: str = "float32", quantization: str | None = None) -> dict:
+    def load(self, checkpoint: str, dtype: str = "float32", quantization: str | None = None,
+             deterministic: bool = False) -> dict:
         """Build this rank's piece of the model and fill it from the checkpoint. ``dtype``
         "auto" (CPU workers: the driver resolves it for GPUs) is this CPU's own choice
         (:func:`layers.platform.cpu_dtype`); ``quantization`` int8 quantizes the linear
-        weights after loading them in bf16."""
+        weights after loading them in bf16; ``deterministic``: batch-invariant kernels, and
+        the tensor-parallel sums in rank order (or a ValueError naming what cannot)."""
         self.model = self.runner = None  # drop a previous model before measuring
         if dtype == "auto":  # reaches CPU workers only: the driver resolves it for GPUs
             dtype = cpu_dtype()
         weights_dtype = DTYPES[dtype]
-        ops = select_ops(self.device, weights_dtype, quantization)
+        ops = select_ops(self.device, weights_dtype, quantization, deterministic)
+        if deterministic:
+            self.tp_comm = ordered_sums(self.tp_comm)
         build_dtype = torch.bfloat16 if quantization else weights_dtype  # int8 made from bf16
         rss_before = rss_bytes()
         started = time.perf_counter()
@@ -140,7 +145,7 @@ class Worker:
         return {"bytes_read": stats.bytes_read, "checkpoint_bytes": stats.checkpoint_bytes,
                 "packed_weights": packed, "ops": self.ops.name, "dtype": dtype,
                 "kernel_isa": getattr(self.ops, "isa", None),
-                "quantization": quantization, "rss_before": rss_before, "rss_after": rss_bytes(),
+                "quantization": quantization, "deterministic": deterministic, "rss_before": rss_before, "rss_after": rss_bytes(),
                 "load_s": time.perf_counter() - started,
                 "loaded": sorted(name for name, _ in stats.loaded)}
 

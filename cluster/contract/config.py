@@ -58,6 +58,10 @@ class ModelConfig:
     quantization: str | None = None  # int8: linear weights int8, a scale per output (CPUs)
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enforce_eager: bool = False  # GPUs: run decode steps eagerly instead of from CUDA graphs
+    # a sequence's logits bit for bit the same whatever else the step holds, however its
+    # prompt was chunked or cached, and after a replay (docs/ARCHITECTURE.md, "Deterministic
+    # mode"); a platform without such kernels refuses it at start
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -67,8 +71,9 @@ class ModelConfig:
             _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
         if self.max_model_len is not None:
             _check_int("model", "max_model_len", self.max_model_len, 1)
-        if not isinstance(self.enforce_eager, bool):
-            _fail("model", "enforce_eager", self.enforce_eager, "must be true or false")
+        for name in ("enforce_eager", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                _fail("model", name, getattr(self, name), "must be true or false")
 
 
 @dataclass

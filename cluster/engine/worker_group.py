@@ -109,7 +109,8 @@ class WorkerGroup:
         self._rendezvous()
         joined = time.monotonic()
         self.load_stats = self.call_all("load", self.checkpoint, self.dtype,
-                                        self.config.model.quantization)
+                                        self.config.model.quantization,
+                                        self.config.model.deterministic)
         self.dtype = self.load_stats[0]["dtype"]  # "auto" on CPUs: each worker's CPU decides
         self.timings = {"placement_s": placed - began, "spawn_s": joined - placed,
                         "load_s": time.monotonic() - joined}

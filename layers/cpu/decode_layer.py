@@ -17,6 +17,7 @@ import torch
 from layers.cpu.kernels import KV_DTYPES, LOWP_FORMATS, PANEL, check_slots, i64_rows, float32_kernels, load
 
 FMT_AMX = 3  # decode_layer.c: bf16 weights in AMX's tile order (amx_linear.c)
+FMT_DP = 4  # decode_layer.c: bf16 weights packed for AVX512-BF16 (dpbf16_linear.c)
 
 
 class DecodeStep:
@@ -76,13 +77,16 @@ class DecodeLayer:
     # ``tile_rows`` = (first, last) rows multiply with (decode_layer.c's format 3); None: no AMX
     tiles: tuple | None = None
     tile_rows: tuple[int, int] = (8, 768)
+    tile_format: int = FMT_AMX  # or FMT_DP: ``tiles`` packed by dpbf16_pack (deterministic)
+    exact: bool = False  # float32: a row's sums in one order at every row count (deterministic)
 
     @classmethod
     def make(cls, input_norm: torch.Tensor, input_eps: float, qkv: torch.Tensor, num_q: int,
              num_kv: int, scale: float, cache: torch.Tensor, o: torch.Tensor,
              post_norm: torch.Tensor, post_eps: float, gate_up: torch.Tensor,
              down: torch.Tensor, scales: tuple | None = None, tiles: tuple | None = None,
-             tile_rows: tuple[int, int] = (8, 768)) -> "DecodeLayer | None":
+             tile_rows: tuple[int, int] = (8, 768), exact: bool = False,
+             tile_format: int = FMT_AMX) -> "DecodeLayer | None":
         weights = (qkv, o, gate_up, down)
         if (float32_kernels(input_norm, post_norm) is None or cache.dim() != 5
                 or cache.dtype not in KV_DTYPES or not cache.is_contiguous()):
@@ -115,7 +119,8 @@ class DecodeLayer:
                    hd=hd, scale=scale, cache=cache, num_blocks=num_blocks, block_size=block_size,
                    o=o, post_norm=post_norm, post_eps=post_eps, gate_up=gate_up, down=down,
                    hidden=hidden, inter=inter, format=fmt, scales=scales,
-                   tiles=tuple(tiles) if tiles is not None else None, tile_rows=tile_rows)
+                   tiles=tuple(tiles) if tiles is not None else None, tile_rows=tile_rows,
+                   exact=exact, tile_format=tile_format)
 
     def applies(self, rows: int) -> bool:
         """Whether a step of ``rows`` runs here: bf16 weights from ``tile_rows[0]`` rows on
@@ -128,7 +133,7 @@ class DecodeLayer:
     def _weights(self, rows: int) -> tuple[int, tuple]:
         """The format and the (qkv, o, gate_up, down) matrices a step of ``rows`` reads."""
         if self.tiles is not None and rows >= self.tile_rows[0]:
-            return FMT_AMX, self.tiles
+            return self.tile_format, self.tiles
         return self.format, (self.qkv, self.o, self.gate_up, self.down)
 
     def _scale(self, i: int) -> int:
@@ -156,7 +161,7 @@ class DecodeLayer:
             sin.data_ptr(), self.cache.data_ptr(), slots.data_ptr(), self.num_blocks,
             self.block_size, tables.data_ptr(), step.max_blocks, lens.data_ptr(), self.scale,
             o.data_ptr(), self._scale(1), out.data_ptr(), fmt,
-            int(self.cache.dtype == torch.bfloat16), torch.get_num_threads())
+            int(self.cache.dtype == torch.bfloat16), torch.get_num_threads(), int(self.exact))
         check_slots(rc, self.num_blocks * self.block_size)
         return out if rc == 0 else None
 
@@ -175,5 +180,5 @@ class DecodeLayer:
             attn.data_ptr(), x.data_ptr(), step.rows, self.hidden, self.post_norm.data_ptr(),
             self.post_eps, gate_up.data_ptr(), self._scale(2), self.inter, down.data_ptr(),
             self._scale(3), h.data_ptr(), out.data_ptr(), int(add_residual), fmt,
-            torch.get_num_threads())
+            torch.get_num_threads(), int(self.exact))
         return (out, h) if rc == 0 else None

@@ -9,6 +9,9 @@ sizes about level with it or better.
 ``lowp_linear`` (``lowp_linear.c``) is the matmul of bf16 weights and of int8 weights with a
 scale per output feature, widened in registers against float32 activations (int8 through
 VNNI's ``vpdpwssd`` on 14-bit activations), bound by the weights' bytes at small batches.
+``dpbf16_pack`` / ``dpbf16_linear`` (``dpbf16_linear.c``) multiply bf16 weights, repacked once,
+by activations rounded to bf16 on AVX512-BF16's dot products, each row's sums made in the same
+order whatever the batch and the number of threads (deterministic mode).
 ``paged_decode_attention`` (``layers/cpu/csrc/paged_decode.c``, float32 or bf16 caches) reads each decoding sequence's
 keys and values in place through its block table, where the PyTorch path has to gather
 them into a padded batch first (on a batch-64 decode step of the default model that gather
@@ -51,8 +54,8 @@ log = logging.getLogger("shardlm.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
-    "paged_decode.c", "amx_linear.c", "packed_linear.c", "lowp_linear.c", "fused_ops.c", "prefill_attention.c",
-    "decode_layer.c")]
+    "paged_decode.c", "amx_linear.c", "dpbf16_linear.c", "packed_linear.c", "lowp_linear.c", "fused_ops.c",
+    "prefill_attention.c", "decode_layer.c")]
 HEADERS = [CSRC / name for name in ("vec.h", "microkernel.h", "kernels.h")]  # included by the sources: part of the cache key
 PANEL = 16  # output features per packed panel (NR in packed_linear.c)
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]  # and the ISA's (flags.ISAS)
@@ -139,8 +142,11 @@ def _load(isa: str) -> ctypes.CDLL | None:
         "gumbel_argmax_rows": [_F32P, _I64, _I64, _I64P, _I64P, _F32P, _I64P, _INT],
         "amx_pack_bf16": [_F32P, _F32P, _I64, _I64],
         "amx_linear": [_F32P, _INT, _F32P, _F32P, _INT, _I64, _I64, _I64, _INT],
+        "dpbf16_available": [],
+        "dpbf16_pack": [_F32P, _F32P, _I64, _I64],
+        "dpbf16_linear": [_F32P, _F32P, _F32P, _I64, _I64, _I64, _INT],
         "pack_weight": [_F32P, _F32P, _I64, _I64],
-        "packed_linear": [_F32P, _F32P, _F32P, _I64, _I64, _I64, _INT],
+        "packed_linear": [_F32P, _F32P, _F32P, _I64, _I64, _I64, _INT, _INT],
         "lowp_linear": [_F32P, _F32P, _F32P, _F32P, _I64, _I64, _I64, _INT, _INT],
         "rms_norm": [_F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
         "add_rms_norm": [_F32P, _F32P, _F32P, _F32P, _F32P, _I64, _I64, _F32, _INT],
@@ -154,9 +160,9 @@ def _load(isa: str) -> ctypes.CDLL | None:
                               _I64, _F32],
         "decode_attention_half": [_F32P, _I64, _I64, _F32P, _F32, _F32P, _F32P, _I64, _I64, _I64,
                                   _F32P, _F32P, _F32P, _I64P, _I64, _I64, _I64P, _I64, _I64P, _F32,
-                                  _F32P, _F32P, _F32P, _INT, _INT, _INT],
+                                  _F32P, _F32P, _F32P, _INT, _INT, _INT, _INT],
         "decode_mlp_half": [_F32P, _F32P, _I64, _I64, _F32P, _F32, _F32P, _F32P, _I64, _F32P, _F32P,
-                            _F32P, _F32P, _INT, _INT, _INT],
+                            _F32P, _F32P, _INT, _INT, _INT, _INT],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -183,8 +189,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return weight.view(out // PANEL, width, PANEL) if rc == 0 else None
 
 
-def packed_linear(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for a weight packed by ``pack_weight``.
+def packed_linear(x: torch.Tensor, panels: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """``x @ weight.T`` for a weight packed by ``pack_weight``; ``exact``: each row summed in
+    the one order a row among others is (a lone row otherwise takes a faster order).
 
     x: (rows, in) float32; panels: (out / PANEL, in, PANEL) -> (rows, out)
     """
@@ -196,7 +203,7 @@ def packed_linear(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
     y = x.new_empty(x.shape[0], count * PANEL)
     if x.shape[0]:
         rc = load().packed_linear(x.data_ptr(), panels.data_ptr(), y.data_ptr(), x.shape[0], width,
-                                  count * PANEL, torch.get_num_threads())
+                                  count * PANEL, torch.get_num_threads(), int(exact))
         assert rc == 0, "packed_linear declined a weight that pack_weight packed"
     return y
 
@@ -257,6 +264,12 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     return out if rc == 0 else None
 
 
+def decode_attention_fits(num_q: int, num_kv: int, hd: int) -> bool:
+    """Whether paged_decode.c takes heads of this shape (its checks, made before a step)."""
+    return 0 < num_kv <= 64 and num_q % num_kv == 0 and num_q // num_kv <= 16 and hd <= 256 \
+        and hd % 16 == 0
+
+
 def amx_pack(weight: torch.Tensor) -> torch.Tensor | None:
     """A copy of the bf16 weight (out, in) in AMX's tile order for :func:`amx_linear`; None
     where AMX cannot run it (no AMX or no permission, out or in not a multiple of 32)."""
@@ -286,6 +299,49 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype = t
     rc = lib.amx_linear(x.data_ptr(), int(x.dtype == torch.bfloat16), packed.data_ptr(),
                         y.data_ptr(), int(out_dtype == torch.bfloat16), x.shape[0], n, k,
                         torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def dpbf16_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """A copy of the bf16 weight in the panels :func:`dpbf16_linear` streams; None where the
+    kernel cannot run (no AVX512-BF16, out not a multiple of 32 or in not even, not bf16).
+
+    weight: (out, in) bf16 -> (out, in) bf16 holding panels (out / 32, in / 2, 32, 2),
+    panels[p, i, c, j] = weight[32 p + c, 2 i + j]"""
+    lib = load()
+    if (lib is None or weight.dtype != torch.bfloat16 or weight.dim() != 2
+            or weight.device.type != "cpu" or not lib.dpbf16_available()):
+        return None
+    weight = weight.contiguous()
+    packed = torch.empty_like(weight)
+    if lib.dpbf16_pack(weight.data_ptr(), packed.data_ptr(), *weight.shape) != 0:
+        return None
+    return packed
+
+
+def dpbf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int | None = None
+                  ) -> torch.Tensor | None:
+    """x rounded to bf16 @ W^T, float32 sums of AVX512-BF16 dot products, W packed by
+    :func:`dpbf16_pack`; each row's result has the same bits whatever the other rows of the
+    call and the number of threads (deterministic mode). None where the kernel declines.
+
+    x: (rows, in) float32; packed: (out, in) bf16 -> (rows, out) float32 (``out_features``,
+    where given, must be out)"""
+    lib = load()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        return None
+    n, k = packed.shape
+    if x.shape[1] != k or (out_features is not None and out_features != n):
+        raise ValueError(f"dpbf16_linear: x {tuple(x.shape)} does not match a packed weight of "
+                         f"{n} x {k}" + (f" ({out_features} outputs asked)" if out_features else ""))
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], n)
+    if not x.shape[0]:
+        return y if lib.dpbf16_available() else None
+    rc = lib.dpbf16_linear(x.data_ptr(), packed.data_ptr(), y.data_ptr(), x.shape[0], n, k,
+                           torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("dpbf16_linear: could not allocate the bf16 copy of x")
     return y if rc == 0 else None
 
 

@@ -16,8 +16,9 @@ import os
 import torch
 from torch import nn
 
+from layers.attention import Attention
 from layers.cpu import kernels
-from layers.cpu.decode_layer import DecodeLayer, DecodeStep
+from layers.cpu.decode_layer import FMT_AMX, FMT_DP, DecodeLayer, DecodeStep
 from layers.cpu.flags import BF16_DOT_FLAGS, cpu_flags
 from layers.ops import TorchOps
 
@@ -45,7 +46,7 @@ class CpuOps(TorchOps):
     name = "cpu-kernels"
 
     def __init__(self, fused_layers: bool = True, weights: str = "float32",
-                 kv_cache_dtype: torch.dtype = torch.float32):
+                 kv_cache_dtype: torch.dtype = torch.float32, deterministic: bool = False):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"CpuOps: weights {weights!r}: expected one of {WEIGHT_FORMATS}")
         if kv_cache_dtype not in kernels.KV_DTYPES:
@@ -55,7 +56,15 @@ class CpuOps(TorchOps):
         # float32 C kernel at 128-512 tokens, fresh or continuing (docs/ARCHITECTURE.md)
         flags = cpu_flags()
         self.isa = kernels.kernel_isa()  # what the C kernels are built for (SHARDLM_CPU_ISA)
-        self.bf16_prompt_attention = kv_cache_dtype == torch.bfloat16 and "amx_bf16" in flags
+        # deterministic: one kernel per op at every row count, each row's sums in one order
+        # (docs/ARCHITECTURE.md, "Deterministic mode")
+        self.deterministic = deterministic
+        if deterministic and kernels.load() is None:
+            raise ValueError("model.deterministic: the CPU kernels did not build here (or "
+                             "SHARDLM_CPU_KERNELS=0), and torch's own matmuls sum a row in an "
+                             "order that depends on the rows beside it")
+        self.bf16_prompt_attention = (kv_cache_dtype == torch.bfloat16 and "amx_bf16" in flags
+                                      and not deterministic)
         self.native_bf16 = bool(flags & BF16_DOT_FLAGS)  # else torch's bf16 GEMM is emulated
         self.fused_layers = fused_layers  # the two-call decode layer (tests compare both ways)
         self.weights = weights
@@ -63,6 +72,8 @@ class CpuOps(TorchOps):
         self._scales: dict[int, torch.Tensor] = {}  # id(int8 weight) -> (out,) float32 scales
         self._blocked: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> oneDNN's blocked copy
         self._amx: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> its AMX tile-order copy
+        self._dp: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> dpbf16 copy (deterministic)
+        self._padded: dict[tuple, torch.Tensor] = {}  # unpacked float32 weight -> padded panels
         if weights != "float32":
             self.name = f"cpu-kernels-{weights}"
 
@@ -77,10 +88,12 @@ class CpuOps(TorchOps):
         With ``weights`` bfloat16 or int8, those weights are converted instead (int8: each
         output feature's largest magnitude maps to 127), a module's ``lowp_weights`` (experts)
         become bf16 and every other parameter (norms, biases, routers) float32."""
+        if self.deterministic:
+            self._check_attention(model)
         if self.weights != "float32":
             return self._convert(model)
         done: set[int] = set()
-        for module in model.modules():
+        for module in model.modules():  # a weight left unpacked: _padded_linear's, deterministic
             param = getattr(module, "weight", None) if getattr(module, "packable", False) else None
             if param is None or id(param) in done or param.dim() != 2:
                 continue
@@ -90,10 +103,23 @@ class CpuOps(TorchOps):
                 done.add(id(param))
         return len(done)
 
+    @staticmethod
+    def _check_attention(model: nn.Module) -> None:
+        """Deterministic attention is the decode kernel's for every token: refuse, at load, a
+        model whose heads it does not take (rather than fail its first step)."""
+        for name, module in model.named_modules():
+            if isinstance(module, Attention) and not kernels.decode_attention_fits(
+                    module.num_q, module.num_kv, module.head_dim):
+                raise ValueError(
+                    f"model.deterministic: {name} has {module.num_q} query heads, "
+                    f"{module.num_kv} KV heads of {module.head_dim} on this rank; the CPU "
+                    f"attention kernel takes heads of a multiple of 16 up to 256, at most 16 "
+                    f"query heads per KV head")
+
     def _convert(self, model: nn.Module) -> int:
         matmul = {id(m.weight) for m in model.modules()  # a tied weight: packable in the head
                   if getattr(m, "packable", False) and getattr(m, "weight", None) is not None
-                  and m.weight.dim() == 2}
+                  and m.weight.dim() == 2 and (not self.deterministic or fits_lowp(m.weight))}
         # weights multiplied through ``linear`` in slices (Mixture-of-Experts' experts): bf16
         lowp = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "lowp_weights", ())}
         for param in model.parameters():  # each shared parameter once
@@ -115,6 +141,8 @@ class CpuOps(TorchOps):
         """Below this many rows a bf16 matmul is the C kernel: AMX_MIN_ROWS where the weights
         have AMX tile copies, BF16_KERNEL_ROWS where the CPU has bf16 dot products, else
         every row count (NO_BF16_GEMM_ROWS)."""
+        if self.deterministic:
+            return NO_BF16_GEMM_ROWS
         if self._amx:
             return AMX_MIN_ROWS
         return BF16_KERNEL_ROWS if self.native_bf16 else NO_BF16_GEMM_ROWS
@@ -123,6 +151,11 @@ class CpuOps(TorchOps):
         """The copy of a bf16 weight the GEMM of rows >= lowp_rows reads: AMX's tile
         order where AMX runs, else oneDNN's blocked layout (where this torch has one and the
         CPU has bf16 dot products; elsewhere no GEMM reads a copy)."""
+        if self.deterministic:  # one kernel at every row count: the dot products' where the
+            dp = kernels.dpbf16_pack(param.data)  # CPU has them, else widening (lowp_linear)
+            if dp is not None:
+                self._dp[id(param)] = dp
+            return
         packed = kernels.amx_pack(param.data)
         if packed is not None:
             self._amx[id(param)] = packed
@@ -135,10 +168,16 @@ class CpuOps(TorchOps):
         # x: (rows, in) float32 or bf16; weight: (out, in) bf16 -> (rows, out) of out_dtype
         # (float32 sums, rounded once for bf16)
         rows = x.shape[0]
+        dp = self._dp.get(id(weight))
+        if dp is not None and x.dtype == torch.float32:  # deterministic, AVX512-BF16
+            y = kernels.dpbf16_linear(x, dp)
+            if y is not None:
+                return y.to(out_dtype)
         if rows < self.lowp_rows and x.dtype == torch.float32:
             y = kernels.lowp_linear(x, weight)
             if y is not None:
                 return y.to(out_dtype)
+            self._undetermined("bf16 linear", x, weight)
         packed = self._amx.get(id(weight))
         if packed is not None and rows <= AMX_MAX_ROWS:
             y = kernels.amx_linear(x, packed, out_dtype)
@@ -158,13 +197,32 @@ class CpuOps(TorchOps):
             scales = self._scales[id(weight)]
             y = kernels.lowp_linear(x, weight, scales)
             if y is None:
+                self._undetermined("int8 linear", x, weight)
                 y = torch.nn.functional.linear(x, weight.float() * scales[:, None])
+        elif weight.dim() == 2 and self.deterministic:
+            y = self._padded_linear(x, weight)
         elif weight.dim() == 2:
             return super().linear(x, weight, bias, out_dtype)
         else:
-            y = kernels.packed_linear(x, weight)
+            y = kernels.packed_linear(x, weight, self.deterministic)
         y = y if bias is None else y + bias
         return y if out_dtype is None else y.to(out_dtype)
+
+    def _padded_linear(self, x, weight):
+        """A float32 matmul of a weight not packed at load (a router's few outputs, an
+        expert's slice of the experts' tensor), in deterministic mode: through the panel
+        kernel on a packed copy, padded with zero outputs to whole panels.
+        x: (rows, in); weight: (out, in) -> (rows, out)"""
+        key = (weight.data_ptr(), tuple(weight.shape))  # an expert's slice is a new view each time
+        panels = self._padded.get(key)
+        if panels is None:
+            out = weight.shape[0]
+            padded = weight.new_zeros(-(-out // kernels.PANEL) * kernels.PANEL, weight.shape[1])
+            padded[:out] = weight
+            panels = self._padded[key] = kernels.pack_weight(padded)
+            if panels is None:
+                self._undetermined("float32 linear", x, weight)
+        return kernels.packed_linear(x.float(), panels, exact=True)[:, :weight.shape[0]]
 
     def attention_dtype(self, attn, batch):
         """bf16 on a step with prompt chunks where prompt attention runs in bf16 (AMX) and the
@@ -229,6 +287,18 @@ class CpuOps(TorchOps):
         if not kernels.write_kv(k, v, cache, slots):
             super().write_kv(k, v, cache, slots)
 
+    def paged_attention(self, q, k, v, cache, batch, scale, window=None, softcap=None):
+        # deterministic: every new token attends as a decoding one does (the decode kernel,
+        # its context up to its own position, keys and values read back from the cache), so
+        # a token's attention is the same in a prompt chunk of any length, beside anything,
+        # and when a replay recomputes it (q: (tokens, num_q, hd) -> the same shape)
+        if not self.deterministic or batch.max_query_len == 1:
+            return super().paged_attention(q, k, v, cache, batch, scale, window, softcap)
+        if "token_rows" not in batch.platform_state:  # once per step, for every layer
+            batch.platform_state["token_rows"] = batch.token_rows()
+        return self.paged_decode(q, cache, batch.platform_state["token_rows"], scale, window,
+                                 softcap)
+
     def paged_decode(self, q, cache, batch, scale, window=None, softcap=None):
         # the kernel reads each sequence's blocks in place (no gather into a padded copy);
         # q: float32, or bf16 (attention_dtype) read as float32 -> out in q's dtype
@@ -236,8 +306,17 @@ class CpuOps(TorchOps):
         out = kernels.paged_decode_attention(q32, cache, batch.block_tables,
                                              batch.context_lens_tensor(), scale, window, softcap)
         if out is None:
+            self._undetermined("decode attention", q, cache)
             out = super().paged_decode(q32, cache, batch, scale, window, softcap)
         return out.to(q.dtype)
+
+    def _undetermined(self, op: str, x, weight) -> None:
+        """Deterministic mode never falls back to torch's kernels, whose sums depend on the
+        rows beside a row: a kernel declining is an error naming the op."""
+        if self.deterministic:
+            raise RuntimeError(f"model.deterministic: the CPU kernel for {op} declined input "
+                               f"{tuple(x.shape)} {x.dtype} with {tuple(weight.shape)} "
+                               f"{weight.dtype}; torch's kernel would not be batch-invariant")
 
     def attend(self, q, k, v, scale, causal_offset, window=None, softcap=None):
         # q: (n, num_q, hd) float32 or bf16 (attention_dtype); k, v: (ctx, num_kv, hd)
@@ -295,13 +374,23 @@ class CpuOps(TorchOps):
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
         scales = tuple(self._scales.get(id(m.weight)) for m in linears)
-        tiles = tuple(self._amx.get(id(m.weight)) for m in linears)
-        kernel = None if any(m.bias is not None for m in linears) else DecodeLayer.make(
+        copies = self._dp if self.deterministic else self._amx
+        tiles = tuple(copies.get(id(m.weight)) for m in linears)
+        rows = (0, NO_BF16_GEMM_ROWS) if self._dp else (self.lowp_rows, AMX_MAX_ROWS)
+        mixed = (self.deterministic  # one layer's matmuls on two kernels: op by op, as a prompt's
+                 and any(t is None for t in tiles) and any(t is not None for t in tiles))
+        kernel = None if mixed or any(m.bias is not None for m in linears) else DecodeLayer.make(
             n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
             sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight,
-            scales, tiles, (self.lowp_rows, AMX_MAX_ROWS))
+            scales, tiles, rows, self.deterministic, FMT_DP if self._dp else FMT_AMX)
         self._layers[key] = kernel
         return kernel
+
+
+def fits_lowp(weight: torch.Tensor) -> bool:
+    """Whether lowp_linear.c takes this (out, in) weight; deterministic mode keeps one it
+    does not in float32, for the panel kernel (CpuOps._padded_linear)."""
+    return weight.shape[1] % 16 == 0 and weight.shape[0] % 4 == 0
 
 
 def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from workers.comm import (Rendezvous, TrivialCommunicator, create_communicator,
-                          find_free_port, resolve_backend)
+                          find_free_port, ordered_sums, resolve_backend)
 from workers.comm.shm_segment import segment_path as _segment_path
 
 MAX_WS = 4
@@ -100,6 +100,21 @@ def _check_p2p(comm, ws: int) -> dict:
     return out
 
 
+def _check_ordered_sums(comm, ws: int) -> dict:
+    """Deterministic mode's all-reduce (``ordered_sums``): every element the ranks' values
+    added in rank order, 0 first, at every size (values of very different magnitudes, so
+    that another order would round differently)."""
+    ordered = ordered_sums(comm)
+    out = {}
+    for i, n in enumerate((3, 576, 70_000)):
+        parts = [_data(r, n, 50 + i) * 10.0 ** (4 * (r % 3)) for r in range(ws)]
+        want = parts[0].clone()
+        for part in parts[1:]:
+            want += part
+        out[f"ordered_n{n}"] = torch.equal(ordered.all_reduce(parts[comm.rank].clone()), want)
+    return out
+
+
 def _check_barrier(comm, ws: int, tmpdir: str) -> dict:
     """Side effects before the barrier are visible to every rank after it."""
     ok = True
@@ -117,6 +132,7 @@ def _suite(backend, rank, ws, rdv, tmpdir, held):
         out = {}
         out.update(_check_all_reduce(comm, ws))
         out.update(_check_gathers(comm, ws))
+        out.update(_check_ordered_sums(comm, ws))
         out.update(_check_p2p(comm, ws))
         out.update(_check_barrier(comm, ws, tmpdir))
         return out

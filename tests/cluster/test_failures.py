@@ -1,9 +1,11 @@
 """A dead or hung worker costs a pause, never a request (docs/ARCHITECTURE.md, "Failures").
 
-The engine service runs the default model at tp=2; callers stream through client handles
-(the real user path) while workers are SIGKILLed or made to hang. Every request must
-complete with exactly the tokens of a run without failures (greedy, seeded, penalized and
-constrained requests alike: JSON-schema and regex outputs, which also validate)."""
+The engine service runs the default model at tp=2 in bfloat16, in deterministic mode (so a
+replay, which recomputes the generated tokens as a prompt, gives them the logits their decode
+steps had); callers stream through client handles (the real user path) while workers are
+SIGKILLed or made to hang. Every request must complete with exactly the tokens of a run
+without failures (greedy, seeded, penalized and constrained requests alike: JSON-schema and
+regex outputs, which also validate)."""
 
 from __future__ import annotations
 
@@ -80,9 +82,9 @@ class Round:
 
 @pytest.fixture(scope="module")
 def service(ray_session):
-    config = EngineConfig().with_overrides(dtype="float32", 
-        tensor_parallel_size=2, cpus_per_worker=0.5, kv_cache_bytes=64 << 20, name=NAME,
-        step_timeout_s=8.0, restart_backoff_s=0.5)
+    config = EngineConfig().with_overrides(
+        dtype="bfloat16", deterministic=True, tensor_parallel_size=2, cpus_per_worker=0.5,
+        kv_cache_bytes=64 << 20, name=NAME, step_timeout_s=8.0, restart_backoff_s=0.5)
     actor = get_or_start_service(config)
     handle = Handle(actor)
     deadline = time.monotonic() + 300

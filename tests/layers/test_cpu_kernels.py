@@ -687,3 +687,89 @@ def test_a_prompt_step_carried_in_bf16_keeps_the_float32_carrys_values(gemm, mon
     torch.testing.assert_close(outs[0], outs[1], atol=0.02, rtol=0.02)
     for bf16_cache, float_cache in zip(*caches):
         torch.testing.assert_close(bf16_cache, float_cache, atol=0.02, rtol=0.02)
+
+
+DPBF16 = "avx512_bf16" in cpu_flags()
+DPBF16_ROWS = [*range(1, 10), 17, 65, 300]
+# in, out; 34: in % 32 != 0 (x's masked rounding), 32 outputs: one panel
+DPBF16_SHAPES = [(576, 3072), (1536, 576), (576, 1536), (34, 32)]
+
+
+@pytest.mark.skipif(not DPBF16, reason="no AVX512-BF16 on this CPU")
+@pytest.mark.parametrize("in_features,out_features", DPBF16_SHAPES)
+def test_dpbf16_linear_matches_float64(in_features, out_features):
+    """bf16 products summed in float32 by vdpbf16ps: the float64 matmul of the activations
+    rounded to bf16 (nearest even, as torch rounds) and the weight is the reference, each output
+    within 1e-5 of the sum of its products' magnitudes (the float32 sums' rounding; rounding
+    x otherwise would cost 2^-9)."""
+    g = torch.Generator().manual_seed(in_features + out_features)
+    w = (torch.randn(out_features, in_features, generator=g) * 0.1).to(torch.bfloat16)
+    packed = cpu_kernels.dpbf16_pack(w)
+    assert packed is not None and packed.shape == w.shape and packed.dtype == torch.bfloat16
+    for rows in DPBF16_ROWS:
+        x = torch.randn(rows, in_features, generator=g)
+        got = cpu_kernels.dpbf16_linear(x, packed)
+        assert got is not None and got.dtype == torch.float32 and got.shape == (rows, out_features)
+        xb = x.to(torch.bfloat16).double()
+        want = xb @ w.double().T
+        bound = 1e-5 * (xb.abs() @ w.double().abs().T)
+        assert ((got.double() - want).abs() <= bound).all(), f"{rows} rows"
+
+
+@pytest.mark.skipif(not DPBF16, reason="no AVX512-BF16 on this CPU")
+def test_dpbf16_linear_gives_a_row_the_same_bits_in_any_batch_and_thread_count():
+    """Deterministic mode: a row's outputs do not depend on how many rows share the call, where
+    the row sits among them, or how many threads run it. 18 panels of 32 outputs split unevenly
+    over the threads' tiles; 800 rows of 1536 inputs pass the weight in several chunks."""
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(576, 1536, generator=g) * 0.05).to(torch.bfloat16)
+    packed = cpu_kernels.dpbf16_pack(w)
+    x = torch.randn(800, 1536, generator=g)
+    full = cpu_kernels.dpbf16_linear(x, packed)
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33, 64, 65, 300, 800):
+        assert torch.equal(cpu_kernels.dpbf16_linear(x[:m], packed), full[:m]), f"{m} rows"
+    for i in (0, 1, 11, 12, 13, 499, 799):  # alone, and last of a batch that ends with it
+        assert torch.equal(cpu_kernels.dpbf16_linear(x[i:i + 1], packed), full[i:i + 1])
+        assert torch.equal(cpu_kernels.dpbf16_linear(x[:i + 1].flip(0), packed)[0], full[i])
+    order = torch.randperm(800, generator=g)[:301]
+    assert torch.equal(cpu_kernels.dpbf16_linear(x[order], packed), full[order])
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            for m in (1, 7, 65, 800):
+                assert torch.equal(cpu_kernels.dpbf16_linear(x[:m], packed), full[:m]), (count, m)
+    finally:
+        torch.set_num_threads(threads)
+    # an output past the caches (written with streaming stores) against a few of its rows
+    w = (torch.randn(4096, 64, generator=g) * 0.1).to(torch.bfloat16)
+    packed = cpu_kernels.dpbf16_pack(w)
+    full = cpu_kernels.dpbf16_linear(x[:600, :64], packed)
+    assert torch.equal(cpu_kernels.dpbf16_linear(x[:5, :64], packed), full[:5])
+    want = x[:600, :64].to(torch.bfloat16).double() @ w.double().T
+    torch.testing.assert_close(full.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_dpbf16_declines_what_it_does_not_handle(isa):
+    """Shapes off the panels and dtypes it does not take; a CPU (or build: the AVX2 one)
+    without AVX512-BF16 packs nothing and multiplies nothing."""
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    x = torch.randn(2, 64)
+    lib = cpu_kernels.load()
+    if isa == "avx2" or not DPBF16:
+        assert not lib.dpbf16_available()
+        assert cpu_kernels.dpbf16_pack(w) is None
+        assert cpu_kernels.dpbf16_linear(x, w) is None  # (an unpacked weight: never read)
+        assert cpu_kernels.dpbf16_linear(x[:0], w) is None
+        return
+    assert lib.dpbf16_available()
+    assert cpu_kernels.dpbf16_pack(torch.randn(48, 64).to(torch.bfloat16)) is None  # out % 32
+    assert cpu_kernels.dpbf16_pack(torch.randn(64, 33).to(torch.bfloat16)) is None  # in odd
+    assert cpu_kernels.dpbf16_pack(torch.randn(64, 64)) is None  # float32
+    packed = cpu_kernels.dpbf16_pack(w)
+    assert cpu_kernels.dpbf16_linear(x.double(), packed) is None  # float32 activations only
+    assert cpu_kernels.dpbf16_linear(x[:0], packed).shape == (0, 64)
+    with pytest.raises(ValueError):
+        cpu_kernels.dpbf16_linear(torch.randn(2, 32), packed)
+    with pytest.raises(ValueError):
+        cpu_kernels.dpbf16_linear(x, packed, out_features=32)

@@ -17,6 +17,7 @@ from cluster.contract.config import ConfigError, EngineConfig, ParallelConfig
     ({"kv_cache_memory_fraction": 1.5}, "cache.kv_cache_memory_fraction", "1.5"),
     ({"gpu_memory_utilization": 0}, "cache.gpu_memory_utilization", "0"),
     ({"enforce_eager": "no"}, "model.enforce_eager", "'no'"),
+    ({"deterministic": 1}, "model.deterministic", "1"),
     ({"max_num_seqs": 0}, "scheduler.max_num_seqs", "0"),
     ({"max_num_batched_tokens": 0}, "scheduler.max_num_batched_tokens", "0"),
     ({"max_num_batched_tokens": 512.0}, "scheduler.max_num_batched_tokens", "512.0"),
@@ -119,3 +120,13 @@ def test_step_token_budget_follows_the_device_and_use_unless_set():
                              for online in (True, False)]
     assert budgets(default) == [512, 2048, 2048, 2048]
     assert budgets(EngineConfig().with_overrides(max_num_batched_tokens=1024).scheduler) == [1024] * 4
+
+
+def test_deterministic_flag_reaches_the_config():
+    """``--deterministic`` (``shardlm serve``, ``generate``, ``bench``) sets
+    model.deterministic; without it the YAML's value stands."""
+    from cluster.cli import build_parser, engine_config
+
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve", "--deterministic"])).model.deterministic
+    assert not engine_config(parser.parse_args(["serve"])).model.deterministic

@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from cluster.contract.config import BACKENDS
-from workers.comm.base import Communicator, Rendezvous, TrivialCommunicator, find_free_port
+from workers.comm.base import (Communicator, Rendezvous, TrivialCommunicator, find_free_port,
+                               ordered_sums)
 
-__all__ = ["Communicator", "Rendezvous", "TrivialCommunicator", "create_communicator",
+__all__ = ["Communicator", "Rendezvous", "TrivialCommunicator", "create_communicator", "ordered_sums",
            "find_free_port", "resolve_backend"]
 
 

@@ -140,3 +140,36 @@ class TrivialCommunicator(Communicator):
 
     def close(self) -> None:
         pass
+
+
+# backends whose all-reduce adds the ranks' values in rank order, for every element and size
+# (shm: each rank sums the slots 0, 1, ... in turn); with two ranks any order is that order
+RANK_ORDERED = ("trivial", "shm")
+
+
+class OrderedSum:
+    """A communicator whose all-reduce adds the ranks' tensors in rank order, 0 first, on
+    every rank, whatever the tensor's size (deterministic mode): the backend's own
+    all-reduce (gloo's ring, NCCL's) splits a tensor into chunks by its size, so an element's
+    sum order, and its rounding, would depend on how many rows the step has. Gathers every
+    rank's tensor and adds them; everything else is the backend's."""
+
+    def __init__(self, comm: Communicator):
+        self._comm = comm
+
+    def __getattr__(self, name: str):
+        return getattr(self._comm, name)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        parts = self._comm.all_gather(t.contiguous().unsqueeze(0))  # (world_size, *t.shape)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return copy_back(t, total)
+
+
+def ordered_sums(comm: Communicator):
+    """``comm`` where its all-reduce already sums in rank order, else it in an OrderedSum."""
+    if isinstance(comm, OrderedSum) or comm.world_size <= 2 or comm.backend in RANK_ORDERED:
+        return comm
+    return OrderedSum(comm)

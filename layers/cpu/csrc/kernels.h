@@ -5,7 +5,7 @@
 #include <stdint.h>
 
 int packed_linear(const float *x, const float *panels, float *y, int64_t rows, int64_t in,
-                  int64_t out, int threads);
+                  int64_t out, int threads, int exact);
 int lowp_linear(const float *x, const void *w, const float *scales, float *y, int64_t rows,
                 int64_t in, int64_t out, int format, int threads);
 int rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t hidden,
@@ -23,6 +23,10 @@ int amx_linear_available(void);
 int amx_pack_bf16(const uint16_t *w, uint16_t *out, int64_t n, int64_t k);
 int amx_linear(const void *x, int x_bf16, const uint16_t *packed, void *y, int y_bf16, int64_t m,
                int64_t n, int64_t k, int threads);
+int dpbf16_available(void);
+int dpbf16_pack(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k);
+int dpbf16_linear(const float *x, const uint16_t *packed, float *y, int64_t m, int64_t n, int64_t k,
+                  int threads);
 int paged_decode_attention(const float *q, const void *cache, const int64_t *block_tables,
                            const int64_t *context_lens, float *out, int64_t seqs, int64_t num_q,
                            int64_t num_kv, int64_t hd, int64_t num_blocks, int64_t block_size,

@@ -64,15 +64,22 @@ static inline void micro1(const float *x, const float *b, int64_t ldb, int64_t d
     _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3])));
 }
 
-/* Any number of rows of x against the same 16 columns of b, MR rows per micro call. */
+/* Any number of rows of x against the same 16 columns of b, MR rows per micro call. A
+ * single row goes to micro1, whose four accumulator chains sum in another order than
+ * micro's one; with `exact` it goes to micro too, so that a row's result is the same
+ * whatever the number of rows beside it (deterministic mode). */
 static inline void rows_times_columns(const float *x, int64_t ldx, const float *b, int64_t ldb,
-                                      int64_t depth, float *y, int64_t ldy, int64_t rows) {
+                                      int64_t depth, float *y, int64_t ldy, int64_t rows,
+                                      int exact) {
     int64_t r = 0;
     for (; r + MR <= rows; r += MR) micro(x + r * ldx, ldx, b, ldb, depth, y + r * ldy, ldy, MR);
     const float *xr = x + r * ldx;
     float *yr = y + r * ldy;
     switch (rows - r) { /* constant row counts keep the accumulators in registers */
-    case 1: micro1(xr, b, ldb, depth, yr); break;
+    case 1:
+        if (exact) micro(xr, ldx, b, ldb, depth, yr, ldy, 1);
+        else micro1(xr, b, ldb, depth, yr);
+        break;
     case 2: micro(xr, ldx, b, ldb, depth, yr, ldy, 2); break;
     case 3: micro(xr, ldx, b, ldb, depth, yr, ldy, 3); break;
     case 4: micro(xr, ldx, b, ldb, depth, yr, ldy, 4); break;

@@ -9,6 +9,9 @@
  * Threads split the panels (each streams its own range of the weight once per row chunk);
  * rows go in chunks small enough to stay in L2 while a thread's panels pass by.
  *
+ * exact: every row's sums in one order whatever the number of rows (deterministic mode; a
+ * lone row otherwise takes micro1's four chains).
+ *
  * Shapes (float32, contiguous): x (rows, in), panels (out / 16, in, 16), y (rows, out).
  * Needs AVX2 + FMA; elsewhere (and where out % 16 != 0) the weight is left unpacked and the
  * layer uses torch.
@@ -40,7 +43,7 @@ int pack_weight(const float *w, float *panels, int64_t out, int64_t in) {
 }
 
 int packed_linear(const float *x, const float *panels, float *y, int64_t rows, int64_t in,
-                  int64_t out, int threads) {
+                  int64_t out, int threads, int exact) {
     if (out % NR || rows < 1) return -1;
     const int64_t count = out / NR;
     int64_t chunk = CHUNK_BYTES / (in * (int64_t)sizeof(float));
@@ -55,7 +58,7 @@ int packed_linear(const float *x, const float *panels, float *y, int64_t rows, i
             const int64_t nr = rows - r0 < chunk ? rows - r0 : chunk;
             for (int64_t j = first; j < end; j++)
                 rows_times_columns(x + r0 * in, in, panels + j * in * NR, NR, in, y + r0 * out + j * NR,
-                                   out, nr);
+                                   out, nr, exact);
         }
     }
     return 0;
@@ -65,6 +68,6 @@ int packed_linear(const float *x, const float *panels, float *y, int64_t rows, i
 
 int pack_weight(const float *w, float *panels, int64_t out, int64_t in) { return -1; }
 int packed_linear(const float *x, const float *panels, float *y, int64_t rows, int64_t in,
-                  int64_t out, int threads) { return -1; }
+                  int64_t out, int threads, int exact) { return -1; }
 
 #endif

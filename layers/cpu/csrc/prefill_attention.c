@@ -100,7 +100,7 @@ int prefill_attention(const float *q, int64_t q_stride, const float *k, const fl
                 const float *qh = q + i0 * q_stride + h * hd;
                 for (int64_t p = p0; p < used; p++) /* scores (rows, keys) */
                     rows_times_columns(qh, q_stride, kp + p * hd * NR, NR, hd, scores + p * NR,
-                                       width, rows);
+                                       width, rows, 0);
                 for (int64_t r = 0; r < rows; r++) {
                     const int64_t pos = offset + i0 + r, lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
                     softmax_row(scores + r * width, lo, pos + 1, keys, scale, softcap);
@@ -109,7 +109,7 @@ int prefill_attention(const float *q, int64_t q_stride, const float *k, const fl
                 float *oh = out + i0 * out_stride + h * hd;
                 for (int64_t d = 0; d < hd; d += NR) /* probabilities x values, 16 features at a time */
                     rows_times_columns(scores + skip, width, vh + d, kv_stride, keys - skip, oh + d,
-                                       out_stride, rows);
+                                       out_stride, rows, 0);
             }
         free(scores);
     }

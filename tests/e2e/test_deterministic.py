@@ -1,0 +1,50 @@
+"""Deterministic mode end to end on the default model (docs/ARCHITECTURE.md, "Deterministic
+mode"): through ``LLM.generate``, a request's tokens and logprobs (every float, compared
+with ``==``: they are the logits' log-softmax) are the same alone, among fifteen other
+requests whose prompts share a small token budget with it (so its prompt is cut into other
+chunks and its decode steps hold other rows, prompt chunks among them), and again from the
+prefix cache. bfloat16 at tp=2 (the all-reduce between the ranks) and int8 at pp=2. The
+layer-level comparisons of the logits themselves, per family and format, are
+``tests/layers/test_determinism.py``; the faults, ``tests/cluster/test_failures.py`` and
+``test_engine_restart.py``."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+TARGET = "Write a limerick about a cat who learned to play the piano. There once was"
+OTHERS = [f"Question {i}: name {i % 5 + 2} animals that live in {place}."
+          for i, place in enumerate(["the sea", "a forest", "the desert", "the Arctic", "a city",
+                                     "a river", "the mountains", "a cave", "the jungle",
+                                     "a farm", "the savanna", "a swamp", "an island", "the tundra"])]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, logprobs=5, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=11, logprobs=5,
+                        ignore_eos=True)
+
+
+def _choice(out) -> tuple[list[int], list[dict[int, float]]]:
+    return out.outputs[0].token_ids, out.outputs[0].logprobs
+
+
+@pytest.mark.parametrize("dtype,quantization,tp,pp", [("bfloat16", None, 2, 1), ("bfloat16", "int8", 1, 2)],
+                         ids=["bf16-tp2", "int8-pp2"])
+def test_a_request_is_the_same_alone_in_a_crowd_and_from_the_cache(ray_session, dtype, quantization, tp, pp):
+    llm = LLM(dtype=dtype, quantization=quantization, deterministic=True, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp, cpus_per_worker=0.5, kv_cache_bytes=64 << 20,
+              max_num_batched_tokens=40, name=f"deterministic-{quantization or dtype}")
+    try:
+        alone = [_choice(llm.generate([TARGET], p)[0]) for p in (GREEDY, SEEDED)]
+        others = SamplingParams(max_tokens=20, temperature=0.7, seed=3, ignore_eos=True)
+        crowd = llm.generate(OTHERS[:7] + [TARGET, TARGET] + OTHERS[7:],
+                             [others] * 7 + [GREEDY, SEEDED] + [others] * 7)
+        again = [llm.generate([TARGET], p)[0] for p in (GREEDY, SEEDED)]
+    finally:
+        llm.shutdown()
+    assert all(len(tokens) == 24 for tokens, _ in alone)
+    assert [_choice(out) for out in crowd[7:9]] == alone  # tokens and every logprob
+    assert [_choice(out) for out in again] == alone
+    assert all(out.num_cached_tokens > 0 for out in again)  # their prompts came from the cache
