@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput and latency on a seeded workload")
     bench_arguments(bench)
     _precision_args(bench)
+    bench.add_argument("--determinism-cost", action="store_true",
+                       help="instead: step times with deterministic mode off and on, side by "
+                       "side, per format (python -m cluster.tools.determinism_bench)")
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)")
     _engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
@@ -244,6 +247,12 @@ def _chaos(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.determinism_cost:  # the kernels' side-by-side table, in this process
+        from cluster.tools import determinism_bench
+
+        argv = ["--rounds", str(args.probe_rounds * 2 - 1)] + (["--model", args.model]
+                                                             if args.model else [])
+        return determinism_bench.main(argv)
     from cluster.bench.main import main as bench_main
 
     return bench_main(args)

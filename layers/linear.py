@@ -16,7 +16,7 @@ from torch import nn
 
 from layers.ops import NATIVE
 from layers.parallel import TensorParallelGroup
-from layers.partition import split_range
+from layers.partition import split_range, split_sizes
 
 
 _param_zeros: Callable = torch.zeros  # (shape, dtype=) -> zero-filled tensor; see param_memory
@@ -125,34 +125,88 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_local @ W[:, cols owned].T) + b: input features split over ranks."""
+    """y = all_reduce(x_local @ W[:, cols owned].T) + b: input features split over ranks.
+
+    With ``gather_inputs`` (deterministic mode, tp > 1) the layer computes what tp = 1 does
+    instead: every rank gathers the whole input, multiplies it by its share of the output
+    features (W[rows owned], all columns) and the outputs are gathered. Each output is then
+    one dot product over all the input features, in the kernel's one order, on whichever
+    rank and at whatever tp: no partial sums whose split (and so rounding) depends on the
+    tensor-parallel degree."""
 
     packable = True  # the CPU path may repack the weight (layers.cpu.ops.CpuOps.prepare)
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
+    OUT_GRANULE = 32  # output features per rank come in whole panels of the widest kernel
 
     def __init__(self, in_start: int, in_size: int, out_features: int, bias: bool,
-                 dtype: torch.dtype, comm: TensorParallelGroup):
+                 dtype: torch.dtype, comm: TensorParallelGroup,
+                 splits: list[tuple[int, int]] | None = None):
+        """``splits``: every rank's (start, size) of the input features, in rank order (for
+        ``gather_inputs``; default: this rank's alone, world size 1)."""
         super().__init__()
         self.in_start, self.in_size = in_start, in_size
         self.comm = comm
+        self.splits = splits or [(in_start, in_size)]
+        self.gathers = False  # set by gather_inputs
+        self.out_sizes: list[int] = []
         self.weight = make_param((out_features, in_size), dtype, self._load_weight)
         self.bias = make_param((out_features,), dtype, load_whole) if bias else None
 
     def _load_weight(self, param: nn.Parameter, source, shard_id=None) -> None:
+        if self.gathers:  # this rank's output rows, every input column
+            start = sum(self.out_sizes[:self.comm.rank])
+            param.data.copy_(source.read(0, start, self.out_sizes[self.comm.rank]))
+            return
         param.data.copy_(source.read(1, self.in_start, self.in_size))
+
+    def gather_inputs(self) -> bool:
+        """Switch to gathering the input (see the class), before the weights are loaded;
+        False (nothing changed) on a single rank."""
+        ws = self.comm.world_size
+        if ws == 1:
+            return False
+        if len(self.splits) != ws:
+            raise ValueError(f"RowParallelLinear: {len(self.splits)} input splits for {ws} ranks")
+        out, dtype = self.weight.shape[0], self.weight.dtype
+        whole_panels = out % self.OUT_GRANULE == 0 and out >= self.OUT_GRANULE * ws
+        unit = self.OUT_GRANULE if whole_panels else 1
+        self.out_sizes = [n * unit for n in split_sizes(out // unit, ws)]
+        in_features = sum(size for _, size in self.splits)
+        self.weight = make_param((self.out_sizes[self.comm.rank], in_features), dtype,
+                                 self._load_weight)
+        self.gathers = True
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, in_size) -> (tokens, out_features), summed over ranks
-        y = self.comm.all_reduce(self.partial(x))
+        if self.gathers:
+            whole = gather_columns(self.comm, x, [size for _, size in self.splits])
+            y = gather_columns(self.comm, self.ops.linear(whole, self.weight), self.out_sizes)
+        else:
+            y = self.comm.all_reduce(self.partial(x))
         return y if self.bias is None else y + self.bias
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output, before the sum over ranks (no bias).
         x: (tokens, in_size) -> (tokens, out_features)"""
+        if self.gathers:
+            raise RuntimeError("RowParallelLinear: a layer that gathers its inputs has no partial sum")
         return self.ops.linear(x, self.weight)
 
     @classmethod
     def split(cls, in_features: int, out_features: int, tp_rank: int, bias: bool,
               dtype: torch.dtype, comm: TensorParallelGroup) -> "RowParallelLinear":
-        start, size = split_range(in_features, comm.world_size, tp_rank)
-        return cls(start, size, out_features, bias, dtype, comm)
+        splits = [split_range(in_features, comm.world_size, r) for r in range(comm.world_size)]
+        return cls(*splits[tp_rank], out_features, bias, dtype, comm, splits)
+
+
+def gather_columns(comm: TensorParallelGroup, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's columns of a (tokens, sizes[rank]) tensor side by side, in rank order, on
+    every rank -> (tokens, sum(sizes)). Unequal widths travel padded to the widest."""
+    width = max(sizes)
+    if t.shape[1] < width:
+        t = torch.nn.functional.pad(t, (0, width - t.shape[1]))
+    parts = comm.all_gather(t.contiguous().unsqueeze(0), dim=0)  # (world, tokens, width)
+    if all(n == width for n in sizes):
+        return parts.permute(1, 0, 2).reshape(t.shape[0], -1)
+    return torch.cat([parts[r, :, :n] for r, n in enumerate(sizes)], dim=1)

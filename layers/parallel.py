@@ -16,5 +16,8 @@ class TensorParallelGroup(Protocol):
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over the group's ranks (in place where possible)."""
 
+    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's ``t`` (equal shapes) concatenated along ``dim``, on every rank."""
+
     def gather(self, t: torch.Tensor, dst: int = 0, dim: int = 0) -> torch.Tensor | None:
         """Every rank's ``t`` concatenated along ``dim`` on ``dst``; None on the others."""

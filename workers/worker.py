@@ -136,7 +136,7 @@ class Worker:
                  else functools.partial(torch.zeros, device=self.device))
         with param_memory(zeros):
             model = build_model(self.hf_config, self.tp_comm, build_dtype, layer_range,
-                                self.spec.expert_parallel)
+                                self.spec.expert_parallel, tp_invariant=deterministic)
         stats = load_shard(model, checkpoint)
         self.model = model.to(self.device).eval()  # the buffers (rotary frequencies)
         self.ops = ops  # the platform, once for this worker

@@ -182,3 +182,29 @@ class DecodeLayer:
             self._scale(3), h.data_ptr(), out.data_ptr(), int(add_residual), fmt,
             torch.get_num_threads(), int(self.exact))
         return (out, h) if rc == 0 else None
+
+
+def layer_kernel(layer, cache: torch.Tensor, scales: dict, copies: dict, rows: tuple[int, int],
+                 deterministic: bool, tile_format: int) -> DecodeLayer | None:
+    """A decoder layer as the two-call kernel takes it (packed weights, no biases, a KV
+    cache), for ``CpuOps``: ``scales`` its int8 weights' scales, ``copies`` the bf16
+    weights' tile copies of ``tile_format`` (id of the weight -> copy) that steps of
+    ``rows`` = (first, last) rows read. None where it does not apply: biases, row-parallel
+    layers that gather their inputs (no partial sums to all-reduce), and in deterministic
+    mode a layer whose matmuls would not all run the op-by-op path's kernels (some with a
+    copy and some without, or copies padded past the weight)."""
+    sa, mlp = layer.self_attn, layer.mlp
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    tiles = tuple(copies.get(id(m.weight)) for m in linears)
+    mixed = deterministic and (
+        any(t is None for t in tiles) and any(t is not None for t in tiles)
+        or any(t is not None and t.shape != m.weight.shape for t, m in zip(tiles, linears)))
+    if mixed or sa.o_proj.gathers or mlp.down_proj.gathers or any(
+            m.bias is not None for m in linears):
+        return None
+    return DecodeLayer.make(
+        n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
+        sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight,
+        tuple(scales.get(id(m.weight)) for m in linears), tiles, rows, deterministic,
+        tile_format)

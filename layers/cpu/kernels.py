@@ -302,6 +302,12 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_dtype: torch.dtype = t
     return y if rc == 0 else None
 
 
+def dpbf16_available() -> bool:
+    """Whether the kernels here have AVX512-BF16's dot products (dpbf16_linear.c)."""
+    lib = load()
+    return lib is not None and bool(lib.dpbf16_available())
+
+
 def dpbf16_pack(weight: torch.Tensor) -> torch.Tensor | None:
     """A copy of the bf16 weight in the panels :func:`dpbf16_linear` streams; None where the
     kernel cannot run (no AVX512-BF16, out not a multiple of 32 or in not even, not bf16).

@@ -18,8 +18,9 @@ from torch import nn
 
 from layers.attention import Attention
 from layers.cpu import kernels
-from layers.cpu.decode_layer import FMT_AMX, FMT_DP, DecodeLayer, DecodeStep
+from layers.cpu.decode_layer import FMT_AMX, FMT_DP, DecodeLayer, DecodeStep, layer_kernel
 from layers.cpu.flags import BF16_DOT_FLAGS, cpu_flags
+from layers.cpu.weights import bf16_gemm, fits_lowp, onednn_blocked, pad_rows, quantize_int8
 from layers.ops import TorchOps
 
 
@@ -40,6 +41,7 @@ BF16_KERNEL_ROWS = int(os.environ.get("SHARDLM_BF16_KERNEL_ROWS", "8"))
 AMX_MIN_ROWS = int(os.environ.get("SHARDLM_AMX_MIN_ROWS", "5"))
 AMX_MAX_ROWS = int(os.environ.get("SHARDLM_AMX_MAX_ROWS", "768"))
 NO_BF16_GEMM_ROWS = 1 << 62
+DP_PANEL = 32  # output features per panel of dpbf16_linear.c
 
 
 class CpuOps(TorchOps):
@@ -116,10 +118,22 @@ class CpuOps(TorchOps):
                     f"attention kernel takes heads of a multiple of 16 up to 256, at most 16 "
                     f"query heads per KV head")
 
+    def _stays_float32(self, weight: torch.Tensor) -> bool:
+        """Deterministic mode keeps a matmul weight in float32 (the panel kernel's, padded:
+        ``_padded_linear``) where its format's one kernel cannot take it: bf16 on the
+        dot-product kernel needs an even input width (outputs are padded to its panels),
+        the widening kernel (int8, bf16 without AVX512-BF16) inputs a multiple of 16 and
+        outputs of 4."""
+        if not self.deterministic:
+            return False
+        if self.weights == "bfloat16" and self.native_bf16 and kernels.dpbf16_available():
+            return weight.shape[1] % 2 != 0
+        return not fits_lowp(weight)
+
     def _convert(self, model: nn.Module) -> int:
         matmul = {id(m.weight) for m in model.modules()  # a tied weight: packable in the head
                   if getattr(m, "packable", False) and getattr(m, "weight", None) is not None
-                  and m.weight.dim() == 2 and (not self.deterministic or fits_lowp(m.weight))}
+                  and m.weight.dim() == 2 and not self._stays_float32(m.weight)}
         # weights multiplied through ``linear`` in slices (Mixture-of-Experts' experts): bf16
         lowp = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "lowp_weights", ())}
         for param in model.parameters():  # each shared parameter once
@@ -152,7 +166,9 @@ class CpuOps(TorchOps):
         order where AMX runs, else oneDNN's blocked layout (where this torch has one and the
         CPU has bf16 dot products; elsewhere no GEMM reads a copy)."""
         if self.deterministic:  # one kernel at every row count: the dot products' where the
-            dp = kernels.dpbf16_pack(param.data)  # CPU has them, else widening (lowp_linear)
+            # CPU has them (on a copy padded to whole panels, so that a tp slice of any size
+            # gets it), else widening
+            dp = kernels.dpbf16_pack(pad_rows(param.data, DP_PANEL))
             if dp is not None:
                 self._dp[id(param)] = dp
             return
@@ -172,7 +188,7 @@ class CpuOps(TorchOps):
         if dp is not None and x.dtype == torch.float32:  # deterministic, AVX512-BF16
             y = kernels.dpbf16_linear(x, dp)
             if y is not None:
-                return y.to(out_dtype)
+                return y[:, :weight.shape[0]].to(out_dtype)
         if rows < self.lowp_rows and x.dtype == torch.float32:
             y = kernels.lowp_linear(x, weight)
             if y is not None:
@@ -216,10 +232,7 @@ class CpuOps(TorchOps):
         key = (weight.data_ptr(), tuple(weight.shape))  # an expert's slice is a new view each time
         panels = self._padded.get(key)
         if panels is None:
-            out = weight.shape[0]
-            padded = weight.new_zeros(-(-out // kernels.PANEL) * kernels.PANEL, weight.shape[1])
-            padded[:out] = weight
-            panels = self._padded[key] = kernels.pack_weight(padded)
+            panels = self._padded[key] = kernels.pack_weight(pad_rows(weight, kernels.PANEL).clone())
             if panels is None:
                 self._undetermined("float32 linear", x, weight)
         return kernels.packed_linear(x.float(), panels, exact=True)[:, :weight.shape[0]]
@@ -361,70 +374,20 @@ class CpuOps(TorchOps):
         return out if alone else h + comm.all_reduce(out)
 
     def _kernel(self, layer) -> DecodeLayer | None:
-        """The layer as the two-call kernel takes it (packed weights, no biases, a KV cache),
-        set up once per cache; None where it does not apply."""
+        """The layer as the two-call kernel takes it, set up once per cache; None where it
+        does not apply."""
         cache = layer.self_attn.attn.kv_cache
         if cache is None:
             return None
-        key = id(layer)
-        known = self._layers.get(key, False)
+        known = self._layers.get(id(layer), False)
         if known is not False and (known is None or known.cache is cache):
             return known
-        sa, mlp = layer.self_attn, layer.mlp
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-        linears = (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        scales = tuple(self._scales.get(id(m.weight)) for m in linears)
         copies = self._dp if self.deterministic else self._amx
-        tiles = tuple(copies.get(id(m.weight)) for m in linears)
         rows = (0, NO_BF16_GEMM_ROWS) if self._dp else (self.lowp_rows, AMX_MAX_ROWS)
-        mixed = (self.deterministic  # one layer's matmuls on two kernels: op by op, as a prompt's
-                 and any(t is None for t in tiles) and any(t is not None for t in tiles))
-        kernel = None if mixed or any(m.bias is not None for m in linears) else DecodeLayer.make(
-            n1.weight, n1.eps, sa.qkv_proj.weight, sa.num_q, sa.num_kv, sa.attn.scale, cache,
-            sa.o_proj.weight, n2.weight, n2.eps, mlp.gate_up_proj.weight, mlp.down_proj.weight,
-            scales, tiles, rows, self.deterministic, FMT_DP if self._dp else FMT_AMX)
-        self._layers[key] = kernel
+        kernel = self._layers[id(layer)] = layer_kernel(
+            layer, cache, self._scales, copies, rows, self.deterministic,
+            FMT_DP if self._dp else FMT_AMX)
         return kernel
-
-
-def fits_lowp(weight: torch.Tensor) -> bool:
-    """Whether lowp_linear.c takes this (out, in) weight; deterministic mode keeps one it
-    does not in float32, for the panel kernel (CpuOps._padded_linear)."""
-    return weight.shape[1] % 16 == 0 and weight.shape[0] % 4 == 0
-
-
-def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's own blocked layout of a bf16 weight (the tiles AMX or AVX512-BF16 read): its
-    GEMM on that copy ran 1.3-2x faster here than on the (out, in) matrix, which it
-    re-blocks on every call. None where this torch has no oneDNN linear."""
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 64)  # 64: the rows it is tuned for
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
-    # x: (rows, in) float32 or bf16; weight: (out, in) bf16, blocked: its oneDNN copy
-    # -> (rows, out) bf16 (float32 sums rounded once)
-    if blocked is not None:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), blocked, None, "none", [], "")
-    return torch.nn.functional.linear(x.to(torch.bfloat16), weight)
-
-
-def quantize_int8(weight: torch.Tensor, rows_per_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-feature int8: each row's largest magnitude maps to 127. Done in
-    chunks of rows, so that the float32 temporaries stay small (the worker's allocator keeps
-    freed memory: a whole-matrix temporary would stay resident).
-
-    weight: (out, in) -> (int8 (out, in), float32 scales (out,)); weight ~ q * scales[:, None]"""
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(weight.shape[0], dtype=torch.float32)
-    for start in range(0, weight.shape[0], rows_per_chunk):
-        w = weight[start:start + rows_per_chunk].float()
-        step = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-        q[start:start + rows_per_chunk] = torch.round(w / step[:, None]).clamp_(-127, 127)
-        scales[start:start + rows_per_chunk] = step
-    return q, scales
 
 
 def kernels_available() -> bool:

@@ -106,8 +106,11 @@ class SelfAttention(nn.Module):
         self.rotary = rotary  # shared by the layers of a kind: angles once a step
         self.attn = Attention(shard.num_q, shard.num_kv, hd, args.attn_scale, window,
                               args.attn_softcap)
+        shards = [head_shard(args.num_heads, args.num_kv_heads, comm.world_size, r)
+                  for r in range(comm.world_size)]  # every rank's query heads: o_proj's inputs
         self.o_proj = RowParallelLinear(shard.q_start * hd, shard.num_q * hd, args.hidden_size,
-                                        args.o_bias, dtype, comm)
+                                        args.o_bias, dtype, comm,
+                                        [(s.q_start * hd, s.num_q * hd) for s in shards])
         self.qk_norm = args.qk_norm  # one RMSNorm weight (head_dim,) for every q head, one for
         if args.qk_norm:  # every k head, replicated on every rank
             self.q_norm = RMSNorm(hd, args.rms_norm_eps, dtype, args.norm_plus_one)
@@ -228,6 +231,13 @@ class CausalLM(nn.Module):
             tied = self.embed_tokens if args.tie_word_embeddings and self.is_first else None
             self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype, comm, tied,
                                           args.final_softcap)
+
+    def gather_row_parallel(self) -> int:
+        """The row-parallel layers of attention and dense MLPs gather their inputs (see
+        ``build_model``'s ``tp_invariant``); before the weights are loaded. How many did."""
+        moe = {id(m) for block in self.modules() if isinstance(block, MoE) for m in block.modules()}
+        return sum(m.gather_inputs() for m in self.modules()
+                   if isinstance(m, RowParallelLinear) and id(m) not in moe)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:

@@ -48,3 +48,33 @@ def test_a_request_is_the_same_alone_in_a_crowd_and_from_the_cache(ray_session, 
     assert [_choice(out) for out in crowd[7:9]] == alone  # tokens and every logprob
     assert [_choice(out) for out in again] == alone
     assert all(out.num_cached_tokens > 0 for out in again)  # their prompts came from the cache
+
+
+LAYOUT_PROMPTS = [TARGET, "The three laws of thermodynamics are", "def quicksort(items):",
+                  "Paris is the capital of"]
+
+
+def _layout_run(tp: int, pp: int, dtype: str = "bfloat16", quantization: str | None = None):
+    llm = LLM(dtype=dtype, quantization=quantization, deterministic=True,
+              tensor_parallel_size=tp, pipeline_parallel_size=pp, cpus_per_worker=0.5,
+              kv_cache_bytes=64 << 20, name=f"det-layout-{tp}-{pp}")
+    try:
+        return [_choice(out) for out in llm.generate(LAYOUT_PROMPTS, [GREEDY, SEEDED] * 2)]
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    return _layout_run(1, 1)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (3, 1), (4, 1), (1, 2)],
+                         ids=["tp2", "tp3", "tp4", "pp2"])
+def test_the_same_bits_at_every_tensor_and_pipeline_parallel_degree(ray_session, one_rank, tp, pp):
+    """bf16, the default model (9 query heads on 3 KV heads: at tp=2 ranks hold 6 and 3, at
+    tp=4 KV heads are replicated and the query heads split 2, 1, 3, 3): the row-parallel
+    layers gather their inputs (every output one dot product over every input feature, as at
+    tp=1), the pipeline stages hand over float32 hidden states. Tokens and logprobs equal
+    tp=1's, bit for bit."""
+    assert _layout_run(tp, pp) == one_rank

@@ -13,7 +13,8 @@ from layers.attention import Attention, AttnBatch
 from layers.cpu import decode_layer as cpu_decode_layer
 from layers.cpu import kernels as cpu_kernels
 from layers.cpu.flags import BF16_DOT_FLAGS, avx2_is_forcible, cpu_flags
-from layers.cpu.ops import CpuOps, quantize_int8
+from layers.cpu.ops import CpuOps
+from layers.cpu.weights import quantize_int8
 from layers.ops import NATIVE
 from layers.platform import select_ops, use_ops
 

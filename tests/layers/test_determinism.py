@@ -30,7 +30,9 @@ pytestmark = pytest.mark.skipif(not kernels_available(), reason="the CPU kernels
 
 BLOCK = 4
 BLOCKS = 1200
-BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+# a vocabulary of 250: the LM head's outputs fill no whole panel, so its kernels take it on
+# copies padded with zero outputs
+BASE = dict(vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
             max_position_embeddings=256)
 FAMILIES = {
@@ -43,8 +45,8 @@ FAMILIES = {
 }
 FORMATS = ("float32", "bfloat16", "int8")
 
-PROMPT = [int(t) for t in torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(1))]
-GENERATED = [int(t) for t in torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(2))]
+PROMPT = [int(t) for t in torch.randint(0, 250, (23,), generator=torch.Generator().manual_seed(1))]
+GENERATED = [int(t) for t in torch.randint(0, 250, (9,), generator=torch.Generator().manual_seed(2))]
 TOKENS = PROMPT + GENERATED
 
 
@@ -104,7 +106,7 @@ def alone(m: Model) -> dict[int, torch.Tensor]:
 
 def others(n: int, first: int, length: int) -> list[tuple[int, list[int], int]]:
     gen = torch.Generator().manual_seed(first)
-    return [(first + i, [int(t) for t in torch.randint(0, 256, (length,), generator=gen)], 0)
+    return [(first + i, [int(t) for t in torch.randint(0, 250, (length,), generator=gen)], 0)
             for i in range(n)]
 
 
@@ -201,3 +203,23 @@ def test_deterministic_mode_is_refused_where_it_cannot_be_honoured(monkeypatch):
     model = build_model(odd, TrivialCommunicator(), torch.float32)
     with pytest.raises(ValueError, match="layers.0.self_attn.attn has 4 query heads, 2 KV heads of 8"):
         use_ops(model, CpuOps(weights="bfloat16", deterministic=True))
+
+
+def test_the_cost_bench_times_both_modes_side_by_side(tmp_path, capsys):
+    """``shardlm bench --determinism-cost``'s tool on a tiny checkpoint: a row per format and
+    step, both modes timed, the ratio theirs; the CPU's flags printed first."""
+    from cluster.tools import determinism_bench
+    from tests.checkpoints import write_tiny_checkpoint
+
+    tiny = write_tiny_checkpoint("llama-gqa", tmp_path, hidden_size=144,
+                                 intermediate_size=128)
+    rows = determinism_bench.run(tiny, ["float32", "int8"], context=20, prompt=256, rounds=1)
+    steps = ["decode b1", "decode b16", "decode b64", "prompt 1x256"]
+    assert [(r["format"], r["step"]) for r in rows] == [(f, s) for f in ("float32", "int8") for s in steps]
+    for r in rows:
+        assert r["default_ms"] > 0 and r["deterministic_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["deterministic_ms"] / r["default_ms"])
+    capsys.readouterr()
+    assert determinism_bench.main(["--model", str(tiny), "--formats", "float32", "--rounds", "1",
+                                   "--context", "8", "--prompt", "256"]) == 0
+    assert capsys.readouterr().out.startswith("CPU flags: ")
