@@ -1,14 +1,16 @@
 """vLLM's ``POST /tokenize`` and ``POST /detokenize``, and OpenAI's ``GET /v1/models/{id}``,
 over real HTTP: the Ray Serve app of cluster.serving.http.app in front of the engine service
-(SmolLM2-135M-Instruct at tp=2). Token ids are checked against transformers' own tokenizer
-of the checkpoint (``tokenizer(text)``, ``apply_chat_template``, ``decode``) and against
-what the engine admits a completion or chat request with (its ``usage.prompt_tokens``, and
-the same greedy text from the ids as from the text); bad input is a 400 in OpenAI's error
-shape naming the field."""
+(SmolLM2-135M-Instruct at tp=2, bf16 in deterministic mode). Token ids are checked against
+transformers' own tokenizer of the checkpoint (``tokenizer(text)``, ``apply_chat_template``,
+``decode``) and against what the engine admits a completion or chat request with (its
+``usage.prompt_tokens``, and the same greedy text from the ids as from the text); bad input
+is a 400 in OpenAI's error shape naming the field. And deterministic mode through the served
+API: a completion's tokens and logprobs are the same alone as among concurrent requests."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -33,7 +35,7 @@ TOOLS = [{"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def server(ray_session):
-    with serve_api(NAME) as server:
+    with serve_api(NAME, dtype="bfloat16", deterministic=True) as server:
         yield server
 
 
@@ -212,3 +214,24 @@ def test_openapi_describes_the_routes(server):
         "count", "max_model_len", "tokens", "token_strs"}
     assert "/detokenize" in spec["paths"] and "/v1/models/{model}" in spec["paths"]
     assert DEFAULT_MODEL in json.dumps(schemas["DetokenizeRequest"]["properties"]["model"])
+
+
+def test_a_completion_is_the_same_alone_and_among_concurrent_requests(server):
+    """Deterministic mode as ``shardlm serve`` deploys it: a greedy completion with logprobs
+    alone, then the same one sent at once with seven others (the engine batches them, their
+    prompts chunked beside its decode steps): the same tokens, and every logprob and top
+    logprob the same float."""
+    def ask(prompt: str):
+        out = server.client.completions.create(model=DEFAULT_MODEL, prompt=prompt, max_tokens=16,
+                                               temperature=0, logprobs=5)
+        lp = out.choices[0].logprobs
+        return out.choices[0].text, lp.tokens, lp.token_logprobs, lp.top_logprobs
+
+    target = "Three facts about the Moon: first,"
+    alone = ask(target)
+    others = [f"Write a list of {n} colors, then {n} fruits, then {n} countries:" for n in range(3, 10)]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, p) for p in others[:4] + [target] + others[4:]]
+        crowd = [f.result() for f in futures]
+    assert len(alone[1]) == 16
+    assert crowd[4] == alone
