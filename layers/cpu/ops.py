@@ -20,7 +20,7 @@ from layers.attention import Attention
 from layers.cpu import kernels
 from layers.cpu.decode_layer import FMT_AMX, FMT_DP, DecodeLayer, DecodeStep, layer_kernel
 from layers.cpu.flags import BF16_DOT_FLAGS, cpu_flags
-from layers.cpu.weights import bf16_gemm, fits_lowp, onednn_blocked, pad_rows, quantize_int8
+from layers.cpu.weights import bf16_gemm, onednn_blocked, pad_rows, quantize_int8
 from layers.ops import TorchOps
 
 
@@ -75,7 +75,7 @@ class CpuOps(TorchOps):
         self._blocked: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> oneDNN's blocked copy
         self._amx: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> its AMX tile-order copy
         self._dp: dict[int, torch.Tensor] = {}  # id(bf16 weight) -> dpbf16 copy (deterministic)
-        self._padded: dict[tuple, torch.Tensor] = {}  # unpacked float32 weight -> padded panels
+        self._padded: dict[tuple, object] = {}  # a weight -> its copy padded to whole panels
         if weights != "float32":
             self.name = f"cpu-kernels-{weights}"
 
@@ -120,15 +120,15 @@ class CpuOps(TorchOps):
 
     def _stays_float32(self, weight: torch.Tensor) -> bool:
         """Deterministic mode keeps a matmul weight in float32 (the panel kernel's, padded:
-        ``_padded_linear``) where its format's one kernel cannot take it: bf16 on the
-        dot-product kernel needs an even input width (outputs are padded to its panels),
-        the widening kernel (int8, bf16 without AVX512-BF16) inputs a multiple of 16 and
-        outputs of 4."""
+        ``_padded_linear``) where its format's one kernel cannot take it, judged by the input
+        width alone, which every tp rank of a column-parallel weight shares: bf16 on the
+        dot-product kernel needs an even one (outputs are padded to its panels), the widening
+        kernel (int8, bf16 without AVX512-BF16) a multiple of 16 (outputs padded to fours)."""
         if not self.deterministic:
             return False
         if self.weights == "bfloat16" and self.native_bf16 and kernels.dpbf16_available():
             return weight.shape[1] % 2 != 0
-        return not fits_lowp(weight)
+        return weight.shape[1] % 16 != 0  # outputs not in fours: _lowp pads them
 
     def _convert(self, model: nn.Module) -> int:
         matmul = {id(m.weight) for m in model.modules()  # a tied weight: packable in the head
@@ -190,7 +190,7 @@ class CpuOps(TorchOps):
             if y is not None:
                 return y[:, :weight.shape[0]].to(out_dtype)
         if rows < self.lowp_rows and x.dtype == torch.float32:
-            y = kernels.lowp_linear(x, weight)
+            y = self._lowp(x, weight)
             if y is not None:
                 return y.to(out_dtype)
             self._undetermined("bf16 linear", x, weight)
@@ -211,7 +211,7 @@ class CpuOps(TorchOps):
             y = self.bf16_matmul(x, weight)
         elif weight.dtype == torch.int8:
             scales = self._scales[id(weight)]
-            y = kernels.lowp_linear(x, weight, scales)
+            y = self._lowp(x, weight, scales)
             if y is None:
                 self._undetermined("int8 linear", x, weight)
                 y = torch.nn.functional.linear(x, weight.float() * scales[:, None])
@@ -223,6 +223,21 @@ class CpuOps(TorchOps):
             y = kernels.packed_linear(x, weight, self.deterministic)
         y = y if bias is None else y + bias
         return y if out_dtype is None else y.to(out_dtype)
+
+    def _lowp(self, x, weight, scales=None):
+        """lowp_linear; in deterministic mode a weight whose outputs are not in fours (a tp
+        slice of an odd vocabulary) on a copy padded to fours, so that every slice of a
+        weight, at any tp, goes through this kernel. x: (rows, in) -> (rows, out) or None"""
+        y = kernels.lowp_linear(x, weight, scales)
+        if y is not None or not self.deterministic or weight.shape[0] % 4 == 0:
+            return y
+        key = (weight.data_ptr(), tuple(weight.shape))
+        if key not in self._padded:
+            self._padded[key] = (pad_rows(weight, 4), None if scales is None else
+                                 torch.cat([scales, scales.new_ones(-scales.shape[0] % 4)]))
+        padded, padded_scales = self._padded[key]
+        y = kernels.lowp_linear(x, padded, padded_scales)
+        return None if y is None else y[:, :weight.shape[0]]
 
     def _padded_linear(self, x, weight):
         """A float32 matmul of a weight not packed at load (a router's few outputs, an

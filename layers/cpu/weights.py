@@ -1,5 +1,5 @@
 """The CPU path's weight formats: int8 quantization, oneDNN's blocked bf16 copy and its GEMM,
-which widths the low-precision kernels take, and copies padded to whole panels."""
+and copies padded to whole panels."""
 
 from __future__ import annotations
 
@@ -12,12 +12,6 @@ def pad_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
     cut from their results."""
     pad = -weight.shape[0] % multiple
     return weight if not pad else torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
-
-
-def fits_lowp(weight: torch.Tensor) -> bool:
-    """Whether lowp_linear.c takes this (out, in) weight; deterministic mode keeps one it
-    does not in float32, for the panel kernel (CpuOps._padded_linear)."""
-    return weight.shape[1] % 16 == 0 and weight.shape[0] % 4 == 0
 
 
 def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
