@@ -138,18 +138,20 @@ class RowParallelLinear(nn.Module):
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
     OUT_GRANULE = 32  # output features per rank come in whole panels of the widest kernel
 
-    def __init__(self, in_start: int, in_size: int, out_features: int, bias: bool,
-                 dtype: torch.dtype, comm: TensorParallelGroup,
-                 splits: list[tuple[int, int]] | None = None):
-        """``splits``: every rank's (start, size) of the input features, in rank order (for
-        ``gather_inputs``; default: this rank's alone, world size 1)."""
+    def __init__(self, splits: list[tuple[int, int]], out_features: int, bias: bool,
+                 dtype: torch.dtype, comm: TensorParallelGroup):
+        """``splits``: every rank's (start, size) of the input features, in rank order; this
+        rank holds ``splits[comm.rank]``'s columns (all of them with ``gather_inputs``)."""
         super().__init__()
-        self.in_start, self.in_size = in_start, in_size
+        if len(splits) != comm.world_size:
+            raise ValueError(f"RowParallelLinear: {len(splits)} input splits for "
+                             f"{comm.world_size} ranks")
+        self.in_start, self.in_size = splits[comm.rank]
         self.comm = comm
-        self.splits = splits or [(in_start, in_size)]
+        self.splits = splits
         self.gathers = False  # set by gather_inputs
         self.out_sizes: list[int] = []
-        self.weight = make_param((out_features, in_size), dtype, self._load_weight)
+        self.weight = make_param((out_features, self.in_size), dtype, self._load_weight)
         self.bias = make_param((out_features,), dtype, load_whole) if bias else None
 
     def _load_weight(self, param: nn.Parameter, source, shard_id=None) -> None:
@@ -165,8 +167,6 @@ class RowParallelLinear(nn.Module):
         ws = self.comm.world_size
         if ws == 1:
             return False
-        if len(self.splits) != ws:
-            raise ValueError(f"RowParallelLinear: {len(self.splits)} input splits for {ws} ranks")
         out, dtype = self.weight.shape[0], self.weight.dtype
         whole_panels = out % self.OUT_GRANULE == 0 and out >= self.OUT_GRANULE * ws
         unit = self.OUT_GRANULE if whole_panels else 1
@@ -194,10 +194,11 @@ class RowParallelLinear(nn.Module):
         return self.ops.linear(x, self.weight)
 
     @classmethod
-    def split(cls, in_features: int, out_features: int, tp_rank: int, bias: bool,
-              dtype: torch.dtype, comm: TensorParallelGroup) -> "RowParallelLinear":
+    def split(cls, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+              comm: TensorParallelGroup) -> "RowParallelLinear":
+        """``in_features`` split evenly over the group's ranks (earlier ranks larger)."""
         splits = [split_range(in_features, comm.world_size, r) for r in range(comm.world_size)]
-        return cls(*splits[tp_rank], out_features, bias, dtype, comm, splits)
+        return cls(splits, out_features, bias, dtype, comm)
 
 
 def gather_columns(comm: TensorParallelGroup, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -26,7 +26,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden, [("gate", intermediate), ("up", intermediate)], comm.world_size, comm.rank,
             bias, dtype)
-        self.down_proj = RowParallelLinear.split(intermediate, hidden, comm.rank, bias, dtype, comm)
+        self.down_proj = RowParallelLinear.split(intermediate, hidden, bias, dtype, comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), via (tokens, intermediate_local)

@@ -55,7 +55,7 @@ def _steps(context: int, prompt: int, vocab: int) -> dict:
     for start in range(0, seqs, 16):  # the contexts, 16 sequences a step
         rows = range(start, min(seqs, start + 16))
         ids = torch.randint(0, vocab, (len(rows) * context,), generator=gen)
-        slots = torch.cat([tables[r, :] .repeat_interleave(BLOCK)[:context] * BLOCK
+        slots = torch.cat([tables[r].repeat_interleave(BLOCK)[:context] * BLOCK
                            + torch.arange(context) % BLOCK for r in rows])
         fill.append((ids, torch.arange(context).repeat(len(rows)),
                      AttnBatch([context] * len(rows), [0] * len(rows), tables[list(rows)], slots)))

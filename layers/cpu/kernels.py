@@ -273,13 +273,20 @@ def decode_attention_fits(num_q: int, num_kv: int, hd: int) -> bool:
 def amx_pack(weight: torch.Tensor) -> torch.Tensor | None:
     """A copy of the bf16 weight (out, in) in AMX's tile order for :func:`amx_linear`; None
     where AMX cannot run it (no AMX or no permission, out or in not a multiple of 32)."""
+    return _bf16_copy(weight, "amx_linear_available", "amx_pack_bf16")
+
+
+def _bf16_copy(weight: torch.Tensor, available: str, pack: str) -> torch.Tensor | None:
+    """A bf16 CPU weight (out, in) repacked by the library's ``pack`` into a tensor of its
+    shape, where ``available`` says the kernel runs here; None where not, or where ``pack``
+    declines the shape."""
     lib = load()
     if (lib is None or weight.dtype != torch.bfloat16 or weight.dim() != 2
-            or not lib.amx_linear_available()):
+            or weight.device.type != "cpu" or not getattr(lib, available)()):
         return None
     weight = weight.contiguous()
     packed = torch.empty_like(weight)
-    if lib.amx_pack_bf16(weight.data_ptr(), packed.data_ptr(), *weight.shape) != 0:
+    if getattr(lib, pack)(weight.data_ptr(), packed.data_ptr(), *weight.shape) != 0:
         return None
     return packed
 
@@ -314,15 +321,7 @@ def dpbf16_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
     weight: (out, in) bf16 -> (out, in) bf16 holding panels (out / 32, in / 2, 32, 2),
     panels[p, i, c, j] = weight[32 p + c, 2 i + j]"""
-    lib = load()
-    if (lib is None or weight.dtype != torch.bfloat16 or weight.dim() != 2
-            or weight.device.type != "cpu" or not lib.dpbf16_available()):
-        return None
-    weight = weight.contiguous()
-    packed = torch.empty_like(weight)
-    if lib.dpbf16_pack(weight.data_ptr(), packed.data_ptr(), *weight.shape) != 0:
-        return None
-    return packed
+    return _bf16_copy(weight, "dpbf16_available", "dpbf16_pack")
 
 
 def dpbf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int | None = None

@@ -228,14 +228,11 @@ class CpuOps(TorchOps):
         """lowp_linear; in deterministic mode a weight whose outputs are not in fours (a tp
         slice of an odd vocabulary) on a copy padded to fours, so that every slice of a
         weight, at any tp, goes through this kernel. x: (rows, in) -> (rows, out) or None"""
-        y = kernels.lowp_linear(x, weight, scales)
-        if y is not None or not self.deterministic or weight.shape[0] % 4 == 0:
-            return y
-        key = (weight.data_ptr(), tuple(weight.shape))
-        if key not in self._padded:
-            self._padded[key] = (pad_rows(weight, 4), None if scales is None else
-                                 torch.cat([scales, scales.new_ones(-scales.shape[0] % 4)]))
-        padded, padded_scales = self._padded[key]
+        if not (self.deterministic and weight.shape[0] % 4):
+            return kernels.lowp_linear(x, weight, scales)
+        padded, padded_scales = self._padded_copy(weight, lambda: (
+            pad_rows(weight, 4),
+            None if scales is None else torch.cat([scales, scales.new_ones(-scales.shape[0] % 4)])))
         y = kernels.lowp_linear(x, padded, padded_scales)
         return None if y is None else y[:, :weight.shape[0]]
 
@@ -244,13 +241,19 @@ class CpuOps(TorchOps):
         expert's slice of the experts' tensor), in deterministic mode: through the panel
         kernel on a packed copy, padded with zero outputs to whole panels.
         x: (rows, in); weight: (out, in) -> (rows, out)"""
-        key = (weight.data_ptr(), tuple(weight.shape))  # an expert's slice is a new view each time
-        panels = self._padded.get(key)
+        panels = self._padded_copy(weight, lambda: kernels.pack_weight(
+            pad_rows(weight, kernels.PANEL).clone()))  # packed in place: never the weight itself
         if panels is None:
-            panels = self._padded[key] = kernels.pack_weight(pad_rows(weight, kernels.PANEL).clone())
-            if panels is None:
-                self._undetermined("float32 linear", x, weight)
+            self._undetermined("float32 linear", x, weight)
         return kernels.packed_linear(x.float(), panels, exact=True)[:, :weight.shape[0]]
+
+    def _padded_copy(self, weight, make):
+        """The copy ``make()`` gives of ``weight``, made once (keyed by its memory and shape:
+        an expert's slice is a new view on every call)."""
+        key = (weight.data_ptr(), tuple(weight.shape))
+        if key not in self._padded:
+            self._padded[key] = make()
+        return self._padded[key]
 
     def attention_dtype(self, attn, batch):
         """bf16 on a step with prompt chunks where prompt attention runs in bf16 (AMX) and the

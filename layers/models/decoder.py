@@ -108,9 +108,8 @@ class SelfAttention(nn.Module):
                               args.attn_softcap)
         shards = [head_shard(args.num_heads, args.num_kv_heads, comm.world_size, r)
                   for r in range(comm.world_size)]  # every rank's query heads: o_proj's inputs
-        self.o_proj = RowParallelLinear(shard.q_start * hd, shard.num_q * hd, args.hidden_size,
-                                        args.o_bias, dtype, comm,
-                                        [(s.q_start * hd, s.num_q * hd) for s in shards])
+        self.o_proj = RowParallelLinear([(s.q_start * hd, s.num_q * hd) for s in shards],
+                                        args.hidden_size, args.o_bias, dtype, comm)
         self.qk_norm = args.qk_norm  # one RMSNorm weight (head_dim,) for every q head, one for
         if args.qk_norm:  # every k head, replicated on every rank
             self.q_norm = RMSNorm(hd, args.rms_norm_eps, dtype, args.norm_plus_one)

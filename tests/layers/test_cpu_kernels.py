@@ -238,7 +238,7 @@ def test_pack_weights_keeps_every_layer_output():
     model = torch.nn.ModuleDict({
         "col": ColumnParallelLinear(64, [(None, 0, 48)], True, torch.float32),
         "odd": ColumnParallelLinear(64, [(None, 0, 17)], False, torch.float32),
-        "row": RowParallelLinear(0, 48, 64, True, torch.float32, comm),
+        "row": RowParallelLinear([(0, 48)], 64, True, torch.float32, comm),
         "embed": VocabParallelEmbedding(160, 64, torch.float32, comm),
     })
     model["head"] = ParallelLMHead(160, 64, torch.float32, comm, tied_to=model["embed"])

@@ -65,7 +65,7 @@ def _rank_main(rank, tp, backend, rdv, path, queue):
             col = ColumnParallelLinear.split(HIDDEN, 50, tp, rank, True, torch.float32)
             load(col.weight, "col.weight"), load(col.bias, "col.bias")
             out["column"] = col(x)
-            row = RowParallelLinear.split(50, HIDDEN, rank, True, torch.float32, comm)
+            row = RowParallelLinear.split(50, HIDDEN, True, torch.float32, comm)
             load(row.weight, "row.weight"), load(row.bias, "row.bias")
             start, size = split_range(50, tp, rank)
             out["row"] = row(f.get_tensor("x_row")[:, start:start + size])
