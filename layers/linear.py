@@ -136,7 +136,6 @@ class RowParallelLinear(nn.Module):
 
     packable = True  # the CPU path may repack the weight (layers.cpu.ops.CpuOps.prepare)
     ops = NATIVE  # the worker's platform (layers.platform.use_ops)
-    OUT_GRANULE = 32  # output features per rank come in whole panels of the widest kernel
 
     def __init__(self, splits: list[tuple[int, int]], out_features: int, bias: bool,
                  dtype: torch.dtype, comm: TensorParallelGroup):
@@ -168,9 +167,7 @@ class RowParallelLinear(nn.Module):
         if ws == 1:
             return False
         out, dtype = self.weight.shape[0], self.weight.dtype
-        whole_panels = out % self.OUT_GRANULE == 0 and out >= self.OUT_GRANULE * ws
-        unit = self.OUT_GRANULE if whole_panels else 1
-        self.out_sizes = [n * unit for n in split_sizes(out // unit, ws)]
+        self.out_sizes = output_shares(out, ws)
         in_features = sum(size for _, size in self.splits)
         self.weight = make_param((self.out_sizes[self.comm.rank], in_features), dtype,
                                  self._load_weight)
@@ -199,6 +196,17 @@ class RowParallelLinear(nn.Module):
         """``in_features`` split evenly over the group's ranks (earlier ranks larger)."""
         splits = [split_range(in_features, comm.world_size, r) for r in range(comm.world_size)]
         return cls(splits, out_features, bias, dtype, comm)
+
+
+OUT_GRANULE = 32  # gathered layers' output features per rank: whole panels of the widest kernel
+
+
+def output_shares(out_features: int, world_size: int) -> list[int]:
+    """Each rank's number of output features of a layer that gathers its inputs: whole
+    panels of OUT_GRANULE where there are enough, else single features."""
+    whole_panels = out_features % OUT_GRANULE == 0 and out_features >= OUT_GRANULE * world_size
+    unit = OUT_GRANULE if whole_panels else 1
+    return [n * unit for n in split_sizes(out_features // unit, world_size)]
 
 
 def gather_columns(comm: TensorParallelGroup, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:

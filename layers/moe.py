@@ -21,6 +21,16 @@ the ranks' partial sums: the same one all-reduce a dense MLP ends with (an all-g
 tokens plus a reduce-scatter, fused). The shared expert is split like a dense MLP and joins
 that one all-reduce.
 
+With ``gather_inputs`` (deterministic mode, tp > 1) the block computes what tp = 1 does
+instead, so that its outputs do not depend on the tensor-parallel degree: each routed
+(token, expert) pair's weighted output is made whole on every rank and the pairs are
+added into each token in expert order, as on one rank. Experts tensor-parallel: the
+pairs' activations (each rank's intermediate slice) are gathered, each rank multiplies
+them by its share of the hidden features of the down projection (all intermediate
+columns) and those outputs are gathered. Expert-parallel: each pair is computed by the one
+rank owning its expert, zeros elsewhere, and the all-reduce of the pairs is exact. The
+shared expert's down projection gathers as a dense MLP's does.
+
 Each forward counts the tokens routed to each expert (:attr:`MoE.load`): the worker reports
 them with the step's result and the engine exports them as metrics.
 """
@@ -30,11 +40,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layers.linear import load_whole, make_param
+from layers.linear import gather_columns, load_whole, make_param, output_shares
 from layers.mlp import GatedMLP
 from layers.ops import NATIVE
 from layers.parallel import TensorParallelGroup
-from layers.partition import split_range
+from layers.partition import split_range, split_sizes
 
 
 class MoE(nn.Module):
@@ -49,6 +59,9 @@ class MoE(nn.Module):
             raise ValueError(f"experts per token {top_k} must be in 1..{num_experts} (the experts)")
         tp, rank = comm.world_size, comm.rank
         self.comm, self.num_experts, self.top_k, self.normalize = comm, num_experts, top_k, normalize
+        self.expert_parallel, self.intermediate = expert_parallel, intermediate
+        self.gathers = False  # set by gather_inputs
+        self.out_sizes: list[int] = []  # gathering, experts tensor-parallel: hidden rows per rank
         if expert_parallel:  # whole experts [first, first + count) on this rank
             self.first, count = split_range(num_experts, tp, rank)
             self.inter_start, self.inter = 0, intermediate
@@ -79,7 +92,29 @@ class MoE(nn.Module):
 
     def _load_w2(self, param: nn.Parameter, source, shard_id) -> None:
         _, expert = shard_id
-        param.data[expert - self.first].copy_(source.read(1, self.inter_start, self.inter))
+        if self.out_sizes:  # gathering: this rank's hidden rows, every intermediate column
+            start = sum(self.out_sizes[:self.comm.rank])
+            rows = source.read(0, start, self.out_sizes[self.comm.rank])
+        else:
+            rows = source.read(1, self.inter_start, self.inter)
+        param.data[expert - self.first].copy_(rows)
+
+    def gather_inputs(self) -> bool:
+        """Switch to computing each pair whole (see the module), before the weights are
+        loaded; False (nothing changed) on a single rank."""
+        ws = self.comm.world_size
+        if ws == 1:
+            return False
+        if not self.expert_parallel:
+            count, hidden, _ = self.w2.shape
+            self.out_sizes = output_shares(hidden, ws)
+            self.w2 = make_param((count, self.out_sizes[self.comm.rank], self.intermediate),
+                                 self.w2.dtype, self._load_w2)
+            self.w2.shard_ids = [("down", e) for e in self.local]
+        if self.shared is not None:
+            self.shared.down_proj.gather_inputs()
+        self.gathers = True
+        return True
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's experts and their weights: (tokens, top_k) int64, (tokens, top_k)
@@ -93,9 +128,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), summed over ranks
+        if self.gathers:
+            return self._gathered(x)
         out = self.partial(x)
         if self.shared is not None:
-            gate = torch.sigmoid(self.ops.linear(x, self.shared_gate).float())  # (tokens, 1)
+            gate = self.ops.sigmoid(self.ops.linear(x, self.shared_gate).float())  # (tokens, 1)
             out += (self.shared.partial(x).float() * gate).to(out.dtype)
         return self.comm.all_reduce(out)
 
@@ -118,6 +155,46 @@ class MoE(nn.Module):
             y = self._expert(expert - self.first, x.index_select(0, rows))  # (n, hidden)
             y = y.float() * weights.reshape(-1).index_select(0, picks).unsqueeze(1)
             out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, hidden) -> (tokens, hidden), the same on every rank
+        experts, weights = self.route(x)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        self.load += counts.cpu()
+        ends = counts.cumsum(0).tolist()
+        spans = [(e, ends[e - 1] if e else 0, ends[e]) for e in range(self.num_experts)]
+        spans = [(e, begin, end) for e, begin, end in spans if begin < end]
+        picks = {e: order[begin:end] for e, begin, end in spans}  # positions in ``flat``
+        pair_weights = weights.reshape(-1)
+
+        def weighted(e: int, y: torch.Tensor) -> torch.Tensor:
+            return (y.float() * pair_weights.index_select(0, picks[e]).unsqueeze(1)).to(x.dtype)
+
+        if self.expert_parallel:  # pairs in expert order, each computed on one rank alone
+            pairs = x.new_zeros(len(flat), x.shape[1])
+            for e, begin, end in spans:
+                if self.owns(e):
+                    rows = x.index_select(0, picks[e] // self.top_k)
+                    pairs[begin:end] = weighted(e, self._expert(e - self.first, rows))
+            pairs = self.comm.all_reduce(pairs)  # one non-zero term per element: exact
+        else:
+            acts = torch.cat([self.ops.silu_mul(self.ops.linear(
+                x.index_select(0, picks[e] // self.top_k), self.w13[e - self.first]))
+                for e, _, _ in spans])
+            inter = split_sizes(self.intermediate, self.comm.world_size)  # every rank's slice
+            whole = gather_columns(self.comm, acts, inter)  # (pairs, intermediate)
+            part = torch.cat([weighted(e, self.ops.linear(whole[begin:end], self.w2[e - self.first]))
+                              for e, begin, end in spans])
+            pairs = gather_columns(self.comm, part, self.out_sizes)
+        out = torch.zeros_like(x)
+        for e, begin, end in spans:  # into each token in expert order, as on one rank
+            out.index_add_(0, picks[e] // self.top_k, pairs[begin:end])
+        if self.shared is not None:
+            gate = self.ops.sigmoid(self.ops.linear(x, self.shared_gate).float())
+            out += (self.shared(x).float() * gate).to(out.dtype)
         return out
 
     def _expert(self, local: int, x: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,9 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
     def swiglu(self, gate_up: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of the merged gate/up projection of ``x``, as the down projection
         takes it (a platform may hand it over in a narrower dtype).
@@ -108,6 +111,10 @@ class TorchOps:
         return None
 
     # ---- attention over the paged KV cache -------------------------------------------------
+    def check_block_size(self, block_size: int) -> None:
+        """Raise ValueError where this platform cannot attend over blocks of ``block_size``
+        tokens (called when the cache is allocated)."""
+
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                  slots: torch.Tensor) -> None:
         # k, v: (tokens, num_kv, hd); slots: (tokens,) int64 block * block_size + offset

@@ -37,16 +37,17 @@ def select_ops(device: torch.device | str, dtype: torch.dtype, quantization: str
     """The platform for a worker on ``device`` with weights of ``dtype`` (``quantization``
     int8: CPU workers only). ``SHARDLM_OPS`` overrides the choice: ``torch`` (the reference)
     or ``triton`` (the CUDA kernels; on a CPU only under ``TRITON_INTERPRET=1``, how
-    ``gpu-check --device cpu`` runs them). ``deterministic``: only the CPU kernels keep a
-    row's sums in one order whatever else the step holds; any other platform refuses it
-    (ValueError naming the platform)."""
+    ``gpu-check --device cpu`` runs them). ``deterministic``: the CPU kernels and the triton
+    kernels keep a row's sums in one order whatever else the step holds; torch's own
+    kernels do not, and refuse it (ValueError naming the platform)."""
     ops = _select_ops(device, dtype, quantization, deterministic)
     if deterministic and not getattr(ops, "deterministic", False):
         raise ValueError(
             f"model.deterministic: the {ops.name} platform ({torch.device(device).type}, "
             f"{str(dtype).removeprefix('torch.')}) has no batch-invariant kernels: its matmuls "
             f"and attention sum in an order that depends on the step's other rows. It runs on "
-            f"CPU workers with the C kernels (float32, bfloat16 or int8)")
+            f"CPU workers with the C kernels (float32, bfloat16 or int8) and on CUDA workers "
+            f"with triton")
     return ops
 
 
@@ -65,7 +66,7 @@ def _select_ops(device, dtype: torch.dtype, quantization: str | None, determinis
     if forced == "triton":
         from layers.cuda.ops import CudaOps
 
-        return CudaOps()
+        return CudaOps(deterministic)
     if is_cpu and (quantization or dtype in (torch.float32, torch.bfloat16)):
         from layers.cpu.ops import CpuOps, kernels_available  # only CPU workers load it
 
@@ -81,7 +82,7 @@ def _select_ops(device, dtype: torch.dtype, quantization: str | None, determinis
                 "triton is not importable (%s): attention runs on torch's reference path, "
                 "without CUDA graphs", exc)
             return NATIVE
-        return CudaOps()
+        return CudaOps(deterministic)
     return NATIVE
 
 

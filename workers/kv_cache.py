@@ -68,6 +68,7 @@ def allocate(model: torch.nn.Module, num_blocks: int, block_size: int, dtype: to
     arena = HugePageArena() if device.type == "cpu" else None
     for attn in attention_modules(model):
         shape = (2, num_blocks, block_size, attn.num_kv, attn.head_dim)  # local KV heads
+        attn.ops.check_block_size(block_size)
         if arena is None:
             attn.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
         else:

@@ -14,6 +14,10 @@ reference. What it checks, each a line of the summary and an entry of the JSON r
 - every KV path in float32, tokens equal transformers': chunked prefill, prefix-cache hits,
   preemption under a small cache, mixed prefill/decode steps;
 - seeded sampling reproduces itself; CUDA graphs on and off give the same tokens;
+- deterministic mode in 16 bits: each prompt's tokens and logprobs, asked alone (its
+  prompt blocks then from the prefix cache), are the same bits as among the others in
+  steps chunked to 32 tokens; on a GPU the report also says whether the default mode's
+  differ (cuBLAS picks its kernels by the shape);
 - a short throughput run against transformers' batched ``generate`` on the same device;
 - with two GPUs or more: tp=2 greedy parity and the NCCL communicator tests.
 
@@ -44,8 +48,8 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=0.08, rms_norm_eps=1e-6, tie_word_embeddings=False)
 NEW_TOKENS = {"cuda": 24, "cpu": 8}  # the interpreter is slow: fewer steps in a dry run
-# the 16-bit dtype checked: triton's interpreter computes bfloat16 wrongly (numpy has none),
-# so a dry run checks the same code in float16
+# the 16-bit dtype checked: a dry run's reference, transformers in bf16 on a CPU, rounds
+# differently from a GPU's, so on a CPU float16 is checked (the same kernels)
 HALF = {"cuda": "bfloat16", "cpu": "float16"}
 
 
@@ -205,6 +209,33 @@ class GpuCheck:
         captured = bool(info["cuda_graphs"]) or self.device != "cuda"
         return graphs == eager and captured, info | {"equal": graphs == eager}
 
+    def deterministic(self):
+        lengths = [5, 40, 11, 23] if self.device == "cuda" else [4, 21]  # interpreted: fewer
+        prompt_ids = [prompts(1, n, seed=20 + n)[0] for n in lengths]
+        differing, info = self._alone_against_together(prompt_ids, True)
+        info |= {"dtype": self.half, "prompts": len(prompt_ids), "differing": differing}
+        if self.device == "cuda":  # what the mode is for: the default kernels' results move
+            info["default_mode_differing"] = self._alone_against_together(prompt_ids, False)[0]
+        return not differing and info["mixed_steps"] > 0, info
+
+    def _alone_against_together(self, prompt_ids: list[list[int]], deterministic: bool
+                                ) -> tuple[list[int], dict]:
+        from cluster import LLM, SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=self.new_tokens, ignore_eos=True,
+                                logprobs=3)
+        settings = self.settings(self.half, threads_per_worker=1, deterministic=deterministic,
+                                 max_num_batched_tokens=32 if self.device == "cuda" else 16)
+        with LLM(model=str(self.checkpoint), **settings) as llm:
+            together = llm.generate(prompt_token_ids=prompt_ids, sampling_params=params)
+            alone = [llm.generate(prompt_token_ids=[p], sampling_params=params)[0]
+                     for p in prompt_ids]
+            info = {"ops": llm.engine.group.load_stats[0]["ops"],
+                    "mixed_steps": llm.engine.stats["mixed_steps"]}
+        seen = [[(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in run]
+                for run in (together, alone)]
+        return [i for i, (a, b) in enumerate(zip(*seen)) if a != b], info
+
     def throughput(self):
         from cluster.bench.baseline import TransformersBaseline
         from cluster import LLM, SamplingParams
@@ -247,6 +278,7 @@ class GpuCheck:
                   ("mixed prefill/decode", self.mixed_steps),
                   ("seeded sampling", self.seeded_sampling),
                   ("cuda graphs on = off", self.cuda_graphs),
+                  ("deterministic 16-bit", self.deterministic),
                   ("throughput vs transformers", self.throughput)]
         if self.device == "cuda" and torch.cuda.device_count() >= 2:
             checks += [("tp=2 greedy parity", self.tp2_parity), ("nccl collectives", self.nccl_tests)]

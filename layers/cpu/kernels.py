@@ -156,6 +156,9 @@ def _load(isa: str) -> ctypes.CDLL | None:
         "write_kv_bf16": [_F32P, _F32P, _I64, _F32P, _I64P, _I64, _I64, _I64],
         "silu_mul": [_F32P, _F32P, _I64, _I64, _INT],
         "silu_mul_bf16": [_F32P, _F32P, _I64, _I64, _INT],
+        "gelu_tanh_mul": [_F32P, _F32P, _I64, _I64, _INT],
+        "gelu_tanh_mul_bf16": [_F32P, _F32P, _I64, _I64, _INT],
+        "sigmoid_rows": [_F32P, _F32P, _I64],
         "prefill_attention": [_F32P, _I64, _F32P, _F32P, _I64, _F32P, _I64, *[_I64] * 5, _F32, _INT,
                               _I64, _F32],
         "decode_attention_half": [_F32P, _I64, _I64, _F32P, _F32, _F32P, _F32P, _I64, _I64, _I64,
@@ -481,17 +484,40 @@ def gumbel_argmax_rows(x: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for the fused gate/up output; None where the kernel does not apply.
+    Each element is computed alike wherever it sits (any width: a tp slice of the features
+    gets the bits of the whole row).
 
     gate_up: (rows, 2 * inter) float32, or bf16 (computed in float32, rounded once)
     -> (rows, inter) of its dtype"""
+    return _gated(gate_up, "silu_mul")
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """GELU (tanh approximation) of gate, times up; as :func:`silu_mul`."""
+    return _gated(gate_up, "gelu_tanh_mul")
+
+
+def _gated(gate_up: torch.Tensor, name: str) -> torch.Tensor | None:
     bf16 = gate_up.dtype == torch.bfloat16
+    gate_up = gate_up.contiguous()  # a padded kernel's output is a slice of its columns
     lib = load() if bf16 and gate_up.device.type == "cpu" else float32_kernels(gate_up)
-    if lib is None or gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
+    if lib is None or gate_up.dim() != 2 or gate_up.shape[1] % 2:
         return None
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(rows, inter)
-    fn = lib.silu_mul_bf16 if bf16 else lib.silu_mul
+    fn = getattr(lib, name + "_bf16" if bf16 else name)
     return out if fn(gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()) == 0 else None
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor | None:
+    """sigmoid of a float32 tensor, each element computed alike wherever it sits; None where
+    the kernel does not apply."""
+    x = x.contiguous()
+    lib = float32_kernels(x)
+    if lib is None:
+        return None
+    out = torch.empty_like(x)
+    return out if lib.sigmoid_rows(x.data_ptr(), out.data_ptr(), x.numel()) == 0 else None
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -226,15 +226,19 @@ class CpuOps(TorchOps):
 
     def _lowp(self, x, weight, scales=None):
         """lowp_linear; in deterministic mode a weight whose outputs are not in fours (a tp
-        slice of an odd vocabulary) on a copy padded to fours, so that every slice of a
-        weight, at any tp, goes through this kernel. x: (rows, in) -> (rows, out) or None"""
-        if not (self.deterministic and weight.shape[0] % 4):
+        slice of an odd vocabulary) or whose inputs are not in sixteens (a small expert's
+        features) on a copy padded with zeros to both, the input padded likewise, so that
+        every slice of a weight, at any tp, goes through this kernel (the zero products add
+        nothing). x: (rows, in) -> (rows, out) or None"""
+        out, width = weight.shape
+        if not (self.deterministic and (out % 4 or width % 16)):
             return kernels.lowp_linear(x, weight, scales)
         padded, padded_scales = self._padded_copy(weight, lambda: (
-            pad_rows(weight, 4),
-            None if scales is None else torch.cat([scales, scales.new_ones(-scales.shape[0] % 4)])))
-        y = kernels.lowp_linear(x, padded, padded_scales)
-        return None if y is None else y[:, :weight.shape[0]]
+            torch.nn.functional.pad(pad_rows(weight, 4), (0, -width % 16)),
+            None if scales is None else torch.cat([scales, scales.new_ones(-out % 4)])))
+        y = kernels.lowp_linear(torch.nn.functional.pad(x, (0, -width % 16)), padded,
+                                padded_scales)
+        return None if y is None else y[:, :out]
 
     def _padded_linear(self, x, weight):
         """A float32 matmul of a weight not packed at load (a router's few outputs, an
@@ -312,7 +316,21 @@ class CpuOps(TorchOps):
 
     def silu_mul(self, gate_up):
         out = kernels.silu_mul(gate_up)
+        if out is None:
+            self._undetermined("silu_mul", gate_up)
         return out if out is not None else super().silu_mul(gate_up)
+
+    def gelu_tanh_mul(self, gate_up):
+        out = kernels.gelu_tanh_mul(gate_up)
+        if out is None:
+            self._undetermined("gelu_tanh_mul", gate_up)
+        return out if out is not None else super().gelu_tanh_mul(gate_up)
+
+    def sigmoid(self, x):
+        out = kernels.sigmoid(x)
+        if out is None:
+            self._undetermined("sigmoid", x)
+        return out if out is not None else super().sigmoid(x)
 
     def write_kv(self, k, v, cache, slots):
         if not kernels.write_kv(k, v, cache, slots):
@@ -341,13 +359,15 @@ class CpuOps(TorchOps):
             out = super().paged_decode(q32, cache, batch, scale, window, softcap)
         return out.to(q.dtype)
 
-    def _undetermined(self, op: str, x, weight) -> None:
-        """Deterministic mode never falls back to torch's kernels, whose sums depend on the
-        rows beside a row: a kernel declining is an error naming the op."""
+    def _undetermined(self, op: str, x, weight=None) -> None:
+        """Deterministic mode never falls back to torch's kernels, whose sums (and whose
+        activations' last bits) depend on the rows beside a row: a kernel declining is an
+        error naming the op."""
         if self.deterministic:
+            with_weight = "" if weight is None else f" with {tuple(weight.shape)} {weight.dtype}"
             raise RuntimeError(f"model.deterministic: the CPU kernel for {op} declined input "
-                               f"{tuple(x.shape)} {x.dtype} with {tuple(weight.shape)} "
-                               f"{weight.dtype}; torch's kernel would not be batch-invariant")
+                               f"{tuple(x.shape)} {x.dtype}{with_weight}; torch's kernel would "
+                               f"not be batch-invariant")
 
     def attend(self, q, k, v, scale, causal_offset, window=None, softcap=None):
         # q: (n, num_q, hd) float32 or bf16 (attention_dtype); k, v: (ctx, num_kv, hd)

@@ -27,11 +27,15 @@ import triton.language as tl
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 when compiled for a GPU
 
 
+def takes_block_size(block_size: int) -> bool:
+    """A power of two of at least 16 tokens."""
+    return block_size >= MIN_DOT and block_size & (block_size - 1) == 0
+
+
 def supports(cache: torch.Tensor) -> bool:
-    """Whether these kernels take this cache: a power-of-two block size of at least 16 and
+    """Whether these kernels take this cache: a block size :func:`takes_block_size` and
     contiguous head rows."""
-    block_size = cache.shape[2]
-    return block_size >= MIN_DOT and block_size & (block_size - 1) == 0 and cache.stride(-1) == 1
+    return takes_block_size(cache.shape[2]) and cache.stride(-1) == 1
 
 
 @triton.jit
@@ -128,7 +132,7 @@ def _paged_attention_kernel(
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                     query_starts: torch.Tensor, context_lens: torch.Tensor, scale: float,
                     max_query_len: int, window: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, fixed_tiles: bool = False) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached context (``window``:
     each query over the keys at positions > its own - window; ``softcap``: scores capped to
     ``softcap * tanh(score / softcap)``).
@@ -136,7 +140,9 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
     q: (tokens, num_q, hd), last dim contiguous; cache: (2, blocks, block_size, num_kv, hd);
     block_tables: (seqs, max_blocks) int64; query_starts: (seqs + 1,) int64, sequence i's
     queries are rows [starts[i], starts[i+1]); context_lens: (seqs,) int64 including the
-    new tokens; max_query_len: the longest query run (sets the grid only)
+    new tokens; max_query_len: the longest query run (sets the grid only); fixed_tiles: the
+    prompt steps' tile shape for decode steps too (deterministic mode: a query's dot
+    products then have one shape whatever the step holds)
     -> (tokens, num_q, hd)"""
     tokens, num_q, hd = q.shape
     _, _, block_size, num_kv, _ = cache.shape
@@ -146,7 +152,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         return out
     group = num_q // num_kv
     group_pad = triton.next_power_of_2(group)
-    if max_query_len == 1:  # decode: one query per program, its head group padded for tl.dot
+    if max_query_len == 1 and not fixed_tiles:  # decode: one query per program, its head group padded for tl.dot
         block_q, group_pad = 1, max(group_pad, MIN_DOT)
     else:  # about 64 query rows (tokens x heads of the group) per program
         block_q = max(1, 64 // group_pad)

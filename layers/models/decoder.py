@@ -232,11 +232,14 @@ class CausalLM(nn.Module):
                                           args.final_softcap)
 
     def gather_row_parallel(self) -> int:
-        """The row-parallel layers of attention and dense MLPs gather their inputs (see
-        ``build_model``'s ``tp_invariant``); before the weights are loaded. How many did."""
-        moe = {id(m) for block in self.modules() if isinstance(block, MoE) for m in block.modules()}
-        return sum(m.gather_inputs() for m in self.modules()
-                   if isinstance(m, RowParallelLinear) and id(m) not in moe)
+        """The row-parallel layers of attention and dense MLPs, and the MoE blocks, gather
+        their inputs (see ``build_model``'s ``tp_invariant``); before the weights are loaded.
+        How many did."""
+        blocks = [m for m in self.modules() if isinstance(m, MoE)]
+        inside = {id(m) for block in blocks for m in block.modules()}
+        return (sum(m.gather_inputs() for m in self.modules()
+                    if isinstance(m, RowParallelLinear) and id(m) not in inside)
+                + sum(block.gather_inputs() for block in blocks))
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, batch: AttnBatch,
                 keep: KeepRows | None = None) -> torch.Tensor:

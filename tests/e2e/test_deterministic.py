@@ -3,8 +3,9 @@ mode"): through ``LLM.generate``, a request's tokens and logprobs (every float, 
 with ``==``: they are the logits' log-softmax) are the same alone, among fifteen other
 requests whose prompts share a small token budget with it (so its prompt is cut into other
 chunks and its decode steps hold other rows, prompt chunks among them), and again from the
-prefix cache. bfloat16 at tp=2 (the all-reduce between the ranks) and int8 at pp=2. The
-layer-level comparisons of the logits themselves, per family and format, are
+prefix cache. bfloat16 at tp=2 (the all-reduce between the ranks) and int8 at pp=2. Across
+layouts: the default model at tp 1-4 and pp 2, a tiny Gemma 2 at tp 1, 2 and 4, a tiny
+Mixture-of-Experts model at tp 1 and 3 and expert-parallel at tp 2. The layer-level comparisons of the logits themselves, per family and format, are
 ``tests/layers/test_determinism.py``; the faults, ``tests/cluster/test_failures.py`` and
 ``test_engine_restart.py``."""
 
@@ -93,23 +94,52 @@ def tiny_gemma(tmp_path_factory):
                                  hidden_size=144, intermediate_size=128)
 
 
+def _tiny_run(checkpoint, name: str, **settings) -> list:
+    """TINY_PROMPTS, greedy and seeded, through a deterministic LLM on a tiny checkpoint."""
+    llm = LLM(model=str(checkpoint), deterministic=True, cpus_per_worker=0.5,
+              kv_cache_bytes=16 << 20, block_size=4, name=name, **settings)
+    try:
+        outs = llm.generate(prompt_token_ids=TINY_PROMPTS, sampling_params=[GREEDY, SEEDED] * 2)
+    finally:
+        llm.shutdown()
+    return [_choice(out) for out in outs]
+
+
 @pytest.mark.parametrize("fmt", ["float32", "int8"])
 def test_a_gemma_gives_the_same_bits_at_tp_1_2_and_4(ray_session, tiny_gemma, fmt):
     """The other formats across tensor-parallel degrees, on another family: tokens and
     logprobs of greedy and seeded requests at tp=2 and 4 equal tp=1's."""
     def run(tp: int):
-        llm = LLM(model=str(tiny_gemma), dtype="float32" if fmt == "float32" else "bfloat16",
-                  quantization="int8" if fmt == "int8" else None, deterministic=True,
-                  tensor_parallel_size=tp, cpus_per_worker=0.5, kv_cache_bytes=16 << 20,
-                  block_size=4, name=f"det-gemma-{fmt}-{tp}")
-        try:
-            outs = llm.generate(prompt_token_ids=TINY_PROMPTS,
-                                sampling_params=[GREEDY, SEEDED] * 2)
-        finally:
-            llm.shutdown()
-        return [_choice(out) for out in outs]
+        return _tiny_run(tiny_gemma, f"det-gemma-{fmt}-{tp}", tensor_parallel_size=tp,
+                         dtype="float32" if fmt == "float32" else "bfloat16",
+                         quantization="int8" if fmt == "int8" else None)
 
     one = run(1)
     assert all(len(tokens) == 24 for tokens, _ in one)
     assert run(2) == one
     assert run(4) == one
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """Qwen2-MoE: 5 experts of 26 intermediate features (slices of 9, 9 and 8 at tp=3), 2 per
+    token renormalised, a gated shared expert, layer 1 dense; heads of 16."""
+    from tests.checkpoints import write_tiny_checkpoint
+
+    return write_tiny_checkpoint("qwen2-moe", tmp_path_factory.mktemp("det-moe"), seed=5,
+                                 hidden_size=144, intermediate_size=128)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
+def test_a_mixture_of_experts_gives_the_same_bits_at_every_layout(ray_session, tiny_moe, fmt):
+    """Mixture-of-Experts across tensor-parallel degrees and both expert layouts: experts
+    split by intermediate features over 3 ranks (unevenly), and whole experts per rank
+    (expert parallel, 3 + 2 over 2 ranks). Tokens and logprobs equal tp=1's."""
+    def run(tp: int, expert_parallel: bool = False):
+        return _tiny_run(tiny_moe, f"det-moe-{fmt}-{tp}-{expert_parallel}", dtype=fmt,
+                         tensor_parallel_size=tp, enable_expert_parallel=expert_parallel)
+
+    one = run(1)
+    assert all(len(tokens) == 24 for tokens, _ in one)
+    assert run(3) == one
+    assert run(2, expert_parallel=True) == one

@@ -283,31 +283,63 @@ def test_rms_norm_kernels_match_transformers(rows):
     assert cpu_kernels.rms_norm(torch.randn(2, 60), torch.ones(60), 1e-5) is None  # width % 8
 
 
+ACTIVATIONS = {"silu_mul": F.silu, "gelu_tanh_mul": lambda g: F.gelu(g, approximate="tanh")}
+
+
 @pytest.mark.parametrize("rows", [1, 64])
-@pytest.mark.parametrize("inter", [1536, 24])  # 24: a 16-wide AVX-512 pass, then an 8-wide tail
-def test_silu_mul_matches_torch(rows, inter, isa):
+@pytest.mark.parametrize("inter", [1536, 24, 13])  # 24: a whole and a partial AVX-512 vector
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gated_activations_match_torch(rows, inter, act, isa):
     gate_up = torch.randn(rows, 2 * inter) * 8  # large |gate| on both sides: exp range
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-8])
     gate_up[0, 4:6] = torch.tensor([-200.0, float("nan")])  # past exp's clamp; NaN stays NaN
-    got = cpu_kernels.silu_mul(gate_up)
+    got = getattr(cpu_kernels, act)(gate_up)
     assert got is not None
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(got, F.silu(gate) * up, atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got, ACTIVATIONS[act](gate) * up, atol=1e-5, rtol=1e-5,
+                               equal_nan=True)
 
 
-@pytest.mark.parametrize("inter", [1536, 24])
-def test_silu_mul_on_bf16_rounds_the_float32_result_once(inter, isa):
-    """bf16 in and out (a bf16 GEMM's output): torch's silu * up of the values widened to
-    float32, rounded to bf16 (within one bf16 step where the float32 results differ in the
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_an_activation_is_the_same_bits_wherever_its_element_sits(act, isa):
+    """Deterministic mode's premise for the activations: a tensor-parallel slice of the
+    features (any width: 9 of 26, say) gets the bits the whole row had at those features,
+    though its elements sit elsewhere in the vectors (torch's own silu and gelu do not
+    promise this: their last partial vector runs other code)."""
+    gate_up = torch.randn(8, 2 * 26) * 6
+    whole = getattr(cpu_kernels, act)(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    for start, width in ((0, 9), (9, 9), (18, 8), (5, 1), (3, 17)):
+        part = torch.cat([gate[:, start:start + width], up[:, start:start + width]], 1).contiguous()
+        assert torch.equal(getattr(cpu_kernels, act)(part), whole[:, start:start + width])
+        for dtype in (torch.bfloat16,):
+            got = getattr(cpu_kernels, act)(part.to(dtype))
+            want = getattr(cpu_kernels, act)(gate_up.to(dtype))[:, start:start + width]
+            assert torch.equal(got, want)
+    x = torch.randn(37) * 5
+    sig = cpu_kernels.sigmoid(x)
+    torch.testing.assert_close(sig, torch.sigmoid(x), atol=1e-7, rtol=1e-6)
+    assert torch.equal(cpu_kernels.sigmoid(x[20:25].clone()), sig[20:25])
+
+
+@pytest.mark.parametrize("inter", [1536, 24, 13])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gated_activations_on_bf16_round_the_float32_result_once(inter, act, isa):
+    """bf16 in and out (a bf16 GEMM's output): torch's act(gate) * up of the values widened
+    to float32, rounded to bf16 (within one bf16 step where the float32 results differ in the
     last bits across a rounding boundary)."""
     gate_up = (torch.randn(64, 2 * inter) * 8).bfloat16()
     gate_up[0, :3] = torch.tensor([-100.0, float("nan"), float("inf")])
-    got = cpu_kernels.silu_mul(gate_up)
+    got = getattr(cpu_kernels, act)(gate_up)
     assert got is not None and got.dtype == torch.bfloat16
     gate, up = gate_up.float().chunk(2, dim=-1)
-    want = (F.silu(gate) * up).bfloat16()
-    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7, equal_nan=True)
-    assert (got == want).float().mean() > 0.99  # almost all exactly the rounded reference
+    want = (ACTIVATIONS[act](gate) * up).bfloat16()
+    # atol: results near 0 (a very negative gate), where torch's 0.5 x (1 + tanh) cancels
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-5, rtol=2 ** -7, equal_nan=True)
+    # almost all exactly the rounded reference; for GELU where the gate is > -4 only: below,
+    # torch's 0.5 x (1 + tanh) has lost most of its bits (the kernel computes x sigmoid(2z))
+    accurate = gate > -4 if act == "gelu_tanh_mul" else torch.ones_like(gate, dtype=torch.bool)
+    assert (got == want)[accurate].float().mean() > 0.99
 
 
 @pytest.mark.parametrize("hd", [16, 64])

@@ -1,4 +1,4 @@
-"""Deterministic mode on CPUs (docs/ARCHITECTURE.md, "Deterministic mode"): a sequence's
+"""Deterministic mode (docs/ARCHITECTURE.md, "Deterministic mode"): a sequence's
 logits are the same bit for bit whatever else its steps hold, however its prompt was
 chunked, whether its prefix came from the prefix cache, and when a replay (a worker's or
 the engine's death, a preemption) recomputes its generated tokens as a prompt into other
@@ -9,7 +9,12 @@ way of computing it must give ``torch.equal`` logits at every position both comp
 format (float32, bfloat16, int8) and each family's path (dense, Gemma 2's windows and soft
 caps, Mixture-of-Experts routing) is checked; with deterministic mode off the same
 comparisons fail (``test_the_default_kernels_are_not_batch_invariant``), which is what
-shows these tests can fail."""
+shows these tests can fail.
+
+The CUDA platform's triton kernels (``triton-bfloat16``) run here in triton's interpreter on
+CPU tensors (conftest sets ``TRITON_INTERPRET=1``), as the other CUDA kernels are checked;
+``make gpu-check`` runs a comparison through the engine compiled on a GPU (and, in its dry
+run, here in float16)."""
 
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ from workers import kv_cache
 from workers.comm import TrivialCommunicator
 from workers.model_runner import prepare, run_stage
 
-pytestmark = pytest.mark.skipif(not kernels_available(), reason="the CPU kernels did not build")
+needs_cpu_kernels = pytest.mark.skipif(not kernels_available(),
+                                       reason="the CPU kernels did not build")
 
-BLOCK = 4
+BLOCK = 4  # the CPU kernels' test block; the triton kernels take 16 at least
+TRITON_BLOCK = 16
 BLOCKS = 1200
 # a vocabulary of 250: the LM head's outputs fill no whole panel, so its kernels take it on
 # copies padded with zero outputs
@@ -44,6 +51,10 @@ FAMILIES = {
                 num_experts_per_tok=2),
 }
 FORMATS = ("float32", "bfloat16", "int8")
+# the triton kernels: every family in bfloat16 (what GPUs run); float16 through the engine in
+# `make gpu-check`'s dry run (tests/e2e/test_gpu_check.py: alone against among others, chunked,
+# from the prefix cache)
+TRITON_CASES = [(family, "triton-bfloat16") for family in FAMILIES]
 
 PROMPT = [int(t) for t in torch.randint(0, 250, (23,), generator=torch.Generator().manual_seed(1))]
 GENERATED = [int(t) for t in torch.randint(0, 250, (9,), generator=torch.Generator().manual_seed(2))]
@@ -51,27 +62,40 @@ TOKENS = PROMPT + GENERATED
 
 
 class Model:
-    """A tiny model on the CPU kernels with a paged cache, run a step at a time in process;
-    its block numbers handed out in order (each sequence its own, unless shared)."""
+    """A tiny model on the CPU kernels (``fmt`` a weight format) or on the triton kernels
+    (``triton-<dtype>``) with a paged cache, run a step at a time in process; its block
+    numbers handed out in order (each sequence its own, unless shared)."""
 
     def __init__(self, family: str, fmt: str, deterministic: bool = True):
         torch.manual_seed(0)
-        self.model = build_model(FAMILIES[family], TrivialCommunicator(), torch.float32)
+        triton_dtype = fmt.removeprefix("triton-") if fmt.startswith("triton-") else None
+        dtype = getattr(torch, triton_dtype) if triton_dtype else torch.float32
+        config = FAMILIES[family]
+        if triton_dtype:  # one KV head: half the interpreter's attention programs
+            config = dict(config, num_key_value_heads=1)
+        self.model = build_model(config, TrivialCommunicator(), dtype)
         for name, param in self.model.named_parameters():
             if "norm" in name:
                 param.data.normal_(1.0 if family != "gemma2" else 0.0, 0.1)
             else:
                 param.data.normal_(0, 0.2)
-        kv = torch.bfloat16 if fmt == "bfloat16" else torch.float32
-        use_ops(self.model, CpuOps(weights=fmt, kv_cache_dtype=kv, deterministic=deterministic))
-        kv_cache.allocate(self.model, BLOCKS, BLOCK, kv, torch.device("cpu"))
+        if triton_dtype:
+            from layers.cuda.ops import CudaOps
+
+            ops, kv, self.block = CudaOps(deterministic), dtype, TRITON_BLOCK
+        else:
+            kv = torch.bfloat16 if fmt == "bfloat16" else torch.float32
+            ops = CpuOps(weights=fmt, kv_cache_dtype=kv, deterministic=deterministic)
+            self.block = BLOCK
+        use_ops(self.model, ops)
+        kv_cache.allocate(self.model, BLOCKS, self.block, kv, torch.device("cpu"))
         self.next_block = itertools.count(1)
         self.tables: dict[int, list[int]] = {}
         self.steps = itertools.count(1)
 
     def table(self, seq: int, length: int, shared: list[int] = ()) -> list[int]:
         table = self.tables.setdefault(seq, list(shared))
-        while len(table) * BLOCK < length:
+        while len(table) * self.block < length:
             table.append(next(self.next_block))
         return table
 
@@ -82,7 +106,7 @@ class Model:
         plan = StepPlan(next(self.steps), [
             SeqChunk(seq, ids, start, list(self.table(seq, start + len(ids))), True)
             for seq, ids, start in chunks])
-        batch = prepare(plan, BLOCK, torch.device("cpu"))
+        batch = prepare(plan, self.block, torch.device("cpu"))
         hidden = run_stage(self.model, None, batch.input_ids, batch.positions, batch.attn)
         logits = self.model.compute_logits(hidden)
         out, row = {}, 0
@@ -145,10 +169,10 @@ def replayed(m: Model) -> dict[int, torch.Tensor]:
 
 
 def prefix_cached(m: Model) -> dict[int, torch.Tensor]:
-    """The target's first 16 tokens (four blocks) computed by another sequence, then the
+    """The target's first 16 tokens (whole blocks) computed by another sequence, then the
     target from position 16 on reading those blocks (a prefix-cache hit), decoding after."""
     m.step([(TARGET + 1, PROMPT[:16], 0)])
-    shared = m.tables[TARGET + 1][:4]
+    shared = m.tables[TARGET + 1][:16 // m.block]
     m.table(TARGET, 16, shared)
     found = m.step([(TARGET, PROMPT[16:], 16), *others(2, 700, 9)])
     for i, tok in enumerate(GENERATED):
@@ -166,8 +190,9 @@ def differing(ref: dict, got: dict) -> list[int]:
     return [pos for pos in common if not torch.equal(ref[pos], got[pos])]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family,fmt", [
+    *(pytest.param(family, fmt, marks=needs_cpu_kernels) for fmt in FORMATS for family in FAMILIES),
+    *TRITON_CASES])
 def test_logits_are_the_same_bits_however_the_sequence_is_computed(family, fmt):
     ref = alone(Model(family, fmt))
     assert set(ref) == set(range(len(TOKENS)))
@@ -176,6 +201,7 @@ def test_logits_are_the_same_bits_however_the_sequence_is_computed(family, fmt):
         assert not differing(ref, got), f"{name}: logits differ at positions {differing(ref, got)}"
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("fmt", ("float32", "bfloat16"))
 def test_the_default_kernels_are_not_batch_invariant(fmt):
     """The same comparisons with deterministic mode off: rows computed in company, or a
@@ -186,25 +212,59 @@ def test_the_default_kernels_are_not_batch_invariant(fmt):
     assert any(diffs.values()), diffs
 
 
+def test_a_triton_matmul_split_by_the_row_count_is_caught(monkeypatch):
+    """What cuBLAS does (split-K chosen by the matrix's shape), done to the triton matmul:
+    steps of fewer than 8 rows sum each half of K on its own and add the halves. The
+    comparisons above see it, so they can fail on the triton path too. (torch's CPU kernels,
+    which the triton path's default mode runs here, happen to be batch-invariant at these
+    sizes; cuBLAS on a GPU is not, which ``make gpu-check`` shows.)"""
+    from layers.cuda import invariant
+
+    matmul = invariant.matmul
+
+    def split_k_for_few_rows(x, weight, bias=None, out_dtype=None):
+        if x.numel() // x.shape[-1] >= 8:
+            return matmul(x, weight, bias, out_dtype)
+        half = x.shape[-1] // 2
+        y = (matmul(x[..., :half], weight[:, :half], None, torch.float32)
+             + matmul(x[..., half:], weight[:, half:], bias, torch.float32))
+        return y.to(out_dtype or x.dtype)
+
+    monkeypatch.setattr(invariant, "matmul", split_k_for_few_rows)
+    ref = alone(Model("dense", "triton-bfloat16"))
+    assert differing(ref, replayed(Model("dense", "triton-bfloat16")))
+
+
+@needs_cpu_kernels
 def test_deterministic_mode_is_refused_where_it_cannot_be_honoured(monkeypatch):
     """Refused at start with a message naming the part, never silently not deterministic:
-    torch's own kernels (SHARDLM_OPS=torch), a CUDA worker, heads the attention kernel does
-    not take."""
+    torch's own kernels (SHARDLM_OPS=torch, on a CPU or a GPU), heads the CPU attention
+    kernel does not take, KV blocks the triton attention kernel does not take."""
+    from layers.cuda.ops import CudaOps
     from layers.platform import select_ops
 
+    monkeypatch.setenv("SHARDLM_OPS", "torch")
     with pytest.raises(ValueError, match="model.deterministic: the torch platform"):
-        monkeypatch.setenv("SHARDLM_OPS", "torch")
         select_ops("cpu", torch.float32, deterministic=True)
-    monkeypatch.delenv("SHARDLM_OPS")
-    with pytest.raises(ValueError, match=r"model.deterministic: the \S+ platform \(cuda, bfloat16\)"):
+    with pytest.raises(ValueError, match=r"model.deterministic: the torch platform \(cuda, bfloat16\)"):
         select_ops("cuda", torch.bfloat16, deterministic=True)
+    monkeypatch.delenv("SHARDLM_OPS")
     assert select_ops("cpu", torch.bfloat16, deterministic=True).deterministic
+    assert isinstance(ops := select_ops("cuda", torch.bfloat16, deterministic=True), CudaOps)
+    assert ops.deterministic
     odd = dict(FAMILIES["dense"], head_dim=8)
     model = build_model(odd, TrivialCommunicator(), torch.float32)
     with pytest.raises(ValueError, match="layers.0.self_attn.attn has 4 query heads, 2 KV heads of 8"):
         use_ops(model, CpuOps(weights="bfloat16", deterministic=True))
+    model = build_model(FAMILIES["dense"], TrivialCommunicator(), torch.bfloat16)
+    use_ops(model, CudaOps(deterministic=True))
+    with pytest.raises(ValueError, match=r"blocks of a power of two >= 16 tokens, not 8 \(cache.block_size\)"):
+        kv_cache.allocate(model, 4, 8, torch.bfloat16, torch.device("cpu"))
+    use_ops(model, CudaOps())  # not deterministic: torch's attention takes such blocks
+    assert kv_cache.allocate(model, 4, 8, torch.bfloat16, torch.device("cpu")) > 0
 
 
+@needs_cpu_kernels
 def test_the_cost_bench_times_both_modes_side_by_side(tmp_path, capsys):
     """``shardlm bench --determinism-cost``'s tool on a tiny checkpoint: a row per format and
     step, both modes timed, the ratio theirs; the CPU's flags printed first."""

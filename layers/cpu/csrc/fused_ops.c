@@ -6,10 +6,13 @@
  *   rope_inplace  rotary on the q and k heads of the fused qkv rows, in place
  *   write_kv      each token's keys and values into the paged cache at its slot
  *   silu_mul      out = silu(gate) * up                      gate_up (rows, 2 * inter)
+ *   gelu_tanh_mul out = gelu_tanh(gate) * up                 gate_up (rows, 2 * inter)
+ *   sigmoid_rows  out = sigmoid(x)                           x (n,)
  *
- * float32, contiguous rows; rope, write_kv and silu_mul also on bf16 (computed in float32,
- * rounded once). Widths must be multiples of 8 (head_dim of 16); otherwise the
- * functions return -1 and the layers use torch. Threads split rows once a call has enough
+ * float32, contiguous rows; rope, write_kv and the gated activations also on bf16 (computed
+ * in float32, rounded once). The norms, rope and write_kv take widths that are multiples of
+ * 8 (head_dim of 16), otherwise they return -1 and the layers use torch; the activations
+ * take any width, each element computed alike wherever it sits. Threads split rows once a call has enough
  * work to pay for waking them.
  */
 #include <math.h>
@@ -149,8 +152,8 @@ int write_kv_bf16(const uint16_t *k, const uint16_t *v, int64_t stride, uint16_t
     return 0;
 }
 
-/* silu(g) = g / (1 + e^-g), with e^-|g| (never overflows) */
-static inline vec silu(vec g) {
+/* sigmoid(g) = 1 / (1 + e^-g), with e^-|g| (never overflows) */
+static inline vec sigmoid(vec g) {
     const vec zero = splat(0.0f), one = splat(1.0f);
     const ivec neg = g < zero;
     vec mag = g;
@@ -167,12 +170,25 @@ static inline vec silu(vec g) {
     memcpy(&sn, &sig_neg, sizeof sn);
     sp = (sn & neg) | (sp & ~neg);
     memcpy(&sig, &sp, sizeof sig);
-    return g * sig;
+    return sig;
+}
+
+/* The activations, each computed by one vector function: SILU g * sigmoid(g); GELU (tanh
+ * approximation) x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), which is
+ * 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); SIGMOID on its own */
+enum { SILU, GELU, SIGMOID };
+#define GELU_C1 1.59576912f  /* 2 sqrt(2 / pi) */
+#define GELU_C3 0.0713548163f  /* 2 sqrt(2 / pi) 0.044715 */
+
+static inline vec activate(vec g, int kind) {
+    if (kind == SIGMOID) return sigmoid(g);
+    if (kind == GELU) return g * sigmoid(g * (splat(GELU_C1) + splat(GELU_C3) * g * g));
+    return g * sigmoid(g);
 }
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define W16 16 /* floats per AVX-512 register: silu * up at twice vec.h's width */
+#define LANES 16 /* floats per AVX-512 register: the activations at twice vec.h's width */
 
 /* vexp (vec.h) on 16 lanes, the same steps: clamp at -87 (NaN too), n = round(x / ln2),
  * r = x - n ln2 in two parts, the degree-6 polynomial, times 2^n */
@@ -193,64 +209,113 @@ static inline __m512 vexp16(__m512 x) {
     return _mm512_scalef_ps(p, n);  /* p * 2^n */
 }
 
-/* silu (below) on 16 lanes */
-static inline __m512 silu16(__m512 g) {
+/* sigmoid (above) on 16 lanes */
+static inline __m512 sigmoid16(__m512 g) {
     const __m512 one = _mm512_set1_ps(1.0f);
     const __m512 e = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
     const __m512 sig_pos = _mm512_div_ps(one, _mm512_add_ps(one, e));
     const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-    return _mm512_mul_ps(g, _mm512_mask_mul_ps(sig_pos, neg, e, sig_pos));
+    return _mm512_mask_mul_ps(sig_pos, neg, e, sig_pos);
 }
 
-static inline __m512 load16_bf16(const uint16_t *p) {
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+static inline __m512 activate16(__m512 g, int kind) {
+    if (kind == SIGMOID) return sigmoid16(g);
+    if (kind == GELU) {
+        const __m512 t = _mm512_mul_ps(g, _mm512_add_ps(_mm512_set1_ps(GELU_C1),
+                                       _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(GELU_C3), g), g)));
+        return _mm512_mul_ps(g, sigmoid16(t));
+    }
+    return _mm512_mul_ps(g, sigmoid16(g));
 }
 
-/* store_bf16 (vec.h) on 16 lanes: nearest even, a NaN kept quiet */
-static inline void store16_bf16(uint16_t *p, __m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    h = _mm512_mask_or_epi32(h, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(h));
+static inline void gated16(const float *g, const float *u, float *o, int kind) {
+    const __m512 a = activate16(_mm512_loadu_ps(g), kind);
+    _mm512_storeu_ps(o, u ? _mm512_mul_ps(a, _mm512_loadu_ps(u)) : a);
+}
+#else
+#define LANES W
+
+static inline void gated16(const float *g, const float *u, float *o, int kind) {
+    const vec a = activate(load(g), kind);
+    store(o, u ? a * load(u) : a);
 }
 #endif
 
-/* silu(gate) * up of one row: 16 lanes at a time where AVX-512 runs, else vec.h's width */
-static inline void silu_mul_row(const float *g, const float *u, float *o, int64_t inter) {
+/* o = act(g) * u over a row of n (u NULL: o = act(g)): every element through the same
+ * vector code, the last partial vector through a zero-padded copy, so that an element's
+ * result depends on its value alone, never on where it sits in the row or how wide the
+ * row is (a tensor-parallel slice of any width gets the bits of the whole row) */
+static inline void gated_row(const float *g, const float *u, float *o, int64_t n, int kind) {
     int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + W16 <= inter; i += W16)
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu16(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(u + i)));
-#endif
-    for (; i < inter; i += W) store(o + i, silu(load(g + i)) * load(u + i));
+    for (; i + LANES <= n; i += LANES) gated16(g + i, u ? u + i : NULL, o + i, kind);
+    if (i < n) {
+        float gb[LANES] = {0}, ub[LANES] = {0}, ob[LANES];
+        memcpy(gb, g + i, (size_t)(n - i) * sizeof(float));
+        if (u) memcpy(ub, u + i, (size_t)(n - i) * sizeof(float));
+        gated16(gb, u ? ub : NULL, ob, kind);
+        memcpy(o + i, ob, (size_t)(n - i) * sizeof(float));
+    }
 }
 
-static inline void silu_mul_row_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t inter) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + W16 <= inter; i += W16)
-        store16_bf16(o + i, _mm512_mul_ps(silu16(load16_bf16(g + i)), load16_bf16(u + i)));
-#endif
-    for (; i < inter; i += W) store_bf16(o + i, silu(load_bf16(g + i)) * load_bf16(u + i));
+static inline float from_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;  /* a bf16 is a float32's upper half */
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
 }
 
-int silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int threads) {
-    if (inter % W) return -1;
+/* the same on bf16 rows (a bf16 GEMM's output): widened in chunks, each result rounded once */
+static inline void gated_row_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n,
+                                  int kind) {
+    float gb[LANES], ub[LANES], ob[LANES];
+    for (int64_t i = 0; i < n; i += LANES) {
+        const int64_t m = n - i < LANES ? n - i : LANES;
+        for (int64_t j = 0; j < LANES; j++) {
+            gb[j] = j < m ? from_bf16(g[i + j]) : 0.0f;
+            ub[j] = j < m ? from_bf16(u[i + j]) : 0.0f;
+        }
+        gated16(gb, ub, ob, kind);
+        for (int64_t j = 0; j < m; j++) o[i + j] = to_bf16(ob[j]);
+    }
+}
+
+static int gated_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int kind,
+                     int threads) {
 #pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN) schedule(static)
     for (int64_t r = 0; r < rows; r++)
-        silu_mul_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
+        gated_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter, kind);
     return 0;
 }
 
-/* the same on bf16 (a bf16 GEMM's output), in float32, each result rounded to bf16 once */
-int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int threads) {
-    if (inter % W) return -1;
+static int gated_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter,
+                          int kind, int threads) {
 #pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN) schedule(static)
     for (int64_t r = 0; r < rows; r++)
-        silu_mul_row_bf16(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
+        gated_row_bf16(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter,
+                       inter, kind);
+    return 0;
+}
+
+int silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int threads) {
+    return gated_mul(gate_up, out, rows, inter, SILU, threads);
+}
+
+int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int threads) {
+    return gated_mul_bf16(gate_up, out, rows, inter, SILU, threads);
+}
+
+int gelu_tanh_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int threads) {
+    return gated_mul(gate_up, out, rows, inter, GELU, threads);
+}
+
+int gelu_tanh_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter,
+                       int threads) {
+    return gated_mul_bf16(gate_up, out, rows, inter, GELU, threads);
+}
+
+/* sigmoid of n floats (a gate per token) */
+int sigmoid_rows(const float *x, float *out, int64_t n) {
+    gated_row(x, NULL, out, n, SIGMOID);
     return 0;
 }
 

@@ -18,6 +18,9 @@ int write_kv(const float *k, const float *v, int64_t stride, void *cache, const 
              int64_t tokens, int64_t width, int64_t total_slots, int bf16);
 int silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int threads);
 int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int threads);
+int gelu_tanh_mul(const float *gate_up, float *out, int64_t rows, int64_t inter, int threads);
+int gelu_tanh_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter, int threads);
+int sigmoid_rows(const float *x, float *out, int64_t n);
 int argmax_rows(const float *x, int64_t rows, int64_t n, float *best, int64_t *index, int threads);
 int amx_linear_available(void);
 int amx_pack_bf16(const uint16_t *w, uint16_t *out, int64_t n, int64_t k);
