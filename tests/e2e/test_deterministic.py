@@ -11,6 +11,8 @@ Mixture-of-Experts model at tp 1 and 3 and expert-parallel at tp 2. The layer-le
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cluster import LLM, SamplingParams
@@ -25,6 +27,12 @@ OTHERS = [f"Question {i}: name {i % 5 + 2} animals that live in {place}."
 GREEDY = SamplingParams(max_tokens=24, temperature=0, logprobs=5, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=11, logprobs=5,
                         ignore_eos=True)
+# the paths after the logits: penalties and a bias, and a grammar's mask
+PENALISED = SamplingParams(max_tokens=24, temperature=0.8, seed=5, logprobs=5, ignore_eos=True,
+                           repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.3,
+                           logit_bias={279: -2.0, 260: 1.5})
+CONSTRAINED = SamplingParams(max_tokens=24, temperature=0.8, seed=6, logprobs=5,
+                             structured_outputs={"regex": r"[A-Z][a-z]+( [a-z]+){3,12}[.!]"})
 
 
 def _choice(out) -> tuple[list[int], list[dict[int, float]]]:
@@ -37,16 +45,18 @@ def test_a_request_is_the_same_alone_in_a_crowd_and_from_the_cache(ray_session, 
     llm = LLM(dtype=dtype, quantization=quantization, deterministic=True, tensor_parallel_size=tp,
               pipeline_parallel_size=pp, cpus_per_worker=0.5, kv_cache_bytes=64 << 20,
               max_num_batched_tokens=40, name=f"deterministic-{quantization or dtype}")
+    params = [GREEDY, SEEDED, PENALISED, CONSTRAINED]
     try:
-        alone = [_choice(llm.generate([TARGET], p)[0]) for p in (GREEDY, SEEDED)]
+        alone = [_choice(llm.generate([TARGET], p)[0]) for p in params]
         others = SamplingParams(max_tokens=20, temperature=0.7, seed=3, ignore_eos=True)
-        crowd = llm.generate(OTHERS[:7] + [TARGET, TARGET] + OTHERS[7:],
-                             [others] * 7 + [GREEDY, SEEDED] + [others] * 7)
-        again = [llm.generate([TARGET], p)[0] for p in (GREEDY, SEEDED)]
+        crowd = llm.generate(OTHERS[:7] + [TARGET] * 4 + OTHERS[7:],
+                             [others] * 7 + params + [others] * 7)
+        again = [llm.generate([TARGET], p)[0] for p in params]
     finally:
         llm.shutdown()
-    assert all(len(tokens) == 24 for tokens, _ in alone)
-    assert [_choice(out) for out in crowd[7:9]] == alone  # tokens and every logprob
+    assert all(len(tokens) == 24 for tokens, _ in alone[:3])
+    assert re.fullmatch(r"[A-Z][a-z]+( [a-z]+){3,12}[.!]", again[3].outputs[0].text)
+    assert [_choice(out) for out in crowd[7:11]] == alone  # tokens and every logprob
     assert [_choice(out) for out in again] == alone
     assert all(out.num_cached_tokens > 0 for out in again)  # their prompts came from the cache
 
