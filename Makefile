@@ -26,7 +26,7 @@ run: install
 	$(VENV)/bin/shardlm generate --tp $(TP) --chat "$(QUESTION)"
 
 test: install
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=40
 
 # the CUDA path on this machine's GPUs, with the Python it has (no virtualenv, nothing
 # downloaded: `make gpu-check PY=python3` on a GPU machine); without CUDA it says so and exits 0

@@ -71,8 +71,10 @@ class Model:
         triton_dtype = fmt.removeprefix("triton-") if fmt.startswith("triton-") else None
         dtype = getattr(torch, triton_dtype) if triton_dtype else torch.float32
         config = FAMILIES[family]
-        if triton_dtype:  # one KV head: half the interpreter's attention programs
-            config = dict(config, num_key_value_heads=1)
+        if triton_dtype:  # one KV head, and one layer where the family has no second kind
+            # of layer: fewer programs for the interpreter to run
+            config = dict(config, num_key_value_heads=1,
+                          num_hidden_layers=2 if family == "gemma2" else 1)
         self.model = build_model(config, TrivialCommunicator(), dtype)
         for name, param in self.model.named_parameters():
             if "norm" in name:
