@@ -232,12 +232,35 @@ static inline void gated16(const float *g, const float *u, float *o, int kind) {
     const __m512 a = activate16(_mm512_loadu_ps(g), kind);
     _mm512_storeu_ps(o, u ? _mm512_mul_ps(a, _mm512_loadu_ps(u)) : a);
 }
+
+static inline __m512 load16_bf16(const uint16_t *p) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+/* store_bf16 (vec.h) on 16 lanes: nearest even, a NaN kept quiet */
+static inline void store16_bf16(uint16_t *p, __m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    h = _mm512_mask_or_epi32(h, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(h));
+}
+
+static inline void gated16_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int kind) {
+    store16_bf16(o, _mm512_mul_ps(activate16(load16_bf16(g), kind), load16_bf16(u)));
+}
 #else
 #define LANES W
 
 static inline void gated16(const float *g, const float *u, float *o, int kind) {
     const vec a = activate(load(g), kind);
     store(o, u ? a * load(u) : a);
+}
+
+static inline void gated16_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int kind) {
+    store_bf16(o, activate(load_bf16(g), kind) * load_bf16(u));
 }
 #endif
 
@@ -257,25 +280,17 @@ static inline void gated_row(const float *g, const float *u, float *o, int64_t n
     }
 }
 
-static inline float from_bf16(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;  /* a bf16 is a float32's upper half */
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
-/* the same on bf16 rows (a bf16 GEMM's output): widened in chunks, each result rounded once */
+/* the same on bf16 rows (a bf16 GEMM's output), in float32, each result rounded once */
 static inline void gated_row_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n,
                                   int kind) {
-    float gb[LANES], ub[LANES], ob[LANES];
-    for (int64_t i = 0; i < n; i += LANES) {
-        const int64_t m = n - i < LANES ? n - i : LANES;
-        for (int64_t j = 0; j < LANES; j++) {
-            gb[j] = j < m ? from_bf16(g[i + j]) : 0.0f;
-            ub[j] = j < m ? from_bf16(u[i + j]) : 0.0f;
-        }
-        gated16(gb, ub, ob, kind);
-        for (int64_t j = 0; j < m; j++) o[i + j] = to_bf16(ob[j]);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) gated16_bf16(g + i, u + i, o + i, kind);
+    if (i < n) {
+        uint16_t gb[LANES] = {0}, ub[LANES] = {0}, ob[LANES];
+        memcpy(gb, g + i, (size_t)(n - i) * sizeof(uint16_t));
+        memcpy(ub, u + i, (size_t)(n - i) * sizeof(uint16_t));
+        gated16_bf16(gb, ub, ob, kind);
+        memcpy(o + i, ob, (size_t)(n - i) * sizeof(uint16_t));
     }
 }
 
