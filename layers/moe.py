@@ -61,7 +61,9 @@ class MoE(nn.Module):
         self.comm, self.num_experts, self.top_k, self.normalize = comm, num_experts, top_k, normalize
         self.expert_parallel, self.intermediate = expert_parallel, intermediate
         self.gathers = False  # set by gather_inputs
-        self.out_sizes: list[int] = []  # gathering, experts tensor-parallel: hidden rows per rank
+        # gathering, experts tensor-parallel: hidden rows and intermediate features per rank
+        self.out_sizes: list[int] = []
+        self.inter_sizes: list[int] = []
         if expert_parallel:  # whole experts [first, first + count) on this rank
             self.first, count = split_range(num_experts, tp, rank)
             self.inter_start, self.inter = 0, intermediate
@@ -108,6 +110,7 @@ class MoE(nn.Module):
         if not self.expert_parallel:
             count, hidden, _ = self.w2.shape
             self.out_sizes = output_shares(hidden, ws)
+            self.inter_sizes = split_sizes(self.intermediate, ws)  # every rank's slice
             self.w2 = make_param((count, self.out_sizes[self.comm.rank], self.intermediate),
                                  self.w2.dtype, self._load_w2)
             self.w2.shard_ids = [("down", e) for e in self.local]
@@ -132,69 +135,69 @@ class MoE(nn.Module):
             return self._gathered(x)
         out = self.partial(x)
         if self.shared is not None:
-            gate = self.ops.sigmoid(self.ops.linear(x, self.shared_gate).float())  # (tokens, 1)
-            out += (self.shared.partial(x).float() * gate).to(out.dtype)
+            self._add_shared(out, x, self.shared.partial(x))
         return self.comm.all_reduce(out)
 
-    def partial(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's experts' weighted outputs for the tokens routed to them.
-        x: (tokens, hidden) -> (tokens, hidden)"""
+    def _add_shared(self, out: torch.Tensor, x: torch.Tensor, shared: torch.Tensor) -> None:
+        # out += the shared expert's output ``shared`` scaled by sigmoid(shared_gate . x)
+        gate = self.ops.sigmoid(self.ops.linear(x, self.shared_gate).float())  # (tokens, 1)
+        out += (shared.float() * gate).to(out.dtype)
+
+    def _dispatch(self, x: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor, torch.Tensor]]:
+        """Route x's tokens (counting them in :attr:`load`); per expert that got any, in
+        expert order: (expert, begin, end, rows, weights): its pairs' span in the pairs sorted
+        by expert, their token rows (n,) and routing weights (n, 1) float32."""
         experts, weights = self.route(x)
         flat = experts.reshape(-1)  # (tokens * top_k,) token t's choices at t*k .. t*k+k-1
         order = torch.argsort(flat, stable=True)  # grouped by expert, tokens in order
         counts = torch.bincount(flat, minlength=self.num_experts)  # (experts,)
         self.load += counts.cpu()
         ends = counts.cumsum(0).tolist()
-        out = torch.zeros_like(x)
-        for expert in self.local:
+        pair_weights = weights.reshape(-1)
+        spans = []
+        for expert in range(self.num_experts):
             begin, end = (ends[expert - 1] if expert else 0), ends[expert]
-            if begin == end:
-                continue
-            picks = order[begin:end]  # (n,) positions in ``flat``
-            rows = picks // self.top_k  # (n,) token rows
-            y = self._expert(expert - self.first, x.index_select(0, rows))  # (n, hidden)
-            y = y.float() * weights.reshape(-1).index_select(0, picks).unsqueeze(1)
-            out.index_add_(0, rows, y.to(out.dtype))
+            if begin < end:
+                picks = order[begin:end]  # (n,) positions in ``flat``
+                spans.append((expert, begin, end, picks // self.top_k,
+                              pair_weights.index_select(0, picks).unsqueeze(1)))
+        return spans
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' weighted outputs for the tokens routed to them.
+        x: (tokens, hidden) -> (tokens, hidden)"""
+        out = torch.zeros_like(x)
+        for expert, _, _, rows, w in self._dispatch(x):
+            if self.owns(expert):
+                y = self._expert(expert - self.first, x.index_select(0, rows))  # (n, hidden)
+                out.index_add_(0, rows, (y.float() * w).to(out.dtype))
         return out
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         # x: (tokens, hidden) -> (tokens, hidden), the same on every rank
-        experts, weights = self.route(x)
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        self.load += counts.cpu()
-        ends = counts.cumsum(0).tolist()
-        spans = [(e, ends[e - 1] if e else 0, ends[e]) for e in range(self.num_experts)]
-        spans = [(e, begin, end) for e, begin, end in spans if begin < end]
-        picks = {e: order[begin:end] for e, begin, end in spans}  # positions in ``flat``
-        pair_weights = weights.reshape(-1)
-
-        def weighted(e: int, y: torch.Tensor) -> torch.Tensor:
-            return (y.float() * pair_weights.index_select(0, picks[e]).unsqueeze(1)).to(x.dtype)
-
+        spans = self._dispatch(x)
+        pairs = sum(end - begin for _, begin, end, _, _ in spans)
         if self.expert_parallel:  # pairs in expert order, each computed on one rank alone
-            pairs = x.new_zeros(len(flat), x.shape[1])
-            for e, begin, end in spans:
-                if self.owns(e):
-                    rows = x.index_select(0, picks[e] // self.top_k)
-                    pairs[begin:end] = weighted(e, self._expert(e - self.first, rows))
-            pairs = self.comm.all_reduce(pairs)  # one non-zero term per element: exact
+            whole = x.new_zeros(pairs, x.shape[1])
+            for expert, begin, end, rows, w in spans:
+                if self.owns(expert):
+                    y = self._expert(expert - self.first, x.index_select(0, rows))
+                    whole[begin:end] = (y.float() * w).to(x.dtype)
+            whole = self.comm.all_reduce(whole)  # one non-zero term per element: exact
         else:
             acts = torch.cat([self.ops.silu_mul(self.ops.linear(
-                x.index_select(0, picks[e] // self.top_k), self.w13[e - self.first]))
-                for e, _, _ in spans])
-            inter = split_sizes(self.intermediate, self.comm.world_size)  # every rank's slice
-            whole = gather_columns(self.comm, acts, inter)  # (pairs, intermediate)
-            part = torch.cat([weighted(e, self.ops.linear(whole[begin:end], self.w2[e - self.first]))
-                              for e, begin, end in spans])
-            pairs = gather_columns(self.comm, part, self.out_sizes)
+                x.index_select(0, rows), self.w13[expert - self.first]))
+                for expert, _, _, rows, _ in spans])
+            acts = gather_columns(self.comm, acts, self.inter_sizes)  # (pairs, intermediate)
+            part = torch.cat([
+                (self.ops.linear(acts[begin:end], self.w2[expert - self.first]).float() * w).to(x.dtype)
+                for expert, begin, end, _, w in spans])
+            whole = gather_columns(self.comm, part, self.out_sizes)
         out = torch.zeros_like(x)
-        for e, begin, end in spans:  # into each token in expert order, as on one rank
-            out.index_add_(0, picks[e] // self.top_k, pairs[begin:end])
+        for _, begin, end, rows, _ in spans:  # into each token in expert order, as on one rank
+            out.index_add_(0, rows, whole[begin:end])
         if self.shared is not None:
-            gate = self.ops.sigmoid(self.ops.linear(x, self.shared_gate).float())
-            out += (self.shared(x).float() * gate).to(out.dtype)
+            self._add_shared(out, x, self.shared(x))
         return out
 
     def _expert(self, local: int, x: torch.Tensor) -> torch.Tensor:

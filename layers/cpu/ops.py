@@ -315,22 +315,21 @@ class CpuOps(TorchOps):
         return kernels.gumbel_argmax_rows(x, seeds, positions, temps)
 
     def silu_mul(self, gate_up):
-        out = kernels.silu_mul(gate_up)
-        if out is None:
-            self._undetermined("silu_mul", gate_up)
-        return out if out is not None else super().silu_mul(gate_up)
+        return self._activation("silu_mul", gate_up)
 
     def gelu_tanh_mul(self, gate_up):
-        out = kernels.gelu_tanh_mul(gate_up)
-        if out is None:
-            self._undetermined("gelu_tanh_mul", gate_up)
-        return out if out is not None else super().gelu_tanh_mul(gate_up)
+        return self._activation("gelu_tanh_mul", gate_up)
 
     def sigmoid(self, x):
-        out = kernels.sigmoid(x)
+        return self._activation("sigmoid", x)
+
+    def _activation(self, name: str, x):
+        """The C kernel ``name`` (layers.cpu.kernels), else torch's (outside deterministic mode)."""
+        out = getattr(kernels, name)(x)
         if out is None:
-            self._undetermined("sigmoid", x)
-        return out if out is not None else super().sigmoid(x)
+            self._undetermined(name, x)
+            return getattr(super(), name)(x)
+        return out
 
     def write_kv(self, k, v, cache, slots):
         if not kernels.write_kv(k, v, cache, slots):

@@ -228,7 +228,7 @@ static inline __m512 activate16(__m512 g, int kind) {
     return _mm512_mul_ps(g, sigmoid16(g));
 }
 
-static inline void gated16(const float *g, const float *u, float *o, int kind) {
+static inline void gated_vec(const float *g, const float *u, float *o, int kind) {
     const __m512 a = activate16(_mm512_loadu_ps(g), kind);
     _mm512_storeu_ps(o, u ? _mm512_mul_ps(a, _mm512_loadu_ps(u)) : a);
 }
@@ -248,18 +248,18 @@ static inline void store16_bf16(uint16_t *p, __m512 v) {
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(h));
 }
 
-static inline void gated16_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int kind) {
+static inline void gated_vec_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int kind) {
     store16_bf16(o, _mm512_mul_ps(activate16(load16_bf16(g), kind), load16_bf16(u)));
 }
 #else
 #define LANES W
 
-static inline void gated16(const float *g, const float *u, float *o, int kind) {
+static inline void gated_vec(const float *g, const float *u, float *o, int kind) {
     const vec a = activate(load(g), kind);
     store(o, u ? a * load(u) : a);
 }
 
-static inline void gated16_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int kind) {
+static inline void gated_vec_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int kind) {
     store_bf16(o, activate(load_bf16(g), kind) * load_bf16(u));
 }
 #endif
@@ -270,12 +270,12 @@ static inline void gated16_bf16(const uint16_t *g, const uint16_t *u, uint16_t *
  * row is (a tensor-parallel slice of any width gets the bits of the whole row) */
 static inline void gated_row(const float *g, const float *u, float *o, int64_t n, int kind) {
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) gated16(g + i, u ? u + i : NULL, o + i, kind);
+    for (; i + LANES <= n; i += LANES) gated_vec(g + i, u ? u + i : NULL, o + i, kind);
     if (i < n) {
         float gb[LANES] = {0}, ub[LANES] = {0}, ob[LANES];
         memcpy(gb, g + i, (size_t)(n - i) * sizeof(float));
         if (u) memcpy(ub, u + i, (size_t)(n - i) * sizeof(float));
-        gated16(gb, u ? ub : NULL, ob, kind);
+        gated_vec(gb, u ? ub : NULL, ob, kind);
         memcpy(o + i, ob, (size_t)(n - i) * sizeof(float));
     }
 }
@@ -284,12 +284,12 @@ static inline void gated_row(const float *g, const float *u, float *o, int64_t n
 static inline void gated_row_bf16(const uint16_t *g, const uint16_t *u, uint16_t *o, int64_t n,
                                   int kind) {
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) gated16_bf16(g + i, u + i, o + i, kind);
+    for (; i + LANES <= n; i += LANES) gated_vec_bf16(g + i, u + i, o + i, kind);
     if (i < n) {
         uint16_t gb[LANES] = {0}, ub[LANES] = {0}, ob[LANES];
         memcpy(gb, g + i, (size_t)(n - i) * sizeof(uint16_t));
         memcpy(ub, u + i, (size_t)(n - i) * sizeof(uint16_t));
-        gated16_bf16(gb, ub, ob, kind);
+        gated_vec_bf16(gb, ub, ob, kind);
         memcpy(o + i, ob, (size_t)(n - i) * sizeof(uint16_t));
     }
 }
