@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--determinism-cost", action="store_true",
                        help="instead: step times with deterministic mode off and on, side by "
                        "side, per format (python -m cluster.tools.determinism_bench)")
+    bench.add_argument("--speculative", action="store_true",
+                       help="instead: input-grounded and free-generation requests with and "
+                       "without speculation (--speculative-config, default n-gram with 4 "
+                       "guesses), side by side at concurrency 1, 4 and 16 "
+                       "(python -m cluster.tools.speculative_bench)")
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)")
     _engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
@@ -131,7 +136,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _precision_args(parser: argparse.ArgumentParser) -> None:
-    """--dtype and --quantization, as vLLM names them (shared with ``shardlm bench``)."""
+    """--dtype, --quantization, --deterministic and --speculative-config, as vLLM names them
+    (shared with ``shardlm bench``)."""
     from cluster.contract.config import DTYPES, QUANTIZATIONS
 
     parser.add_argument("--dtype", choices=DTYPES, help="model.dtype (default auto: bfloat16 "
@@ -141,6 +147,21 @@ def _precision_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true", default=None,
                         help="model.deterministic: a sequence's logits the same bit for bit "
                         "whatever else runs beside it, and after a failure's replay")
+    parser.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                        help="model.speculative_config, e.g. '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 4}' (speculative decoding)")
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+    return value
 
 
 def engine_config(args):
@@ -150,7 +171,8 @@ def engine_config(args):
     overrides = {"model": args.model, "tensor_parallel_size": args.tp,
                  "pipeline_parallel_size": args.pp, "replicas": getattr(args, "replicas", None),
                  "dtype": args.dtype, "quantization": args.quantization,
-                 "deterministic": getattr(args, "deterministic", None)}
+                 "deterministic": getattr(args, "deterministic", None),
+                 "speculative_config": getattr(args, "speculative_config", None)}
     return config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -253,6 +275,16 @@ def _bench(args) -> int:
         argv = ["--rounds", str(args.probe_rounds * 2 - 1)] + (["--model", args.model]
                                                              if args.model else [])
         return determinism_bench.main(argv)
+    if args.speculative:  # the two engines' side-by-side table, in this process
+        import json
+
+        from cluster.tools import speculative_bench
+
+        argv = [f"--{name.replace('_', '-')}={value}" for name, value in (
+            ("model", args.model), ("dtype", args.dtype), ("json", args.json),
+            ("speculative_config", args.speculative_config and json.dumps(args.speculative_config)))
+            if value]
+        return speculative_bench.main(argv + ["--deterministic"] * bool(args.deterministic))
     from cluster.bench.main import main as bench_main
 
     return bench_main(args)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from cluster.contract.messages import (FOLLOW, PromptScores, ProtocolError, SampledToken,
-                                      SamplerParams, SeqParams, StepPlan, StepResult)
+                                      SamplerParams, SeqParams, StepPlan, StepResult,
+                                      kept_guesses)
 from layers.attention import AttnBatch, KeepRows
 from layers.ops import host_tensor
 from layers.sampler import argmax_suffices, logprob_rows, sample
@@ -20,15 +21,23 @@ class PreparedBatch:
     input_ids: torch.Tensor  # (tokens,)
     positions: torch.Tensor  # (tokens,)
     attn: AttnBatch
-    sample_rows: torch.Tensor  # (samples,) index of each sampling chunk's last token
-    sample_chunks: list  # the SeqChunks that sample, in row order
-    sample_seqs: list[int]  # (samples,) each sampling chunk's index in the plan
+    # the rows sampled after: each sampling chunk's last token, and before it each of its
+    # guesses' places (a chunk with a ``draft``), in the plan's order
+    sample_rows: torch.Tensor  # (samples,) token rows
+    sample_chunks: list  # (samples,) the SeqChunk of each
+    sample_seqs: list[int]  # (samples,) its sequence's index in the AttnBatch
+    sample_lens: list[int]  # (samples,) its context through the row: the sampled position
     score_spans: list  # (chunk, first row, rows) of each chunk that scores its prompt
 
 
 def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBatch:
-    ids, positions, slots, rows, chunks, seqs, spans = [], [], [], [], [], [], []
-    for i, chunk in enumerate(plan.chunks):
+    """The step's tensors. Each chunk is one sequence of the AttnBatch, except a chunk with
+    guesses, whose every token is a one-token sequence of its own (its context up to that
+    token, its block table): the verification of guesses is then shaped as a decode step,
+    and runs the decode paths (the fused decode layer, CUDA graphs)."""
+    ids, positions, slots, rows, chunks, seqs, lens, spans = [], [], [], [], [], [], [], []
+    entries = []  # the AttnBatch's sequences: (new tokens, first position, block table)
+    for chunk in plan.chunks:
         n, start, table = len(chunk.token_ids), chunk.start_pos, chunk.block_table
         if chunk.prompt_targets:
             spans.append((chunk, len(ids), len(chunk.prompt_targets)))
@@ -36,19 +45,26 @@ def prepare(plan: StepPlan, block_size: int, device: torch.device) -> PreparedBa
         span = range(start, start + n)
         positions += span
         slots += [table[p // block_size] * block_size + p % block_size for p in span]
+        if not 0 <= chunk.draft < n or (chunk.draft and not chunk.sample):
+            raise ProtocolError(f"step {plan.step_id}: sequence {chunk.seq_id}'s chunk of {n} "
+                                f"tokens cannot hold {chunk.draft} guesses")
+        entries += [(1, p, table) for p in span] if chunk.draft else [(n, start, table)]
         if chunk.sample:
-            rows.append(len(ids) - 1)
-            chunks.append(chunk)
-            seqs.append(i)
-    width = max(len(c.block_table) for c in plan.chunks)
-    tables = [c.block_table + [0] * (width - len(c.block_table)) for c in plan.chunks]
+            for back in range(chunk.draft, -1, -1):
+                rows.append(len(ids) - 1 - back)
+                chunks.append(chunk)
+                seqs.append(len(entries) - 1 - back)
+                lens.append(start + n - back)
+    width = max(len(table) for _, _, table in entries)
+    tables = [table + [0] * (width - len(table)) for _, _, table in entries]
 
     def tensor(values):
         return host_tensor(values, device)
 
-    attn = AttnBatch([len(c.token_ids) for c in plan.chunks], [c.start_pos for c in plan.chunks],
+    attn = AttnBatch([n for n, _, _ in entries], [start for _, start, _ in entries],
                      tensor(tables), tensor(slots))
-    return PreparedBatch(tensor(ids), tensor(positions), attn, tensor(rows), chunks, seqs, spans)
+    return PreparedBatch(tensor(ids), tensor(positions), attn, tensor(rows), chunks, seqs, lens,
+                         spans)
 
 
 def run_stage(model, pp_comm, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -98,12 +114,16 @@ class SeqState:
 
 
 class SampleRow:
-    """What a sampling chunk's logits need beyond its parameters: its tokens up to the sampled
-    position (``history``: [prompt length, tokens], None where sampling does not read them),
-    its bans and what its grammar allows (``allowed``, set from the step's masks)."""
+    """What a sampled row's logits need beyond its parameters: its sequence's tokens before
+    the sampled position ``at`` (``history``: [prompt length, tokens], None where sampling
+    does not read them), its bans and what its grammar allows (``allowed``, set from the
+    step's masks)."""
 
-    def __init__(self, chunk, state: SeqState):
-        self.history = None if state.tokens is None else [state.prompt_len, state.tokens]
+    def __init__(self, chunk, state: SeqState, at: int):
+        tokens = state.tokens
+        if tokens is not None and len(tokens) > at:  # a guess's place: the tokens before it
+            tokens = tokens[:at]
+        self.history = None if tokens is None else [state.prompt_len, tokens]
         self.banned = chunk.banned
         self.allowed: torch.Tensor | None = None  # (vocab,) bool
 
@@ -111,6 +131,22 @@ class SampleRow:
     def output(self) -> list[int]:
         """The sequence's output tokens before the sampled position."""
         return self.history[1][self.history[0]:]
+
+
+def _kept(chunks: list, picked: list) -> list[SampledToken]:
+    """The step's tokens from its sampled rows (``chunks[i]``'s row ``i`` gave ``picked[i]``):
+    one per chunk, and for a chunk with guesses its kept guesses and the token after them
+    (``kept_guesses``)."""
+    out, i = [], 0
+    while i < len(chunks):
+        chunk = chunks[i]
+        rows = picked[i:i + chunk.draft + 1]
+        keep = 1
+        if chunk.draft:
+            keep += kept_guesses(chunk.token_ids[-chunk.draft:], [tok for tok, _, _ in rows])
+        out += [SampledToken(chunk.seq_id, tok, lp, top) for tok, lp, top in rows[:keep]]
+        i += chunk.draft + 1
+    return out
 
 
 class ModelRunner:
@@ -149,7 +185,8 @@ class ModelRunner:
             self._state(chunk.seq_id, plan.step_id).take(chunk)
         batch = prepare(plan, self.block_size, self.device)
         self.sampled_seqs, self.sampled = [c.seq_id for c in batch.sample_chunks], {}
-        rows = [SampleRow(c, self.seqs[c.seq_id]) for c in batch.sample_chunks]
+        rows = [SampleRow(c, self.seqs[c.seq_id], at)
+                for c, at in zip(batch.sample_chunks, batch.sample_lens)]
         masks = self._start_masks(batch.sample_chunks, rows)  # computed during the forward
         # the final layer goes on only for the sampled rows (prompt tokens before them just
         # leave their keys and values in the cache) unless the prompt is scored; a
@@ -157,7 +194,7 @@ class ModelRunner:
         keep = None
         if batch.sample_chunks and len(batch.sample_chunks) < batch.input_ids.shape[0] \
                 and not batch.score_spans:
-            keep = KeepRows(batch.sample_rows, batch.sample_seqs)
+            keep = KeepRows(batch.sample_rows, batch.sample_seqs, batch.sample_lens)
         if keep is None and self.graphs is not None and self.graphs.handles(batch.attn):
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.attn)
         else:
@@ -170,13 +207,12 @@ class ModelRunner:
             return None if scores is None else StepResult(plan.step_id, [], scores)
         if keep is None:  # every row is sampled, in order
             hidden = hidden.index_select(0, batch.sample_rows)
-        picked = self._sample(hidden, batch.sample_chunks, rows, masks)
+        picked = self._sample(hidden, batch.sample_chunks, rows, masks, batch.sample_lens)
         if picked is None:  # not the sampling rank
             return None
-        self.sampled = {c.seq_id: tok for c, (tok, _, _) in zip(batch.sample_chunks, picked)}
-        return StepResult(plan.step_id, [
-            SampledToken(c.seq_id, tok, lp, top)
-            for c, (tok, lp, top) in zip(batch.sample_chunks, picked)], scores)
+        tokens = _kept(batch.sample_chunks, picked)
+        self.sampled = {t.seq_id: t.token_id for t in tokens}  # each sequence's last
+        return StepResult(plan.step_id, tokens, scores)
 
     def _score(self, hidden: torch.Tensor, spans: list) -> list[PromptScores] | None:
         """The prompt logprobs of each scoring chunk on TP rank 0, None on the other ranks
@@ -213,12 +249,16 @@ class ModelRunner:
             return None
         constrained = [(c.seq_id, *self.seqs[c.seq_id].sampler.grammar, r.output)
                        for c, r in zip(chunks, rows) if self.seqs[c.seq_id].sampler.grammar]
+        if any(c.draft for c in chunks if self.seqs[c.seq_id].sampler.grammar):
+            raise ProtocolError("a chunk with guesses for a sequence with structured output: "
+                                "its grammar's masks are made for one place per step")
         return self.grammars.start(constrained) if constrained else None
 
     def _sample(self, hidden: torch.Tensor, chunks: list, rows: list[SampleRow],
-                masks=None) -> list | None:
-        """(token, logprob, top logprobs) per sampling chunk on TP rank 0, None elsewhere.
-        hidden: (samples, hidden); ``masks``: the constrained rows' grammar masks, in order"""
+                masks, positions: list[int]) -> list | None:
+        """(token, logprob, top logprobs) per sampled row on TP rank 0, None elsewhere.
+        hidden: (samples, hidden); ``masks``: the constrained rows' grammar masks, in order;
+        ``positions``: each row's sampled position"""
         params = [self.seqs[c.seq_id].sampler for c in chunks]
         if argmax_suffices(params, banned=any(c.banned for c in chunks)):
             # greedy on the raw logits, no logprobs: no logits need to travel (each TP rank's
@@ -233,8 +273,7 @@ class ModelRunner:
             for p, row in zip(params, rows):
                 if p.grammar:
                     row.allowed = next(allowed)
-        return sample(logits, params, [c.start_pos + len(c.token_ids) for c in chunks], rows,
-                      self.ops)
+        return sample(logits, params, positions, rows, self.ops)
 
     def _take_sequences(self, plan: StepPlan) -> None:
         """The plan's news of sequences, in order: compiled grammars, the parameters of

@@ -172,9 +172,11 @@ def add_arguments(parser) -> None:
 
 def options_from_args(args) -> BenchOptions:
     """The options of a parsed ``shardlm bench`` command line (``--dtype``,
-    ``--quantization`` and ``--deterministic`` become config overrides)."""
+    ``--quantization``, ``--deterministic`` and ``--speculative-config`` become config
+    overrides)."""
     names = {f.name for f in fields(BenchOptions)}
-    precision = {k: getattr(args, k, None) for k in ("dtype", "quantization", "deterministic")}
+    precision = {k: getattr(args, k, None)
+                 for k in ("dtype", "quantization", "deterministic", "speculative_config")}
     peers = dict(_named(a, "--peer") for a in args.peer)
     starts = dict(_named(a, "--peer-start") for a in args.peer_start)
     if (peers or starts) and args.mode != "online":

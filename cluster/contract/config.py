@@ -62,8 +62,14 @@ class ModelConfig:
     # prompt was chunked or cached, and after a replay (docs/ARCHITECTURE.md, "Deterministic
     # mode"); a platform without such kernels refuses it at start
     deterministic: bool = False
+    # speculative decoding, as vLLM's ``speculative_config``: {"method": "ngram",
+    # "num_speculative_tokens": 4, ...} (:class:`SpeculativeConfig`); None: off
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            self.speculative_config = dataclasses.asdict(
+                SpeculativeConfig.of(self.speculative_config))
         if not isinstance(self.model, str) or not self.model:
             _fail("model", "model", self.model, "must be a model name or a checkpoint directory")
         _check_choice("model", "dtype", self.dtype, DTYPES)
@@ -74,6 +80,62 @@ class ModelConfig:
         for name in ("enforce_eager", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 _fail("model", name, getattr(self, name), "must be true or false")
+
+
+    @property
+    def speculative(self) -> "SpeculativeConfig | None":
+        """``speculative_config`` as its dataclass (None: speculation off)."""
+        return None if self.speculative_config is None else SpeculativeConfig(
+            **self.speculative_config)
+
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How a deployment speculates (vLLM's ``speculative_config`` keys). ``ngram``: prompt
+    lookup, the sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens looked
+    up among its earlier ones, the tokens after the latest match proposed.
+    ``disable_by_batch_size``: no sequence speculates in a step planned while this many or
+    more sequences are running (verifying guesses costs more than it saves in a full batch);
+    None: always speculate."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        where = "model.speculative_config"
+        _check_choice(where, "method", self.method, SPECULATIVE_METHODS)
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            _check_int(where, name, getattr(self, name), 1)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            _fail(where, "prompt_lookup_min", self.prompt_lookup_min,
+                  f"must not exceed prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.disable_by_batch_size is not None:
+            _check_int(where, "disable_by_batch_size", self.disable_by_batch_size, 1)
+
+    @classmethod
+    def of(cls, values: Any) -> "SpeculativeConfig":
+        """From a mapping (YAML, ``LLM(speculative_config=...)``, ``--speculative-config``'s
+        JSON); a ConfigError naming the key that is missing, unknown or wrong."""
+        if isinstance(values, cls):
+            return values
+        if not isinstance(values, dict):
+            raise ConfigError(f"model.speculative_config={values!r}: must be a mapping such as "
+                              '{"method": "ngram", "num_speculative_tokens": 4}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"model.speculative_config: unknown key(s) {unknown}; known: "
+                              f"{sorted(known)}")
+        for name in ("method", "num_speculative_tokens"):
+            if name not in values:
+                raise ConfigError(f"model.speculative_config: {name!r} is required")
+        return cls(**values)
 
 
 @dataclass

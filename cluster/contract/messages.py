@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 # A decode chunk's token id when the driver planned the step before the previous one came
 # back (async scheduling): "the token your previous step sampled for this sequence".
@@ -80,7 +80,11 @@ class SeqChunk:
     ``history``: the sequence's tokens before this chunk, sent only where the gang keeps its
     tokens (:meth:`SamplerParams.needs_history`) and holds fewer than ``start_pos`` of them (a
     new gang, a prompt served from the prefix cache); ``banned``: token ids it may not sample
-    now (EOS and stop tokens before ``min_tokens``)."""
+    now (EOS and stop tokens before ``min_tokens``). ``draft`` (speculative decoding, with
+    ``sample``): the chunk's last ``draft`` tokens are guesses; the token after each of its last
+    ``draft + 1`` tokens is sampled, and the guesses up to the first one that differs from the
+    token sampled before it are kept, with the token sampled after the last kept one (the step
+    returns those ``kept + 1`` tokens, in order)."""
 
     seq_id: int
     token_ids: list[int]
@@ -90,10 +94,11 @@ class SeqChunk:
     prompt_targets: list[int] | None = None
     history: list[int] | None = None
     banned: list[int] | None = None
+    draft: int = 0
 
     def to_list(self) -> list:
         return [self.seq_id, self.token_ids, self.start_pos, self.block_table, self.sample,
-                self.prompt_targets, self.history, self.banned]
+                self.prompt_targets, self.history, self.banned, self.draft]
 
     @classmethod
     def from_list(cls, v: list) -> "SeqChunk":
@@ -182,6 +187,9 @@ class PromptScores:
 
 @dataclass
 class StepResult:
+    """A step's sampled tokens, in its chunks' order (several for a chunk with a ``draft``:
+    its kept guesses and the token after them), its prompt scores and its experts' load."""
+
     step_id: int
     tokens: list[SampledToken]
     prompt_scores: list[PromptScores] = field(default_factory=list)
@@ -199,6 +207,20 @@ class StepResult:
         step_id, tokens, scores, expert_load = _open(data, "result")
         return cls(step_id, [SampledToken.from_list(t) for t in tokens],
                    [PromptScores.from_list(s) for s in scores], expert_load)
+
+
+def kept_guesses(draft: list[int], target: list[int]) -> int:
+    """How many of a chunk's guesses (``draft``) the step keeps: the length of the longest
+    prefix of them that agrees with ``target``, the token sampled at each of those places
+    (``target`` has one token more than ``draft``: the token sampled after the kept guesses,
+    at the first place that disagreed or past the last guess, joins them)."""
+    if len(target) != len(draft) + 1:
+        raise ValueError(f"kept_guesses: {len(draft)} guesses need {len(draft) + 1} target "
+                         f"tokens, got {len(target)}")
+    kept = 0
+    while kept < len(draft) and draft[kept] == target[kept]:
+        kept += 1
+    return kept
 
 
 def _open(data: bytes, kind: str) -> list:

@@ -120,6 +120,23 @@ class BlockManager:
             seq.block_table.append(b)
         return True
 
+    def release_tail(self, seq: Sequence, upto_num_tokens: int) -> None:
+        """Free the blocks of ``seq`` past the ones holding its first ``upto_num_tokens``
+        tokens (slots taken for guesses that were rejected)."""
+        keep = self.blocks_needed(upto_num_tokens)
+        for b in reversed(seq.block_table[keep:]):
+            self._release(b)
+        del seq.block_table[keep:]
+
+    def _release(self, b: int) -> None:
+        self.ref_counts[b] -= 1
+        if self.ref_counts[b] < 0:
+            raise RuntimeError(f"block {b} freed more often than allocated")
+        if self.ref_counts[b] == 0:
+            self._free[b] = None
+            if self._hashes[b] is None:  # nothing worth keeping: reuse it first
+                self._free.move_to_end(b, last=False)
+
     def _forget(self, b: int) -> None:
         """Drop block ``b``'s prefix-cache entry (it is about to hold new tokens)."""
         h = self._hashes[b]
@@ -166,12 +183,6 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (tail first, so a prefix outlives its tail)."""
         for b in reversed(seq.block_table):
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] < 0:
-                raise RuntimeError(f"block {b} freed more often than allocated")
-            if self.ref_counts[b] == 0:
-                self._free[b] = None
-                if self._hashes[b] is None:  # nothing worth keeping: reuse it first
-                    self._free.move_to_end(b, last=False)
+            self._release(b)
         seq.block_table = []
         seq.block_hashes = []

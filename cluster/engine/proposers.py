@@ -1,16 +1,16 @@
-"""Draft proposers for speculative decoding, and the rule that checks their drafts. The
-engine does not speculate yet (issue 38 builds the verification step on these parts).
+"""Speculative decoding's driver side: the proposers that guess a sequence's next tokens,
+and the engine's :class:`Speculator` (docs/ARCHITECTURE.md, "Speculative decoding").
 
-A proposer guesses the next few tokens of a sequence cheaply; the target model is to score
-the sequence's last token and the guesses in one step, and every guess up to the first one
-the target would not have produced itself is kept, followed by the target's own token at
-that place. The target's own token at each place is what the sampler gives for that
-position (the argmax, or the seeded Gumbel-max sample of :mod:`layers.sampler`, whose noise
-is a function of the request's seed and the position alone), so :func:`accepted` keeps
-exactly the tokens a run without speculation produces: the output is the target's, only
-its cost changes. (For a draft of one guess per place, as the n-gram proposer's, this
-accepts a guess with the target's probability of it, as rejection sampling against a
-one-hot draft does.)
+A proposer guesses the next few tokens of a sequence cheaply; the target model scores the
+sequence's last token and the guesses in one step, and every guess up to the first one the
+target would not have produced itself is kept, followed by the target's own token at that
+place (``cluster.contract.messages.kept_guesses``, applied on the sampling rank). The
+target's own token at each place is what the sampler gives for that position (the argmax,
+or the seeded Gumbel-max sample of :mod:`layers.sampler`, whose noise is a function of the
+request's seed and the position alone), so the kept tokens are exactly those a run without
+speculation produces from the same logits: only the cost changes. (For one guess per place,
+as the n-gram proposer's, a guess is kept with the target's probability of it, as rejection
+sampling against a one-hot draft keeps it.)
 
 - :class:`NgramIndex`: prompt lookup. The sequence's last n tokens (n from
   ``prompt_lookup_max`` down to ``prompt_lookup_min``) are looked up among its earlier tokens
@@ -22,7 +22,11 @@ one-hot draft does.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from weakref import WeakKeyDictionary
+
+from cluster.contract.config import SpeculativeConfig
+from cluster.engine.sequence import Sequence
 
 
 class NgramIndex:
@@ -70,15 +74,137 @@ class NgramIndex:
         return []
 
 
-def accepted(draft: Sequence[int], target: Sequence[int]) -> int:
-    """How many of ``draft``'s guesses to keep: the length of its longest prefix that agrees
-    with ``target``, the target's own token at each of those places (``target`` has one token
-    more than the draft: after the kept guesses, the target's token at the first place that
-    disagreed, or past the last guess, joins them)."""
-    if len(target) != len(draft) + 1:
-        raise ValueError(f"accepted: {len(draft)} guesses need {len(draft) + 1} target tokens, "
-                         f"got {len(target)}")
-    kept = 0
-    while kept < len(draft) and draft[kept] == target[kept]:
-        kept += 1
-    return kept
+class ModeRates:
+    """Whether steps with guesses make tokens faster than steps without, for each size of
+    batch, as measured on this engine: tokens per second of the engine's time from one step's
+    result to the next's, kept per batch-size class (running sequences 1, 2-3, 4-7, ...) and
+    per mode (fading averages). A class picks the faster mode, after trying each mode
+    ``TRIES`` times, and tries the other one every ``EXPLORE``-th step, so a change of load,
+    text or machine is seen."""
+
+    TRIES, EXPLORE, FADE = 3, 16, 0.8
+
+    def __init__(self):
+        self._rates: dict[tuple[int, bool], list[float]] = {}  # (class, mode) -> [n, tokens, s]
+        self._decisions: dict[int, int] = {}
+
+    @staticmethod
+    def size_class(running: int) -> int:
+        return max(running, 1).bit_length()
+
+    def choose(self, running: int) -> bool:
+        """Whether a step planned now with ``running`` sequences should guess."""
+        size = self.size_class(running)
+        seen = {mode: self._rates.get((size, mode), [0, 0.0, 0.0]) for mode in (True, False)}
+        for mode in (True, False):
+            if seen[mode][0] < self.TRIES:
+                return mode
+        count = self._decisions[size] = self._decisions.get(size, 0) + 1
+        faster = max((True, False), key=lambda m: seen[m][1] / max(seen[m][2], 1e-9))
+        return (not faster) if count % self.EXPLORE == 0 else faster
+
+    def observe(self, running: int, guessed: bool, tokens: int, seconds: float) -> None:
+        """A decode step planned with ``running`` sequences, with guesses or not, gave
+        ``tokens`` in ``seconds`` since the step before it came back."""
+        key = (self.size_class(running), guessed)
+        n, made, spent = self._rates.get(key, [0, 0.0, 0.0])
+        self._rates[key] = [n + 1, made * self.FADE + tokens, spent * self.FADE + seconds]
+
+    def rates(self) -> dict:
+        """Tokens per second by (size class, mode), for reports."""
+        return {f"{2 ** (size - 1)}+ {'guessing' if mode else 'plain'}": made / max(spent, 1e-9)
+                for (size, mode), (_, made, spent) in sorted(self._rates.items())}
+
+
+class _Tracked:
+    """What the speculator keeps of one sequence: its n-gram index, and how often its
+    guesses were kept (counts fading by ``FADE`` per step, so that a sequence that stopped
+    guessing for lack of acceptance tries again later)."""
+
+    __slots__ = ("index", "kept", "missed", "step")
+    FADE = 0.9
+
+    def __init__(self, index: NgramIndex, step: int):
+        self.index, self.kept, self.missed, self.step = index, 0.0, 0.0, step
+
+    def keep_rate(self, step: int) -> float:
+        """The chance that a guess is kept, given the guesses before it were: kept guesses
+        over kept and first-rejected ones, from a prior of one each."""
+        fade = self.FADE ** (step - self.step)
+        self.kept, self.missed, self.step = self.kept * fade, self.missed * fade, step
+        return (self.kept + 1.0) / (self.kept + self.missed + 2.0)
+
+
+class Speculator:
+    """The engine's speculation: each sequence's proposer (made on its first proposal, kept
+    up to date from its tokens, gone with the sequence), how many guesses it makes, whether a
+    step guesses at all, and the counts of what was guessed and kept (vLLM's spec-decode
+    metrics).
+
+    A sequence makes its i-th guess while the chance that it is kept, ``p ** i`` (``p`` its
+    own recent record: :class:`_Tracked`), is at least ``MIN_CHANCE``. Whether a step guesses
+    at all is measured (:class:`ModeRates`): a guess costs the step a row, which is nearly
+    free at small batches and not at large ones (by how much depends on the machine, the
+    model and the kernels), and under async scheduling a step with guesses cannot have the
+    next step planned while it runs, which hides the driver's time between steps. So each
+    batch size takes whichever of guessing and not guessing has made tokens faster."""
+
+    MIN_CHANCE = 0.3
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self._seqs: WeakKeyDictionary[Sequence, _Tracked] = WeakKeyDictionary()
+        self.modes = ModeRates()
+        self._step = 0
+        self.num_drafts = 0  # chunks that carried guesses
+        self.num_draft_tokens = 0  # guesses
+        self.num_accepted_tokens = 0  # guesses kept
+        self.accepted_per_pos = [0] * config.num_speculative_tokens  # kept, by place in the draft
+
+    def plan_step(self) -> None:
+        """A step is being planned (the sequences' records fade by steps)."""
+        self._step += 1
+
+    def would_guess(self, seqs: list[Sequence]) -> bool:
+        """Whether some of ``seqs`` (those that may guess) has guesses now."""
+        return any(self.propose(seq, 1) for seq in seqs)
+
+    def propose(self, seq: Sequence, most: int) -> list[int]:
+        """Up to ``most`` guesses of the tokens after ``seq``'s last, as many as are likely
+        enough to be kept."""
+        tracked = self._seqs.get(seq)
+        if tracked is None:
+            cfg = self.config
+            tracked = self._seqs[seq] = _Tracked(NgramIndex(
+                cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max),
+                self._step)
+        rate, chance, worth = tracked.keep_rate(self._step), 1.0, 0
+        while worth < min(most, self.config.num_speculative_tokens):
+            chance *= rate
+            if chance < self.MIN_CHANCE:
+                break
+            worth += 1
+        if worth <= 0:
+            return []
+        index = tracked.index
+        if len(index.tokens) < seq.num_tokens:
+            index.extend(seq.all_token_ids[len(index.tokens):])
+        return index.propose(worth)
+
+    def record(self, seq: Sequence, guesses: int, kept: int) -> None:
+        """``seq``'s chunk of ``guesses`` was verified and ``kept`` of them kept."""
+        self.num_drafts += 1
+        self.num_draft_tokens += guesses
+        self.num_accepted_tokens += kept
+        for place in range(kept):
+            self.accepted_per_pos[place] += 1
+        tracked = self._seqs.get(seq)
+        if tracked is not None:
+            tracked.keep_rate(self._step)  # fade to now
+            tracked.kept += kept
+            tracked.missed += kept < guesses
+
+    def stats(self) -> dict:
+        return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
+                "spec_num_accepted_tokens": self.num_accepted_tokens,
+                "spec_accepted_per_pos": list(self.accepted_per_pos)}

@@ -31,11 +31,18 @@ chunk samples and that the engine expects to go on (``follow``) then gets a one-
 slot is reserved without preempting anyone (every other running sequence may be in flight
 too); when no block is free it simply waits for step N's answer. If step N's token ends the
 sequence (EOS, a stop string), the follow-up's token is discarded.
+
+Speculative decoding: given ``guess`` (the engine's proposer), a decoding sequence's chunk
+also carries the guesses for the tokens after its last (``SeqChunk.draft``), within the token
+budget and only where free blocks hold them (a guess never preempts anyone). The step keeps
+the guesses the target agrees with and samples one token after them; :meth:`commit` counts
+the kept guesses' KV as computed and releases the blocks that held only rejected ones.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster.engine.block_manager import BlockManager
@@ -175,14 +182,15 @@ class Scheduler:
                 "is disabled", seq.seq_id)
 
     # ---- one step ----------------------------------------------------------
-    def _emit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+    def _emit(self, out: SchedulerOutput, seq: Sequence, n: int,
+              draft: list[int] | None = None) -> None:
         start = seq.num_computed_tokens
         self._append(out, seq, seq.all_token_ids[start:start + n], start,
-                     start + n == seq.num_tokens)
+                     start + n == seq.num_tokens, draft)
         if start < seq.prefill_len:
             out.num_prefill_tokens += n
         else:
-            out.num_decode_tokens += n
+            out.num_decode_tokens += n + len(draft or ())
 
     def _follow(self, out: SchedulerOutput, seq: Sequence) -> bool:
         """Plan the decode step after ``seq``'s in-flight one (whose sampled token, at
@@ -195,21 +203,34 @@ class Scheduler:
 
     @staticmethod
     def _append(out: SchedulerOutput, seq: Sequence, token_ids: list[int], start: int,
-                sample: bool) -> None:
+                sample: bool, draft: list[int] | None = None) -> None:
         out.chunks.append(SeqChunk(
             seq_id=seq.seq_id,
-            token_ids=token_ids,
+            token_ids=token_ids + (draft or []),
             start_pos=start,
             block_table=list(seq.block_table),
             sample=sample,
             prompt_targets=_prompt_targets(seq, start, len(token_ids)),
             banned=seq.end_ids if sample and _before_min_tokens(seq, start + len(token_ids))
             else None,
+            draft=len(draft or ()),
         ))
         out.seqs.append(seq)
 
+    def _guesses(self, seq: Sequence, n: int, budget: int,
+                 guess: Callable[[Sequence, int], list[int]] | None) -> list[int]:
+        """The guesses ``seq``'s chunk of ``n`` tokens carries: where it is the sequence's
+        last token, what ``guess`` proposes within the budget left, as far as free blocks
+        hold them."""
+        if guess is None or n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens or budget <= 1:
+            return []
+        draft = guess(seq, budget - 1)
+        while draft and not self.block_manager.ensure_slots(seq, seq.num_tokens + len(draft)):
+            draft = draft[:-1]
+        return draft
+
     def _schedule_running(self, out: SchedulerOutput, budget: int, busy: frozenset,
-                          limit: int, follow: frozenset) -> int:
+                          limit: int, follow: frozenset, guess=None) -> int:
         i = 0
         while i < len(self.running) and budget > 0 and len(out.seqs) < limit:
             seq = self.running[i]
@@ -236,8 +257,9 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self._emit(out, seq, n)
-                budget -= n
+                draft = self._guesses(seq, n, budget, guess)
+                self._emit(out, seq, n, draft)
+                budget -= n + len(draft)
                 i += 1
         return budget
 
@@ -269,24 +291,32 @@ class Scheduler:
             budget -= n
 
     def schedule(self, busy: frozenset = frozenset(), limit: int | None = None,
-                 follow: frozenset = frozenset()) -> SchedulerOutput:
+                 follow: frozenset = frozenset(), guess=None) -> SchedulerOutput:
         """Plan the next step (see the module docstring). Sequences whose ids are in
         ``busy`` have a step in flight and are left alone, except those also in ``follow``
         (async scheduling: their in-flight chunk samples and they go on), which get a
-        ``[FOLLOW]`` decode chunk; ``limit`` caps the sequences in this plan (a micro-batch)."""
+        ``[FOLLOW]`` decode chunk; ``limit`` caps the sequences in this plan (a micro-batch);
+        ``guess(seq, most)``: up to ``most`` guesses of the tokens after a decoding
+        sequence's last (speculative decoding), None: no guesses."""
         out = SchedulerOutput()
         limit = limit or self.max_num_seqs
-        budget = self._schedule_running(out, self.max_num_batched_tokens, busy, limit, follow)
+        budget = self._schedule_running(out, self.max_num_batched_tokens, busy, limit, follow,
+                                        guess)
         if not out.preempted:
             self._admit_waiting(out, budget, limit)
         return out
 
-    def commit(self, out: SchedulerOutput) -> None:
-        """Record that ``out``'s step ran: its chunks' KV is now written."""
+    def commit(self, out: SchedulerOutput, kept: dict[int, int] | None = None) -> None:
+        """Record that ``out``'s step ran: its chunks' KV is now written, up to the guesses
+        the step kept (``kept``: sequence id -> kept guesses, for chunks with a draft); the
+        blocks that held only rejected guesses are released."""
         for seq, chunk in zip(out.seqs, out.chunks):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted or preempted since the plan was made
-            seq.num_computed_tokens += len(chunk.token_ids)
+            rejected = chunk.draft - (kept or {}).get(seq.seq_id, 0) if chunk.draft else 0
+            seq.num_computed_tokens += len(chunk.token_ids) - rejected
+            if rejected:  # the next step needs the kept tokens and the token after them
+                self.block_manager.release_tail(seq, seq.num_computed_tokens + 1)
             self.block_manager.register_full_blocks(seq)
 
 

@@ -50,6 +50,15 @@ class EngineMetrics:
         self.expert_imbalance = gauge("moe_expert_load_imbalance", "Last step: the most loaded "
                                       "expert's tokens over the mean per expert (worst layer; 1 = even).")
         self._last_load = None
+        # speculative decoding (vLLM's names): chunks that carried guesses, guesses, guesses
+        # kept, and kept by their place in the draft (label "position", from 0)
+        self.spec_drafts = counter("spec_decode_num_drafts", "Sequence steps that carried guesses "
+                                   "(speculative decoding).")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Guessed tokens verified.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Guessed tokens kept.")
+        self.spec_per_pos = Counter("shardlm:spec_decode_num_accepted_tokens_per_pos",
+                                    "Guessed tokens kept, by their place in the guesses.",
+                                    labels + ["position"], registry=r)
 
     def observe_engine(self, engine) -> None:
         """Refresh gauges and counters derived from the engine's own bookkeeping."""
@@ -61,6 +70,16 @@ class EngineMetrics:
         self._advance(self.prefix_hits, "prefix_hits", bm.prefix_cache_hits)
         self._advance(self.restarts, "restarts", engine.supervisor.restarts)
         self._observe_experts(engine.expert_load)
+        if engine.speculator is not None:
+            self._observe_speculation(engine.speculator)
+
+    def _observe_speculation(self, spec) -> None:
+        self._advance(self.spec_drafts, "spec_drafts", spec.num_drafts)
+        self._advance(self.spec_draft_tokens, "spec_draft_tokens", spec.num_draft_tokens)
+        self._advance(self.spec_accepted, "spec_accepted", spec.num_accepted_tokens)
+        for place, kept in enumerate(spec.accepted_per_pos):
+            self._advance(self.spec_per_pos.labels(*self._labels, str(place)),
+                          ("spec_pos", place), kept)
 
     def _observe_experts(self, load) -> None:
         if load.last is self._last_load:  # no step ran experts since the last look

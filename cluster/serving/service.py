@@ -456,7 +456,8 @@ class EngineService:
                 "prefix_cache_hits": bm.prefix_cache_hits, "kv_usage": bm.usage,
                 "kv_usage_peak": engine.kv_usage_peak,
                 "device": engine.group.device, "backend": engine.group.backend,
-                "dtype": engine.group.dtype, "threads": engine.group.threads, **engine.stats}
+                "dtype": engine.group.dtype, "threads": engine.group.threads, **engine.stats,
+                **(engine.speculator.stats() if engine.speculator else {})}
 
     @control
     async def reset_for_benchmark(self) -> None:

@@ -5,7 +5,8 @@
 actor is killed. Ray restarts the actor, which starts a new engine (and a new worker gang);
 each RequestStream resumes its request there from its journal; in the other trial a worker
 is killed, and the engine replays the requests into a new gang. In each weight format
-(float32, bfloat16, int8), in deterministic mode. Every stream must receive
+(float32, bfloat16, int8), in deterministic mode, float32's engine speculating (n-gram guesses: the tokens are still
+those of one at a time, and a replay's too). Every stream must receive
 exactly the tokens of a run without the failure, none twice and none missing, and the same
 text: the tiny model speaks through SmolLM2's byte-level tokenizer, whose byte tokens make
 characters of two bytes (and lone bytes, U+FFFD) that a kill can cut in the middle. The
@@ -61,21 +62,24 @@ def service(ray_session, tmp_path_factory):
     stop_service(NAME, NAME)
 
 
-# (dtype, quantization) of each weight format, in deterministic mode: a replay recomputes the
-# generated tokens as a prompt, and the kernels give them the logits their decode steps had
-FORMATS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
+# (dtype, quantization, speculative decoding) of each weight format, in deterministic mode: a
+# replay recomputes the generated tokens as a prompt, and the kernels give them the logits
+# their decode steps had
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
+FORMATS = {"float32": ("float32", None, NGRAM), "bfloat16": ("bfloat16", None, None),
+           "int8": ("bfloat16", "int8", None)}
 
 
 @pytest.fixture(scope="module", params=list(FORMATS))
 def deterministic(request, ray_session, tmp_path_factory):
-    dtype, quantization = FORMATS[request.param]
+    dtype, quantization, speculative = FORMATS[request.param]
     name = f"{NAME}-{request.param}"
     # 9 heads of 16, the decode kernel's smallest (deterministic attention is that kernel's),
     # and widths the bf16 and int8 kernels take (the tiny model's own 72 and 97 would leave
     # its matmuls in float32)
     shape = {"hidden_size": 144, "intermediate_size": 128}
     yield name, _start(tmp_path_factory, name, shape, dtype=dtype, quantization=quantization,
-                       deterministic=True)
+                       deterministic=True, speculative_config=speculative)
     stop_service(name, name)
 
 
@@ -159,6 +163,10 @@ def test_killing_the_engine_or_a_worker_loses_no_request(deterministic):
               f"loss seen {detect:.2f} s after the kill, engine ready {ready:.2f} s, first "
               f"resumed token {first:.2f} s; ready again (polled) in {back:.1f} s")
     assert service.health()["status"] == "ready"
+    if name.endswith("float32"):  # it made guesses in the last trial
+        stats = service.stats()
+        print({k: v for k, v in stats.items() if k.startswith("spec")})
+        assert stats["spec_num_draft_tokens"] > 0, stats
 
 
 def test_a_request_that_fails_on_the_engine_thread_fails_alone(service):

@@ -2,7 +2,8 @@
 
 The engine service runs the default model at tp=2 in bfloat16, in deterministic mode (so a
 replay, which recomputes the generated tokens as a prompt, gives them the logits their decode
-steps had); callers stream through client handles (the real user path) while workers are
+steps had), speculating (n-gram guesses: its output is still one token at a time's, and a
+replay sees only the kept guesses); callers stream through client handles (the real user path) while workers are
 SIGKILLed or made to hang. Every request must complete with exactly the tokens of a run
 without failures (greedy, seeded, penalized and constrained requests alike: JSON-schema and
 regex outputs, which also validate)."""
@@ -85,7 +86,8 @@ class Round:
 def service(ray_session):
     config = EngineConfig().with_overrides(
         dtype="bfloat16", deterministic=True, tensor_parallel_size=2, cpus_per_worker=0.5,
-        kv_cache_bytes=64 << 20, name=NAME, step_timeout_s=8.0, restart_backoff_s=0.5)
+        kv_cache_bytes=64 << 20, name=NAME, step_timeout_s=8.0, restart_backoff_s=0.5,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     actor = get_or_start_service(config)
     handle = Handle(actor)
     deadline = time.monotonic() + 300
@@ -142,6 +144,7 @@ def test_sigkills_at_random_moments_lose_nothing(service, reference):
     stats = handle.stats()
     assert stats["restarts"] - restarts_before == KILLS
     assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert stats["spec_num_draft_tokens"] > stats["spec_num_accepted_tokens"] > 0, stats
     timings = ray.get(actor.recovery.remote())
     print("last recovery:", {k: round(v, 2) for k, v in timings.items()})
 

@@ -33,7 +33,9 @@ METRICS = {
     "shardlm:e2e_request_latency_seconds", "shardlm:num_preemptions_total",
     "shardlm:prefix_cache_hits_total", "shardlm:worker_restarts_total",
     "shardlm:moe_expert_tokens_total", "shardlm:moe_expert_step_tokens",
-    "shardlm:moe_expert_load_imbalance",
+    "shardlm:moe_expert_load_imbalance", "shardlm:spec_decode_num_drafts_total",
+    "shardlm:spec_decode_num_draft_tokens_total", "shardlm:spec_decode_num_accepted_tokens_total",
+    "shardlm:spec_decode_num_accepted_tokens_per_pos_total",
 }
 HISTOGRAMS = {"shardlm:time_to_first_token_seconds", "shardlm:time_per_output_token_seconds",
               "shardlm:e2e_request_latency_seconds"}
@@ -521,6 +523,13 @@ def _panels(dashboard: dict):
     for panel in dashboard["panels"]:
         yield panel
         yield from panel.get("panels", [])  # panels folded into a row
+
+
+def test_the_metrics_listed_here_are_the_ones_an_engine_exports():
+    from cluster.serving.metrics import EngineMetrics
+
+    families = EngineMetrics("m").registry.collect()
+    assert {f.name + ("_total" if f.type == "counter" else "") for f in families} == METRICS
 
 
 def test_grafana_dashboard_queries_exactly_the_exported_metrics():

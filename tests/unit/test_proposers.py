@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from cluster.engine.proposers import NgramIndex, accepted
+from cluster.contract.messages import kept_guesses
+from cluster.engine.proposers import NgramIndex
 
 
 def brute_force(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
@@ -56,10 +57,62 @@ def test_bad_settings_are_refused_by_name():
         NgramIndex(3, prompt_lookup_max=2.5)
 
 
-def test_accepted_keeps_the_guesses_up_to_the_first_the_target_would_not_make():
-    assert accepted([4, 5, 6], [4, 5, 6, 7]) == 3  # all kept, then the target's bonus token
-    assert accepted([4, 5, 6], [4, 9, 6, 7]) == 1  # the target's 9 replaces the 5
-    assert accepted([4, 5, 6], [3, 5, 6, 7]) == 0
-    assert accepted([], [3]) == 0
+def test_kept_guesses_are_the_guesses_up_to_the_first_the_target_would_not_make():
+    assert kept_guesses([4, 5, 6], [4, 5, 6, 7]) == 3  # all kept, then the target's bonus token
+    assert kept_guesses([4, 5, 6], [4, 9, 6, 7]) == 1  # the target's 9 replaces the 5
+    assert kept_guesses([4, 5, 6], [3, 5, 6, 7]) == 0
+    assert kept_guesses([], [3]) == 0
     with pytest.raises(ValueError, match="3 guesses need 4 target tokens, got 3"):
-        accepted([4, 5, 6], [4, 5, 6])
+        kept_guesses([4, 5, 6], [4, 5, 6])
+
+
+# ---- how much to guess, and when ------------------------------------------------------------
+from cluster.contract.config import SpeculativeConfig  # noqa: E402
+from cluster.contract.sampling import SamplingParams  # noqa: E402
+from cluster.engine.proposers import ModeRates, Speculator  # noqa: E402
+from cluster.engine.sequence import Sequence  # noqa: E402
+
+
+def test_mode_rates_try_both_then_take_the_faster_and_look_again_now_and_then():
+    rates = ModeRates()
+    picks = []
+    for _ in range(2 * ModeRates.TRIES):  # each mode tried first, at this size class
+        mode = rates.choose(5)
+        picks.append(mode)
+        rates.observe(5, mode, tokens=12 if mode else 4, seconds=0.02)  # guessing: 3x faster
+    assert picks.count(True) == picks.count(False) == ModeRates.TRIES
+    later = [rates.choose(6) for _ in range(2 * ModeRates.EXPLORE)]  # 4-7 running: one class
+    assert later.count(False) == 2 and later.count(True) == 2 * ModeRates.EXPLORE - 2
+    # another class knows nothing yet: it tries guessing first
+    assert rates.choose(20) is True
+    # when not guessing becomes the faster (a fading average), the class turns
+    for _ in range(10):
+        rates.observe(5, False, tokens=4, seconds=0.001)
+    assert [rates.choose(5) for _ in range(3)] == [False, False, False]
+
+
+def _seq(tokens: list[int]) -> Sequence:
+    return Sequence(0, tokens, SamplingParams(max_tokens=100))
+
+
+def test_a_sequence_guesses_less_after_its_guesses_were_rejected_and_tries_again_later():
+    spec = Speculator(SpeculativeConfig("ngram", 4, prompt_lookup_min=1, prompt_lookup_max=2))
+    seq = _seq([1, 2, 3, 4, 5, 6, 7, 8, 1, 2])  # [1, 2] occurred: 3, 4, 5, 6 follow it
+    spec.plan_step()
+    # no record yet: kept with chance 1/2 each (a prior of one kept, one missed): one guess
+    # (1/2), not two (1/4 < MIN_CHANCE)
+    assert spec.propose(seq, 10) == [3]
+    for _ in range(6):  # a step each, every guess kept: four guesses
+        spec.plan_step()
+        spec.record(seq, 4, 4)
+    assert spec.propose(seq, 10) == [3, 4, 5, 6]
+    assert spec.propose(seq, 2) == [3, 4]  # never more than asked
+    for _ in range(30):  # none kept since: no guess
+        spec.plan_step()
+        spec.record(seq, 1, 0)
+    assert spec.propose(seq, 10) == []
+    for _ in range(40):  # steps pass without guesses: the record fades to the prior
+        spec.plan_step()
+    assert spec.propose(seq, 10) == [3]
+    assert spec.stats()["spec_num_draft_tokens"] == 54 and spec.stats()["spec_num_accepted_tokens"] == 24
+    assert spec.stats()["spec_accepted_per_pos"] == [6, 6, 6, 6]
