@@ -21,9 +21,11 @@ the sampling rank once, serialized, with the first plan of a sequence that uses 
 
 The state of a sequence's matcher is a function of its output tokens, which the sampling
 rank keeps for a constrained sequence (``workers.model_runner.SeqState``). So a matcher is
-advanced by the tokens it has not seen, and rebuilt from the output when it is missing (a
-new worker after a failure) or disagrees with it (a preempted sequence that was
-recomputed): a constrained request survives every failure the engine survives.
+advanced by the tokens it has not seen, rolled back where the output leaves what it took (a
+step's rejected guesses under speculative decoding, whose places each got their own mask; a
+preempted sequence that was recomputed differently), and rebuilt from the output when it is
+missing (a new worker after a failure): a constrained request survives every failure the
+engine survives.
 
 The masks of a step are computed on a thread of their own while the step's forward pass
 runs (:meth:`Grammars.start`, a future); the sampler waits for them. Steps without
@@ -101,24 +103,47 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _Matcher:
-    """One sequence's matcher and the output tokens it has taken."""
+    """One sequence's matcher and the output tokens it has taken (``accepted``: how many of
+    them the matcher accepted; past that the grammar refused one, ``broken``)."""
 
     def __init__(self, key: str, matcher):
-        self.key, self.matcher, self.taken, self.broken = key, matcher, [], False
+        self.key, self.matcher, self.taken, self.accepted, self.broken = key, matcher, [], 0, False
 
     def follow(self, output: list[int]) -> None:
-        """Bring the matcher to the end of ``output`` (the sequence's tokens so far)."""
+        """Bring the matcher to the end of ``output`` (the sequence's tokens so far). Where
+        ``output`` leaves what it has taken (a step's rejected guesses, a sequence recomputed
+        differently), the matcher rolls back to where they part."""
         n = len(self.taken)
-        if output[:n] != self.taken:  # recomputed differently, or rolled back: start over
-            self.matcher.reset()
-            self.taken, self.broken, n = [], False, 0
+        if output[:n] != self.taken:
+            same = _common_prefix(output, self.taken)
+            if self.accepted > same:
+                self.matcher.rollback(self.accepted - same)
+                self.accepted = same
+            self.taken, self.broken, n = self.taken[:same], self.accepted < same, same
         for token in output[n:]:
-            if not self.broken and not self.matcher.accept_token(token):
-                # a token the grammar does not allow (not expected: every token was sampled
-                # under this grammar's mask): from here only the end tokens are allowed
-                log.warning("a constrained sequence holds token %d its grammar refuses", token)
-                self.broken = True
+            if not self.broken:
+                if self.matcher.accept_token(token):
+                    self.accepted += 1
+                else:
+                    # a token the grammar does not allow: a guess the mask would refuse (its
+                    # place's sample differs from it, so it is not kept), else unexpected
+                    # (every kept token was sampled under this grammar's mask); from here
+                    # only the end tokens are allowed
+                    self.broken = True
             self.taken.append(token)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b`` (a binary search over
+    prefix comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class Compiled(NamedTuple):

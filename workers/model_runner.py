@@ -249,9 +249,6 @@ class ModelRunner:
             return None
         constrained = [(c.seq_id, *self.seqs[c.seq_id].sampler.grammar, r.output)
                        for c, r in zip(chunks, rows) if self.seqs[c.seq_id].sampler.grammar]
-        if any(c.draft for c in chunks if self.seqs[c.seq_id].sampler.grammar):
-            raise ProtocolError("a chunk with guesses for a sequence with structured output: "
-                                "its grammar's masks are made for one place per step")
         return self.grammars.start(constrained) if constrained else None
 
     def _sample(self, hidden: torch.Tensor, chunks: list, rows: list[SampleRow],

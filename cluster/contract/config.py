@@ -89,23 +89,31 @@ class ModelConfig:
             **self.speculative_config)
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "suffix")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """How a deployment speculates (vLLM's ``speculative_config`` keys). ``ngram``: prompt
     lookup, the sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens looked
-    up among its earlier ones, the tokens after the latest match proposed.
+    up among its earlier ones, the tokens after the latest match proposed. ``suffix``: that,
+    and a cache of the deployment's recent outputs (``cluster/engine/suffix.py``: paths of up
+    to ``suffix_decoding_max_tree_depth`` tokens from every place, at most
+    ``suffix_decoding_max_cached_requests`` outputs and ``..._max_cached_tokens`` tokens,
+    the oldest evicted first), guesses taken while their chance is at least
+    ``suffix_decoding_min_token_prob``; whichever matches the longer suffix guesses.
     ``disable_by_batch_size``: no sequence speculates in a step planned while this many or
-    more sequences are running (verifying guesses costs more than it saves in a full batch);
-    None: always speculate."""
+    more sequences are running; None: the engine decides by what it measures."""
 
     method: str
     num_speculative_tokens: int
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
     disable_by_batch_size: int | None = None
+    suffix_decoding_max_tree_depth: int = 16
+    suffix_decoding_max_cached_requests: int = 1000
+    suffix_decoding_max_cached_tokens: int = 32768
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         where = "model.speculative_config"
@@ -117,6 +125,12 @@ class SpeculativeConfig:
                   f"must not exceed prompt_lookup_max ({self.prompt_lookup_max})")
         if self.disable_by_batch_size is not None:
             _check_int(where, "disable_by_batch_size", self.disable_by_batch_size, 1)
+        _check_int(where, "suffix_decoding_max_tree_depth", self.suffix_decoding_max_tree_depth, 2)
+        for name in ("suffix_decoding_max_cached_requests", "suffix_decoding_max_cached_tokens"):
+            _check_int(where, name, getattr(self, name), 1)
+        prob = self.suffix_decoding_min_token_prob
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+            _fail(where, "suffix_decoding_min_token_prob", prob, "must be in [0, 1]")
 
     @classmethod
     def of(cls, values: Any) -> "SpeculativeConfig":
@@ -135,6 +149,10 @@ class SpeculativeConfig:
         for name in ("method", "num_speculative_tokens"):
             if name not in values:
                 raise ConfigError(f"model.speculative_config: {name!r} is required")
+        suffix_keys = sorted(k for k in values if k.startswith("suffix_decoding_"))
+        if suffix_keys and values["method"] != "suffix":
+            raise ConfigError(f"model.speculative_config: {suffix_keys} apply to method "
+                              f"'suffix' only, not {values['method']!r}")
         return cls(**values)
 
 

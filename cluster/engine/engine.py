@@ -305,11 +305,10 @@ class Engine:
         return self.speculator.propose(seq, min(most, room)) if room > 0 else []
 
     def _guess_room(self, seq) -> int:
-        """How many guesses ``seq`` may make: none with structured output (its grammar's
-        masks are made one place per step) or before its ``min_tokens`` (its bans are per
-        place), and none past its length."""
+        """How many guesses ``seq`` may make: none before its ``min_tokens`` (its bans are
+        per place), and none past its length."""
         params = seq.sampling_params
-        if seq.grammar is not None or seq.num_output_tokens < params.min_tokens:
+        if seq.num_output_tokens < params.min_tokens:
             return 0
         return min(params.max_tokens - seq.num_output_tokens,
                    self.max_model_len - seq.num_tokens) - 1
@@ -430,6 +429,8 @@ class Engine:
         self.scheduler.finish(seq, reason)
         output.finish_reason, output.stop_reason = reason, stop_reason
         del self.by_seq[seq.seq_id]
+        if self.speculator is not None:
+            self.speculator.finished(seq)
 
     def stop_choice(self, request_id: str, index: int, stop: str) -> bool:
         """Choice ``index`` of the request ends on ``stop``, a stop string found by the

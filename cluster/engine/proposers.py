@@ -27,6 +27,7 @@ from weakref import WeakKeyDictionary
 
 from cluster.contract.config import SpeculativeConfig
 from cluster.engine.sequence import Sequence
+from cluster.engine.suffix import SuffixCache
 
 
 class NgramIndex:
@@ -61,17 +62,21 @@ class NgramIndex:
     def propose(self, limit: int | None = None) -> list[int]:
         """Up to ``num_speculative_tokens`` (and ``limit``) guesses; [] where no n-gram of the
         suffix occurred before."""
+        return self.lookup(limit)[1]
+
+    def lookup(self, limit: int | None = None) -> tuple[int, list[int]]:
+        """(the length of the suffix matched, :meth:`propose`'s guesses); (0, []) for none."""
         k = self.k if limit is None else min(self.k, limit)
         size = len(self.tokens)
         if k <= 0:
-            return []
+            return 0, []
         for n in range(self.max_n, self.min_n - 1, -1):
             if size <= n:
                 continue
             end = self._ends[n].get(tuple(self.tokens[size - n:]))
             if end is not None:
-                return self.tokens[end:end + k]
-        return []
+                return n, self.tokens[end:end + k]
+        return 0, []
 
 
 class ModeRates:
@@ -155,6 +160,9 @@ class Speculator:
         self.config = config
         self._seqs: WeakKeyDictionary[Sequence, _Tracked] = WeakKeyDictionary()
         self.modes = ModeRates()
+        self.suffix = None if config.method != "suffix" else SuffixCache(
+            config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests,
+            config.suffix_decoding_max_cached_tokens, config.suffix_decoding_min_token_prob)
         self._step = 0
         self.num_drafts = 0  # chunks that carried guesses
         self.num_draft_tokens = 0  # guesses
@@ -189,7 +197,20 @@ class Speculator:
         index = tracked.index
         if len(index.tokens) < seq.num_tokens:
             index.extend(seq.all_token_ids[len(index.tokens):])
-        return index.propose(worth)
+        matched, guesses = index.lookup(worth)
+        if self.suffix is not None:  # the deployment's outputs, where they match longer
+            depth = self.config.suffix_decoding_max_tree_depth
+            cached, others = self.suffix.propose(seq.all_token_ids[-depth:], worth)
+            if cached > matched:
+                return others
+        return guesses
+
+    def finished(self, seq: Sequence) -> None:
+        """``seq`` ended (not aborted): suffix decoding caches its output, after the end of
+        its prompt (the words its output followed)."""
+        if self.suffix is not None and seq.num_output_tokens:
+            keep = seq.num_output_tokens + self.config.suffix_decoding_max_tree_depth - 1
+            self.suffix.add(seq.all_token_ids[-keep:])
 
     def record(self, seq: Sequence, guesses: int, kept: int) -> None:
         """``seq``'s chunk of ``guesses`` was verified and ``kept`` of them kept."""

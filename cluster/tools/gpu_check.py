@@ -14,6 +14,9 @@ reference. What it checks, each a line of the summary and an entry of the JSON r
 - every KV path in float32, tokens equal transformers': chunked prefill, prefix-cache hits,
   preemption under a small cache, mixed prefill/decode steps;
 - seeded sampling reproduces itself; CUDA graphs on and off give the same tokens;
+- speculative decoding in float32 (suffix decoding: the same prompts twice, the second time
+  guessed from the first outputs, verified in decode-shaped steps): the tokens equal
+  transformers' both times, and guesses were kept;
 - deterministic mode in 16 bits: each prompt's tokens and logprobs, asked alone (its
   prompt blocks then from the prefix cache), are the same bits as among the others in
   steps chunked to 32 tokens; on a GPU the report also says whether the default mode's
@@ -209,6 +212,26 @@ class GpuCheck:
         captured = bool(info["cuda_graphs"]) or self.device != "cuda"
         return graphs == eager and captured, info | {"equal": graphs == eager}
 
+    def speculative(self):
+        """The same prompts twice through a suffix-decoding engine: the second time its cache
+        holds the first outputs, so guesses are made and kept."""
+        from cluster import LLM, SamplingParams
+
+        prompt_ids = prompts(2, 12, seed=13)
+        params = SamplingParams(temperature=0.0, max_tokens=self.new_tokens, ignore_eos=True)
+        settings = self.settings("float32", threads_per_worker=1, speculative_config={
+            "method": "suffix", "num_speculative_tokens": 3})
+        with LLM(model=str(self.checkpoint), **settings) as llm:
+            runs = [[o.outputs[0].token_ids for o in
+                     llm.generate(prompt_token_ids=prompt_ids, sampling_params=params)]
+                    for _ in range(2)]
+            spec = llm.engine.speculator
+            info = {"ops": llm.engine.group.load_stats[0]["ops"],
+                    "guesses": spec.num_draft_tokens, "kept": spec.num_accepted_tokens}
+        want = [self.expected(p) for p in prompt_ids]
+        return runs[0] == runs[1] == want and info["kept"] > 0, info | {
+            "equal_to_transformers": [run == want for run in runs]}
+
     def deterministic(self):
         lengths = [5, 40, 11, 23] if self.device == "cuda" else [4, 21]  # interpreted: fewer
         prompt_ids = [prompts(1, n, seed=20 + n)[0] for n in lengths]
@@ -278,6 +301,7 @@ class GpuCheck:
                   ("mixed prefill/decode", self.mixed_steps),
                   ("seeded sampling", self.seeded_sampling),
                   ("cuda graphs on = off", self.cuda_graphs),
+                  ("speculative decoding", self.speculative),
                   ("deterministic 16-bit", self.deterministic),
                   ("throughput vs transformers", self.throughput)]
         if self.device == "cuda" and torch.cuda.device_count() >= 2:

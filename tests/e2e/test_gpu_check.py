@@ -35,12 +35,13 @@ def test_dry_run_on_the_cpu_passes_through_the_cuda_kernels(tmp_path):
     assert report["passed"] and report["failed"] == []
     assert set(checks) >= {"fp32 greedy parity", "16-bit argmax agreement", "chunked prefill",
                            "prefix cache", "preemption", "mixed prefill/decode",
-                           "seeded sampling", "cuda graphs on = off", "deterministic 16-bit",
-                           "throughput vs transformers"}
+                           "seeded sampling", "cuda graphs on = off", "speculative decoding",
+                           "deterministic 16-bit", "throughput vs transformers"}
     engine_checks = [c for c in checks.values() if "ops" in c]
     assert engine_checks and all(c["ops"] == "cuda-triton" for c in engine_checks)
     assert checks["cuda graphs on = off"]["cuda_graphs"]  # the padded decode buffers ran
     assert checks["preemption"]["preemptions"] > 0
     assert checks["mixed prefill/decode"]["mixed_steps"] > 0
     assert checks["deterministic 16-bit"]["differing"] == []
-    assert "gpu-check: 10 passed, 0 failed" in proc.stdout
+    assert checks["speculative decoding"]["kept"] > 0
+    assert "gpu-check: 11 passed, 0 failed" in proc.stdout

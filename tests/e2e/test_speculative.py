@@ -4,8 +4,8 @@ as in a one-token decode step (docs/ARCHITECTURE.md, "Speculative decoding"). Th
 the same requests through an engine that does not speculate: with speculation on, every
 request's tokens, logprobs, text, finish reason and prompt logprobs are the same, for greedy
 and seeded sampling, penalties and a logit bias, a stop string, min_tokens, n=2, a short
-max_tokens, prompt logprobs and a regex-constrained request (which does not speculate) in
-one batch, whose prompts arrive in chunks beside the decoding rows; at tp=2 x pp=2 as well.
+max_tokens, prompt logprobs and a regex-constrained request (a grammar mask at each guessed
+place) in one batch, whose prompts arrive in chunks beside the decoding rows; at tp=2 x pp=2 as well.
 The requests ask to repeat or edit a passage, so that guesses are made and most are kept,
 and the engine must have kept and rejected some."""
 
@@ -45,33 +45,48 @@ REQUESTS = [  # (prompt index, sampling parameters)
 ]
 
 
-def _run(**settings) -> tuple[list, dict | None, str]:
+def _outputs(outs) -> list:
+    return [(out.prompt_logprobs, [(c.token_ids, c.logprobs, c.text, c.finish_reason)
+                                   for c in out.outputs]) for out in outs]
+
+
+def _run(**settings) -> tuple[list, dict | None, str, tuple]:
+    """The batch's outputs, the speculator's counts and metrics after it, and the constrained
+    request run again alone (its output, and the guesses made and kept meanwhile)."""
     llm = LLM(deterministic=True, cpus_per_worker=0.5, kv_cache_bytes=64 << 20,
               max_num_batched_tokens=64, **settings)
     try:
         outs = llm.generate([PROMPTS[i] for i, _ in REQUESTS], [p for _, p in REQUESTS])
         spec, metrics = llm.engine.speculator, EngineMetrics("default")
         metrics.observe_engine(llm.engine)
-        return ([(out.prompt_logprobs, [(c.token_ids, c.logprobs, c.text, c.finish_reason)
-                                        for c in out.outputs]) for out in outs],
-                spec and spec.stats(), metrics.text())
+        stats = spec and spec.stats()
+        i, params = REQUESTS[-1]
+        alone = _outputs(llm.generate([PROMPTS[i]], params))[0]
+        guessed = spec and (spec.num_draft_tokens - stats["spec_num_draft_tokens"],
+                            spec.num_accepted_tokens - stats["spec_num_accepted_tokens"])
+        return _outputs(outs), stats, metrics.text(), (alone, guessed)
     finally:
         llm.shutdown()
 
 
 @pytest.fixture(scope="module")
 def reference(ray_session):
-    outputs, stats, _ = _run(name="spec-reference")
-    assert stats is None
+    outputs, stats, _, (alone, _) = _run(name="spec-reference")
+    assert stats is None and alone == outputs[-1]
     return outputs
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)], ids=["tp1", "tp2-pp2"])
 def test_speculating_gives_the_tokens_of_decoding_one_at_a_time(reference, tp, pp):
-    outputs, stats, metrics = _run(name=f"spec-{tp}-{pp}", speculative_config=NGRAM,
-                          tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    outputs, stats, metrics, (alone, guessed) = _run(
+        name=f"spec-{tp}-{pp}", speculative_config=NGRAM, tensor_parallel_size=tp,
+        pipeline_parallel_size=pp)
     for (i, params), want, got in zip(REQUESTS, reference, outputs):
         assert got == want, (PROMPTS[i][:30], params)
+    # the constrained request alone: its grammar's masks at guessed places, guesses kept
+    assert alone == reference[-1] and re.fullmatch(REQUESTS[-1][1].structured_outputs.spec()[1],
+                                                   alone[1][0][2])
+    assert guessed[1] > 0, guessed
     stopped, late = reference[3][1][0], reference[4][1][0]
     assert stopped[3] == "stop" and not stopped[2].endswith("great lens")
     # the "." after "dusk" was banned before min_tokens; a later one ended the output
@@ -92,3 +107,28 @@ def test_speculating_gives_the_tokens_of_decoding_one_at_a_time(reference, tp, p
     for place, kept in enumerate(stats["spec_accepted_per_pos"]):
         assert metric("spec_decode_num_accepted_tokens_per_pos_total",
                       f'position="{place}"') == kept
+
+
+def test_suffix_decoding_guesses_from_the_deployments_earlier_outputs(ray_session):
+    """A free-generation request (nothing to copy from its prompt) asked twice: the second
+    time the suffix cache holds the first output and most of the second is guessed and kept;
+    the output is the same both times, and the same as the n-gram method's."""
+    prompt = "Write a short poem about the autumn wind."
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    runs = {}
+    for method in ("ngram", "suffix"):
+        llm = LLM(deterministic=True, cpus_per_worker=0.5, kv_cache_bytes=64 << 20,
+                  name=f"spec-{method}", speculative_config={
+                      "method": method, "num_speculative_tokens": 4})
+        try:
+            spec, kept = llm.engine.speculator, []
+            for _ in range(2):
+                before = spec.num_accepted_tokens
+                out = llm.generate([prompt], params)[0].outputs[0]
+                kept.append((out.token_ids, spec.num_accepted_tokens - before))
+            runs[method] = kept
+        finally:
+            llm.shutdown()
+    (first, _), (second, kept) = runs["suffix"]
+    assert first == second == runs["ngram"][0][0] == runs["ngram"][1][0]
+    assert kept >= 12 and kept > 2 * runs["ngram"][1][1], runs

@@ -130,3 +130,32 @@ def test_deterministic_flag_reaches_the_config():
     parser = build_parser()
     assert engine_config(parser.parse_args(["serve", "--deterministic"])).model.deterministic
     assert not engine_config(parser.parse_args(["serve"])).model.deterministic
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"num_speculative_tokens": 3}, "'method' is required"),
+    ({"method": "ngram"}, "'num_speculative_tokens' is required"),
+    ({"method": "eagle", "num_speculative_tokens": 3}, "method='eagle': must be one of ngram, suffix"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0: must be at least 1"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown key(s) ['lookahead']"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+      "prompt_lookup_max": 3}, "prompt_lookup_min=4: must not exceed prompt_lookup_max (3)"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "suffix_decoding_max_tree_depth": 8},
+     "['suffix_decoding_max_tree_depth'] apply to method 'suffix' only, not 'ngram'"),
+    ({"method": "suffix", "num_speculative_tokens": 2, "suffix_decoding_min_token_prob": 1.5},
+     "suffix_decoding_min_token_prob=1.5: must be in [0, 1]"),
+    ("ngram", "must be a mapping"),
+])
+def test_speculative_config_errors_name_the_key(value, message):
+    with pytest.raises(ConfigError) as err:
+        EngineConfig().with_overrides(speculative_config=value)
+    assert message in str(err.value) and "model.speculative_config" in str(err.value)
+
+
+def test_speculative_config_from_yaml_with_its_defaults(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("model:\n  speculative_config: {method: suffix, num_speculative_tokens: 3}\n")
+    spec = EngineConfig.from_yaml(path).model.speculative
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min,
+            spec.suffix_decoding_max_tree_depth, spec.disable_by_batch_size) == ("suffix", 3, 2, 16, None)
+    assert EngineConfig().model.speculative is None

@@ -116,3 +116,62 @@ def test_a_sequence_guesses_less_after_its_guesses_were_rejected_and_tries_again
     assert spec.propose(seq, 10) == [3]
     assert spec.stats()["spec_num_draft_tokens"] == 54 and spec.stats()["spec_num_accepted_tokens"] == 24
     assert spec.stats()["spec_accepted_per_pos"] == [6, 6, 6, 6]
+
+
+# ---- suffix decoding's cache ----------------------------------------------------------------
+from cluster.engine.suffix import SuffixCache  # noqa: E402
+
+
+def brute_suffix(outputs: list[list[int]], context: list[int], limit: int, depth: int,
+                 min_prob: float) -> tuple[int, list[int]]:
+    """The definition, by scanning the cached outputs: the longest suffix of the context (up
+    to depth - 1 tokens) after which guesses follow; a run's count is the places that start
+    it (paths of up to depth tokens from every place), and the guesses are the most frequent
+    next token (the lowest id among equals) while the chance of the run stays >= min_prob."""
+    for length in range(min(depth - 1, len(context)), 0, -1):
+        run, guesses, chance = context[len(context) - length:], [], 1.0
+        while len(guesses) < limit and len(run) < depth:
+            starts = [(o, i) for o in outputs for i in range(len(o)) if o[i:i + len(run)] == run]
+            follow: dict[int, int] = {}
+            for o, i in starts:
+                if i + len(run) < len(o):
+                    follow[o[i + len(run)]] = follow.get(o[i + len(run)], 0) + 1
+            if not follow:
+                break
+            token = max(follow, key=lambda t: (follow[t], -t))
+            chance *= follow[token] / len(starts)
+            if chance < min_prob:
+                break
+            guesses.append(token)
+            run = run + [token]
+        if guesses:
+            return length, guesses
+    return 0, []
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_suffix_cache_agrees_with_a_scan_and_keeps_its_bounds(seed):
+    rng = random.Random(seed)
+    depth, requests, tokens = rng.choice([3, 5, 8]), rng.choice([2, 4, 50]), rng.choice([30, 500])
+    cache = SuffixCache(depth, requests, tokens, min_token_prob=rng.choice([0.0, 0.2, 0.5]))
+    kept: list[list[int]] = []
+    for _ in range(rng.randint(1, 12)):
+        output = [rng.randrange(6) for _ in range(rng.randint(1, 40))]
+        cache.add(output)
+        kept.append(output[-tokens:])
+        while len(kept) > requests or sum(map(len, kept)) > tokens:  # the oldest go first
+            kept.pop(0)
+        assert len(cache) == len(kept) and cache.num_tokens == sum(map(len, kept))
+        for _ in range(5):
+            context = [rng.randrange(6) for _ in range(rng.randint(1, 10))]
+            limit = rng.randint(1, 6)
+            assert cache.propose(context, limit) == brute_suffix(
+                kept, context, limit, depth, cache.min_token_prob), context
+    # down to one output: every evicted path's counts were taken back
+    cache.max_requests, last = 1, [rng.randrange(6) for _ in range(20)]
+    cache.add(last)
+    assert len(cache) == 1 and cache.num_tokens == 20
+    for n in range(1, 6):
+        context = [rng.randrange(6) for _ in range(n)]
+        assert cache.propose(context, 4) == brute_suffix([last], context, 4, depth,
+                                                         cache.min_token_prob)
