@@ -149,7 +149,9 @@ class SpeculativeConfig:
         for name in ("method", "num_speculative_tokens"):
             if name not in values:
                 raise ConfigError(f"model.speculative_config: {name!r} is required")
-        suffix_keys = sorted(k for k in values if k.startswith("suffix_decoding_"))
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        suffix_keys = sorted(k for k, v in values.items()
+                             if k.startswith("suffix_decoding_") and v != defaults[k])
         if suffix_keys and values["method"] != "suffix":
             raise ConfigError(f"model.speculative_config: {suffix_keys} apply to method "
                               f"'suffix' only, not {values['method']!r}")

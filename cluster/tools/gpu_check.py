@@ -50,7 +50,7 @@ BF16_AGREEMENT = 0.95  # teacher-forced argmax agreement with transformers in bf
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=0.08, rms_norm_eps=1e-6, tie_word_embeddings=False)
-NEW_TOKENS = {"cuda": 24, "cpu": 8}  # the interpreter is slow: fewer steps in a dry run
+NEW_TOKENS = {"cuda": 24, "cpu": 5}  # the interpreter is slow: fewer steps in a dry run
 # the 16-bit dtype checked: a dry run's reference, transformers in bf16 on a CPU, rounds
 # differently from a GPU's, so on a CPU float16 is checked (the same kernels)
 HALF = {"cuda": "bfloat16", "cpu": "float16"}
@@ -179,7 +179,7 @@ class GpuCheck:
 
     def prefix_cache(self):
         shared = prompts(1, 48, seed=4)[0]
-        prompt_ids = prompts(3, 9, seed=5, prefix=shared)
+        prompt_ids = prompts(3 if self.device == "cuda" else 2, 9, seed=5, prefix=shared)
         ok, info = self.parity(prompt_ids + prompt_ids, enable_prefix_caching=True)
         return ok, info
 
@@ -206,7 +206,7 @@ class GpuCheck:
         return first == again, info | {"equal": first == again}
 
     def cuda_graphs(self):
-        prompt_ids = prompts(5, 16, seed=9)
+        prompt_ids = prompts(5 if self.device == "cuda" else 3, 16, seed=9)
         graphs, info = self.generate(prompt_ids, enforce_eager=False)
         eager, _ = self.generate(prompt_ids, enforce_eager=True)
         captured = bool(info["cuda_graphs"]) or self.device != "cuda"

@@ -71,7 +71,7 @@ def _small_config(tmp_path: Path) -> Path:
 
 
 def test_interrupted_run_resumes_without_generating_twice(tiny, tmp_path):
-    total = 40
+    total = 20
     _write_input(tmp_path / "in.jsonl", total)
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "cluster.cli", "batch", "--model", str(tiny),

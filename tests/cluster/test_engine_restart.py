@@ -38,7 +38,7 @@ from tests.services import wait_ready
 
 NAME = "restart"
 STREAMS = 16
-TOKENS = 200  # with the prompts, up to 235 of the tiny model's 256 positions
+TOKENS = 120  # with the prompts, up to 155 of the tiny model's 256 positions
 
 
 def _start(tmp_path_factory, name: str, shape: dict | None = None, **precision):
@@ -227,7 +227,7 @@ def test_a_resume_inside_a_character_repeats_and_loses_no_text(service):
     """The stream was cut where its last token holds the first byte of a two-byte character
     (its text held back, waiting for the rest): resumed from there, the new engine streams
     exactly the rest, so the caller's text reads as that of a run without the failure."""
-    params = dict(max_tokens=TOKENS, temperature=0, ignore_eos=True)
+    params = dict(max_tokens=200, temperature=0, ignore_eos=True)  # long enough for 3 cuts
     with service.request(prompt_token_ids=_prompt(9), **params) as stream:
         deltas = [e for e in stream if e["type"] == "delta"]
     tokens = [t for d in deltas for t in d["token_ids"]]

@@ -159,3 +159,7 @@ def test_speculative_config_from_yaml_with_its_defaults(tmp_path):
     assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min,
             spec.suffix_decoding_max_tree_depth, spec.disable_by_batch_size) == ("suffix", 3, 2, 16, None)
     assert EngineConfig().model.speculative is None
+    for method in ("ngram", "suffix"):  # a config travels as its dict (to the engine's actor)
+        config = EngineConfig().with_overrides(speculative_config={
+            "method": method, "num_speculative_tokens": 2})
+        assert EngineConfig.from_dict(config.to_dict()) == config
