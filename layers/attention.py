@@ -56,16 +56,12 @@ class AttnBatch:
                                              self.block_tables.device)
         return self._query_starts
 
-    def last_tokens(self, seqs: list[int], lens: list[int] | None = None) -> "AttnBatch":
-        """One new token of each of sequences ``seqs`` (repeats allowed), attending over its
-        context from the cache (the final layer where only sampled rows go on): the last
-        one, over the whole context, or where ``lens`` gives each row's context length
-        through it, the token at position ``lens[i] - 1``."""
-        if lens is None:
-            context = self.context_lens
-            lens = [context[i] for i in seqs]
+    def last_tokens(self, seqs: list[int]) -> "AttnBatch":
+        """The last new token of each of sequences ``seqs``, attending over their whole
+        context from the cache (the final layer where only sampled rows go on)."""
+        lens = self.context_lens
         index = host_tensor(seqs, self.block_tables.device)
-        return AttnBatch([1] * len(seqs), [n - 1 for n in lens],
+        return AttnBatch([1] * len(seqs), [lens[i] - 1 for i in seqs],
                          self.block_tables.index_select(0, index))
 
     def token_rows(self) -> "AttnBatch":
@@ -93,13 +89,10 @@ class AttnBatch:
 @dataclass(frozen=True)
 class KeepRows:
     """The rows whose final hidden states are wanted (the sampled tokens) and the index of
-    each one's sequence in the step's AttnBatch (several rows of one sequence where a
-    speculative chunk samples after each of its guesses)."""
+    each one's sequence in the step's AttnBatch."""
 
     rows: torch.Tensor  # (kept,) int64 token rows
     seqs: list[int]  # (kept,) sequence indices
-    # (kept,) each row's context length through it; None: each row is its sequence's last
-    lens: list[int] | None = None
 
 
 @dataclass

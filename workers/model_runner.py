@@ -194,7 +194,7 @@ class ModelRunner:
         keep = None
         if batch.sample_chunks and len(batch.sample_chunks) < batch.input_ids.shape[0] \
                 and not batch.score_spans:
-            keep = KeepRows(batch.sample_rows, batch.sample_seqs, batch.sample_lens)
+            keep = KeepRows(batch.sample_rows, batch.sample_seqs)  # each its entry's last
         if keep is None and self.graphs is not None and self.graphs.handles(batch.attn):
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.attn)
         else:

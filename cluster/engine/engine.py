@@ -76,10 +76,7 @@ class Engine:
         self.step_id = 0
         par = config.parallel
         spec = config.model.speculative
-        self.speculator = Speculator(spec) if spec else None
-        self._collected_at = None  # when the last step's result came back
-        self._planned: dict[int, int] = {}  # id of a step in flight -> sequences running then
-        self._guess_next: bool | None = None  # speculation: whether the next step guesses
+        self.speculator = Speculator(spec, self.max_model_len) if spec else None
         # async scheduling (one stage, no micro-batches): plan step N+1 while step N runs
         self.async_scheduling = (config.scheduler.async_scheduling and par.pipeline_parallel_size == 1
                                  and (par.pipeline_depth or 1) == 1)
@@ -238,9 +235,9 @@ class Engine:
             deltas += recovery.recover(self, exc, started)
             self.isolation.after_recovery(self)
             return deltas
-        if self.speculator is not None:
-            self._time_mode(out, result)
-        self.scheduler.commit(out, self._kept(out, result))
+        kept = None if self.speculator is None else self.speculator.collected(
+            out, result, idle=not self.in_flight)
+        self.scheduler.commit(out, kept)
         self.expert_load.record(result.expert_load)
         self.isolation.on_success(self, out.seqs)
         if self.recovered_at is not None and result.tokens:  # the first token after a recovery
@@ -257,65 +254,6 @@ class Engine:
             if token.seq_id in self.by_seq and token.seq_id not in aborted:
                 deltas += self._take_token(token)
         return deltas
-
-    def _kept(self, out, result) -> dict[int, int] | None:
-        """Speculative decoding: how many guesses each chunk with a draft kept (the step
-        returned them and one token after), counted in the speculator's metrics."""
-        if self.speculator is None:
-            return None
-        returned = collections.Counter(token.seq_id for token in result.tokens)
-        kept = {}
-        for seq, chunk in zip(out.seqs, out.chunks):
-            if chunk.draft:
-                kept[chunk.seq_id] = max(returned[chunk.seq_id] - 1, 0)
-                self.speculator.record(seq, chunk.draft, kept[chunk.seq_id])
-        return kept
-
-    def _time_mode(self, out, result) -> None:
-        """Speculation: how fast this step made tokens, with or without guesses (decode
-        steps only), timed from the step before it came back."""
-        now, running = time.monotonic(), self._planned.pop(id(out), 0)
-        if self._collected_at is not None and running and not out.num_prefill_tokens:
-            self.speculator.modes.observe(running, any(c.draft for c in out.chunks),
-                                          len(result.tokens), now - self._collected_at)
-        self._collected_at = now
-        if not self.in_flight:  # (a recovery drops steps in flight without collecting them)
-            self._planned.clear()
-
-    def _decide_guessing(self) -> bool:
-        """Whether the next step guesses: where some sequence has guesses, and steps with
-        guesses have made tokens faster at this batch size (``Speculator.modes``)."""
-        if self._guess_next is None:
-            self.speculator.plan_step()
-            guessers = self._guessers() if self._guess_fn() is not None else []
-            self._guess_next = bool(guessers) and self.speculator.modes.choose(
-                len(self.scheduler.running)) and self.speculator.would_guess(guessers)
-        return self._guess_next
-
-    def _guess_fn(self):
-        """The scheduler's source of guesses for a step planned now; None where no sequence
-        may guess (``disable_by_batch_size`` or more running)."""
-        cap = self.speculator.config.disable_by_batch_size
-        return self._guesses if cap is None or len(self.scheduler.running) < cap else None
-
-    def _guesses(self, seq, most: int) -> list[int]:
-        """Up to ``most`` guesses of the tokens after ``seq``'s last, for the scheduler,
-        within its length (the token sampled after the guesses must fit too)."""
-        room = self._guess_room(seq)
-        return self.speculator.propose(seq, min(most, room)) if room > 0 else []
-
-    def _guess_room(self, seq) -> int:
-        """How many guesses ``seq`` may make: none before its ``min_tokens`` (its bans are
-        per place), and none past its length."""
-        params = seq.sampling_params
-        if seq.num_output_tokens < params.min_tokens:
-            return 0
-        return min(params.max_tokens - seq.num_output_tokens,
-                   self.max_model_len - seq.num_tokens) - 1
-
-    def _guessers(self) -> list:
-        """The running sequences that may guess."""
-        return [seq for seq in self.scheduler.running if self._guess_room(seq) > 0]
 
     def _take_token(self, sampled: SampledToken) -> list[Delta]:
         """One sequence's new token; a request whose token cannot be processed (its stop
@@ -356,7 +294,7 @@ class Engine:
             # a step planned with none in flight knows its tokens
             if any(chunk.draft for out, _, _ in self.in_flight for chunk in out.chunks):
                 return False
-            if self._decide_guessing():
+            if self.speculator.decide(self.scheduler.running):
                 return False
         return not (self.async_scheduling
                     and any(out.num_prefill_tokens for out, _, _ in self.in_flight))
@@ -370,11 +308,7 @@ class Engine:
         elif self.max_in_flight > 1:  # split the batch so that every stage has work
             pending = len(self.scheduler.running) + len(self.scheduler.waiting)
             limit = max(1, -(-pending // self.max_in_flight))
-        guess = None
-        if self.speculator is not None:
-            if self._decide_guessing():
-                guess = self._guess_fn()
-            self._guess_next = None
+        guess = None if self.speculator is None else self.speculator.plan(self.scheduler.running)
         try:
             out = self.scheduler.schedule(busy, limit, follow, guess)
         except SchedulerError as exc:  # one sequence can never fit: fail it, keep the rest
@@ -383,7 +317,7 @@ class Engine:
         if out.is_empty:
             return False
         if self.speculator is not None:
-            self._planned[id(out)] = len(self.scheduler.running)
+            self.speculator.launched(out, len(self.scheduler.running))
         self.step_id += 1
         self.stats["steps"] += 1
         self.stats["mixed_steps"] += bool(out.num_prefill_tokens and out.num_decode_tokens)

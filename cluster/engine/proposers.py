@@ -22,6 +22,8 @@ sampling against a one-hot draft keeps it.)
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Iterable
 from weakref import WeakKeyDictionary
 
@@ -115,11 +117,6 @@ class ModeRates:
         n, made, spent = self._rates.get(key, [0, 0.0, 0.0])
         self._rates[key] = [n + 1, made * self.FADE + tokens, spent * self.FADE + seconds]
 
-    def rates(self) -> dict:
-        """Tokens per second by (size class, mode), for reports."""
-        return {f"{2 ** (size - 1)}+ {'guessing' if mode else 'plain'}": made / max(spent, 1e-9)
-                for (size, mode), (_, made, spent) in sorted(self._rates.items())}
-
 
 class _Tracked:
     """What the speculator keeps of one sequence: its n-gram index, and how often its
@@ -156,8 +153,11 @@ class Speculator:
 
     MIN_CHANCE = 0.3
 
-    def __init__(self, config: SpeculativeConfig):
-        self.config = config
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        self.config, self.max_model_len = config, max_model_len
+        self._collected_at = None  # when the last step's result came back
+        self._planned: dict[int, int] = {}  # id of a step in flight -> sequences running then
+        self._guess_next: bool | None = None  # whether the next step planned guesses
         self._seqs: WeakKeyDictionary[Sequence, _Tracked] = WeakKeyDictionary()
         self.modes = ModeRates()
         self.suffix = None if config.method != "suffix" else SuffixCache(
@@ -172,6 +172,70 @@ class Speculator:
     def plan_step(self) -> None:
         """A step is being planned (the sequences' records fade by steps)."""
         self._step += 1
+
+    # ---- the engine's side: when to guess, what a step kept ---------------------------------
+    def decide(self, running: list[Sequence]) -> bool:
+        """Whether the next step planned guesses (decided once per step: where some of the
+        ``running`` sequences may and would guess, and guessing steps have made tokens faster
+        at this batch size, ``modes``); the engine's async scheduling waits for the steps in
+        flight when it does."""
+        if self._guess_next is None:
+            self.plan_step()
+            guessers = [s for s in running if self.room(s) > 0] \
+                if self._source(running) is not None else []
+            self._guess_next = bool(guessers) and self.modes.choose(len(running)) \
+                and self.would_guess(guessers)
+        return self._guess_next
+
+    def plan(self, running: list[Sequence]):
+        """The scheduler's source of guesses for the step planned now (``guess(seq, most)``),
+        None for a step without guesses."""
+        guess = self._source(running) if self.decide(running) else None
+        self._guess_next = None
+        return guess
+
+    def _source(self, running: list[Sequence]):
+        """None where no sequence may guess (``disable_by_batch_size`` or more running)."""
+        cap = self.config.disable_by_batch_size
+        return self._guesses if cap is None or len(running) < cap else None
+
+    def _guesses(self, seq: Sequence, most: int) -> list[int]:
+        room = self.room(seq)
+        return self.propose(seq, min(most, room)) if room > 0 else []
+
+    def room(self, seq: Sequence) -> int:
+        """How many guesses ``seq`` may make: none before its ``min_tokens`` (its bans are
+        per place), and none past its length (the token sampled after the guesses must fit
+        too)."""
+        params = seq.sampling_params
+        if seq.num_output_tokens < params.min_tokens:
+            return 0
+        return min(params.max_tokens - seq.num_output_tokens,
+                   self.max_model_len - seq.num_tokens) - 1
+
+    def launched(self, out, running: int) -> None:
+        """Step ``out`` (a SchedulerOutput) was launched with ``running`` sequences running."""
+        self._planned[id(out)] = running
+
+    def collected(self, out, result, idle: bool) -> dict[int, int]:
+        """Step ``out`` came back with ``result``: how fast it made tokens, with or without
+        guesses (decode steps only, timed from the step before it came back), and how many
+        guesses each chunk with a draft kept (the step returned them and one token after);
+        ``idle``: no other step is in flight (a recovery drops steps without collecting)."""
+        now, running = time.monotonic(), self._planned.pop(id(out), 0)
+        if self._collected_at is not None and running and not out.num_prefill_tokens:
+            self.modes.observe(running, any(c.draft for c in out.chunks), len(result.tokens),
+                               now - self._collected_at)
+        self._collected_at = now
+        if idle:
+            self._planned.clear()
+        returned = Counter(token.seq_id for token in result.tokens)
+        kept = {}
+        for seq, chunk in zip(out.seqs, out.chunks):
+            if chunk.draft:
+                kept[chunk.seq_id] = max(returned[chunk.seq_id] - 1, 0)
+                self.record(seq, chunk.draft, kept[chunk.seq_id])
+        return kept
 
     def would_guess(self, seqs: list[Sequence]) -> bool:
         """Whether some of ``seqs`` (those that may guess) has guesses now."""

@@ -133,7 +133,7 @@ class SelfAttention(nn.Module):
         if keep is None:
             return self.o_proj(self.attn(q, k, v, batch))
         q_last = q.index_select(0, keep.rows)  # (kept rows, local_q, hd)
-        return self.o_proj(self.attn.forward_last(q_last, k, v, batch, batch.last_tokens(keep.seqs, keep.lens)))
+        return self.o_proj(self.attn.forward_last(q_last, k, v, batch, batch.last_tokens(keep.seqs)))
 
     def _norm_heads(self, heads: torch.Tensor) -> None:
         """The RMSNorm of each query and key head, in place.

@@ -96,7 +96,7 @@ def _seq(tokens: list[int]) -> Sequence:
 
 
 def test_a_sequence_guesses_less_after_its_guesses_were_rejected_and_tries_again_later():
-    spec = Speculator(SpeculativeConfig("ngram", 4, prompt_lookup_min=1, prompt_lookup_max=2))
+    spec = Speculator(SpeculativeConfig("ngram", 4, prompt_lookup_min=1, prompt_lookup_max=2), 1000)
     seq = _seq([1, 2, 3, 4, 5, 6, 7, 8, 1, 2])  # [1, 2] occurred: 3, 4, 5, 6 follow it
     spec.plan_step()
     # no record yet: kept with chance 1/2 each (a prior of one kept, one missed): one guess
